@@ -1,0 +1,289 @@
+"""The prediction-folder format shared by ``segcal eval``, ``fit``, ``apply`` and ``predict``.
+
+A *prediction folder* holds one file per image or volume; the file stem is the image id.
+
+* ``<stem>.npy`` -- a ``(C, *spatial)`` array of logits (float16 is the recommended storage
+  dtype; any float dtype is read). Read memory-mapped, so a volume is never copied whole.
+* ``<stem>.npz`` -- key ``logits`` or ``probabilities`` (the latter is what nnU-Net v2 writes with
+  ``--save_probabilities``; a ``<stem>.pkl`` properties file next to it is left alone here).
+* ``segcal.json`` (optional) -- folder metadata: ``{"format": "segcal-predictions", "version": 1,
+  "input_type": "logits" | "probs", "num_classes": C, ...}``. ``write_prediction`` keeps it.
+
+A *label folder* holds ``<stem>.png`` (8/16-bit grey or palette indices), ``<stem>.npy``,
+``<stem>.nii.gz`` or ``<stem>.nii`` integer label maps with the predictions' spatial shape.
+
+Every writer is atomic: data go to a temporary file in the destination folder that is renamed
+over the final name only once complete, so a failure never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PREDICTION_SUFFIXES = (".npy", ".npz")
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".npy")
+META_NAME = "segcal.json"
+FORMAT_NAME = "segcal-predictions"
+FORMAT_VERSION = 1
+
+
+def _split_suffix(name: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
+    for suf in suffixes:
+        if name.endswith(suf) and len(name) > len(suf):
+            return name[: -len(suf)], suf
+    return None
+
+
+@dataclass(frozen=True)
+class PredictionItem:
+    """One entry of a prediction folder (paths only; nothing is read until asked)."""
+
+    stem: str
+    path: Path
+    label_path: Path | None = None
+
+
+def _list_stems(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+    if not folder.exists():
+        raise FileNotFoundError(f"{what}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{what}: {folder} is not a folder")
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        split = _split_suffix(p.name, suffixes)
+        if split is None:
+            continue
+        stem, _ = split
+        if stem in found:
+            raise ValueError(f"{what}: two files share the stem {stem!r} in {folder}: {found[stem].name}, {p.name}")
+        found[stem] = p
+    return found
+
+
+def find_label_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """Map stem -> label file for every label map in ``folder``."""
+    return _list_stems(Path(folder), LABEL_SUFFIXES, "labels")
+
+
+def read_folder_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """Return the folder's ``segcal.json`` metadata, or ``{}`` when absent."""
+    p = Path(folder) / META_NAME
+    if not p.exists():
+        return {}
+    meta = json.loads(p.read_text())
+    if meta.get("format") not in (None, FORMAT_NAME):
+        raise ValueError(f"{p}: not a segcal prediction folder (format={meta.get('format')!r})")
+    return meta
+
+
+def write_folder_meta(folder: str | os.PathLike, **meta: Any) -> None:
+    """Write (merge) the folder's ``segcal.json`` atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cur = read_folder_meta(folder)
+    cur.update({"format": FORMAT_NAME, "version": FORMAT_VERSION})
+    cur.update(meta)
+    with atomic_write(folder / META_NAME, "w") as fh:
+        json.dump(cur, fh, indent=2, sort_keys=True)
+
+
+class PredictionFolder:
+    """A folder of per-image predictions, optionally paired with a label folder.
+
+    Parameters
+    ----------
+    pred_dir
+        Folder of ``.npy`` / ``.npz`` predictions.
+    label_dir
+        Optional folder of label maps with matching stems. Stems present on one side only raise a
+        ``ValueError`` that lists them (``strict=True``, the default).
+    input_type
+        ``"logits"`` or ``"probs"``; ``None`` takes the folder metadata, then the ``.npz`` key,
+        and defaults to logits.
+    """
+
+    def __init__(
+        self,
+        pred_dir: str | os.PathLike,
+        label_dir: str | os.PathLike | None = None,
+        *,
+        input_type: str | None = None,
+        strict: bool = True,
+    ) -> None:
+        self.pred_dir = Path(pred_dir)
+        self.label_dir = Path(label_dir) if label_dir is not None else None
+        self.meta = read_folder_meta(self.pred_dir)
+        self.items = pair_folders(self.pred_dir, self.label_dir, strict=strict)
+        if not self.items:
+            raise ValueError(f"pred: no .npy/.npz predictions found in {self.pred_dir}")
+        self._input_type = input_type
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def stems(self) -> list[str]:
+        return [it.stem for it in self.items]
+
+    def input_type_of(self, key: str | None) -> str:
+        if self._input_type is not None:
+            return self._input_type
+        if "input_type" in self.meta:
+            return str(self.meta["input_type"])
+        if key == "probabilities":
+            return "probs"
+        return "logits"
+
+    def read(self, item: PredictionItem) -> tuple[np.ndarray, np.ndarray | None, str]:
+        """Read one item: ``(scores (C, *spatial), labels (*spatial) or None, input_type)``."""
+        scores, key = read_prediction(item.path)
+        labels = read_label(item.label_path) if item.label_path is not None else None
+        if labels is not None and tuple(labels.shape) != tuple(scores.shape[1:]):
+            raise ValueError(
+                f"labels: {item.label_path.name} has shape {tuple(labels.shape)} but prediction "
+                f"{item.path.name} has spatial shape {tuple(scores.shape[1:])}"
+            )
+        return scores, labels, self.input_type_of(key)
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, str]]:
+        for it in self.items:
+            scores, labels, itype = self.read(it)
+            yield it.stem, scores, labels, itype
+
+
+def pair_folders(
+    pred_dir: str | os.PathLike, label_dir: str | os.PathLike | None = None, *, strict: bool = True
+) -> list[PredictionItem]:
+    """Pair predictions with label maps by stem, sorted by stem.
+
+    Raises
+    ------
+    ValueError
+        When ``strict`` and some stems are present on one side only; the message lists them.
+    """
+    preds = _list_stems(Path(pred_dir), PREDICTION_SUFFIXES, "pred")
+    if label_dir is None:
+        return [PredictionItem(s, p) for s, p in sorted(preds.items())]
+    labels = find_label_files(label_dir)
+    only_p = sorted(set(preds) - set(labels))
+    only_l = sorted(set(labels) - set(preds))
+    if strict and (only_p or only_l):
+
+        def _fmt(xs: list[str]) -> str:
+            return ", ".join(xs[:10]) + (f" ... (+{len(xs) - 10} more)" if len(xs) > 10 else "")
+
+        msg = ["pred/labels: file stems do not match"]
+        if only_p:
+            msg.append(f"{len(only_p)} prediction(s) without a label: {_fmt(only_p)}")
+        if only_l:
+            msg.append(f"{len(only_l)} label(s) without a prediction: {_fmt(only_l)}")
+        raise ValueError("; ".join(msg))
+    return [PredictionItem(s, p, labels[s]) for s, p in sorted(preds.items()) if s in labels]
+
+
+def read_prediction(path: str | os.PathLike) -> tuple[np.ndarray, str | None]:
+    """Read a ``.npy`` (memory-mapped) or ``.npz`` prediction; returns ``(array, npz_key)``."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        key = None
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            keys = [k for k in ("logits", "probabilities") if k in z.files]
+            if not keys:
+                raise ValueError(f"pred: {path.name} has no 'logits' or 'probabilities' array (keys: {z.files})")
+            key = keys[0]
+            arr = z[key]
+    else:
+        raise ValueError(f"pred: unsupported prediction file {path.name}; expected .npy or .npz")
+    if arr.dtype.kind != "f":
+        raise TypeError(f"pred: {path.name} holds {arr.dtype}, expected floating logits or probabilities")
+    if arr.ndim < 2:
+        raise ValueError(f"pred: {path.name} has shape {arr.shape}, expected (C, *spatial)")
+    return arr, key
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Read a label map (``.png``, ``.npy``, ``.nii``/``.nii.gz``) as an integer array.
+
+    Float label files holding exact integers (some NIfTI label maps) are cast; others raise.
+    """
+    path = Path(path)
+    name = path.name
+    if name.endswith(".png"):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "1"):
+                raise ValueError(f"labels: {name} is a {im.mode} image; expected a single-channel label map")
+            arr = np.asarray(im)
+    elif name.endswith(".npy"):
+        arr = np.load(path, allow_pickle=False)
+    elif name.endswith((".nii.gz", ".nii")):
+        try:
+            import nibabel as nib
+        except ImportError as exc:  # pragma: no cover - depends on extras
+            raise ImportError("reading NIfTI labels needs nibabel: pip install 'segcal[nifti]'") from exc
+        img = nib.load(str(path))
+        arr = np.asanyarray(img.dataobj)
+    else:
+        raise ValueError(f"labels: unsupported label file {name}; expected .png, .npy, .nii or .nii.gz")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise TypeError(f"labels: {name} holds non-integer values ({arr.dtype})")
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind not in "iub":
+        raise TypeError(f"labels: {name} has dtype {arr.dtype}, expected integers")
+    return arr
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file next to ``path``; rename it over ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_prediction(
+    path: str | os.PathLike, array: Any, *, key: str | None = None, dtype: Any = np.float16
+) -> Path:
+    """Write one ``(C, *spatial)`` prediction atomically.
+
+    ``.npy`` stores the raw array; ``.npz`` stores it compressed under ``key`` (``logits`` by default,
+    ``probabilities`` for nnU-Net-style files). ``dtype=None`` keeps the array's dtype.
+    """
+    path = Path(path)
+    arr = np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    if path.suffix == ".npy":
+        with atomic_write(path) as fh:
+            np.save(fh, arr, allow_pickle=False)
+    elif path.suffix == ".npz":
+        with atomic_write(path) as fh:
+            np.savez_compressed(fh, **{key or "logits": arr})
+    else:
+        raise ValueError(f"write_prediction: unsupported suffix {path.suffix!r}; use .npy or .npz")
+    return path
