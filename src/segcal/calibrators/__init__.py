@@ -1,0 +1,48 @@
+"""Calibrators: one contract, one fitting loop, one registry (``../shared/methods.md`` §1-§3).
+
+``create("ts")`` builds a calibrator by name or alias, ``available()`` lists them with their
+declared properties, ``load(path)`` reads one saved with ``Calibrator.save``.
+"""
+
+from segcal.calibrators.affine import (
+    DirichletCalibration,
+    MatrixScaling,
+    TIMatrixScaling,
+    VectorScaling,
+)
+from segcal.calibrators.base import Calibrator, NotFittedError
+from segcal.calibrators.class_conditional import (
+    ArgmaxPreservingCMS,
+    ClassConditionalDirichlet,
+    OrderPreservingCMS,
+)
+from segcal.calibrators.ensemble import EnsembleTemperatureScaling
+from segcal.calibrators.fitting import FolderBatches
+from segcal.calibrators.objectives import get_objective
+from segcal.calibrators.registry import available, create, load, register, resolve
+from segcal.calibrators.temperature import TemperatureScaling
+from segcal.calibrators.wrappers import MatrixScalingTI, VectorScalingTI, translation_invariant
+
+__all__ = [
+    "ArgmaxPreservingCMS",
+    "Calibrator",
+    "ClassConditionalDirichlet",
+    "DirichletCalibration",
+    "EnsembleTemperatureScaling",
+    "FolderBatches",
+    "MatrixScaling",
+    "MatrixScalingTI",
+    "NotFittedError",
+    "OrderPreservingCMS",
+    "TIMatrixScaling",
+    "TemperatureScaling",
+    "VectorScaling",
+    "VectorScalingTI",
+    "available",
+    "create",
+    "get_objective",
+    "load",
+    "register",
+    "resolve",
+    "translation_invariant",
+]

@@ -1,0 +1,495 @@
+"""The calibrator base class: one contract for every calibrator of segcal.
+
+A calibrator is a :class:`torch.nn.Module` mapping scores ``(N, C, *spatial)`` or ``(M, C)``
+(logits, or probabilities with ``input_type="probs"``; numpy or torch; CPU or CUDA; 2D or 3D) to
+calibrated logits of the same shape (log-probabilities up to a per-pixel constant).
+
+* ``fit(logits, labels, *, ignore_index=None, mask=None, val=None) -> self`` runs THE fitting loop
+  (:mod:`segcal.calibrators.fitting`) on in-memory tensors, an iterable of batches or a prediction
+  folder;
+* ``forward(logits)`` returns calibrated logits (numpy in -> numpy out), processed in chunks of
+  pixels; it keeps autograd unless called under ``torch.no_grad()``;
+* ``predict_proba(logits)`` returns calibrated probabilities (no gradients);
+* ``save(path)`` / :func:`segcal.load` persist config + state; ``to_torchscript(path)`` exports a
+  module that runs without segcal.
+
+Subclasses declare ``name``, ``aliases``, ``description``, ``section`` (of ``methods.md``) and the
+properties ``translation_invariant``, ``argmax_preserving``, ``order_preserving``; they implement
+``_build(C)`` (create parameters), ``_map(rows)`` (canonical ``(P, C)`` rows -> calibrated logits)
+and optionally ``_regularizer()`` and ``_fit_stages()``. ``input_space`` is ``"logits"`` (the map
+takes raw logits) or ``"logprobs"`` (it takes ``log S(z)``; probabilities are logged with a 1e-12
+floor either way). Spatial calibrators (``spatial = True``; LTS/IBTS) implement
+``_map_image(x)`` on a canonical ``(1, C, *spatial)`` image instead and are fitted on whole images.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcal._validation import (
+    as_tensor,
+    check_finite,
+    check_input_type,
+    check_probabilities,
+    check_scores,
+)
+from segcal.calibrators.fitting import FitData, FitSettings, _Batch, minimize, prepare_data
+from segcal.calibrators.objectives import get_objective
+from segcal.calibrators.registry import FORMAT, VERSION
+
+PROB_FLOOR = 1e-12
+
+
+class NotFittedError(RuntimeError):
+    """Raised when a calibrator is used before ``fit`` (or ``load``)."""
+
+
+def inverse_softplus(y: float) -> float:
+    """``x`` with ``softplus(x) = y`` (``y > 0``)."""
+    y = float(y)
+    return y + float(np.log(-np.expm1(-y)))
+
+
+class Calibrator(nn.Module):
+    """Base class of all calibrators (see the module docstring for the contract).
+
+    Parameters
+    ----------
+    num_classes
+        Number of classes; inferred at ``fit`` when None.
+    input_type
+        ``"logits"`` or ``"probs"`` (probabilities are mapped to log space with a 1e-12 floor).
+    objective
+        ``"nll"`` (default), ``"brier"``, ``"dice"`` (soft Dice) or ``"dece"`` (differentiable ECE,
+        methods.md §3.15(a)).
+    optimizer
+        ``"auto"`` (L-BFGS when the data fit ``memory_budget``, else mini-batch Adam), ``"lbfgs"``
+        or ``"adam"``.
+    lr
+        Learning rate (default 1.0 for L-BFGS, a per-calibrator default for Adam).
+    max_iter
+        L-BFGS iteration budget. ``max_steps``: Adam step budget.
+    batch_size
+        Pixels per Adam step. ``chunk_size``: pixels per chunk of full-batch evaluation.
+    memory_budget
+        Bytes of gathered pixels kept in memory; above it the data are streamed.
+    patience, min_delta, lr_patience, lr_factor
+        Early stopping on the validation NLL (evaluations without an improvement > ``min_delta``)
+        and ``ReduceLROnPlateau`` (Adam). The best iterate is restored.
+    eval_every
+        Steps between evaluations of the monitored loss.
+    seed
+        Seed of batch order and subsampling.
+    subsample
+        Fraction of valid pixels kept per batch (seeded); ``None`` = all (the default).
+    device
+        Device the parameters are created on at ``fit`` (``.to()`` moves them later).
+    """
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    section: ClassVar[str] = ""
+    translation_invariant: ClassVar[bool] = False
+    argmax_preserving: ClassVar[bool] = False
+    order_preserving: ClassVar[bool] = False
+    spatial: ClassVar[bool] = False
+    input_space: ClassVar[str] = "logits"
+    default_adam_lr: ClassVar[float] = 0.01
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        *,
+        input_type: str = "logits",
+        objective: str = "nll",
+        optimizer: str = "auto",
+        lr: float | None = None,
+        max_iter: int = 100,
+        max_steps: int = 500,
+        batch_size: int = 2**20,
+        chunk_size: int = 2**20,
+        memory_budget: float = 2 * 2**30,
+        patience: int | None = None,
+        min_delta: float = 0.0,
+        lr_patience: int | None = None,
+        lr_factor: float = 0.1,
+        eval_every: int = 10,
+        seed: int = 0,
+        subsample: float | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_type = check_input_type(input_type)
+        get_objective(objective)  # validate early
+        if optimizer not in ("auto", "lbfgs", "adam"):
+            raise ValueError(f"optimizer: expected 'auto', 'lbfgs' or 'adam', got {optimizer!r}")
+        if subsample is not None and not (0 < float(subsample) <= 1):
+            raise ValueError(f"subsample: expected a fraction in (0, 1], got {subsample}")
+        for k, v in (("max_iter", max_iter), ("max_steps", max_steps), ("batch_size", batch_size),
+                     ("chunk_size", chunk_size), ("eval_every", eval_every)):
+            if int(v) < 1:
+                raise ValueError(f"{k}: expected a positive integer, got {v}")
+        self._fit_kw: dict[str, Any] = dict(
+            objective=str(objective),
+            optimizer=optimizer,
+            lr=lr,
+            max_iter=int(max_iter),
+            max_steps=int(max_steps),
+            batch_size=int(batch_size),
+            chunk_size=int(chunk_size),
+            memory_budget=float(memory_budget),
+            patience=patience,
+            min_delta=float(min_delta),
+            lr_patience=lr_patience,
+            lr_factor=float(lr_factor),
+            eval_every=int(eval_every),
+            seed=int(seed),
+            subsample=None if subsample is None else float(subsample),
+        )
+        self._device_hint = torch.device(device) if device is not None else torch.device("cpu")
+        self.num_classes: int | None = None
+        self._fixed_classes = num_classes is not None
+        self.is_fitted = False
+        self.fit_info: dict[str, Any] = {}
+        if num_classes is not None:
+            if int(num_classes) < 2:
+                raise ValueError(f"num_classes: expected at least 2, got {num_classes}")
+            self._build_params(int(num_classes))
+
+    # ----------------------------------------------------------------- subclass API
+    def _build(self, num_classes: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _map(self, rows: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Canonical ``(P, C)`` rows -> calibrated logits ``(P, C)``."""
+        raise NotImplementedError
+
+    def _map_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Canonical ``(N, C, *spatial)`` images -> calibrated logits (spatial calibrators)."""
+        c = x.shape[1]
+        moved = x.transpose(1, -1)
+        out = self._map(moved.reshape(-1, c))
+        return out.reshape(moved.shape).transpose(1, -1)
+
+    def _regularizer(self) -> torch.Tensor | None:
+        return None
+
+    def _extra_config(self) -> dict[str, Any]:
+        """Subclass constructor arguments (plain Python values)."""
+        return {}
+
+    def _fit_stages(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """``[(stage_name, params), ...]`` fitted in order; default: one stage, all parameters."""
+        return [("all", list(self.parameters()))]
+
+    def _set_stage(self, stage: str | None) -> None:
+        """Hook called before each stage (``None`` after fitting)."""
+
+    # ----------------------------------------------------------------- helpers
+    def _build_params(self, num_classes: int) -> None:
+        self.num_classes = int(num_classes)
+        self._build(self.num_classes)
+        self.to(self._device_hint)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return self._device_hint
+
+    def _canonical(self, rows: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Raw scores -> the space the map consumes (float32)."""
+        rows = rows.to(torch.float32)
+        if self.input_type == "probs":
+            return torch.log(rows.clamp_min(PROB_FLOOR))
+        if self.input_space == "logprobs":
+            return F.log_softmax(rows, dim=dim)
+        return rows
+
+    def properties(self) -> dict[str, bool]:
+        return {
+            "translation_invariant": bool(self.translation_invariant),
+            "argmax_preserving": bool(self.argmax_preserving),
+            "order_preserving": bool(self.order_preserving),
+            "spatial": bool(self.spatial),
+        }
+
+    def get_config(self) -> dict[str, Any]:
+        """Constructor keyword arguments (plain values) that rebuild this calibrator."""
+        cfg = {"num_classes": self.num_classes, "input_type": self.input_type, **self._fit_kw}
+        cfg.update(self._extra_config())
+        return cfg
+
+    def __repr__(self) -> str:
+        state = "fitted" if self.is_fitted else "unfitted"
+        return f"{type(self).__name__}(name={self.name!r}, num_classes={self.num_classes}, {state})"
+
+    # ----------------------------------------------------------------- fitting
+    def _stats_fn(self, batch: _Batch, objective: Any) -> torch.Tensor:
+        dev = self.device
+        if batch.valid is None:
+            rows = batch.x.to(dev, non_blocking=True)
+            logits = self._map(self._canonical(rows))
+            return objective.stats(logits, batch.y.to(dev))
+        x = batch.x.to(dev)
+        logits = self._map_image(self._canonical(x, dim=1))
+        valid = batch.valid.to(dev)
+        return objective.stats(logits.movedim(1, -1)[valid], batch.y.to(dev)[valid])
+
+    def _prepare(self, data: Any, labels: Any, mask: Any, ignore_index: int | None, what: str,
+                 progress: bool = False) -> FitData:
+        return prepare_data(
+            data,
+            labels,
+            mask,
+            input_type=self.input_type,
+            ignore_index=ignore_index,
+            num_classes=self.num_classes if (self._fixed_classes or what != "logits") else None,
+            spatial=self.spatial,
+            memory_budget=self._fit_kw["memory_budget"],
+            subsample=self._fit_kw["subsample"] if what == "logits" else None,
+            seed=self._fit_kw["seed"],
+            what=what,
+            progress=progress,
+        )
+
+    def fit(
+        self,
+        logits: Any,
+        labels: Any = None,
+        *,
+        ignore_index: int | None = None,
+        mask: Any = None,
+        val: Any = None,
+        progress: bool = False,
+    ) -> Calibrator:
+        """Fit on held-out data; returns ``self``.
+
+        Parameters
+        ----------
+        logits
+            ``(N, C, *spatial)`` / ``(M, C)`` scores (numpy or torch), an iterable of
+            ``(scores, labels[, mask])`` batches, a :class:`~segcal.io.PredictionFolder`,
+            :class:`~segcal.calibrators.fitting.FolderBatches`, or a prediction-folder path (then
+            ``labels`` is the label-folder path).
+        labels
+            ``(N, *spatial)`` / ``(M,)`` integer labels (in-memory input only).
+        ignore_index
+            Label value to ignore (``None``: every label must be in ``[0, C)``).
+        mask
+            Boolean mask, True = pixel counts (in-memory input only).
+        val
+            Validation data for early stopping / best-iterate selection on NLL: a tuple
+            ``(scores, labels[, mask])`` or any of the streamed forms above.
+        progress
+            Show a progress bar while reading the data.
+        """
+        train = self._prepare(logits, labels, mask, ignore_index, "logits", progress)
+        if self._fixed_classes and train.num_classes != self.num_classes:
+            raise ValueError(
+                f"logits: expected {self.num_classes} classes, got {train.num_classes}"
+            )
+        backup = copy.deepcopy(self.state_dict()) if self.is_fitted else None
+        old_classes = self.num_classes
+        if self.num_classes != train.num_classes or not self._fixed_classes:
+            self._build_params(train.num_classes)  # (re)fit from scratch
+        val_data = None
+        if val is not None:
+            if isinstance(val, tuple) and len(val) in (2, 3) and isinstance(val[0], torch.Tensor | np.ndarray):
+                vdata, vlab, vmask = val[0], val[1], val[2] if len(val) == 3 else None
+            else:
+                vdata, vlab, vmask = val, None, None
+            val_data = self._prepare(vdata, vlab, vmask, ignore_index, "val", progress)
+            if val_data.num_classes != train.num_classes:
+                raise ValueError(
+                    f"val: expected {train.num_classes} classes, got {val_data.num_classes}"
+                )
+        s = self._fit_kw
+        settings = FitSettings(
+            optimizer=s["optimizer"], lr=s["lr"], max_iter=s["max_iter"], max_steps=s["max_steps"],
+            batch_size=s["batch_size"], chunk_size=s["chunk_size"], patience=s["patience"],
+            lr_patience=s["lr_patience"], lr_factor=s["lr_factor"], min_delta=s["min_delta"],
+            eval_every=s["eval_every"], seed=s["seed"],
+        )
+        objective = get_objective(s["objective"])
+        records = []
+        try:
+            for stage, params in self._fit_stages():
+                self._set_stage(stage)
+                all_params = list(self.parameters())
+                ids = {id(p) for p in params}
+                for p in all_params:
+                    p.requires_grad_(id(p) in ids)
+                rec = minimize(
+                    params, self._stats_fn, train, objective, settings, val=val_data,
+                    regularizer=self._regularizer, default_lr=(1.0, self.default_adam_lr),
+                )
+                rec["stage"] = stage
+                records.append(rec)
+        except BaseException:
+            if backup is not None and old_classes is not None:
+                self._build_params(old_classes)
+                self.load_state_dict(backup)
+            else:
+                self.is_fitted = False
+            raise
+        finally:
+            self._set_stage(None)
+            for p in self.parameters():
+                p.requires_grad_(True)
+        self.is_fitted = True
+        self.fit_info = {
+            "objective": objective.name,
+            "ignore_index": ignore_index,
+            "subsample": s["subsample"],
+            "seed": s["seed"],
+            "stages": records,
+            **{k: records[-1][k] for k in ("optimizer", "mode", "n_pixels", "n_val_pixels")},
+        }
+        return self
+
+    # ----------------------------------------------------------------- inference
+    def _check_ready(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(f"{type(self).__name__}: call fit() (or segcal.load) before use")
+
+    def _iter_row_chunks(self, t: torch.Tensor, chunk: int) -> Iterator[tuple[Any, torch.Tensor]]:
+        if t.ndim == 2:
+            for s in range(0, t.shape[0], chunk):
+                yield (slice(s, s + chunk),), t[s : s + chunk]
+        else:
+            flat = t.reshape(t.shape[0], t.shape[1], -1)
+            for n in range(flat.shape[0]):
+                for s in range(0, flat.shape[2], chunk):
+                    yield (n, slice(None), slice(s, s + chunk)), flat[n, :, s : s + chunk].t()
+
+    def forward(self, logits: Any) -> Any:
+        """Calibrated logits of the input's shape (numpy in -> numpy out; float32)."""
+        self._check_ready()
+        is_np = isinstance(logits, np.ndarray)
+        t = check_scores(logits, "logits", num_classes=self.num_classes)
+        dev = self.device
+        chunk = self._fit_kw["chunk_size"]
+        if self.spatial:
+            outs = []
+            for n in range(t.shape[0]):
+                x = t[n : n + 1].to(dev)
+                check_finite(x, "logits")
+                if self.input_type == "probs":
+                    check_probabilities(x, "logits", dim=1)
+                outs.append(self._map_image(self._canonical(x, dim=1)).to(t.device))
+            out = torch.cat(outs, 0)
+        else:
+            shape = t.shape
+            out = torch.empty(
+                (shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64))) if t.ndim > 2 else shape,
+                dtype=torch.float32,
+                device=t.device,
+            )
+            for idx, rows in self._iter_row_chunks(t, chunk):
+                rows = rows.to(dev)
+                check_finite(rows, "logits")
+                if self.input_type == "probs":
+                    check_probabilities(rows, "logits", dim=1)
+                res = self._map(self._canonical(rows)).to(t.device)
+                out[idx] = res if t.ndim == 2 else res.t()
+            out = out.reshape(shape)
+        return out.detach().numpy() if is_np else out
+
+    def predict_proba(self, logits: Any) -> Any:
+        """Calibrated probabilities of the input's shape (numpy in -> numpy out)."""
+        is_np = isinstance(logits, np.ndarray)
+        with torch.no_grad():
+            out = self.forward(as_tensor(logits, "logits") if is_np else logits)
+            p = F.softmax(out, dim=1)
+        return p.numpy() if is_np else p
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Save config + state (format ``segcal-calibrator``, version 1) with ``torch.save``."""
+        self._check_ready()
+        from segcal.io.predictions import atomic_write
+
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "name": self.name,
+            "config": self.get_config(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            "properties": self.properties(),
+            "fit_info": _plain(self.fit_info),
+        }
+        with atomic_write(path) as fh:
+            torch.save(payload, fh)
+
+    @classmethod
+    def _from_payload(cls, payload: dict[str, Any]) -> Calibrator:
+        cfg = dict(payload["config"])
+        obj = cls(**cfg)
+        if obj.num_classes is None:
+            raise ValueError("calibrator file: config has no num_classes")
+        obj.load_state_dict(payload["state_dict"])
+        obj.is_fitted = True
+        obj.fit_info = dict(payload.get("fit_info") or {})
+        return obj
+
+    def to_torchscript(self, path: str | os.PathLike | None = None) -> torch.jit.ScriptModule:
+        """Export ``logits (N, C, *spatial) or (M, C) -> calibrated logits`` as TorchScript.
+
+        The exported module needs only ``torch`` (``torch.jit.load(path)``); it performs no input
+        validation. Returns the scripted module and saves it when ``path`` is given.
+        """
+        self._check_ready()
+        module = _Exported(copy.deepcopy(self).cpu().eval()).eval()
+        c = int(self.num_classes or 2)
+        gen = torch.Generator().manual_seed(0)
+        ex = torch.randn(2, c, 3, 5, generator=gen)
+        if self.input_type == "probs":
+            ex = ex.softmax(1)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            traced = torch.jit.trace(module, (ex,), check_trace=False)
+        if path is not None:
+            torch.jit.save(traced, str(path))
+        return traced
+
+
+class _Exported(nn.Module):
+    """Pure-tensor forward of a fitted calibrator, for tracing."""
+
+    def __init__(self, cal: Calibrator) -> None:
+        super().__init__()
+        self.cal = cal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cal.spatial:
+            return self.cal._map_image(self.cal._canonical(x, dim=1))
+        c = x.shape[1]
+        moved = x.transpose(1, -1)
+        rows = self.cal._canonical(moved.reshape(-1, c))
+        return self.cal._map(rows).reshape(moved.shape).transpose(1, -1)
+
+
+def _plain(x: Any) -> Any:
+    """Recursively keep only values ``torch.load(weights_only=True)`` accepts."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, bool | int | float | str) or x is None:
+        return x
+    if isinstance(x, np.generic):
+        return x.item()
+    return str(x)

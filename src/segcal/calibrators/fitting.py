@@ -1,0 +1,572 @@
+"""THE fitting loop of segcal: every calibrator is fitted by :func:`minimize` on a :class:`FitData`.
+
+Data
+----
+:func:`prepare_data` turns what the user passes to ``fit`` into a :class:`FitData`:
+
+* an in-memory tensor / array ``(N, C, *spatial)`` or ``(M, C)`` with labels (and a mask);
+* an iterable of batches ``(scores, labels)`` / ``(scores, labels, mask)`` (a list, or a callable
+  returning a fresh iterator, is re-iterable; a generator can be read once);
+* a :class:`segcal.io.PredictionFolder` (the format of ``segcal eval``) or :class:`FolderBatches`.
+
+For pointwise calibrators the valid pixels (label not ``ignore_index``, mask True) are gathered to
+``(P, C)`` rows and ``(P,)`` labels, kept in the input's float dtype (float16 stays float16: half
+the memory) and up-cast to float32 chunk by chunk. If the gathered rows fit ``memory_budget``
+bytes the data stay in memory; otherwise the source is re-read at every pass (streaming; needs a
+re-iterable source). Spatial calibrators (``Calibrator.spatial``) get whole images instead.
+
+Optimisation
+------------
+* ``optimizer="auto"``: full-batch L-BFGS (strong-Wolfe line search) when the data are in memory,
+  mini-batch Adam over streamed batches otherwise. ``"lbfgs"`` on streamed data evaluates the exact
+  full-batch objective by streaming (bounded memory, one read of the data per evaluation);
+  ``"adam"`` on in-memory data takes mini-batches of ``batch_size`` pixels.
+* Full-batch objectives are evaluated chunk by chunk (``chunk_size`` rows) with a backward pass per
+  chunk, so memory is bounded by one chunk's autograd graph; non-linear objectives (soft Dice,
+  differentiable ECE) are handled exactly through their additive statistics (see
+  :mod:`segcal.calibrators.objectives`).
+* Early stopping on the validation NLL (``patience`` evaluations without an improvement larger
+  than ``min_delta``), ``ReduceLROnPlateau`` (Adam, ``lr_patience``), and the iterate with the best
+  monitored value (validation NLL, else training loss) is restored at the end.
+* Seeded (``seed``): the order of batches and the optional pixel subsampling are drawn from a
+  ``torch.Generator``. Subsampling (``subsample``: fraction of valid pixels kept per batch) is never
+  done implicitly; it is recorded in the calibrator's config.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from segcal._validation import (
+    check_finite,
+    check_label_range,
+    check_labels,
+    check_mask,
+    check_probabilities,
+    check_scores,
+)
+from segcal.io.predictions import PredictionFolder
+
+__all__ = ["FitData", "FolderBatches", "minimize", "prepare_data"]
+
+
+class FolderBatches:
+    """Re-iterable ``(scores[None], labels[None], None)`` batches from (a subset of) a folder.
+
+    Parameters
+    ----------
+    folder
+        A :class:`~segcal.io.PredictionFolder` with labels.
+    stems
+        The image ids to use (default: all), in this order.
+    """
+
+    def __init__(self, folder: PredictionFolder, stems: Iterable[str] | None = None) -> None:
+        self.folder = folder
+        by_stem = {it.stem: it for it in folder.items}
+        if stems is None:
+            self.items = list(folder.items)
+        else:
+            missing = [s for s in stems if s not in by_stem]
+            if missing:
+                raise ValueError(f"stems not in {folder.pred_dir}: {missing[:5]}")
+            self.items = [by_stem[s] for s in stems]
+        if any(it.label_path is None for it in self.items):
+            raise ValueError("labels: fitting from a prediction folder needs a label folder")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, None, str]]:
+        for it in self.items:
+            scores, labels, itype = self.folder.read(it)
+            yield scores[None], labels[None], None, itype
+
+
+@dataclass
+class _Batch:
+    """Prepared data of one batch: rows ``(P, C)`` + labels, or a whole image for spatial ones."""
+
+    x: torch.Tensor  # (P, C) raw rows (input dtype) or (1, C, *spatial) image
+    y: torch.Tensor  # (P,) or (1, *spatial) labels (int64)
+    valid: torch.Tensor | None = None  # (1, *spatial) for spatial batches
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0]) if self.valid is None else int(self.valid.sum())
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.numel() * self.x.element_size() + self.y.numel() * self.y.element_size()
+
+
+@dataclass
+class FitData:
+    """Training or validation data for the fitting loop (in memory or streamed)."""
+
+    num_classes: int
+    n: int
+    batches: list[_Batch] | None = None  # in memory
+    stream: Callable[[], Iterator[_Batch]] | None = None  # streaming
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.batches is not None
+
+    def iter_batches(self) -> Iterator[_Batch]:
+        if self.batches is not None:
+            yield from self.batches
+        else:
+            assert self.stream is not None
+            yield from self.stream()
+
+    def iter_chunks(self, chunk_size: int, gen: torch.Generator | None = None) -> Iterator[_Batch]:
+        """Batches split into row chunks of at most ``chunk_size`` (shuffled when ``gen``)."""
+        batches: Iterable[_Batch]
+        if gen is not None and self.batches is not None:
+            order = torch.randperm(len(self.batches), generator=gen).tolist()
+            batches = [self.batches[i] for i in order]
+        else:
+            batches = self.iter_batches()
+        for b in batches:
+            if b.valid is not None or b.n <= chunk_size:
+                yield b
+                continue
+            if gen is not None:
+                perm = torch.randperm(b.n, generator=gen)
+                for s in range(0, b.n, chunk_size):
+                    idx = perm[s : s + chunk_size]
+                    yield _Batch(b.x[idx], b.y[idx])
+            else:
+                for s in range(0, b.n, chunk_size):
+                    yield _Batch(b.x[s : s + chunk_size], b.y[s : s + chunk_size])
+
+
+# ----------------------------------------------------------------------------- data preparation
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, torch.Tensor | np.ndarray)
+
+
+def _normalise_source(data: Any, labels: Any, mask: Any, what: str) -> tuple[Callable[[], Iterator], bool]:
+    """Return (factory of an iterator of (scores, labels, mask, input_type|None), reiterable)."""
+    if isinstance(data, str | os.PathLike):
+        if labels is None:
+            raise ValueError(f"{what}: fitting from a prediction folder needs the label folder")
+        data = PredictionFolder(data, labels)
+        labels = None
+    if isinstance(data, PredictionFolder):
+        data = FolderBatches(data)
+    if _is_array(data):
+        if labels is None:
+            raise ValueError(f"labels: required to fit (got None for {what})")
+        return (lambda: iter([(data, labels, mask, None)])), True
+    if labels is not None or mask is not None:
+        raise ValueError(
+            f"labels/mask: pass them inside the batches when {what} is an iterable of batches"
+        )
+    if callable(data) and not isinstance(data, FolderBatches):
+        return (lambda: iter(data())), True
+    if isinstance(data, list | tuple | FolderBatches):
+        return (lambda: iter(data)), True
+    if isinstance(data, Iterable):
+        return (lambda: iter(data)), False
+    raise TypeError(
+        f"{what}: expected a tensor/array, an iterable of (scores, labels[, mask]) batches, "
+        f"a PredictionFolder or a folder path, got {type(data).__name__}"
+    )
+
+
+def _unpack(item: Any, what: str) -> tuple[Any, Any, Any, str | None]:
+    if not isinstance(item, list | tuple) or len(item) not in (2, 3, 4):
+        raise TypeError(f"{what}: each batch must be (scores, labels) or (scores, labels, mask)")
+    scores, labels = item[0], item[1]
+    mask = item[2] if len(item) > 2 else None
+    itype = item[3] if len(item) > 3 else None
+    return scores, labels, mask, itype
+
+
+def _prepare_batch(
+    scores: Any,
+    labels: Any,
+    mask: Any,
+    *,
+    num_classes: int | None,
+    input_type: str,
+    ignore_index: int | None,
+    spatial: bool,
+    subsample: float | None,
+    gen: torch.Generator,
+    what: str,
+) -> _Batch | None:
+    s = check_scores(scores, what, num_classes=num_classes)
+    expected = (s.shape[0], *s.shape[2:])
+    y = check_labels(labels, "labels" if what == "logits" else f"{what} labels", expected_shape=expected)
+    valid = torch.ones(expected, dtype=torch.bool) if ignore_index is None else y != ignore_index
+    if mask is not None:
+        valid &= check_mask(mask, expected)
+    c = s.shape[1]
+    check_label_range(y, valid, c, "labels" if what == "logits" else f"{what} labels")
+    store_dtype = s.dtype if s.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    if spatial:
+        check_finite(s, what)
+        if input_type == "probs":
+            check_probabilities(s, what, dim=1)
+        ys = torch.where(valid, y, torch.zeros_like(y)).to(torch.int64)
+        out = []
+        for i in range(s.shape[0]):
+            if bool(valid[i].any()):
+                out.append(_Batch(s[i : i + 1].to(store_dtype), ys[i : i + 1], valid[i : i + 1]))
+        return out  # type: ignore[return-value]
+    if s.ndim == 2:
+        rows = s[valid]
+        yy = y[valid]
+    else:
+        rows = s.movedim(1, -1)[valid]
+        yy = y[valid]
+    if subsample is not None and rows.shape[0] > 0:
+        k = max(1, int(round(rows.shape[0] * subsample)))
+        idx = torch.randperm(rows.shape[0], generator=gen)[:k].sort().values
+        rows, yy = rows[idx], yy[idx]
+    if rows.shape[0] == 0:
+        return None
+    rows = rows.to(store_dtype).contiguous()
+    check_finite(rows, what)
+    if input_type == "probs":
+        check_probabilities(rows, what, dim=1)
+    return [_Batch(rows, yy.to(torch.int64))]  # type: ignore[return-value]
+
+
+def prepare_data(
+    data: Any,
+    labels: Any = None,
+    mask: Any = None,
+    *,
+    input_type: str,
+    ignore_index: int | None,
+    num_classes: int | None,
+    spatial: bool = False,
+    memory_budget: float = 2 * 2**30,
+    subsample: float | None = None,
+    seed: int = 0,
+    what: str = "logits",
+    progress: bool = False,
+) -> FitData:
+    """Gather valid pixels from any supported source (see the module docstring)."""
+    if subsample is not None and not (0 < float(subsample) <= 1):
+        raise ValueError(f"subsample: expected a fraction in (0, 1], got {subsample}")
+    factory, reiterable = _normalise_source(data, labels, mask, what)
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    kw = dict(
+        input_type=input_type,
+        ignore_index=ignore_index,
+        spatial=spatial,
+        subsample=subsample,
+        what=what,
+    )
+
+    def batches(nc: int | None, g: torch.Generator, bar: Any = None) -> Iterator[tuple[_Batch, int]]:
+        for item in factory():
+            sc, la, ma, itype = _unpack(item, what)
+            if itype is not None and itype != input_type:
+                raise ValueError(
+                    f"{what}: the prediction folder holds {itype} but the calibrator has "
+                    f"input_type={input_type!r}; pass input_type={itype!r}"
+                )
+            sc_shape_c = sc.shape[1] if hasattr(sc, "shape") and len(sc.shape) > 1 else None
+            got = _prepare_batch(sc, la, ma, num_classes=nc, gen=g, **kw)  # type: ignore[arg-type]
+            if bar is not None:
+                bar.update(1)
+            for b in got or []:
+                yield b, int(sc_shape_c)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"reading {what}", unit="file", leave=False)
+    kept: list[_Batch] | None = []
+    nbytes = 0
+    n = 0
+    nc = num_classes
+    n_batches = 0
+    try:
+        for b, c in batches(nc, gen, bar):
+            nc = c if nc is None else nc
+            n += b.n
+            n_batches += 1
+            if kept is not None:
+                nbytes += b.nbytes
+                if nbytes > memory_budget:
+                    kept = None  # too large: stream instead (keep counting)
+                else:
+                    kept.append(b)
+    finally:
+        if bar is not None:
+            bar.close()
+    if n == 0 or nc is None:
+        raise ValueError(
+            f"{what}: no valid pixels to fit on (empty input, or every pixel is masked or equals "
+            "ignore_index)"
+        )
+    info = {"n_pixels": n, "n_batches": n_batches, "nbytes": nbytes}
+    if kept is not None:
+        return FitData(nc, n, batches=kept, info={**info, "mode": "in-memory"})
+    if not reiterable:
+        raise ValueError(
+            f"{what}: the data exceed memory_budget={memory_budget:.3g} bytes and the source can only "
+            "be read once; pass a list of batches, a callable returning an iterator, or a "
+            "PredictionFolder so that it can be streamed"
+        )
+
+    def stream() -> Iterator[_Batch]:
+        g = torch.Generator().manual_seed(int(seed) + 7919)  # same subsample every pass
+        for b, _ in batches(nc, g):
+            yield b
+
+    return FitData(nc, n, stream=stream, info={**info, "mode": "streaming"})
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class FitSettings:
+    optimizer: str = "auto"
+    lr: float | None = None
+    max_iter: int = 100
+    max_steps: int = 500
+    batch_size: int = 2**20
+    chunk_size: int = 2**20
+    patience: int | None = None
+    lr_patience: int | None = None
+    lr_factor: float = 0.1
+    min_delta: float = 0.0
+    eval_every: int = 10
+    seed: int = 0
+
+
+def _check_finite_loss(v: torch.Tensor | float, what: str) -> None:
+    if not math.isfinite(float(v)):
+        raise ValueError(f"fit: the {what} became non-finite (NaN/inf); check the inputs or lower lr")
+
+
+def _evaluate(
+    stats_fn: Callable[[_Batch, Any], torch.Tensor], data: FitData, objective: Any, chunk: int
+) -> float:
+    """Objective value on all the data, without gradients."""
+    with torch.no_grad():
+        total = None
+        for b in data.iter_chunks(chunk):
+            s = stats_fn(b, objective)
+            total = s if total is None else total + s
+        assert total is not None
+        return float(objective.finalize(total, data.n))
+
+
+def _value_and_grad(
+    stats_fn: Callable[[_Batch, Any], torch.Tensor],
+    params: list[torch.nn.Parameter],
+    data: FitData,
+    objective: Any,
+    chunk: int,
+    regularizer: Callable[[], torch.Tensor | None],
+) -> torch.Tensor:
+    """Exact full-batch objective + regulariser, gradients accumulated chunk by chunk."""
+    for p in params:
+        p.grad = None
+    if objective.linear:
+        total = 0.0
+        for b in data.iter_chunks(chunk):
+            s = stats_fn(b, objective) / data.n
+            s.backward()
+            total += float(s.detach())
+        value = torch.tensor(total)
+    else:
+        with torch.no_grad():
+            acc = None
+            for b in data.iter_chunks(chunk):
+                s = stats_fn(b, objective)
+                acc = s if acc is None else acc + s
+        assert acc is not None
+        acc = acc.detach().requires_grad_(True)
+        v = objective.finalize(acc, data.n)
+        (g,) = torch.autograd.grad(v, acc)
+        for b in data.iter_chunks(chunk):
+            s = stats_fn(b, objective)
+            if s.requires_grad:
+                (s * g).sum().backward()
+        value = v.detach()
+    reg = regularizer()
+    if reg is not None and reg.requires_grad:
+        reg.backward()
+        value = value + reg.detach()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        elif not bool(torch.isfinite(p.grad).all()):
+            raise ValueError("fit: non-finite gradients; check the inputs or lower lr")
+    _check_finite_loss(value, "training loss")
+    return value
+
+
+def minimize(
+    params: list[torch.nn.Parameter],
+    stats_fn: Callable[[_Batch, Any], torch.Tensor],
+    train: FitData,
+    objective: Any,
+    settings: FitSettings,
+    *,
+    val: FitData | None = None,
+    val_stats_fn: Callable[[_Batch, Any], torch.Tensor] | None = None,
+    regularizer: Callable[[], torch.Tensor | None] = lambda: None,
+    default_lr: tuple[float, float] = (1.0, 0.01),
+) -> dict[str, Any]:
+    """Minimise ``objective`` (+ regulariser) over ``params`` in place; returns a fit record.
+
+    ``stats_fn(batch, objective)`` returns the objective's additive statistics of one chunk,
+    computed through the calibrator. The validation NLL is computed with ``val_stats_fn``.
+    ``default_lr`` is ``(lbfgs_lr, adam_lr)`` used when ``settings.lr`` is None.
+    """
+    from segcal.calibrators.objectives import NLL
+
+    t0 = time.perf_counter()
+    params = [p for p in params if p.requires_grad]
+    opt_name = settings.optimizer
+    if opt_name not in ("auto", "lbfgs", "adam"):
+        raise ValueError(f"optimizer: expected 'auto', 'lbfgs' or 'adam', got {opt_name!r}")
+    if opt_name == "auto":
+        opt_name = "lbfgs" if train.in_memory else "adam"
+    nll = NLL()
+    vfn = val_stats_fn or stats_fn
+
+    def monitor(train_value: float) -> float:
+        if val is None:
+            return train_value
+        v = _evaluate(vfn, val, nll, settings.chunk_size)
+        _check_finite_loss(v, "validation NLL")
+        return v
+
+    history: list[dict[str, float]] = []
+    best = math.inf
+    best_state = [p.detach().clone() for p in params]
+    stale = 0
+    stop_best = math.inf
+    steps = 0
+    stopped_early = False
+
+    def record(train_value: float) -> bool:
+        """Track the best iterate; return True to stop early."""
+        nonlocal best, best_state, stale, stop_best
+        m = monitor(train_value)
+        history.append({"step": steps, "train": train_value, "monitor": m})
+        if m < best:
+            best = m
+            best_state = [p.detach().clone() for p in params]
+        if m < stop_best - settings.min_delta:
+            stop_best = m
+            stale = 0
+        else:
+            stale += 1
+        if sched is not None:
+            sched.step(m)
+        return settings.patience is not None and stale >= settings.patience
+
+    sched = None
+    if not params:
+        pass
+    elif opt_name == "lbfgs":
+        lr = settings.lr if settings.lr is not None else default_lr[0]
+        inner = max(1, min(settings.eval_every, settings.max_iter))
+        opt = torch.optim.LBFGS(
+            params,
+            lr=lr,
+            max_iter=inner,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-9,
+            tolerance_change=1e-12,
+        )
+
+        def closure() -> torch.Tensor:
+            return _value_and_grad(stats_fn, params, train, objective, settings.chunk_size, regularizer)
+
+        if val is not None:
+            record(math.nan)
+        while steps < settings.max_iter:
+            before = [p.detach().clone() for p in params]
+            value = float(opt.step(closure))  # objective at the start of this step
+            n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
+            progressed = n_iter - steps
+            steps = n_iter
+            if val is not None:
+                if record(value):
+                    stopped_early = True
+                    break
+            else:
+                history.append({"step": steps, "train": value, "monitor": value})
+            moved = max(float((p.detach() - q).abs().max()) for p, q in zip(params, before, strict=True))
+            if moved < 1e-10 or progressed < inner:  # converged (L-BFGS tolerances hit)
+                break
+        if val is None:  # strong-Wolfe L-BFGS decreases monotonically: the last iterate is best
+            best_state = [p.detach().clone() for p in params]
+            best = _evaluate(stats_fn, train, objective, settings.chunk_size) if not history else history[-1]["train"]
+    else:
+        lr = settings.lr if settings.lr is not None else default_lr[1]
+        opt = torch.optim.Adam(params, lr=lr)
+        if settings.lr_patience is not None:
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="min", factor=settings.lr_factor, patience=settings.lr_patience
+            )
+        gen = torch.Generator().manual_seed(int(settings.seed))
+        record(_evaluate(stats_fn, train, objective, settings.chunk_size) if val is None else math.nan)
+        window: list[float] = []
+        done = False
+        while not done:
+            for b in train.iter_chunks(settings.batch_size, gen):
+                opt.zero_grad()
+                stats = stats_fn(b, objective)
+                loss = objective.finalize(stats, b.n)
+                reg = regularizer()
+                if reg is not None:
+                    loss = loss + reg
+                _check_finite_loss(loss.detach(), "training loss")
+                loss.backward()
+                opt.step()
+                steps += 1
+                window.append(float(loss.detach()))
+                if steps % settings.eval_every == 0 or steps >= settings.max_steps:
+                    stop = record(sum(window) / len(window))
+                    window = []
+                    if stop:
+                        stopped_early = True
+                        done = True
+                        break
+                if steps >= settings.max_steps:
+                    done = True
+                    break
+    with torch.no_grad():
+        for p, q in zip(params, best_state, strict=True):
+            p.copy_(q)
+    return {
+        "optimizer": opt_name,
+        "mode": train.info.get("mode"),
+        "n_pixels": train.n,
+        "n_val_pixels": val.n if val is not None else 0,
+        "steps": steps,
+        "best_monitor": best,
+        "monitor": "val_nll" if val is not None else f"train_{objective.name}",
+        "stopped_early": stopped_early,
+        "seconds": time.perf_counter() - t0,
+        "history": history[-50:],
+    }
