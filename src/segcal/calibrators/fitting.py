@@ -235,7 +235,7 @@ def _prepare_batch(
         rows = s.movedim(1, -1)[valid]
         yy = y[valid]
     if subsample is not None and rows.shape[0] > 0:
-        k = max(1, int(round(rows.shape[0] * subsample)))
+        k = max(1, round(rows.shape[0] * subsample))
         idx = torch.randperm(rows.shape[0], generator=gen)[:k].sort().values
         rows, yy = rows[idx], yy[idx]
     if rows.shape[0] == 0:
