@@ -605,7 +605,7 @@ def _adaptive_ece(fine: np.ndarray, n_bins: int) -> tuple[float, float]:
 
 
 def compute_from_state(st: CalibrationMetrics) -> dict[str, Any]:
-    C, M = st.num_classes, st.n_bins
+    M = st.n_bins
     avg = np.asarray(st.average_classes)
     pb = _np(st.pooled_bins)  # (M, 2, 2)
     totals = _np(st.pooled_totals)
