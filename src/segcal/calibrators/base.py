@@ -460,7 +460,7 @@ class Calibrator(nn.Module):
         for p in module.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
-            traced = torch.jit.trace(module, (ex,), check_trace=False)
+            traced = torch.jit.trace(module, (ex,), check_trace=False, strict=False)
         if path is not None:
             torch.jit.save(traced, str(path))
         return traced
@@ -476,10 +476,12 @@ class _Exported(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cal.spatial:
             return self.cal._map_image(self.cal._canonical(x, dim=1))
-        c = x.shape[1]
-        moved = x.transpose(1, -1)
-        rows = self.cal._canonical(moved.reshape(-1, c))
-        return self.cal._map(rows).reshape(moved.shape).transpose(1, -1)
+        # rank-agnostic under tracing: (N, C, *spatial) or (M, C) -> (N, C, S) -> rows
+        n, c = x.shape[0], x.shape[1]
+        flat = x.reshape(n, c, -1)
+        rows = self.cal._canonical(flat.transpose(1, 2).reshape(-1, c))
+        out = self.cal._map(rows).reshape(n, -1, c).transpose(1, 2)
+        return out.reshape_as(x)
 
 
 def _plain(x: Any) -> Any:

@@ -354,6 +354,7 @@ class FitSettings:
     min_delta: float = 0.0
     eval_every: int = 10
     seed: int = 0
+    tol: float = 1e-7
 
 
 def _check_finite_loss(v: torch.Tensor | float, what: str) -> None:
@@ -492,6 +493,7 @@ def minimize(
             params,
             lr=lr,
             max_iter=inner,
+            max_eval=inner * 3,
             history_size=20,
             line_search_fn="strong_wolfe",
             tolerance_grad=1e-9,
@@ -503,12 +505,11 @@ def minimize(
 
         if val is not None:
             record(math.nan)
+        prev = math.inf
         while steps < settings.max_iter:
             before = [p.detach().clone() for p in params]
             value = float(opt.step(closure))  # objective at the start of this step
-            n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
-            progressed = n_iter - steps
-            steps = n_iter
+            steps = int(opt.state[opt._params[0]].get("n_iter", 0))
             if val is not None:
                 if record(value):
                     stopped_early = True
@@ -516,8 +517,9 @@ def minimize(
             else:
                 history.append({"step": steps, "train": value, "monitor": value})
             moved = max(float((p.detach() - q).abs().max()) for p, q in zip(params, before, strict=True))
-            if moved < 1e-10 or progressed < inner:  # converged (L-BFGS tolerances hit)
-                break
+            if moved < 1e-9 or prev - value < settings.tol * max(1.0, abs(value)):
+                break  # converged: no movement, or no decrease over a whole outer step
+            prev = value
         if val is None:  # strong-Wolfe L-BFGS decreases monotonically: the last iterate is best
             best_state = [p.detach().clone() for p in params]
             best = _evaluate(stats_fn, train, objective, settings.chunk_size) if not history else history[-1]["train"]

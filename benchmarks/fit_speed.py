@@ -1,0 +1,191 @@
+"""Calibrator fitting speed and peak memory: segcal vs fiducio (the [RPH] library) in one run.
+
+Workload: ``--images`` images of ``--classes`` x ``--height`` x ``--width`` logits (default
+20 x 19 x 512 x 1024 = 2.1e7 pixels), generated deterministically (seed 0) from a calibrated
+source: ``z ~ 2·N(0, 1)``, labels drawn from ``softmax(z)`` (Gumbel-max), stored logits ``3·z``
+(over-confident, so T ≈ 3 is the answer), float16 ``.npy`` + uint8 labels in a temporary folder.
+
+Every (library, method) fit runs in its own subprocess so its peak resident memory is measured
+cleanly: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end (peak RSS of the process), and
+the RSS just before the fit (data loaded) so that the fit's own working memory is ``peak − before``.
+Only ``fit`` is timed (wall clock, ``time.perf_counter``). The quality column is the NLL of the
+calibrated predictions on the same pixels (computed after timing).
+
+Variants:
+
+* ``fiducio``: fiducio 0.2.0 defaults (full-batch Adam, 200 iterations) on an in-memory float32
+  tensor ``(N, C, H, W)``;
+* ``segcal``: the same in-memory float32 tensor, defaults (full-batch L-BFGS, chunked);
+* ``segcal-stream``: streamed from the prediction folder (float16 on disk), ``memory_budget``
+  256 MiB, so mini-batch Adam (1 image per step, ``max_steps`` 100) with bounded memory.
+
+Usage::
+
+    python benchmarks/fit_speed.py            # full scale (slow on a small CPU)
+    python benchmarks/fit_speed.py --small    # 4 x 19 x 64 x 128, a quick check
+    python benchmarks/fit_speed.py --height 128 --width 256 --methods ts,vs,dc,cmsop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+FIDUCIO = {"ts": "TS", "vs": "VS", "dc": "DC", "cmsop": "CMSop", "ms": "MS", "ets": "ETS", "cmsap": "CMSap"}
+
+
+def rss_mb() -> float:
+    """Current resident set size (MiB), from /proc (Linux)."""
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def make_data(folder: Path, n: int, c: int, h: int, w: int) -> None:
+    import torch
+
+    (folder / "pred").mkdir(parents=True, exist_ok=True)
+    (folder / "labels").mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        z = 2 * torch.randn(c, h, w, generator=g)
+        gumbel = -torch.log(-torch.log(torch.rand(c, h, w, generator=g).clamp_min(1e-20)))
+        y = (z + gumbel).argmax(0).to(torch.uint8)
+        np.save(folder / "pred" / f"img{i:03d}.npy", (3 * z).numpy().astype(np.float16))
+        np.save(folder / "labels" / f"img{i:03d}.npy", y.numpy())
+
+
+def load_arrays(folder: Path):
+    import torch
+
+    preds = sorted((folder / "pred").glob("*.npy"))
+    x = torch.stack([torch.from_numpy(np.load(p).astype(np.float32)) for p in preds])
+    y = torch.stack([torch.from_numpy(np.load(folder / "labels" / p.name).astype(np.int64)) for p in preds])
+    return x, y
+
+
+def nll_of(logits_fn, x, y) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    tot = 0.0
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            out = logits_fn(x[i : i + 1])
+            tot += float(F.cross_entropy(out, y[i : i + 1], reduction="sum"))
+    return tot / y.numel()
+
+
+def worker(lib: str, method: str, folder: Path) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    if lib == "segcal-stream":
+        import segcal.calibrators as sc
+        from segcal.io import PredictionFolder
+
+        src = sc.FolderBatches(PredictionFolder(folder / "pred", folder / "labels"))
+        cal = sc.create(method, memory_budget=256 * 2**20, max_steps=100, batch_size=2**20)
+        before = rss_mb()
+        t0 = time.perf_counter()
+        cal.fit(src)
+        secs = time.perf_counter() - t0
+        peak = peak_mb()
+        x, y = load_arrays(folder)
+        nll = nll_of(cal, x, y)
+        info = cal.fit_info
+        extra = {"optimizer": info["optimizer"], "mode": info["mode"]}
+    else:
+        x, y = load_arrays(folder)
+        if lib == "segcal":
+            import segcal.calibrators as sc
+
+            cal = sc.create(method)
+            before = rss_mb()
+            t0 = time.perf_counter()
+            cal.fit(x, y)
+            secs = time.perf_counter() - t0
+            peak = peak_mb()
+            nll = nll_of(cal, x, y)
+            extra = {"optimizer": cal.fit_info["optimizer"], "mode": cal.fit_info["mode"]}
+        else:
+            import fiducio.calibrators as fc
+
+            cal = getattr(fc, FIDUCIO[method])(device="cpu")
+            before = rss_mb()
+            t0 = time.perf_counter()
+            cal.fit(x, y)
+            secs = time.perf_counter() - t0
+            peak = peak_mb()
+            nll = nll_of(cal.decision_function, x, y)
+            extra = {"optimizer": "adam (default, 200 it)", "mode": "in-memory"}
+    return {"lib": lib, "method": method, "seconds": secs, "rss_before_mb": before, "peak_rss_mb": peak,
+            "fit_mem_mb": peak - before, "nll": nll, **extra}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="4 x 19 x 64 x 128 quick run")
+    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--classes", type=int, default=19)
+    ap.add_argument("--height", type=int, default=512)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--methods", default="ts,vs,dc,cmsop")
+    ap.add_argument("--libs", default="segcal,segcal-stream,fiducio")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per fit (default 900)")
+    ap.add_argument("--worker", nargs=3, metavar=("LIB", "METHOD", "DIR"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        print(json.dumps(worker(a.worker[0], a.worker[1], Path(a.worker[2]))))
+        return 0
+    if a.small:
+        a.images, a.height, a.width = 4, 64, 128
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="segcal-bench-") as tmp:
+        t0 = time.perf_counter()
+        make_data(Path(tmp), a.images, a.classes, a.height, a.width)
+        npx = a.images * a.height * a.width
+        print(f"workload: {a.images} x {a.classes} x {a.height} x {a.width} = {npx:.3g} pixels "
+              f"(generated in {time.perf_counter() - t0:.1f}s)", flush=True)
+        print(f"{'method':7s} {'library':14s} {'optimizer':24s} {'fit s':>8s} {'peak RSS MiB':>13s} "
+              f"{'fit mem MiB':>12s} {'NLL':>8s}", flush=True)
+        for m in a.methods.split(","):
+            for lib in a.libs.split(","):
+                try:
+                    p = subprocess.run([sys.executable, __file__, "--worker", lib, m, tmp], env=env,
+                                       capture_output=True, text=True, timeout=a.timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"{m:7s} {lib:14s} TIMED OUT after {a.timeout:.0f}s", flush=True)
+                    rows.append({"lib": lib, "method": m, "seconds": None, "timeout": a.timeout})
+                    continue
+                if p.returncode != 0:
+                    print(f"{m:7s} {lib:14s} FAILED: {p.stderr.strip().splitlines()[-1:]}", flush=True)
+                    continue
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                rows.append(r)
+                print(f"{m:7s} {lib:14s} {r['optimizer']:24s} {r['seconds']:8.2f} {r['peak_rss_mb']:13.0f} "
+                      f"{r['fit_mem_mb']:12.0f} {r['nll']:8.4f}", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "results": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
