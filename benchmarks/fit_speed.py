@@ -17,7 +17,8 @@ Variants:
   tensor ``(N, C, H, W)``;
 * ``segcal``: the same in-memory float32 tensor, defaults (full-batch L-BFGS, chunked);
 * ``segcal-stream``: streamed from the prediction folder (float16 on disk), ``memory_budget``
-  256 MiB, so mini-batch Adam (1 image per step, ``max_steps`` 100) with bounded memory.
+  256 MiB (``--stream-budget-mb``), so mini-batch Adam (1 image per step, ``max_steps`` 100)
+  with bounded memory once the data exceed the budget.
 
 Usage::
 
@@ -98,7 +99,8 @@ def worker(lib: str, method: str, folder: Path) -> dict:
         from segcal.io import PredictionFolder
 
         src = sc.FolderBatches(PredictionFolder(folder / "pred", folder / "labels"))
-        cal = sc.create(method, memory_budget=256 * 2**20, max_steps=100, batch_size=2**20)
+        budget = float(os.environ.get("BENCH_STREAM_BUDGET_MB", "256")) * 2**20
+        cal = sc.create(method, memory_budget=budget, max_steps=100, batch_size=2**20)
         before = rss_mb()
         t0 = time.perf_counter()
         cal.fit(src)
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="ts,vs,dc,cmsop")
     ap.add_argument("--libs", default="segcal,segcal-stream,fiducio")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--stream-budget-mb", type=float, default=256,
+                    help="memory_budget of the segcal-stream variant (default 256 MiB)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per fit (default 900)")
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "METHOD", "DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         a.images, a.height, a.width = 4, 64, 128
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1] / "src")
+    env["BENCH_STREAM_BUDGET_MB"] = str(a.stream_budget_mb)
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     rows = []
     with tempfile.TemporaryDirectory(prefix="segcal-bench-") as tmp:

@@ -1,0 +1,66 @@
+"""``segcal apply``: calibrate a prediction folder with a fitted calibrator.
+
+Writes one file per input file, in the same format (``.npy`` stays ``.npy``; ``.npz`` keeps its
+key convention: ``logits`` or ``probabilities``), each atomically (a temporary file renamed once
+complete), then the folder's ``segcal.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("apply", help="apply a fitted calibrator to a prediction folder",
+                       description="Calibrate every prediction of a folder with a calibrator saved "
+                       "by `segcal fit` (or Calibrator.save) and write them in the same format.")
+    p.add_argument("--calibrator", required=True, help="fitted calibrator (.pt)")
+    p.add_argument("--pred", required=True, help="prediction folder")
+    p.add_argument("--out", required=True, help="output folder (must differ from --pred)")
+    p.add_argument("--output", choices=("logits", "probs"), default="logits",
+                   help="write calibrated logits (log-probabilities) or probabilities")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: Any) -> int:
+    import segcal
+    from segcal.cli import CLIError
+    from segcal.io import PredictionFolder
+    from segcal.io.predictions import write_folder_meta, write_prediction
+
+    if Path(args.out).resolve() == Path(args.pred).resolve():
+        raise CLIError("--out must differ from --pred (inputs are never overwritten)")
+    cal = segcal.load(args.calibrator).to(args.device).eval()
+    folder = PredictionFolder(args.pred)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = folder.items
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="calibrating", unit="file")
+    dtype = np.float16 if args.dtype == "float16" else np.float32
+    for it in items:
+        scores, _, itype = folder.read(it)
+        if itype != cal.input_type:
+            raise CLIError(f"{it.path.name}: holds {itype} but the calibrator expects {cal.input_type}")
+        with torch.no_grad():
+            x = torch.from_numpy(np.asarray(scores))[None].to(args.device)
+            z = cal(x)
+            res = torch.softmax(z, 1) if args.output == "probs" else torch.log_softmax(z, 1)
+        arr = res[0].cpu().numpy()
+        key = None
+        if it.path.suffix == ".npz":
+            key = "probabilities" if args.output == "probs" else "logits"
+        write_prediction(out / it.path.name, arr, key=key, dtype=dtype)
+    write_folder_meta(out, input_type=args.output, num_classes=int(cal.num_classes),
+                      calibrator=cal.name, calibrator_file=str(args.calibrator), source=str(args.pred))
+    print(f"wrote {len(folder)} calibrated prediction(s) ({args.output}) to {out}")
+    return 0
