@@ -88,7 +88,7 @@ def test_streaming_fit_matches_in_memory_and_memory_budget_switches_mode():
     ad = sc.create("ts", memory_budget=2e5, max_steps=150, batch_size=5000).fit(batches)
     assert ad.fit_info["optimizer"] == "adam" and ad.fit_info["mode"] == "streaming"
     assert ad.temperature == pytest.approx(mem.temperature, rel=0.05)
-    with pytest.raises(ValueError, match="can only\\s+be read once"):
+    with pytest.raises(ValueError, match=r"can only\s+be read once"):
         sc.create("ts", memory_budget=2e5).fit(b for b in batches)
 
 
