@@ -131,7 +131,8 @@ def disk_kernel(radius: float, alias_blur: float) -> FloatArray:
     A binary disk ``x^2 + y^2 <= radius^2`` on a ``(2*max(8, radius) + 1)``-wide grid, normalised
     to sum 1, then smoothed by a 3 x 3 (radius <= 8) or 5 x 5 Gaussian of std ``alias_blur``
     (OpenCV ``GaussianBlur`` in the reference; here a separable correlation with reflect-101
-    borders) and renormalised to sum 1.
+    borders) and renormalised to sum 1. (The reference does not renormalise; for radius 8 and
+    10 its kernel sums to about 1.011-1.013 because the disk touches the grid edge.)
     """
     ndi = _scipy_ndimage()
     if radius <= 8:
