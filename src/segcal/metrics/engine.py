@@ -88,6 +88,7 @@ from segcal._validation import (
     check_probabilities,
     check_scores,
 )
+from segcal.metrics._kernels import HAVE_NUMBA, accumulate_chunk
 from segcal.metrics.binning import bin_index
 
 #: ``u = -log(1 - c) / FINE_LOG_SPAN`` maps confidences to [0, 1] for the fine histogram;
@@ -95,6 +96,9 @@ from segcal.metrics.binning import bin_index
 FINE_LOG_SPAN = 36.841361487904734
 
 STATE_VERSION = 1
+
+#: pooled statistics that are not sums of the per-image blocks
+_POOLED_ONLY = ("fine", "classwise", "by_pred", "by_label", "confusion")
 
 
 def _np(x: Any) -> np.ndarray:
@@ -129,6 +133,9 @@ class CalibrationMetrics:
         Pixels processed at a time (bounds the extra memory to a few ``C x chunk_pixels`` buffers).
     validate
         Check every chunk for NaN/inf and labels out of range (cheap; leave on).
+    backend
+        ``"auto"`` (the fused numba kernel on the CPU when numba is installed, torch otherwise),
+        ``"torch"`` or ``"numba"``. Both give the same statistics.
     device
         Device of the state; default: the device of the first batch.
 
@@ -154,7 +161,13 @@ class CalibrationMetrics:
         chunk_pixels: int = 1 << 16,
         validate: bool = True,
         device: torch.device | str | None = None,
+        backend: str = "auto",
     ) -> None:
+        if backend not in ("auto", "torch", "numba"):
+            raise ValueError(f"backend: expected 'auto', 'torch' or 'numba', got {backend!r}")
+        if backend == "numba" and not HAVE_NUMBA:
+            raise ImportError("backend='numba' needs numba: pip install 'segcal[fast]'")
+        self.backend = backend
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
         if not isinstance(n_bins, int) or n_bins < 1:
@@ -256,8 +269,24 @@ class CalibrationMetrics:
         img_bins = torch.zeros(n, M, 2, 2, dtype=f64, device=dev)
         img_totals = torch.zeros(n, 3, dtype=f64, device=dev)
         img_class = torch.zeros(n, C, 3, dtype=f64, device=dev)
-        for img, z, lab, valid in self._chunks(x, y, mk, dev):
-            self._accumulate(img, z, lab, valid, img_bins, img_totals, img_class)
+        # accumulate into fresh pooled tensors and add them only on success: a batch that fails
+        # validation half-way leaves the state untouched
+        saved = {nm: getattr(self, nm) for nm in _POOLED_ONLY}
+        for nm, t in saved.items():
+            setattr(self, nm, torch.zeros_like(t))
+        use_kernel = self.backend != "torch" and HAVE_NUMBA and dev.type == "cpu"
+        try:
+            for img, z, lab, valid in self._chunks(x, y, mk, dev):
+                if use_kernel:
+                    self._accumulate_kernel(img, z, lab, valid, img_bins, img_totals, img_class)
+                else:
+                    self._accumulate(img, z, lab, valid, img_bins, img_totals, img_class)
+        except BaseException:
+            for nm, t in saved.items():
+                setattr(self, nm, t)
+            raise
+        for nm, t in saved.items():
+            setattr(self, nm, t.add_(getattr(self, nm)))
         self.pooled_bins += img_bins.sum(0)
         self.pooled_totals += img_totals.sum(0)
         if self.per_image:
@@ -290,6 +319,55 @@ class CalibrationMetrics:
                 m = mk[i0:i1].to(dev).reshape(-1) if mk is not None else None
                 img = torch.arange(i0, i1, device=dev).repeat_interleave(S)
                 yield img, z, lab, m
+
+    def _accumulate_kernel(
+        self,
+        img: int | torch.Tensor,
+        z: torch.Tensor,
+        lab: torch.Tensor,
+        m: torch.Tensor | None,
+        img_bins: torch.Tensor,
+        img_totals: torch.Tensor,
+        img_class: torch.Tensor,
+    ) -> None:
+        """The fused numba path (CPU): same statistics as :meth:`_accumulate`."""
+        C, M = self.num_classes, self.n_bins
+        lab = lab.to(torch.int64)
+        valid = m
+        if self.ignore_index is not None:
+            keep = lab != self.ignore_index
+            valid = keep if valid is None else (valid & keep)
+        if valid is None:
+            valid = torch.ones_like(lab, dtype=torch.bool)
+        if self.input_type == "logits":
+            q = torch.softmax(z, dim=0)
+        else:
+            if self.validate and bool(valid.any()):
+                check_probabilities(z[:, valid], "preds", dim=0)
+            q = z
+        P = lab.numel()
+        work = np.empty((4, P), dtype=np.float64)
+        pred = np.empty(P, dtype=np.int64)
+        bad = np.zeros(3, dtype=np.int64)
+        if isinstance(img, int):
+            img_idx, img0 = np.empty(0, dtype=np.int64), img
+        else:
+            img_idx, img0 = img.numpy(), 0
+        accumulate_chunk(
+            z.numpy(), q.numpy(), lab.numpy(), valid.numpy(), img_idx, img0, M, self.fine_bins,
+            self.nll_floor, FINE_LOG_SPAN, img_bins.numpy(), img_totals.numpy(), img_class.numpy(),
+            self.fine.numpy(), self.classwise.numpy(), self.by_pred.numpy(), self.by_label.numpy(),
+            self.confusion.numpy(), work, pred, bad,
+        )
+        if bad[1] > 0:
+            check_finite(z[:, valid], "preds")
+            raise ValueError(f"preds: contains non-finite values ({int(bad[1])} pixels)")
+        if bad[0] > 0:
+            vals = torch.unique(lab[valid & ((lab < 0) | (lab >= C))])[:10].tolist()
+            raise ValueError(
+                f"target: labels {vals} are outside [0, {C}) and are not the ignore_index; "
+                "pass ignore_index= or a mask to exclude them"
+            )
 
     def _accumulate(
         self,
