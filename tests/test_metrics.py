@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from metric_reference import reference_metrics, softmax
 from segcal.metrics import CalibrationMetrics, bin_index, calibration_metrics
+from segcal.metrics._kernels import HAVE_NUMBA, _bin_py
 
 SCALARS = [
     "ece",
@@ -45,11 +46,17 @@ def make_data(seed=0, n=4, c=5, shape=(12, 10), scale=3.0, ignore=None, frac_ign
     return logits, labels
 
 
+BACKENDS = ["torch", pytest.param("numba", marks=pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_bins", [10, 15, 50])
 @pytest.mark.parametrize("ignore", [None, 255])
-def test_matches_float64_reference(n_bins, ignore):
+def test_matches_float64_reference(n_bins, ignore, backend):
     logits, labels = make_data(seed=n_bins, ignore=ignore)
-    ours = calibration_metrics(torch.from_numpy(logits), torch.from_numpy(labels), n_bins=n_bins, ignore_index=ignore)
+    ours = calibration_metrics(
+        torch.from_numpy(logits), torch.from_numpy(labels), n_bins=n_bins, ignore_index=ignore, backend=backend
+    )
     ref = reference_metrics(softmax(logits), labels, n_bins=n_bins, ignore_index=ignore)
     for k in SCALARS:
         assert ours[k] == pytest.approx(ref[k], abs=1e-9, rel=0), k
@@ -124,11 +131,19 @@ def test_bin_index_convention():
     assert bin_index(torch.tensor([0.2], dtype=torch.float64), 5).item() == 0
 
 
+def test_kernel_bin_rule_equals_bin_index():
+    vals = [0.0, 1e-12, 0.1, 0.2, 1 / 3, 0.5, 0.9999999, 1.0, float(np.float32(0.2))]
+    for n in (1, 10, 15, 50, 1 << 16):
+        t = torch.tensor(vals, dtype=torch.float64)
+        assert bin_index(t, n).tolist() == [_bin_py(v, n) for v in vals]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_inputs(dtype):
+def test_low_precision_inputs(dtype, backend):
     logits, labels = make_data(seed=7, ignore=255)
     x = torch.from_numpy(logits).to(dtype)
-    ours = calibration_metrics(x, torch.from_numpy(labels), ignore_index=255)
+    ours = calibration_metrics(x, torch.from_numpy(labels), ignore_index=255, backend=backend)
     ref = reference_metrics(softmax(x.double().numpy()), labels, ignore_index=255)
     for k in ("ece", "nll", "brier", "accuracy", "classwise_ece"):
         assert ours[k] == pytest.approx(ref[k], abs=5e-6), k
@@ -175,8 +190,8 @@ def test_all_ignored_image_is_handled():
     assert r["image_ece"] == pytest.approx(ref["image_ece"], abs=1e-12)
 
 
-def _run(logits, labels, splits, chunk):
-    m = CalibrationMetrics(logits.shape[1], ignore_index=255, chunk_pixels=chunk)
+def _run(logits, labels, splits, chunk, backend="auto"):
+    m = CalibrationMetrics(logits.shape[1], ignore_index=255, chunk_pixels=chunk, backend=backend)
     for s in splits:
         m.update(logits[s], labels[s])
     return m
@@ -192,8 +207,8 @@ def _run(logits, labels, splits, chunk):
 def test_properties_merge_split_chunk_permutation(seed, n, chunk, cut):
     logits, labels = make_data(seed=seed, n=n, shape=(9, 8), ignore=255)
     cut = min(cut, n - 1)
-    whole = _run(logits, labels, [slice(None)], 1 << 16).compute()
-    # batch split and chunk size do not matter
+    whole = _run(logits, labels, [slice(None)], 1 << 16, backend="torch").compute()
+    # batch split, chunk size and backend do not matter
     split = _run(logits, labels, [slice(0, cut), slice(cut, None)], chunk).compute()
     # merging two halves equals one pass
     a = _run(logits, labels, [slice(0, cut)], chunk)
@@ -235,10 +250,11 @@ def test_state_is_bounded():
 
 
 # ------------------------------------------------------------------ bad input
-def test_bad_input_errors():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_errors(backend):
     x = torch.randn(2, 3, 4, 4)
     y = torch.randint(0, 3, (2, 4, 4))
-    m = CalibrationMetrics(3, ignore_index=255)
+    m = CalibrationMetrics(3, ignore_index=255, backend=backend)
     with pytest.raises(ValueError, match="preds: expected shape"):
         m.update(torch.randn(3), y)
     with pytest.raises(ValueError, match="target: shape"):
@@ -262,7 +278,7 @@ def test_bad_input_errors():
         m.update(torch.randint(0, 3, (2, 3, 4, 4)), y)
     with pytest.raises(ValueError, match="no valid pixels"):
         CalibrationMetrics(3).compute()
-    mp = CalibrationMetrics(3, input_type="probs")
+    mp = CalibrationMetrics(3, input_type="probs", backend=backend)
     with pytest.raises(ValueError, match="do not sum to 1"):
         mp.update(torch.rand(2, 3, 4, 4), y)
     with pytest.raises(ValueError, match="input_type"):
@@ -273,10 +289,27 @@ def test_bad_input_errors():
         CalibrationMetrics(3).merge(CalibrationMetrics(3, n_bins=10))
 
 
-def test_ignored_nan_pixels_are_not_an_error():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_nan_pixels_are_not_an_error(backend):
     x = torch.randn(1, 3, 4, 4)
     y = torch.randint(0, 3, (1, 4, 4))
     y[0, 0, 0] = 255
     x[0, :, 0, 0] = float("nan")
-    r = calibration_metrics(x, y, ignore_index=255)
+    r = calibration_metrics(x, y, ignore_index=255, backend=backend)
     assert r["n_pixels"] == 15
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_failed_update_leaves_state_untouched(backend):
+    x = torch.randn(2, 3, 4, 4)
+    y = torch.randint(0, 3, (2, 4, 4))
+    m = CalibrationMetrics(3, backend=backend)
+    m.update(x, y)
+    before = m.compute()
+    bad = y.clone()
+    bad[1, 3, 3] = 9  # fails late, after pixels of the batch were accumulated
+    with pytest.raises(ValueError, match="outside"):
+        m.update(x, bad)
+    after = m.compute()
+    assert after["n_pixels"] == before["n_pixels"] and after["ece"] == before["ece"]
+    np.testing.assert_array_equal(after["confusion_matrix"], before["confusion_matrix"])

@@ -88,6 +88,7 @@ from segcal._validation import (
     check_probabilities,
     check_scores,
 )
+from segcal.metrics._kernels import HAVE_NUMBA, accumulate_chunk
 from segcal.metrics.binning import bin_index
 
 #: ``u = -log(1 - c) / FINE_LOG_SPAN`` maps confidences to [0, 1] for the fine histogram;
@@ -95,6 +96,9 @@ from segcal.metrics.binning import bin_index
 FINE_LOG_SPAN = 36.841361487904734
 
 STATE_VERSION = 1
+
+#: pooled statistics that are not sums of the per-image blocks
+_POOLED_ONLY = ("fine", "classwise", "by_pred", "by_label", "confusion")
 
 
 def _np(x: Any) -> np.ndarray:
@@ -129,6 +133,9 @@ class CalibrationMetrics:
         Pixels processed at a time (bounds the extra memory to a few ``C x chunk_pixels`` buffers).
     validate
         Check every chunk for NaN/inf and labels out of range (cheap; leave on).
+    backend
+        ``"auto"`` (the fused numba kernel on the CPU when numba is installed, torch otherwise),
+        ``"torch"`` or ``"numba"``. Both give the same statistics.
     device
         Device of the state; default: the device of the first batch.
 
@@ -154,7 +161,13 @@ class CalibrationMetrics:
         chunk_pixels: int = 1 << 16,
         validate: bool = True,
         device: torch.device | str | None = None,
+        backend: str = "auto",
     ) -> None:
+        if backend not in ("auto", "torch", "numba"):
+            raise ValueError(f"backend: expected 'auto', 'torch' or 'numba', got {backend!r}")
+        if backend == "numba" and not HAVE_NUMBA:
+            raise ImportError("backend='numba' needs numba: pip install 'segcal[fast]'")
+        self.backend = backend
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
         if not isinstance(n_bins, int) or n_bins < 1:
@@ -256,8 +269,24 @@ class CalibrationMetrics:
         img_bins = torch.zeros(n, M, 2, 2, dtype=f64, device=dev)
         img_totals = torch.zeros(n, 3, dtype=f64, device=dev)
         img_class = torch.zeros(n, C, 3, dtype=f64, device=dev)
-        for img, z, lab, valid in self._chunks(x, y, mk, dev):
-            self._accumulate(img, z, lab, valid, img_bins, img_totals, img_class)
+        # accumulate into fresh pooled tensors and add them only on success: a batch that fails
+        # validation half-way leaves the state untouched
+        saved = {nm: getattr(self, nm) for nm in _POOLED_ONLY}
+        for nm, t in saved.items():
+            setattr(self, nm, torch.zeros_like(t))
+        use_kernel = self.backend != "torch" and HAVE_NUMBA and dev.type == "cpu"
+        try:
+            for img, z, lab, valid in self._chunks(x, y, mk, dev):
+                if use_kernel:
+                    self._accumulate_kernel(img, z, lab, valid, img_bins, img_totals, img_class)
+                else:
+                    self._accumulate(img, z, lab, valid, img_bins, img_totals, img_class)
+        except BaseException:
+            for nm, t in saved.items():
+                setattr(self, nm, t)
+            raise
+        for nm, t in saved.items():
+            setattr(self, nm, t.add_(getattr(self, nm)))
         self.pooled_bins += img_bins.sum(0)
         self.pooled_totals += img_totals.sum(0)
         if self.per_image:
@@ -291,6 +320,55 @@ class CalibrationMetrics:
                 img = torch.arange(i0, i1, device=dev).repeat_interleave(S)
                 yield img, z, lab, m
 
+    def _accumulate_kernel(
+        self,
+        img: int | torch.Tensor,
+        z: torch.Tensor,
+        lab: torch.Tensor,
+        m: torch.Tensor | None,
+        img_bins: torch.Tensor,
+        img_totals: torch.Tensor,
+        img_class: torch.Tensor,
+    ) -> None:
+        """The fused numba path (CPU): same statistics as :meth:`_accumulate`."""
+        C, M = self.num_classes, self.n_bins
+        lab = lab.to(torch.int64)
+        valid = m
+        if self.ignore_index is not None:
+            keep = lab != self.ignore_index
+            valid = keep if valid is None else (valid & keep)
+        if valid is None:
+            valid = torch.ones_like(lab, dtype=torch.bool)
+        if self.input_type == "logits":
+            q = torch.softmax(z, dim=0)
+        else:
+            if self.validate and bool(valid.any()):
+                check_probabilities(z[:, valid], "preds", dim=0)
+            q = z
+        P = lab.numel()
+        work = np.empty((4, P), dtype=np.float64)
+        pred = np.empty(P, dtype=np.int64)
+        bad = np.zeros(3, dtype=np.int64)
+        if isinstance(img, int):
+            img_idx, img0 = np.empty(0, dtype=np.int64), img
+        else:
+            img_idx, img0 = img.numpy(), 0
+        accumulate_chunk(
+            z.numpy(), q.numpy(), lab.numpy(), valid.numpy(), img_idx, img0, M, self.fine_bins,
+            self.nll_floor, FINE_LOG_SPAN, img_bins.numpy(), img_totals.numpy(), img_class.numpy(),
+            self.fine.numpy(), self.classwise.numpy(), self.by_pred.numpy(), self.by_label.numpy(),
+            self.confusion.numpy(), work, pred, bad,
+        )
+        if bad[1] > 0:
+            check_finite(z[:, valid], "preds")
+            raise ValueError(f"preds: contains non-finite values ({int(bad[1])} pixels)")
+        if bad[0] > 0:
+            vals = torch.unique(lab[valid & ((lab < 0) | (lab >= C))])[:10].tolist()
+            raise ValueError(
+                f"target: labels {vals} are outside [0, {C}) and are not the ignore_index; "
+                "pass ignore_index= or a mask to exclude them"
+            )
+
     def _accumulate(
         self,
         img: int | torch.Tensor,
@@ -304,39 +382,51 @@ class CalibrationMetrics:
         C, M, F = self.num_classes, self.n_bins, self.fine_bins
         f64 = torch.float64
         lab = lab.to(torch.int64)
-        # -- select valid pixels (compacting keeps every later step free of masks)
-        valid = m if m is not None else None
+        # -- valid pixels: per-pixel vectors are compacted with an index; the (C, P) block never is
+        valid = m
         if self.ignore_index is not None:
             keep = lab != self.ignore_index
             valid = keep if valid is None else (valid & keep)
+        idx = None
         if valid is not None and not bool(valid.all()):
-            z = z[:, valid]
-            lab = lab[valid]
-            if isinstance(img, torch.Tensor):
-                img = img[valid]
-        P = lab.numel()
-        if P == 0:
-            return
+            idx = valid.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                return
+        P = lab.numel() if idx is None else idx.numel()
+
+        def sel(v: torch.Tensor) -> torch.Tensor:
+            return v if idx is None else v.index_select(0, idx)
+
         if self.validate:
-            check_finite(z, "preds")
+            # one cheap reduction catches NaN and +-inf anywhere in a valid pixel's logits
+            zs = sel(z.sum(dim=0))
+            if not bool(torch.isfinite(zs).all()):
+                check_finite(z if idx is None else z.index_select(1, idx), "preds")
+        lab_safe = lab.clamp(0, C - 1)  # only for gathers; invalid pixels are dropped after
+        lab = sel(lab)
+        if self.validate:
             check_label_range(lab, torch.ones_like(lab, dtype=torch.bool), C, "target")
+        if isinstance(img, torch.Tensor):
+            img = sel(img)
         # -- probabilities, prediction, confidence
         if self.input_type == "logits":
             q = torch.softmax(z, dim=0)
         else:
             if self.validate:
-                check_probabilities(z, "preds", dim=0)
+                check_probabilities(z if idx is None else z.index_select(1, idx), "preds", dim=0)
             q = z
         zmax = z.amax(dim=0)
         # first index of the maximum (torch.argmax over a non-contiguous dim is slow on CPU)
-        rank = torch.arange(C, 0, -1, device=z.device, dtype=torch.int16 if C < 32767 else torch.int64)
-        pred = (C - ((z == zmax).to(rank.dtype) * rank[:, None]).amax(dim=0)).to(torch.int64)
-        conf = q.gather(0, pred[None])[0].to(f64)
-        q_y = q.gather(0, lab[None])[0].to(f64)
+        rdt = torch.uint8 if C < 256 else torch.int64
+        rank = torch.arange(C, 0, -1, device=z.device, dtype=rdt)[:, None]
+        pred_all = (C - (z == zmax).to(rdt).mul_(rank).amax(dim=0).to(torch.int64)).clamp_(max=C - 1)
+        pred = sel(pred_all)
+        conf = sel(q.gather(0, pred_all[None])[0]).to(f64)
+        q_y = sel(q.gather(0, lab_safe[None])[0]).to(f64)
         correct = pred == lab
         corr64 = correct.to(f64)
         nll = -torch.log(q_y.clamp(min=self.nll_floor))
-        sumsq = torch.linalg.vecdot(q, q, dim=0).to(f64)
+        sumsq = sel(torch.linalg.vecdot(q, q, dim=0)).to(f64)
         brier = sumsq - 2.0 * q_y + 1.0
         b = bin_index(conf, M)
         ci = correct.to(torch.int64)
@@ -368,6 +458,7 @@ class CalibrationMetrics:
             img_class[:, :, 1] += lc[:, :, 1]
             img_class[:, :, 2] += torch.bincount(img * C + pred, minlength=n * C).view(n, C)
         # -- pooled-only statistics
+        lab_hist = torch.bincount(lab, minlength=C)
         self.confusion += torch.bincount(lab * C + pred, minlength=C * C).view(C, C)
         u = torch.log1p(-conf).neg_().div_(FINE_LOG_SPAN)
         fb = bin_index(u, F)
@@ -375,43 +466,81 @@ class CalibrationMetrics:
         self.fine[:, 0].index_add_(0, fb, torch.ones_like(conf))
         self.fine[:, 1].index_add_(0, fb, conf)
         self.fine[:, 2].index_add_(0, fb, corr64)
-        self._add3(self.by_pred.view(C * M, 3), (pred * M + b) * 2 + ci, conf, C * M)
+        top = self._add3(self.by_pred.view(C * M, 3), (pred * M + b) * 2 + ci, conf, C * M)
         self._add3(self.by_label.view(C * M, 3), (lab * M + b) * 2 + ci, conf, C * M)
-        self._classwise(q, lab, P)
+        self._classwise(q, valid if idx is not None else None, pred_all, lab, conf, idx, top, lab_hist, P)
 
     @staticmethod
-    def _add3(acc: torch.Tensor, key2: torch.Tensor, conf: torch.Tensor, L: int) -> None:
+    def _add3(acc: torch.Tensor, key2: torch.Tensor, conf: torch.Tensor, L: int) -> torch.Tensor:
         """acc[k] += (count, sum conf, sum correct) for ``key2 = k * 2 + correct``."""
         cnt = torch.bincount(key2, minlength=2 * L).view(L, 2)
-        acc[:, 0] += cnt.sum(1)
-        acc[:, 2] += cnt[:, 1]
-        acc[:, 1] += torch.bincount(key2 >> 1, weights=conf, minlength=L)
+        part = torch.stack(
+            [cnt.sum(1).to(conf.dtype), torch.bincount(key2 >> 1, weights=conf, minlength=L), cnt[:, 1].to(conf.dtype)],
+            dim=1,
+        )
+        acc += part
+        return part
 
-    def _classwise(self, q: torch.Tensor, lab: torch.Tensor, P: int) -> None:
-        """Per-class bins of every class probability (sparse: only ``q > 1/M`` leaves bin 0)."""
+    def _classwise(
+        self,
+        q: torch.Tensor,
+        valid: torch.Tensor | None,
+        pred_all: torch.Tensor,
+        lab: torch.Tensor,
+        conf: torch.Tensor,
+        idx: torch.Tensor | None,
+        top: torch.Tensor,
+        lab_hist: torch.Tensor,
+        P: int,
+    ) -> None:
+        """Per-class bins of every class probability ``q_k`` (Nixon's class-wise ECE).
+
+        Exact and sparse: the predicted class's entry is the top-label one (already binned in
+        ``top``, the by-predicted-class statistics); any other class ``k`` has ``q_k <= 1 - conf``,
+        so it can leave bin 0 only in pixels with ``conf < 1 - 1/M``. Only those pixels' other
+        entries above ``1/M`` are gathered; everything else lands in bin 0 by subtraction from the
+        per-class totals.
+        """
         C, M = self.num_classes, self.n_bins
         f64 = torch.float64
-        thr = (1.0 / M) * (1.0 - 1e-5)  # superset of the q with bin_index(q) >= 1
-        flat = torch.nonzero((q > thr).view(-1)).squeeze(1)
-        k = torch.div(flat, P, rounding_mode="floor")
-        p = flat - k * P
-        qv = q.view(-1)[flat].to(f64)
-        bv = bin_index(qv, M)
-        is_k = (lab[p] == k).to(f64)
-        key = k * M + bv
         cw = self.classwise.view(C * M, 3)
-        s_cnt = torch.bincount(key, minlength=C * M).to(f64)
-        s_q = torch.bincount(key, weights=qv, minlength=C * M)
-        s_l = torch.bincount(key, weights=is_k, minlength=C * M)
-        cw[:, 0] += s_cnt
-        cw[:, 1] += s_q
-        cw[:, 2] += s_l
-        # everything else is in bin 0: totals minus the sparse part
-        tot_q = q.sum(dim=1, dtype=f64)
-        tot_l = torch.bincount(lab, minlength=C).to(f64)
-        self.classwise[:, 0, 0] += P - s_cnt.view(C, M).sum(1)
-        self.classwise[:, 0, 1] += tot_q - s_q.view(C, M).sum(1)
-        self.classwise[:, 0, 2] += tot_l - s_l.view(C, M).sum(1)
+        cw += top
+        thr = (1.0 / M) * (1.0 - 1e-5)  # superset of the q with bin_index(q) >= 1
+        unsure = torch.nonzero(conf < 1.0 - thr).squeeze(1)  # positions among valid pixels
+        extra_cnt = torch.zeros(C, dtype=f64, device=q.device)
+        extra_q = torch.zeros(C, dtype=f64, device=q.device)
+        extra_l = torch.zeros(C, dtype=f64, device=q.device)
+        if unsure.numel():
+            cols = unsure if idx is None else idx.index_select(0, unsure)
+            sub = q.index_select(1, cols)
+            sub.scatter_(0, pred_all.index_select(0, cols)[None], 0.0)  # drop the top entries
+            U = cols.numel()
+            flat = torch.nonzero((sub > thr).view(-1)).squeeze(1)
+            if flat.numel():
+                k = torch.div(flat, U, rounding_mode="floor")
+                pos = flat - k * U
+                qv = sub.view(-1)[flat].to(f64)
+                bv = bin_index(qv, M)
+                is_k = (lab.index_select(0, unsure)[pos] == k).to(f64)
+                key = k * M + bv
+                s_cnt = torch.bincount(key, minlength=C * M).to(f64)
+                s_q = torch.bincount(key, weights=qv, minlength=C * M)
+                s_l = torch.bincount(key, weights=is_k, minlength=C * M)
+                cw[:, 0] += s_cnt
+                cw[:, 1] += s_q
+                cw[:, 2] += s_l
+                extra_cnt = s_cnt.view(C, M).sum(1)
+                extra_q = s_q.view(C, M).sum(1)
+                extra_l = s_l.view(C, M).sum(1)
+        # bin 0 gets everything else: per-class totals minus what was binned above
+        if valid is None:
+            tot_q = q.sum(dim=1).to(f64)
+        else:
+            tot_q = torch.mv(q, valid.to(q.dtype)).to(f64)
+        top_c = top.view(C, M, 3).sum(1)
+        self.classwise[:, 0, 0] += P - top_c[:, 0] - extra_cnt
+        self.classwise[:, 0, 1] += tot_q - top_c[:, 1] - extra_q
+        self.classwise[:, 0, 2] += lab_hist.to(f64) - top_c[:, 2] - extra_l
 
     # ------------------------------------------------------------ merge / IO
     def merge(self, other: CalibrationMetrics) -> CalibrationMetrics:
