@@ -285,6 +285,16 @@ class CalibrationMetrics:
             for nm, t in saved.items():
                 setattr(self, nm, t)
             raise
+        if use_kernel:
+            # class-wise ECE, completed from the batch's statistics: the top entries are the
+            # by-predicted-class bins; bin 0 gets every valid pixel's remaining count and label mass
+            top = self.by_pred
+            self.classwise += top
+            n_valid = img_class[:, :, 0].sum()
+            lab_hist = img_class[:, :, 0].sum(0)
+            self.classwise[:, 0, 0] += n_valid - top[:, :, 0].sum(1)
+            self.classwise[:, 0, 1] -= top[:, :, 1].sum(1)
+            self.classwise[:, 0, 2] += lab_hist - top[:, :, 2].sum(1)
         for nm, t in saved.items():
             setattr(self, nm, t.add_(getattr(self, nm)))
         self.pooled_bins += img_bins.sum(0)
@@ -330,13 +340,19 @@ class CalibrationMetrics:
         img_totals: torch.Tensor,
         img_class: torch.Tensor,
     ) -> None:
-        """The fused numba path (CPU): same statistics as :meth:`_accumulate`."""
+        """The fused numba path (CPU): same statistics as :meth:`_accumulate`.
+
+        torch does the vectorised transcendental work (softmax, log, log1p, sum of squares);
+        the kernel does the argmax, the binning and every scatter-add in one pass per pixel.
+        """
         C, M = self.num_classes, self.n_bins
+        f64 = torch.float64
         lab = lab.to(torch.int64)
         valid = m
         if self.ignore_index is not None:
             keep = lab != self.ignore_index
             valid = keep if valid is None else (valid & keep)
+        all_valid = valid is None
         if valid is None:
             valid = torch.ones_like(lab, dtype=torch.bool)
         if self.input_type == "logits":
@@ -345,19 +361,25 @@ class CalibrationMetrics:
             if self.validate and bool(valid.any()):
                 check_probabilities(z[:, valid], "preds", dim=0)
             q = z
+        conf = q.amax(dim=0).to(f64)
+        q_y = q.gather(0, lab.clamp(0, C - 1)[None])[0].to(f64)
+        nll = torch.log(q_y.clamp_(min=self.nll_floor)).neg_()
+        fine_u = torch.log1p(-conf).neg_().div_(FINE_LOG_SPAN)
         P = lab.numel()
-        work = np.empty((4, P), dtype=np.float64)
+        work = np.empty((2, P), dtype=np.float64)
         pred = np.empty(P, dtype=np.int64)
+        unsure = np.empty(P, dtype=np.int64)
         bad = np.zeros(3, dtype=np.int64)
+        extra = np.zeros((C, 3), dtype=np.float64)
         if isinstance(img, int):
             img_idx, img0 = np.empty(0, dtype=np.int64), img
         else:
             img_idx, img0 = img.numpy(), 0
         accumulate_chunk(
-            z.numpy(), q.numpy(), lab.numpy(), valid.numpy(), img_idx, img0, M, self.fine_bins,
-            self.nll_floor, FINE_LOG_SPAN, img_bins.numpy(), img_totals.numpy(), img_class.numpy(),
-            self.fine.numpy(), self.classwise.numpy(), self.by_pred.numpy(), self.by_label.numpy(),
-            self.confusion.numpy(), work, pred, bad,
+            z.numpy(), q.numpy(), lab.numpy(), valid.numpy(), conf.numpy(), nll.numpy(), fine_u.numpy(),
+            img_idx, img0, M, self.fine_bins, img_bins.numpy(), img_totals.numpy(), img_class.numpy(),
+            self.fine.numpy(), self.classwise.numpy(), extra, self.by_pred.numpy(), self.by_label.numpy(),
+            self.confusion.numpy(), work, pred, unsure, bad,
         )
         if bad[1] > 0:
             check_finite(z[:, valid], "preds")
@@ -368,6 +390,21 @@ class CalibrationMetrics:
                 f"target: labels {vals} are outside [0, {C}) and are not the ignore_index; "
                 "pass ignore_index= or a mask to exclude them"
             )
+        # vectorised per-class / per-image sums (torch): sum of q^2 for the Brier score and the
+        # per-class probability totals that give class-wise bin 0 by subtraction
+        w = None if all_valid else valid.to(q.dtype)
+        sumsq = torch.linalg.vecdot(q, q, dim=0)
+        if w is not None:
+            sumsq = sumsq * w
+        tot_q = q.sum(dim=1).to(f64) if w is None else torch.mv(q, w).to(f64)
+        if isinstance(img, int):
+            img_totals[img, 2] += sumsq.sum(dtype=f64)
+        else:
+            img_totals[:, 2] += torch.bincount(img, weights=sumsq.to(f64), minlength=img_totals.shape[0])
+        ex = torch.from_numpy(extra)
+        self.classwise[:, 0, 0] -= ex[:, 0]
+        self.classwise[:, 0, 1] += tot_q - ex[:, 1]
+        self.classwise[:, 0, 2] -= ex[:, 2]
 
     def _accumulate(
         self,
