@@ -230,6 +230,7 @@ def test_published_state_dicts_load_strict(fname, k, skip):
 
 @needs_camvid
 @pytest.mark.realdata
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["espnet-camvid", "espnet-cityscapes"])
 def test_readme_port_fingerprint(name, first_test_image):
     fp = FINGERPRINT[name]
