@@ -132,22 +132,25 @@ if HAVE_NUMBA:
                 unsure[n_unsure] = p
                 n_unsure += 1
         bad[1] = nonfinite
-        # pass 3, class by class over the unsure pixels (row-wise, cache friendly): non-top
-        # entries above 1/M leave bin 0
+        # pass 3, class by class over contiguous rows: a non-top entry can exceed 1/M only in an
+        # unsure pixel (q_k <= 1 - conf), so a plain scan finds them; the top entry is skipped
+        if n_unsure == 0:
+            return
         for k in range(C):
-            for j in range(n_unsure):
-                p = unsure[j]
+            for p in range(P):
                 qk = np.float64(q[k, p])
-                if qk > thr and pred[p] != k:
+                if qk > thr and pred[p] != k and valid[p]:
+                    y = lab[p]
+                    if y < 0 or y >= C or not math.isfinite(zsum[p]):
+                        continue
                     b = _bin(qk, M)
-                    isk = 1.0 if lab[p] == k else 0.0
+                    isk = 1.0 if y == k else 0.0
                     classwise[k, b, 0] += 1.0
                     classwise[k, b, 1] += qk
                     classwise[k, b, 2] += isk
                     extra[k, 0] += 1.0
                     extra[k, 1] += qk
                     extra[k, 2] += isk
-
 
 else:  # pragma: no cover
     accumulate_chunk = None
