@@ -158,7 +158,7 @@ class CalibrationMetrics:
         fine_bins: int = 1 << 16,
         nll_floor: float = 1e-12,
         average_classes: Sequence[int] | None = None,
-        chunk_pixels: int = 1 << 16,
+        chunk_pixels: int = 1 << 15,
         validate: bool = True,
         device: torch.device | str | None = None,
         backend: str = "auto",
