@@ -20,6 +20,7 @@ from segcal.calibrators.ensemble import EnsembleTemperatureScaling
 from segcal.calibrators.fitting import FolderBatches
 from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.registry import available, create, load, register, resolve
+from segcal.calibrators.selective import SelectiveScaling, ece_vs_selector_accuracy
 from segcal.calibrators.temperature import TemperatureScaling
 from segcal.calibrators.wrappers import MatrixScalingTI, VectorScalingTI, translation_invariant
 
@@ -34,12 +35,14 @@ __all__ = [
     "MatrixScalingTI",
     "NotFittedError",
     "OrderPreservingCMS",
+    "SelectiveScaling",
     "TIMatrixScaling",
     "TemperatureScaling",
     "VectorScaling",
     "VectorScalingTI",
     "available",
     "create",
+    "ece_vs_selector_accuracy",
     "get_objective",
     "load",
     "register",
