@@ -18,6 +18,11 @@ from segcal.calibrators.class_conditional import (
 )
 from segcal.calibrators.ensemble import EnsembleTemperatureScaling
 from segcal.calibrators.fitting import FolderBatches
+from segcal.calibrators.local_temperature import (
+    ImageBasedTemperatureScaling,
+    LocalTemperatureScaling,
+    LocalTemperatureScalingTI,
+)
 from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.registry import available, create, load, register, resolve
 from segcal.calibrators.selective import SelectiveScaling, ece_vs_selector_accuracy
@@ -31,6 +36,9 @@ __all__ = [
     "DirichletCalibration",
     "EnsembleTemperatureScaling",
     "FolderBatches",
+    "ImageBasedTemperatureScaling",
+    "LocalTemperatureScaling",
+    "LocalTemperatureScalingTI",
     "MatrixScaling",
     "MatrixScalingTI",
     "NotFittedError",

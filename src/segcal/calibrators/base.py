@@ -490,13 +490,18 @@ class Calibrator(nn.Module):
         """Export ``logits (N, C, *spatial) or (M, C) -> calibrated logits`` as TorchScript.
 
         The exported module needs only ``torch`` (``torch.jit.load(path)``); it performs no input
-        validation. Returns the scripted module and saves it when ``path`` is given.
+        validation. Spatial calibrators (LTS/IBTS) are traced on an image of their rank: the export
+        takes ``(N, C, *spatial)`` images of that rank with every spatial size > 4 (reflect padding). Returns the scripted module and saves it when ``path`` is given.
         """
         self._check_ready()
         module = _Exported(copy.deepcopy(self).cpu().eval()).eval()
         c = int(self.num_classes or 2)
         gen = torch.Generator().manual_seed(0)
-        ex = torch.randn(2, c, 3, 5, generator=gen)
+        if self.spatial:  # traced on an image of the calibrator's rank, large enough for reflect
+            dims = int(getattr(self, "spatial_dims", None) or 2)
+            ex = torch.randn(1, c, *([9] * dims), generator=gen)
+        else:
+            ex = torch.randn(2, c, 3, 5, generator=gen)
         if self.input_type == "probs":
             ex = ex.softmax(1)
         for p in module.parameters():
