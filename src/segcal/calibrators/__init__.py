@@ -11,6 +11,7 @@ from segcal.calibrators.affine import (
     VectorScaling,
 )
 from segcal.calibrators.base import Calibrator, NotFittedError
+from segcal.calibrators.binning import HistogramBinning, IsotonicCalibration
 from segcal.calibrators.class_conditional import (
     ArgmaxPreservingCMS,
     ClassConditionalDirichlet,
@@ -23,6 +24,7 @@ from segcal.calibrators.local_temperature import (
     LocalTemperatureScaling,
     LocalTemperatureScalingTI,
 )
+from segcal.calibrators.metacal import MetaCalScaling
 from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.registry import available, create, load, register, resolve
 from segcal.calibrators.selective import SelectiveScaling, ece_vs_selector_accuracy
@@ -36,11 +38,14 @@ __all__ = [
     "DirichletCalibration",
     "EnsembleTemperatureScaling",
     "FolderBatches",
+    "HistogramBinning",
     "ImageBasedTemperatureScaling",
+    "IsotonicCalibration",
     "LocalTemperatureScaling",
     "LocalTemperatureScalingTI",
     "MatrixScaling",
     "MatrixScalingTI",
+    "MetaCalScaling",
     "NotFittedError",
     "OrderPreservingCMS",
     "SelectiveScaling",
