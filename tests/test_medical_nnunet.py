@@ -202,3 +202,46 @@ def test_nibabel_reader_properties(tmp_path):
         pickle.dump(props, fh)
     pred, _ = read_aligned(tmp_path / "n.npz", lp, num_classes=3)
     np.testing.assert_array_equal(pred.argmax(0), lab)
+
+
+def test_fit_and_apply_through_nnunet_aware_folder(tmp_path):
+    """eval/fit/apply path: nnU-Net folder -> calibrator fit -> calibrated nnU-Net folder."""
+    import torch
+
+    from segcal.calibrators import FolderBatches, create
+    from segcal.io.nnunet import NnUNetAwareFolder, write_nnunet_prediction
+    from segcal.metrics import CalibrationMetrics
+
+    pred_dir, lab_dir, out_dir = tmp_path / "pred", tmp_path / "lab", tmp_path / "out"
+    pred_dir.mkdir()
+    lab_dir.mkdir()
+    rng = np.random.default_rng(5)
+
+    def overconfident(onehot):
+        noisy = np.where(rng.random(onehot.shape[1:]) < 0.2, np.roll(onehot, 1, axis=0), onehot)
+        return (0.97 * noisy + 0.01).astype(np.float32)
+
+    for i, shape in enumerate([(5, 7, 5), (6, 6, 4), (7, 5, 7)]):
+        lp = _write_nifti(lab_dir / f"c{i}.nii.gz", _label(shape, i), SKEW_AFFINE if i % 2 else np.eye(4))
+        _nnunet_export(lp, pred_dir, f"c{i}", probs_fn=overconfident)
+    folder = NnUNetAwareFolder(pred_dir, lab_dir)
+    scores, labels, itype = folder.read(folder.items[0])
+    assert itype == "probs" and scores.shape == (3, 5, 7, 5) and labels.shape == (5, 7, 5)
+    cal = create("ts", input_type="probs", seed=0)
+    cal.fit(FolderBatches(folder))
+    m0 = CalibrationMetrics(3, n_bins=15, input_type="probs")
+    m1 = CalibrationMetrics(3, n_bins=15, input_type="probs")
+    for it in folder.items:
+        s, y, _ = folder.read(it)
+        with torch.no_grad():
+            q = torch.softmax(cal(torch.from_numpy(s)[None]), 1)[0].numpy()
+        m0.update(torch.from_numpy(s)[None], torch.from_numpy(y.astype(np.int64))[None])
+        m1.update(torch.from_numpy(q)[None], torch.from_numpy(y.astype(np.int64))[None])
+        write_nnunet_prediction(out_dir / it.path.name, q, it.path)
+    assert float(m1.compute()["nll"]) < float(m0.compute()["nll"])
+    # the calibrated folder is again an nnU-Net folder that lines up with the labels
+    back = NnUNetAwareFolder(out_dir, lab_dir)
+    for it in back.items:
+        s, y, _ = back.read(it)
+        np.testing.assert_array_equal(s.argmax(0), folder.read(folder.items[back.stems.index(it.stem)])[0].argmax(0))
+        assert (out_dir / f"{it.stem}.pkl").exists()

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from segcal.io.predictions import PredictionFolder, PredictionItem, atomic_write, read_label
+
 PROBS_KEY = "probabilities"
 
 # LPS (ITK) <-> RAS (nibabel) world coordinates
@@ -255,8 +257,6 @@ def write_nnunet_prediction(
     The axes are put back in the order the source file used (read from its properties), so the
     output drops into any nnU-Net tooling in place of the original.
     """
-    from segcal.io.predictions import atomic_write
-
     src = Path(source_npz)
     out_path = Path(out_path)
     if not out_path.name.endswith(".npz"):
@@ -277,3 +277,68 @@ def write_nnunet_prediction(
     with atomic_write(properties_path(out_path)) as fh:
         fh.write(pkl_bytes)
     return out_path
+
+
+def label_header(label_path: str | os.PathLike) -> tuple[tuple[int, ...] | None, np.ndarray | None]:
+    """``(shape, affine)`` of a NIfTI label (nibabel, imported lazily); ``(shape, None)`` for others.
+
+    A 4D NIfTI (other than ``(X, Y, Z, 1)``) is refused.
+    """
+    p = Path(label_path)
+    if not p.name.endswith((".nii.gz", ".nii")):
+        if p.name.endswith(".npy"):
+            return tuple(np.load(p, mmap_mode="r", allow_pickle=False).shape), None
+        return None, None
+    try:
+        import nibabel as nib
+    except ImportError as exc:  # pragma: no cover - depends on extras
+        raise ImportError("reading NIfTI labels needs nibabel: pip install 'segcal[nifti]'") from exc
+    img = nib.load(str(p))
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise ValueError(f"labels: {p.name} is {len(shape)}D with shape {shape}; expected a 3D volume")
+    return shape, np.asarray(img.affine, dtype=np.float64)
+
+
+def read_nnunet_item(
+    pred_path: str | os.PathLike,
+    label_path: str | os.PathLike | None = None,
+    *,
+    num_classes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One nnU-Net case for ``segcal eval``/``fit``/``apply``: ``(probs (C, x, y, z), label or None)``.
+
+    The label (if given) is read with ``segcal.io.read_label`` after its header has been checked
+    against the properties (shape and, for NIfTI, affine).
+    """
+    shape, affine = (None, None) if label_path is None else label_header(label_path)
+    probs, _, _ = read_nnunet_prediction(
+        pred_path, label_shape=shape, label_affine=affine, num_classes=num_classes
+    )
+    label = None
+    if label_path is not None:
+        label = read_label(label_path)
+        if label.ndim == 4 and label.shape[3] == 1:
+            label = label[..., 0]
+    return probs, label
+
+
+class NnUNetAwareFolder(PredictionFolder):
+    """``PredictionFolder`` that reads nnU-Net ``.npz`` + ``.pkl`` cases in nibabel order.
+
+    Other files are read exactly as ``PredictionFolder`` does. nnU-Net cases are probabilities
+    (``input_type`` ``"probs"`` unless given explicitly). The lead can either use this class where
+    ``PredictionFolder`` is built, or move the ``is_nnunet_prediction`` branch into
+    ``PredictionFolder.read``.
+    """
+
+    def read(self, item: PredictionItem) -> tuple[np.ndarray, np.ndarray | None, str]:
+        if is_nnunet_prediction(item.path):
+            nc = self.meta.get("num_classes")
+            probs, labels = read_nnunet_item(
+                item.path, item.label_path, num_classes=None if nc is None else int(nc)
+            )
+            return probs, labels, self._input_type or "probs"
+        return super().read(item)
