@@ -33,7 +33,8 @@ def test_dice_casewise_and_pooled():
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_training_smoke(tmp_path):
-    if data_root(required=False) is None:
+    root = data_root(required=False)
+    if root is None or not (root / "msd_task04_hippocampus" / "imagesTr").is_dir():
         pytest.skip("MSD hippocampus not found: set SEGCAL_DATA or provide ../shared/data")
     out = tmp_path / "w.pt"
     assert main(["--iters", "2", "--batch", "1", "--log-every", "1", "--limit-train", "2",
