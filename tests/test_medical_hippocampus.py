@@ -130,3 +130,26 @@ def test_predict_volumes_rejects_4d_and_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no \.nii"):
         predict_volumes(model, tmp_path / "empty", tmp_path / "out")
+
+
+def test_register_hook_with_a_stand_in_registry(monkeypatch):
+    """``register()`` calls ``segcal.models.register_model`` (models branch) with the 3D model."""
+    import sys
+    import types
+
+    import segcal.medical as med
+
+    calls = {}
+
+    def register_model(name, factory, **kw):
+        calls.update(name=name, factory=factory, **kw)
+        return "spec"
+
+    monkeypatch.setitem(sys.modules, "segcal.models", types.SimpleNamespace(register_model=register_model))
+    assert med.register() == "spec"
+    assert calls["name"] == "unet3d-hippocampus" and calls["num_classes"] == 3
+    assert calls["class_names"] == ("background", "anterior", "posterior")
+    model = calls["factory"](data_root=None)
+    x = calls["preprocess"](np.ones((9, 12, 9), np.float32) * 5)
+    assert tuple(x.shape) == (1, 1, 16, 16, 16)
+    assert not model.training
