@@ -313,3 +313,22 @@ def test_failed_update_leaves_state_untouched(backend):
     after = m.compute()
     assert after["n_pixels"] == before["n_pixels"] and after["ece"] == before["ece"]
     np.testing.assert_array_equal(after["confusion_matrix"], before["confusion_matrix"])
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+def test_threaded_kernel_equals_torch_path():
+    logits, labels = make_data(seed=21, n=3, c=6, shape=(40, 30), ignore=255)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)  # two worker threads over 3 x 5 chunks of 256 pixels
+    try:
+        a = CalibrationMetrics(6, ignore_index=255, chunk_pixels=256, backend="numba")
+        a.update(logits, labels)
+        assert torch.get_num_threads() == 2  # restored after the threaded update
+    finally:
+        torch.set_num_threads(prev)
+    b = CalibrationMetrics(6, ignore_index=255, backend="torch")
+    b.update(logits, labels)
+    ra, rb = a.compute(), b.compute()
+    for k in SCALARS:
+        assert ra[k] == pytest.approx(rb[k], abs=1e-12), k
+    np.testing.assert_allclose(ra["image_ece_values"], rb["image_ece_values"], atol=1e-12)

@@ -8,6 +8,7 @@ needed (numpy -> torch is zero-copy for supported dtypes).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -40,7 +41,12 @@ def as_tensor(x: Any, name: str, device: torch.device | str | None = None) -> to
                 arr = np.ascontiguousarray(arr)
             if arr.dtype == np.uint16 or arr.dtype == np.uint32 or arr.dtype == np.uint64:
                 arr = arr.astype(np.int64)
-            t = torch.from_numpy(arr)
+            if not arr.flags.writeable:  # e.g. a memory-mapped .npy: segcal never writes inputs
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    t = torch.from_numpy(arr)
+            else:
+                t = torch.from_numpy(arr)
         else:
             raise TypeError(f"{name}: unsupported numpy dtype {x.dtype}; expected float or integer")
     else:

@@ -11,6 +11,7 @@ from segcal.calibrators.affine import (
     VectorScaling,
 )
 from segcal.calibrators.base import Calibrator, NotFittedError
+from segcal.calibrators.binning import HistogramBinning, IsotonicCalibration
 from segcal.calibrators.class_conditional import (
     ArgmaxPreservingCMS,
     ClassConditionalDirichlet,
@@ -18,8 +19,15 @@ from segcal.calibrators.class_conditional import (
 )
 from segcal.calibrators.ensemble import EnsembleTemperatureScaling
 from segcal.calibrators.fitting import FolderBatches
+from segcal.calibrators.local_temperature import (
+    ImageBasedTemperatureScaling,
+    LocalTemperatureScaling,
+    LocalTemperatureScalingTI,
+)
+from segcal.calibrators.metacal import MetaCalScaling
 from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.registry import available, create, load, register, resolve
+from segcal.calibrators.selective import SelectiveScaling, ece_vs_selector_accuracy
 from segcal.calibrators.temperature import TemperatureScaling
 from segcal.calibrators.wrappers import MatrixScalingTI, VectorScalingTI, translation_invariant
 
@@ -30,16 +38,24 @@ __all__ = [
     "DirichletCalibration",
     "EnsembleTemperatureScaling",
     "FolderBatches",
+    "HistogramBinning",
+    "ImageBasedTemperatureScaling",
+    "IsotonicCalibration",
+    "LocalTemperatureScaling",
+    "LocalTemperatureScalingTI",
     "MatrixScaling",
     "MatrixScalingTI",
+    "MetaCalScaling",
     "NotFittedError",
     "OrderPreservingCMS",
+    "SelectiveScaling",
     "TIMatrixScaling",
     "TemperatureScaling",
     "VectorScaling",
     "VectorScalingTI",
     "available",
     "create",
+    "ece_vs_selector_accuracy",
     "get_objective",
     "load",
     "register",

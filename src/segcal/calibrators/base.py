@@ -194,6 +194,24 @@ class Calibrator(nn.Module):
     def _set_stage(self, stage: str | None) -> None:
         """Hook called before each stage (``None`` after fitting)."""
 
+    def _stage_loss(self, stage: str) -> Any:
+        """Optional ``stats_fn(batch, objective)`` with the calibrator's own training target.
+
+        Return ``None`` (default) to fit the stage on the objective through ``_stats_fn``;
+        otherwise the returned function gives additive loss statistics of a batch (ignoring the
+        objective) and is also the monitored validation value (best iterate / early stopping).
+        """
+        return None
+
+    def _stage_settings(self, stage: str, train: FitData) -> dict[str, Any]:
+        """:class:`FitSettings` overrides for one stage (e.g. AdamW and epochs for a classifier)."""
+        return {}
+
+    def _post_fit(self, train: FitData, val: FitData | None) -> dict[str, Any] | None:
+        """Hook after the stages: non-differentiable steps (hyper-parameter searches on ``val``,
+        histogram statistics). It may call :meth:`_run_stage` again; returns extra ``fit_info``."""
+        return None
+
     # ----------------------------------------------------------------- helpers
     def _build_params(self, num_classes: int) -> None:
         self.num_classes = int(num_classes)
@@ -315,28 +333,12 @@ class Calibrator(nn.Module):
                 raise ValueError(
                     f"val: expected {train.num_classes} classes, got {val_data.num_classes}"
                 )
-        s = self._fit_kw
-        settings = FitSettings(
-            optimizer=s["optimizer"], lr=s["lr"], max_iter=s["max_iter"], max_steps=s["max_steps"],
-            batch_size=s["batch_size"], chunk_size=s["chunk_size"], patience=s["patience"],
-            lr_patience=s["lr_patience"], lr_factor=s["lr_factor"], min_delta=s["min_delta"],
-            eval_every=s["eval_every"], seed=s["seed"],
-        )
-        objective = get_objective(s["objective"])
+        objective = get_objective(self._fit_kw["objective"])
         records = []
         try:
             for stage, params in self._fit_stages():
-                self._set_stage(stage)
-                all_params = list(self.parameters())
-                ids = {id(p) for p in params}
-                for p in all_params:
-                    p.requires_grad_(id(p) in ids)
-                rec = minimize(
-                    params, self._stats_fn, train, objective, settings, val=val_data,
-                    regularizer=self._regularizer, default_lr=(1.0, self.default_adam_lr),
-                )
-                rec["stage"] = stage
-                records.append(rec)
+                records.append(self._run_stage(stage, params, train, val_data, objective))
+            extra = self._post_fit(train, val_data) or {}
         except BaseException:
             if backup is not None and old_classes is not None:
                 self._build_params(old_classes)
@@ -349,15 +351,54 @@ class Calibrator(nn.Module):
             for p in self.parameters():
                 p.requires_grad_(True)
         self.is_fitted = True
+        last = records[-1] if records else {
+            "optimizer": "none", "mode": train.info.get("mode"), "n_pixels": train.n,
+            "n_val_pixels": val_data.n if val_data is not None else 0,
+        }
         self.fit_info = {
             "objective": objective.name,
             "ignore_index": ignore_index,
-            "subsample": s["subsample"],
-            "seed": s["seed"],
+            "subsample": self._fit_kw["subsample"],
+            "seed": self._fit_kw["seed"],
             "stages": records,
-            **{k: records[-1][k] for k in ("optimizer", "mode", "n_pixels", "n_val_pixels")},
+            **{k: last[k] for k in ("optimizer", "mode", "n_pixels", "n_val_pixels")},
+            **extra,
         }
         return self
+
+    def _settings(self, **overrides: Any) -> FitSettings:
+        s = self._fit_kw
+        kw = dict(
+            optimizer=s["optimizer"], lr=s["lr"], max_iter=s["max_iter"], max_steps=s["max_steps"],
+            batch_size=s["batch_size"], chunk_size=s["chunk_size"], patience=s["patience"],
+            lr_patience=s["lr_patience"], lr_factor=s["lr_factor"], min_delta=s["min_delta"],
+            eval_every=s["eval_every"], seed=s["seed"],
+        )
+        kw.update(overrides)
+        return FitSettings(**kw)
+
+    def _run_stage(self, stage: str, params: list[nn.Parameter], train: FitData,
+                   val: FitData | None, objective: Any) -> dict[str, Any]:
+        """Run THE fitting loop (:func:`minimize`) on one stage; hooks may call it again.
+
+        The stage's training statistic is ``_stage_loss(stage)`` when the calibrator provides one
+        (its own target, e.g. the misprediction classifier of selective scaling; it is then also
+        the monitored validation value), else the objective through ``_stats_fn``; settings are
+        the calibrator's, updated with ``_stage_settings(stage)``.
+        """
+        self._set_stage(stage)
+        ids = {id(p) for p in params}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in ids)
+        custom = self._stage_loss(stage)
+        rec = minimize(
+            params, custom or self._stats_fn, train, objective,
+            self._settings(**self._stage_settings(stage, train)), val=val,
+            val_stats_fn=custom, regularizer=self._regularizer,
+            default_lr=(1.0, self.default_adam_lr), buffers=list(self.buffers()),
+        )
+        rec["stage"] = stage
+        return rec
 
     # ----------------------------------------------------------------- inference
     def _check_ready(self) -> None:
@@ -383,8 +424,9 @@ class Calibrator(nn.Module):
         chunk = self._fit_kw["chunk_size"]
         if self.spatial:
             outs = []
-            for n in range(t.shape[0]):
-                x = t[n : n + 1].to(dev)
+            step = chunk if t.ndim == 2 else 1  # tables: chunks of isolated pixels
+            for n in range(0, t.shape[0], step):
+                x = t[n : n + step].to(dev)
                 check_finite(x, "logits")
                 if self.input_type == "probs":
                     check_probabilities(x, "logits", dim=1)
@@ -448,13 +490,18 @@ class Calibrator(nn.Module):
         """Export ``logits (N, C, *spatial) or (M, C) -> calibrated logits`` as TorchScript.
 
         The exported module needs only ``torch`` (``torch.jit.load(path)``); it performs no input
-        validation. Returns the scripted module and saves it when ``path`` is given.
+        validation. Spatial calibrators (LTS/IBTS) are traced on an image of their rank: the export
+        takes ``(N, C, *spatial)`` images of that rank with every spatial size > 4 (reflect padding). Returns the scripted module and saves it when ``path`` is given.
         """
         self._check_ready()
         module = _Exported(copy.deepcopy(self).cpu().eval()).eval()
         c = int(self.num_classes or 2)
         gen = torch.Generator().manual_seed(0)
-        ex = torch.randn(2, c, 3, 5, generator=gen)
+        if self.spatial:  # traced on an image of the calibrator's rank, large enough for reflect
+            dims = int(getattr(self, "spatial_dims", None) or 2)
+            ex = torch.randn(1, c, *([9] * dims), generator=gen)
+        else:
+            ex = torch.randn(2, c, 3, 5, generator=gen)
         if self.input_type == "probs":
             ex = ex.softmax(1)
         for p in module.parameters():

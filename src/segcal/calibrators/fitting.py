@@ -223,6 +223,10 @@ def _prepare_batch(
         if input_type == "probs":
             check_probabilities(s, what, dim=1)
         ys = torch.where(valid, y, torch.zeros_like(y)).to(torch.int64)
+        if s.ndim == 2:  # an (M, C) table has no spatial context: one batch of isolated pixels
+            if not bool(valid.any()):
+                return None
+            return [_Batch(s.to(store_dtype), ys, valid)]  # type: ignore[return-value]
         out = []
         for i in range(s.shape[0]):
             if bool(valid[i].any()):
@@ -355,6 +359,7 @@ class FitSettings:
     eval_every: int = 10
     seed: int = 0
     tol: float = 1e-7
+    weight_decay: float = 0.0  # AdamW only
 
 
 def _check_finite_loss(v: torch.Tensor | float, what: str) -> None:
@@ -432,20 +437,28 @@ def minimize(
     val_stats_fn: Callable[[_Batch, Any], torch.Tensor] | None = None,
     regularizer: Callable[[], torch.Tensor | None] = lambda: None,
     default_lr: tuple[float, float] = (1.0, 0.01),
+    buffers: Iterable[torch.Tensor] = (),
 ) -> dict[str, Any]:
     """Minimise ``objective`` (+ regulariser) over ``params`` in place; returns a fit record.
 
     ``stats_fn(batch, objective)`` returns the objective's additive statistics of one chunk,
     computed through the calibrator. The validation NLL is computed with ``val_stats_fn``.
     ``default_lr`` is ``(lbfgs_lr, adam_lr)`` used when ``settings.lr`` is None.
+
+    A calibrator with its own training target (e.g. the misprediction classifier of selective
+    scaling) passes a ``stats_fn`` that ignores ``objective`` and returns its own additive loss
+    (and the same function as ``val_stats_fn`` to select the best iterate on it). Mini-batch
+    optimisation with ``settings.optimizer = "adamw"`` uses ``torch.optim.AdamW`` with
+    ``settings.weight_decay``; ``buffers`` (e.g. BatchNorm running statistics) are restored
+    together with the parameters of the best iterate.
     """
     from segcal.calibrators.objectives import NLL
 
     t0 = time.perf_counter()
     params = [p for p in params if p.requires_grad]
     opt_name = settings.optimizer
-    if opt_name not in ("auto", "lbfgs", "adam"):
-        raise ValueError(f"optimizer: expected 'auto', 'lbfgs' or 'adam', got {opt_name!r}")
+    if opt_name not in ("auto", "lbfgs", "adam", "adamw"):
+        raise ValueError(f"optimizer: expected 'auto', 'lbfgs', 'adam' or 'adamw', got {opt_name!r}")
     if opt_name == "auto":
         opt_name = "lbfgs" if train.in_memory else "adam"
     nll = NLL()
@@ -460,7 +473,9 @@ def minimize(
 
     history: list[dict[str, float]] = []
     best = math.inf
+    buffers = list(buffers)
     best_state = [p.detach().clone() for p in params]
+    best_bufs = [b.detach().clone() for b in buffers]
     stale = 0
     stop_best = math.inf
     steps = 0
@@ -468,12 +483,13 @@ def minimize(
 
     def record(train_value: float) -> bool:
         """Track the best iterate; return True to stop early."""
-        nonlocal best, best_state, stale, stop_best
+        nonlocal best, best_state, best_bufs, stale, stop_best
         m = monitor(train_value)
         history.append({"step": steps, "train": train_value, "monitor": m})
         if m < best:
             best = m
             best_state = [p.detach().clone() for p in params]
+            best_bufs = [b.detach().clone() for b in buffers]
         if m < stop_best - settings.min_delta:
             stop_best = m
             stale = 0
@@ -522,10 +538,14 @@ def minimize(
             prev = value
         if val is None:  # strong-Wolfe L-BFGS decreases monotonically: the last iterate is best
             best_state = [p.detach().clone() for p in params]
+            best_bufs = [b.detach().clone() for b in buffers]
             best = _evaluate(stats_fn, train, objective, settings.chunk_size) if not history else history[-1]["train"]
     else:
         lr = settings.lr if settings.lr is not None else default_lr[1]
-        opt = torch.optim.Adam(params, lr=lr)
+        if opt_name == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=lr)
         if settings.lr_patience is not None:
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, mode="min", factor=settings.lr_factor, patience=settings.lr_patience
@@ -560,6 +580,8 @@ def minimize(
     with torch.no_grad():
         for p, q in zip(params, best_state, strict=True):
             p.copy_(q)
+        for b, q in zip(buffers, best_bufs, strict=True):
+            b.copy_(q)
     return {
         "optimizer": opt_name,
         "mode": train.info.get("mode"),

@@ -72,6 +72,7 @@ def available() -> list[dict[str, Any]]:
                 "argmax_preserving": bool(cls.argmax_preserving),
                 "order_preserving": bool(cls.order_preserving),
                 "spatial": bool(cls.spatial),
+                "preservation_note": str(getattr(cls, "preservation_note", "")),
                 "description": cls.description,
                 "section": cls.section,
             }

@@ -31,6 +31,8 @@ def add_parser(sub: Any) -> None:
                    help="default: the folder's segcal.json, else logits")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of fitting")
+    p.add_argument("--base", default=None,
+                   help="base calibrator of a composed method (e.g. --method selective --base ts)")
     p.add_argument("--objective", choices=("nll", "brier", "dice", "dece"), default="nll")
     p.add_argument("--optimizer", choices=("auto", "lbfgs", "adam"), default="auto")
     p.add_argument("--max-iter", type=int, default=None, help="L-BFGS iteration budget")
@@ -73,7 +75,9 @@ def _metrics(cal: Any, folder: Any, stems: list[str], num_classes: int, ignore_i
 
 
 def run(args: Any) -> int:
-    from segcal.calibrators import FolderBatches, create
+    import inspect
+
+    from segcal.calibrators import FolderBatches, create, resolve
     from segcal.io import PredictionFolder
 
     folder = PredictionFolder(args.pred, args.labels, input_type=args.input_type)
@@ -84,6 +88,10 @@ def run(args: Any) -> int:
                               subsample=args.subsample, patience=args.patience, device=args.device)
     if args.max_iter is not None:
         kw["max_iter"] = args.max_iter
+    if args.base is not None:
+        if "base" not in inspect.signature(resolve(args.method).__init__).parameters:
+            raise ValueError(f"--base: method {args.method!r} does not take a base calibrator")
+        kw["base"] = args.base
     cal = create(args.method, **kw)
     print(f"fitting {cal.name} on {len(fit_stems)} image(s), validating on {len(val_stems)} "
           f"(seed {args.seed}, objective {args.objective})")
@@ -94,6 +102,14 @@ def run(args: Any) -> int:
     info = cal.fit_info
     print(f"fitted with {info['optimizer']} ({info['mode']}) on {info['n_pixels']} pixels; "
           f"saved {args.out}")
+    if "base" in info:
+        print(f"base calibrator: {info['base']['name']}"
+              + (f" (T = {info['base']['temperature']:.4f})" if "temperature" in info["base"] else ""))
+    if "selector_accuracy" in info:
+        acc = info["selector_accuracy"]
+        print(f"selector accuracy on the {info.get('selection_split')} split: overall {acc['overall']:.4f}, "
+              f"correct pixels {acc['correct']:.4f}, mispredicted pixels {acc['mispredicted']:.4f}; "
+              f"t_mispred = {info['t_mispred']:g} (by {info.get('t_mispred_selected_by')})")
     eval_stems = val_stems or fit_stems
     before, after = _metrics(cal, folder, eval_stems, int(cal.num_classes), args.ignore_index,
                              input_type, args.device)

@@ -42,41 +42,41 @@ def _bin_py(v: float, n: int) -> int:
 if HAVE_NUMBA:
     _bin = nb.njit(cache=True, inline="always")(_bin_py)
 
-    @nb.njit(cache=True, nogil=True, fastmath=False, boundscheck=False)
+    @nb.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def accumulate_chunk(
-        z,  # (C, P) float32/float64 logits (or probabilities)
-        q,  # (C, P) same dtype, probabilities
+        z,  # (C, P) logits (or probabilities): only read for the first-index argmax and finiteness
+        q,  # (C, P) probabilities
         lab,  # (P,) int64 labels
         valid,  # (P,) bool
+        conf,  # (P,) float64 max probability
+        nll,  # (P,) float64 -log(max(q_y, floor))
+        fine_u,  # (P,) float64 -log1p(-conf) / span (fine-histogram coordinate)
         img_idx,  # (P,) int64 image index per pixel, or length 0 -> img0 for all
         img0,
         n_bins,
         fine_bins,
-        nll_floor,
-        fine_span,
         img_bins,  # (n, M, 2, 2) float64
         img_totals,  # (n, 3)
         img_class,  # (n, C, 3)
         fine,  # (F, 3)
-        classwise,  # (C, M, 3)
+        classwise,  # (C, M, 3): receives only the non-top entries above 1/M (see the engine)
+        extra,  # (C, 3): sums of what was added to ``classwise`` (to subtract from bin 0)
         by_pred,  # (C, M, 3)
         by_label,  # (C, M, 3)
         confusion,  # (C, C)
-        work,  # (4, P) float64 scratch
+        work,  # (2, P) float64 scratch
         pred,  # (P,) int64 scratch
+        unsure,  # (P,) int64 scratch
         bad,  # (3,) int64 out: [first bad label pixel + 1, non-finite count, bad label value]
     ):
         C, P = q.shape
         M = n_bins
         best = work[0]
-        sumsq = work[1]
-        zsum = work[2]
-        # pass 1 over classes: first-index argmax of z, sum of q^2, sum of z (finite check)
+        zsum = work[1]
+        # pass 1 over classes (contiguous rows): first-index argmax, finiteness
         for p in range(P):
             best[p] = z[0, p]
             pred[p] = 0
-            qq = q[0, p]
-            sumsq[p] = qq * qq
             zsum[p] = z[0, p]
         for k in range(1, C):
             for p in range(P):
@@ -84,11 +84,10 @@ if HAVE_NUMBA:
                 if zz > best[p]:
                     best[p] = zz
                     pred[p] = k
-                qq = q[k, p]
-                sumsq[p] += qq * qq
                 zsum[p] += zz
         thr = (1.0 / M) * (1.0 - 1e-5)
         nonfinite = 0
+        n_unsure = 0
         has_img = img_idx.shape[0] > 0
         # pass 2 over pixels: everything keyed by the top-label confidence
         for p in range(P):
@@ -105,62 +104,53 @@ if HAVE_NUMBA:
                 continue
             k = pred[p]
             i = img_idx[p] if has_img else img0
-            conf = np.float64(q[k, p])
+            c = conf[p]
             qy = np.float64(q[y, p])
             corr = 1 if k == y else 0
-            b = _bin(conf, M)
+            b = _bin(c, M)
             img_bins[i, b, corr, 0] += 1.0
-            img_bins[i, b, corr, 1] += conf
+            img_bins[i, b, corr, 1] += c
             img_totals[i, 0] += 1.0
-            img_totals[i, 1] += -math.log(max(qy, nll_floor))
-            img_totals[i, 2] += np.float64(sumsq[p]) - 2.0 * qy + 1.0
+            img_totals[i, 1] += nll[p]
+            # Brier: sum_k q_k^2 - 2 q_y + 1; sum_k q_k^2 is accumulated in pass 3 below
+            img_totals[i, 2] += 1.0 - 2.0 * qy
             img_class[i, y, 0] += 1.0
             img_class[i, y, 1] += corr
             img_class[i, k, 2] += 1.0
             confusion[y, k] += 1.0
-            u = -math.log1p(-conf) / fine_span
-            fb = _bin(u, fine_bins)
+            fb = _bin(fine_u[p], fine_bins)
             fine[fb, 0] += 1.0
-            fine[fb, 1] += conf
+            fine[fb, 1] += c
             fine[fb, 2] += corr
             by_pred[k, b, 0] += 1.0
-            by_pred[k, b, 1] += conf
+            by_pred[k, b, 1] += c
             by_pred[k, b, 2] += corr
             by_label[y, b, 0] += 1.0
-            by_label[y, b, 1] += conf
+            by_label[y, b, 1] += c
             by_label[y, b, 2] += corr
-            # class-wise: the predicted class's entry is the top-label one
-            classwise[k, b, 0] += 1.0
-            classwise[k, b, 1] += conf
-            classwise[k, b, 2] += corr
-            work[3, p] = 1.0 if conf < 1.0 - thr else 0.0
-        # pass 3 over classes: other entries; only q_k > 1/M (possible when conf < 1 - 1/M)
-        # leave bin 0, everything else is summed straight into bin 0
+            if c < 1.0 - thr:  # another class may exceed 1/M only here
+                unsure[n_unsure] = p
+                n_unsure += 1
+        bad[1] = nonfinite
+        # pass 3, class by class over contiguous rows: a non-top entry can exceed 1/M only in an
+        # unsure pixel (q_k <= 1 - conf), so a plain scan finds them; the top entry is skipped
+        if n_unsure == 0:
+            return
         for k in range(C):
-            s0 = 0.0
-            c0 = 0.0
-            l0 = 0.0
             for p in range(P):
-                if not valid[p] or pred[p] == k:
-                    continue
-                y = lab[p]
-                if y < 0 or y >= C or not math.isfinite(zsum[p]):
-                    continue
                 qk = np.float64(q[k, p])
-                isk = 1.0 if y == k else 0.0
-                if work[3, p] > 0.0 and qk > thr:
+                if qk > thr and pred[p] != k and valid[p]:
+                    y = lab[p]
+                    if y < 0 or y >= C or not math.isfinite(zsum[p]):
+                        continue
                     b = _bin(qk, M)
+                    isk = 1.0 if y == k else 0.0
                     classwise[k, b, 0] += 1.0
                     classwise[k, b, 1] += qk
                     classwise[k, b, 2] += isk
-                else:
-                    c0 += 1.0
-                    s0 += qk
-                    l0 += isk
-            classwise[k, 0, 0] += c0
-            classwise[k, 0, 1] += s0
-            classwise[k, 0, 2] += l0
-        bad[1] = nonfinite
+                    extra[k, 0] += 1.0
+                    extra[k, 1] += qk
+                    extra[k, 2] += isk
 
 else:  # pragma: no cover
     accumulate_chunk = None

@@ -158,7 +158,7 @@ class CalibrationMetrics:
         fine_bins: int = 1 << 16,
         nll_floor: float = 1e-12,
         average_classes: Sequence[int] | None = None,
-        chunk_pixels: int = 1 << 16,
+        chunk_pixels: int = 1 << 15,
         validate: bool = True,
         device: torch.device | str | None = None,
         backend: str = "auto",
@@ -276,10 +276,10 @@ class CalibrationMetrics:
             setattr(self, nm, torch.zeros_like(t))
         use_kernel = self.backend != "torch" and HAVE_NUMBA and dev.type == "cpu"
         try:
-            for img, z, lab, valid in self._chunks(x, y, mk, dev):
-                if use_kernel:
-                    self._accumulate_kernel(img, z, lab, valid, img_bins, img_totals, img_class)
-                else:
+            if use_kernel:
+                self._update_kernel(x, y, mk, dev, img_bins, img_totals, img_class)
+            else:
+                for img, z, lab, valid in self._chunks(x, y, mk, dev):
                     self._accumulate(img, z, lab, valid, img_bins, img_totals, img_class)
         except BaseException:
             for nm, t in saved.items():
@@ -294,6 +294,71 @@ class CalibrationMetrics:
             self._img_totals.append(img_totals)
             self._img_class.append(img_class)
         self.n_images += n
+
+    def _update_kernel(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mk: torch.Tensor | None,
+        dev: torch.device,
+        img_bins: torch.Tensor,
+        img_totals: torch.Tensor,
+        img_class: torch.Tensor,
+    ) -> None:
+        """Numba path: chunks are spread over worker threads (the kernel releases the GIL), each
+        with private accumulators that are summed at the end; torch runs single-threaded inside
+        the workers meanwhile (restored afterwards), so the threads do not oversubscribe cores."""
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        n, _, S = x.shape
+        n_chunks = n * -(-S // self.chunk_pixels) if S >= self.chunk_pixels // 2 else 1
+        workers = max(1, min(torch.get_num_threads(), n_chunks))
+        accs = []
+        for _ in range(workers):
+            accs.append({
+                "img_bins": torch.zeros_like(img_bins),
+                "img_totals": torch.zeros_like(img_totals),
+                "img_class": torch.zeros_like(img_class),
+                **{nm: torch.zeros_like(getattr(self, nm)) for nm in _POOLED_ONLY},
+            })
+        it = iter(self._chunks(x, y, mk, dev))
+        lock = threading.Lock()
+
+        def work(acc: dict[str, torch.Tensor]) -> None:
+            while True:
+                with lock:
+                    item = next(it, None)
+                if item is None:
+                    return
+                self._accumulate_kernel(*item, acc)
+
+        if workers == 1:
+            work(accs[0])
+        else:
+            prev = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(workers) as ex:
+                    for f in [ex.submit(work, a) for a in accs]:
+                        f.result()
+            finally:
+                torch.set_num_threads(prev)
+        for acc in accs:
+            img_bins += acc["img_bins"]
+            img_totals += acc["img_totals"]
+            img_class += acc["img_class"]
+            for nm in _POOLED_ONLY:
+                getattr(self, nm).add_(acc[nm])
+        # class-wise ECE, completed from the batch's statistics: the top entries are the
+        # by-predicted-class bins; bin 0 gets every valid pixel's remaining count and label mass
+        top = self.by_pred
+        self.classwise += top
+        n_valid = img_class[:, :, 0].sum()
+        lab_hist = img_class[:, :, 0].sum(0)
+        self.classwise[:, 0, 0] += n_valid - top[:, :, 0].sum(1)
+        self.classwise[:, 0, 1] -= top[:, :, 1].sum(1)
+        self.classwise[:, 0, 2] += lab_hist - top[:, :, 2].sum(1)
 
     def _chunks(
         self, x: torch.Tensor, y: torch.Tensor, mk: torch.Tensor | None, dev: torch.device
@@ -326,17 +391,21 @@ class CalibrationMetrics:
         z: torch.Tensor,
         lab: torch.Tensor,
         m: torch.Tensor | None,
-        img_bins: torch.Tensor,
-        img_totals: torch.Tensor,
-        img_class: torch.Tensor,
+        acc: dict[str, torch.Tensor],
     ) -> None:
-        """The fused numba path (CPU): same statistics as :meth:`_accumulate`."""
+        """The fused numba path (CPU): same statistics as :meth:`_accumulate`.
+
+        torch does the vectorised transcendental work (softmax, log, log1p, sum of squares);
+        the kernel does the argmax, the binning and every scatter-add in one pass per pixel.
+        """
         C, M = self.num_classes, self.n_bins
+        f64 = torch.float64
         lab = lab.to(torch.int64)
         valid = m
         if self.ignore_index is not None:
             keep = lab != self.ignore_index
             valid = keep if valid is None else (valid & keep)
+        all_valid = valid is None
         if valid is None:
             valid = torch.ones_like(lab, dtype=torch.bool)
         if self.input_type == "logits":
@@ -345,19 +414,25 @@ class CalibrationMetrics:
             if self.validate and bool(valid.any()):
                 check_probabilities(z[:, valid], "preds", dim=0)
             q = z
+        conf = q.amax(dim=0).to(f64)
+        q_y = q.gather(0, lab.clamp(0, C - 1)[None])[0].to(f64)
+        nll = torch.log(q_y.clamp_(min=self.nll_floor)).neg_()
+        fine_u = torch.log1p(-conf).neg_().div_(FINE_LOG_SPAN)
         P = lab.numel()
-        work = np.empty((4, P), dtype=np.float64)
+        work = np.empty((2, P), dtype=np.float64)
         pred = np.empty(P, dtype=np.int64)
+        unsure = np.empty(P, dtype=np.int64)
         bad = np.zeros(3, dtype=np.int64)
+        extra = np.zeros((C, 3), dtype=np.float64)
         if isinstance(img, int):
             img_idx, img0 = np.empty(0, dtype=np.int64), img
         else:
             img_idx, img0 = img.numpy(), 0
         accumulate_chunk(
-            z.numpy(), q.numpy(), lab.numpy(), valid.numpy(), img_idx, img0, M, self.fine_bins,
-            self.nll_floor, FINE_LOG_SPAN, img_bins.numpy(), img_totals.numpy(), img_class.numpy(),
-            self.fine.numpy(), self.classwise.numpy(), self.by_pred.numpy(), self.by_label.numpy(),
-            self.confusion.numpy(), work, pred, bad,
+            z.numpy(), q.numpy(), lab.numpy(), valid.numpy(), conf.numpy(), nll.numpy(), fine_u.numpy(),
+            img_idx, img0, M, self.fine_bins, acc["img_bins"].numpy(), acc["img_totals"].numpy(),
+            acc["img_class"].numpy(), acc["fine"].numpy(), acc["classwise"].numpy(), extra,
+            acc["by_pred"].numpy(), acc["by_label"].numpy(), acc["confusion"].numpy(), work, pred, unsure, bad,
         )
         if bad[1] > 0:
             check_finite(z[:, valid], "preds")
@@ -368,6 +443,23 @@ class CalibrationMetrics:
                 f"target: labels {vals} are outside [0, {C}) and are not the ignore_index; "
                 "pass ignore_index= or a mask to exclude them"
             )
+        # vectorised per-class / per-image sums (torch): sum of q^2 for the Brier score and the
+        # per-class probability totals that give class-wise bin 0 by subtraction
+        w = None if all_valid else valid.to(q.dtype)
+        sumsq = torch.linalg.vecdot(q, q, dim=0)
+        if w is not None:
+            sumsq = sumsq * w
+        tot_q = q.sum(dim=1).to(f64) if w is None else torch.mv(q, w).to(f64)
+        img_totals = acc["img_totals"]
+        if isinstance(img, int):
+            img_totals[img, 2] += sumsq.sum(dtype=f64)
+        else:
+            img_totals[:, 2] += torch.bincount(img, weights=sumsq.to(f64), minlength=img_totals.shape[0])
+        ex = torch.from_numpy(extra)
+        cw = acc["classwise"]
+        cw[:, 0, 0] -= ex[:, 0]
+        cw[:, 0, 1] += tot_q - ex[:, 1]
+        cw[:, 0, 2] -= ex[:, 2]
 
     def _accumulate(
         self,

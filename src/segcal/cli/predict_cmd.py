@@ -1,0 +1,72 @@
+"""``segcal predict``: run a registered model over images and write a prediction folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "predict",
+        help="run a segmentation model over an image folder and write logits",
+        description=(
+            "Run a registered model (e.g. espnet-camvid) over --images and write one <stem>.npy "
+            "(C, H, W) float16 logits file per image plus segcal.json into --out."
+        ),
+    )
+    p.add_argument("--model", help="registered model name (see --list-models)")
+    p.add_argument(
+        "--images",
+        help="image folder (.png/.jpg) or a dataset alias: camvid:train, camvid:val, camvid:test",
+    )
+    p.add_argument("--out", help="output prediction folder")
+    p.add_argument("--labels", help="optional label folder, checked against images and model")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (4)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--data-root", help="folder holding camvid/ and espnet/ (default: SEGCAL_DATA "
+                   "or ../shared/data)")  # fmt: skip
+    p.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "float32"),
+                   help="storage dtype of the logits (float16)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that holds another model's predictions")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list-models", action="store_true", help="list the registered models")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from segcal.models import available_models, get_spec
+
+    if args.list_models:
+        for name in available_models():
+            spec = get_spec(name)
+            print(f"{name}\t{spec.num_classes} classes\t{spec.description}")
+        return 0
+    missing = [f"--{k}" for k in ("model", "images", "out") if not getattr(args, k)]
+    if missing:
+        raise ValueError(f"missing required argument(s): {', '.join(missing)}")
+
+    from segcal.pipeline.predict import predict_folder
+
+    res = predict_folder(
+        args.model,
+        args.images,
+        args.out,
+        labels=args.labels,
+        batch_size=args.batch_size,
+        device=args.device,
+        data_root=args.data_root,
+        limit=args.limit,
+        progress=not args.no_progress,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"wrote {len(res.stems)} predictions ({res.num_classes} classes, {args.dtype}) of "
+        f"{res.model} to {res.out_dir} in {res.seconds:.1f} s ({res.images_per_s:.2f} images/s)",
+        file=sys.stderr,
+    )
+    return 0
