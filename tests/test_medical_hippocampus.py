@@ -132,24 +132,21 @@ def test_predict_volumes_rejects_4d_and_missing(tmp_path):
         predict_volumes(model, tmp_path / "empty", tmp_path / "out")
 
 
-def test_register_hook_with_a_stand_in_registry(monkeypatch):
-    """``register()`` calls ``segcal.models.register_model`` (models branch) with the 3D model."""
-    import sys
-    import types
-
+def test_register_with_the_model_registry():
+    """``register()`` adds ``unet3d-hippocampus`` to ``segcal.models`` (2D loop not used for it)."""
     import segcal.medical as med
+    from segcal.models import available_models, create_model, get_spec, unregister_model
 
-    calls = {}
-
-    def register_model(name, factory, **kw):
-        calls.update(name=name, factory=factory, **kw)
-        return "spec"
-
-    monkeypatch.setitem(sys.modules, "segcal.models", types.SimpleNamespace(register_model=register_model))
-    assert med.register() == "spec"
-    assert calls["name"] == "unet3d-hippocampus" and calls["num_classes"] == 3
-    assert calls["class_names"] == ("background", "anterior", "posterior")
-    model = calls["factory"](data_root=None)
-    x = calls["preprocess"](np.ones((9, 12, 9), np.float32) * 5)
-    assert tuple(x.shape) == (1, 1, 16, 16, 16)
-    assert not model.training
+    try:
+        med.register(overwrite=True)
+        assert "unet3d-hippocampus" in available_models()
+        spec = get_spec("unet3d-hippocampus")
+        assert spec.num_classes == 3
+        assert spec.class_names == ("background", "anterior", "posterior")
+        loaded = create_model("unet3d-hippocampus", device="cpu")
+        assert not loaded.module.training
+        x = spec.preprocess(np.ones((9, 12, 9), np.float32) * 5)
+        assert tuple(x.shape) == (1, 1, 16, 16, 16)
+        assert tuple(loaded.module(x).shape) == (1, 3, 16, 16, 16)
+    finally:
+        unregister_model("unet3d-hippocampus")
