@@ -245,3 +245,37 @@ def test_fit_and_apply_through_nnunet_aware_folder(tmp_path):
         s, y, _ = back.read(it)
         np.testing.assert_array_equal(s.argmax(0), folder.read(folder.items[back.stems.index(it.stem)])[0].argmax(0))
         assert (out_dir / f"{it.stem}.pkl").exists()
+
+
+def test_segcal_eval_with_the_folder_wired_in(tmp_path, monkeypatch):
+    """What the CLI wiring gives: ``segcal eval`` on an nnU-Net folder of equal-axis crops.
+
+    Unwired, the raw (z, y, x) arrays have the labels' shape and are scored misaligned; with
+    ``NnUNetAwareFolder`` in place of ``PredictionFolder`` they line up (accuracy 1: the
+    probabilities are a smoothed one-hot of the label).
+    """
+    import json
+
+    import segcal.cli.eval_cmd as eval_cmd
+    from segcal.cli import main
+    from segcal.io.nnunet import NnUNetAwareFolder
+
+    pred_dir, lab_dir = tmp_path / "pred", tmp_path / "lab"
+    pred_dir.mkdir()
+    lab_dir.mkdir()
+    for i, shape in enumerate([(5, 7, 5), (6, 4, 6)]):
+        lp = _write_nifti(lab_dir / f"c{i}.nii.gz", _label(shape, 10 + i), np.eye(4))
+        _nnunet_export(lp, pred_dir, f"c{i}")
+
+    def run(tag):
+        out = tmp_path / f"{tag}.json"
+        assert main(["eval", "--pred", str(pred_dir), "--labels", str(lab_dir), "--no-progress",
+                     "--json", str(out)]) == 0
+        return json.loads(out.read_text())
+
+    unwired = run("unwired")
+    monkeypatch.setattr(eval_cmd, "PredictionFolder", NnUNetAwareFolder)
+    wired = run("wired")
+    assert wired["accuracy"] == pytest.approx(1.0)
+    assert wired["config"]["input_type"] == "probs"
+    assert unwired["accuracy"] < 0.6
