@@ -279,3 +279,23 @@ def test_segcal_eval_with_the_folder_wired_in(tmp_path, monkeypatch):
     assert wired["accuracy"] == pytest.approx(1.0)
     assert wired["config"]["input_type"] == "probs"
     assert unwired["accuracy"] < 0.6
+
+
+def test_write_like_source(tmp_path):
+    from segcal.io.nnunet import write_like_source
+
+    shape = (5, 7, 5)
+    lp = _write_nifti(tmp_path / "c.nii.gz", _label(shape, 2), SKEW_AFFINE)
+    src = tmp_path / "src"
+    src.mkdir()
+    npz, sitk_arr, _ = _nnunet_export(lp, src, "c")
+    probs, _ = read_aligned(npz, lp)
+    out = write_like_source(tmp_path / "out" / "c.npz", probs, npz, key="probabilities")
+    assert (tmp_path / "out" / "c.pkl").exists()
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["probabilities"].argmax(0), sitk_arr)
+    with pytest.raises(ValueError, match="probabilities only"):
+        write_like_source(tmp_path / "out" / "c.npz", probs, npz, key="logits")
+    # a plain segcal file is written as before
+    plain = write_like_source(tmp_path / "out" / "p.npy", probs, tmp_path / "x.npy")
+    assert np.load(plain).dtype == np.float16

@@ -342,3 +342,30 @@ class NnUNetAwareFolder(PredictionFolder):
             )
             return probs, labels, self._input_type or "probs"
         return super().read(item)
+
+
+def write_like_source(
+    out_path: str | os.PathLike,
+    array: np.ndarray,
+    source_path: str | os.PathLike,
+    *,
+    key: str | None = None,
+    dtype: Any = np.float16,
+) -> Path:
+    """Drop-in for ``write_prediction`` in ``segcal apply``: keep an nnU-Net source's format.
+
+    For an nnU-Net source (``.npz`` + ``.pkl``) ``array`` must be probabilities in nibabel order
+    (what ``NnUNetAwareFolder.read`` gave); it is written with ``write_nnunet_prediction`` (float32,
+    source axis order, ``.pkl`` copied). Asking for logits there raises: nnU-Net's format holds
+    probabilities only. Anything else goes to ``write_prediction(out_path, array, key, dtype)``.
+    """
+    from segcal.io.predictions import write_prediction
+
+    if is_nnunet_prediction(source_path):
+        if key not in (None, PROBS_KEY):
+            raise ValueError(
+                f"{Path(source_path).name}: nnU-Net prediction files hold probabilities only; "
+                f"cannot write {key!r} in that format (use --output probs)"
+            )
+        return write_nnunet_prediction(out_path, array, source_path)
+    return write_prediction(out_path, array, key=key, dtype=dtype)
