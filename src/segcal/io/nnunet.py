@@ -1,0 +1,371 @@
+"""nnU-Net v2 prediction files (``--save_probabilities``): properties-aware reading and writing.
+
+nnU-Net v2 writes, per case, ``<case>.npz`` (key ``probabilities``, shape ``(C, *array_shape)``)
+and ``<case>.pkl`` (the properties dict of the case). The array axes are those of nnU-Net's
+image reader, *not* nibabel's:
+
+* ``SimpleITKIO`` (nnU-Net's default): ``SimpleITK.GetArrayFromImage`` gives the voxel grid with
+  the ITK index order reversed, ``[k, j, i]``. Properties hold ``sitk_stuff`` (``spacing`` and
+  ``origin`` in ITK (i, j, k) order, ``direction`` as 9 row-major numbers, LPS world) and
+  ``spacing`` reversed to array order.
+* ``NibabelIO``: ``get_fdata().transpose(2, 1, 0)``; properties hold
+  ``nibabel_stuff['original_affine']``.
+* The reorienting readers (``SimpleITKIOWithReorient``, ``NibabelIOWithReorient``) store arrays in a
+  reoriented grid; segcal refuses those unless the reorientation was the identity.
+
+For a NIfTI file the ITK index ``(i, j, k)`` and nibabel's voxel index ``(i, j, k)`` are the same
+stored voxel, so for both plain readers the way back to nibabel's ``(x, y, z)`` order is to reverse
+the spatial axes of the array: ``probs.transpose(0, 3, 2, 1)``. The reader type is taken from the
+properties, never guessed from the array shape (hippocampus crops often have two equal axes, where a
+shape check cannot tell the orders apart); when a label header is given, its shape **and** affine
+must agree with the geometry recorded in the properties, or reading fails with a message saying what
+disagrees.
+
+This module depends only on numpy and pickle. Properties are unpickled with a restricted
+unpickler that only admits builtins containers and numpy arrays/scalars, so a ``.pkl`` from
+elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segcal.io.predictions import PredictionFolder, PredictionItem, atomic_write, read_label
+
+PROBS_KEY = "probabilities"
+
+# LPS (ITK) <-> RAS (nibabel) world coordinates
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+_ALLOWED_GLOBALS = {
+    ("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float",
+                              "complex", "bool", "str", "bytes", "slice", "range")
+} | {
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class NnUNetFormatError(ValueError):
+    """An nnU-Net prediction that segcal cannot line up safely with its label volume."""
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS or (module == "numpy" and name.endswith("64")) or (
+            module == "numpy" and name in ("float32", "int32", "int16", "uint8", "uint16", "bool_")
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"nnU-Net properties: refusing to unpickle {module}.{name} (only builtins and numpy "
+            "arrays/scalars are allowed)"
+        )
+
+
+def read_properties(path: str | os.PathLike) -> dict[str, Any]:
+    """Unpickle an nnU-Net properties file (restricted to builtins and numpy types)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"nnU-Net properties {path} not found (expected next to the .npz)")
+    props = _SafeUnpickler(io.BytesIO(path.read_bytes())).load()
+    if not isinstance(props, dict):
+        raise NnUNetFormatError(f"{path.name}: properties are a {type(props).__name__}, not a dict")
+    return props
+
+
+def properties_path(npz_path: str | os.PathLike) -> Path:
+    p = Path(npz_path)
+    return p.with_name(p.name[: -len(".npz")] + ".pkl") if p.name.endswith(".npz") else p.with_suffix(".pkl")
+
+
+def is_nnunet_prediction(path: str | os.PathLike) -> bool:
+    """True for ``<case>.npz`` with a ``<case>.pkl`` next to it (nnU-Net ``--save_probabilities``)."""
+    p = Path(path)
+    return p.name.endswith(".npz") and properties_path(p).exists()
+
+
+@dataclass(frozen=True)
+class NnUNetGeometry:
+    """How an nnU-Net array maps to nibabel's voxel order, from the properties alone."""
+
+    reader: str  # "SimpleITKIO" | "NibabelIO"
+    array_shape: tuple[int, ...]  # spatial shape of the nnU-Net array (reader order)
+    to_nibabel: tuple[int, ...]  # spatial permutation: nib = arr.transpose(to_nibabel)
+    affine: np.ndarray  # expected nibabel (RAS) affine of the label NIfTI
+
+    @property
+    def nibabel_shape(self) -> tuple[int, ...]:
+        return tuple(self.array_shape[i] for i in self.to_nibabel)
+
+
+def _sitk_affine(sitk_stuff: dict) -> np.ndarray:
+    spacing = np.asarray(sitk_stuff["spacing"], dtype=np.float64)
+    origin = np.asarray(sitk_stuff["origin"], dtype=np.float64)
+    direction = np.asarray(sitk_stuff["direction"], dtype=np.float64)
+    n = spacing.size
+    if n != 3 or origin.size != 3 or direction.size != 9:
+        raise NnUNetFormatError(
+            f"nnU-Net properties: sitk_stuff describes a {n}D image (spacing {tuple(spacing)}); "
+            "segcal's nnU-Net reader handles 3D volumes only"
+        )
+    lps = np.eye(4)
+    lps[:3, :3] = direction.reshape(3, 3) * spacing[None, :]
+    lps[:3, 3] = origin
+    return _LPS_TO_RAS @ lps
+
+
+def geometry_from_properties(props: dict[str, Any]) -> NnUNetGeometry:
+    """Identify nnU-Net's reader from its properties and return the axis mapping.
+
+    Raises ``NnUNetFormatError`` when the properties do not say enough (no ``sitk_stuff`` or
+    ``nibabel_stuff``), describe a reoriented grid, or are not 3D.
+    """
+    if "shape_before_cropping" not in props:
+        raise NnUNetFormatError(
+            "nnU-Net properties have no 'shape_before_cropping'; cannot check the probabilities' shape"
+        )
+    shape = tuple(int(s) for s in props["shape_before_cropping"])
+    if len(shape) != 3:
+        raise NnUNetFormatError(
+            f"nnU-Net properties: shape_before_cropping {shape} is not 3D; only 3D volumes are handled"
+        )
+    rev = (2, 1, 0)
+    if "sitk_stuff" in props:
+        st = props["sitk_stuff"]
+        if "original_orientation" in st:
+            raise NnUNetFormatError(
+                "nnU-Net properties come from SimpleITKIOWithReorient (sitk_stuff has "
+                "'original_orientation'): the probabilities are on a reoriented grid that segcal does "
+                "not map back; export with nnU-Net's default SimpleITKIO or NibabelIO"
+            )
+        aff = _sitk_affine(st)
+        spacing = props.get("spacing")
+        if spacing is not None and not np.allclose(
+            np.abs(np.asarray(spacing, float)), np.abs(np.asarray(st["spacing"], float))[::-1], atol=1e-5
+        ):
+            raise NnUNetFormatError(
+                f"nnU-Net properties: spacing {list(spacing)} is not sitk spacing {list(st['spacing'])} "
+                "reversed, so the array axis order is not the SimpleITK one segcal expects"
+            )
+        return NnUNetGeometry("SimpleITKIO", shape, rev, aff)
+    if "nibabel_stuff" in props:
+        nb = props["nibabel_stuff"]
+        orig = np.asarray(nb["original_affine"], dtype=np.float64)
+        if "reoriented_affine" in nb and not np.allclose(nb["reoriented_affine"], orig, atol=1e-5):
+            raise NnUNetFormatError(
+                "nnU-Net properties come from NibabelIOWithReorient with a non-trivial reorientation; "
+                "the probabilities are on a reoriented grid that segcal does not map back"
+            )
+        return NnUNetGeometry("NibabelIO", shape, rev, orig)
+    raise NnUNetFormatError(
+        "nnU-Net properties have neither 'sitk_stuff' nor 'nibabel_stuff': cannot tell the axis "
+        f"order of the probabilities (keys: {sorted(props)}); segcal will not guess it from the shape"
+    )
+
+
+def check_against_label(
+    geom: NnUNetGeometry,
+    label_shape: tuple[int, ...] | None = None,
+    label_affine: np.ndarray | None = None,
+    *,
+    name: str = "",
+    atol: float = 1e-3,
+) -> None:
+    """Refuse when the label header (nibabel order) disagrees with the properties' geometry."""
+    where = f"{name}: " if name else ""
+    if label_shape is not None:
+        label_shape = tuple(int(s) for s in label_shape)
+        if label_shape != geom.nibabel_shape:
+            raise NnUNetFormatError(
+                f"{where}label volume has shape {label_shape} (nibabel x, y, z) but the nnU-Net "
+                f"properties ({geom.reader}) give {geom.array_shape} in array order, i.e. "
+                f"{geom.nibabel_shape} in nibabel order"
+            )
+    if label_affine is not None:
+        la = np.asarray(label_affine, dtype=np.float64)
+        if la.shape != (4, 4) or not np.allclose(la, geom.affine, atol=atol):
+            raise NnUNetFormatError(
+                f"{where}label affine does not match the geometry in the nnU-Net properties "
+                f"({geom.reader}); label affine:\n{np.round(la, 4)}\nfrom properties:\n"
+                f"{np.round(geom.affine, 4)}\nThe prediction and label are not the same voxel grid, "
+                "or the probabilities come from a different image"
+            )
+
+
+def read_nnunet_prediction(
+    npz_path: str | os.PathLike,
+    *,
+    label_shape: tuple[int, ...] | None = None,
+    label_affine: np.ndarray | None = None,
+    num_classes: int | None = None,
+) -> tuple[np.ndarray, dict[str, Any], NnUNetGeometry]:
+    """Read ``<case>.npz`` + ``<case>.pkl``; return ``(probs (C, x, y, z), properties, geometry)``.
+
+    The probabilities are transposed to nibabel's voxel order using the reader recorded in the
+    properties. ``label_shape``/``label_affine`` (from the label NIfTI's header, nibabel) are checked
+    against the properties; ``num_classes`` against the class axis.
+    """
+    npz_path = Path(npz_path)
+    props = read_properties(properties_path(npz_path))
+    geom = geometry_from_properties(props)
+    with np.load(npz_path, allow_pickle=False) as z:
+        if PROBS_KEY not in z.files:
+            raise NnUNetFormatError(
+                f"{npz_path.name}: no '{PROBS_KEY}' array (keys: {z.files}); expected an nnU-Net v2 "
+                "file written with --save_probabilities"
+            )
+        probs = z[PROBS_KEY]
+    if probs.dtype.kind != "f":
+        raise NnUNetFormatError(f"{npz_path.name}: probabilities have dtype {probs.dtype}, expected float")
+    if probs.ndim != 4:
+        raise NnUNetFormatError(
+            f"{npz_path.name}: probabilities have shape {probs.shape}; expected (C, *3D array shape)"
+        )
+    if tuple(probs.shape[1:]) != geom.array_shape:
+        raise NnUNetFormatError(
+            f"{npz_path.name}: probabilities' spatial shape {tuple(probs.shape[1:])} differs from "
+            f"shape_before_cropping {geom.array_shape} in the properties"
+        )
+    if num_classes is not None and probs.shape[0] != num_classes:
+        raise NnUNetFormatError(
+            f"{npz_path.name}: {probs.shape[0]} classes in the probabilities, expected {num_classes}"
+        )
+    check_against_label(geom, label_shape, label_affine, name=npz_path.name)
+    out = np.ascontiguousarray(probs.transpose(0, *(1 + i for i in geom.to_nibabel)))
+    return out, props, geom
+
+
+def write_nnunet_prediction(
+    out_path: str | os.PathLike,
+    probs_nibabel: np.ndarray,
+    source_npz: str | os.PathLike,
+    *,
+    dtype: Any = np.float32,
+) -> Path:
+    """Write calibrated ``(C, x, y, z)`` probabilities as nnU-Net ``.npz`` + a copy of the ``.pkl``.
+
+    The axes are put back in the order the source file used (read from its properties), so the
+    output drops into any nnU-Net tooling in place of the original.
+    """
+    src = Path(source_npz)
+    out_path = Path(out_path)
+    if not out_path.name.endswith(".npz"):
+        raise ValueError(f"nnU-Net output must be a .npz file, got {out_path.name}")
+    pkl_bytes = properties_path(src).read_bytes()
+    props = _SafeUnpickler(io.BytesIO(pkl_bytes)).load()
+    geom = geometry_from_properties(props)
+    arr = np.asarray(probs_nibabel)
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != geom.nibabel_shape:
+        raise NnUNetFormatError(
+            f"{out_path.name}: probabilities of shape {arr.shape} do not fit the source geometry "
+            f"(C, {', '.join(map(str, geom.nibabel_shape))}) in nibabel order"
+        )
+    inv = np.argsort(geom.to_nibabel)
+    arr = arr.transpose(0, *(1 + int(i) for i in inv)).astype(dtype, copy=False)
+    with atomic_write(out_path) as fh:
+        np.savez_compressed(fh, **{PROBS_KEY: arr})
+    with atomic_write(properties_path(out_path)) as fh:
+        fh.write(pkl_bytes)
+    return out_path
+
+
+def label_header(label_path: str | os.PathLike) -> tuple[tuple[int, ...] | None, np.ndarray | None]:
+    """``(shape, affine)`` of a NIfTI label (nibabel, imported lazily); ``(shape, None)`` for others.
+
+    A 4D NIfTI (other than ``(X, Y, Z, 1)``) is refused.
+    """
+    p = Path(label_path)
+    if not p.name.endswith((".nii.gz", ".nii")):
+        if p.name.endswith(".npy"):
+            return tuple(np.load(p, mmap_mode="r", allow_pickle=False).shape), None
+        return None, None
+    try:
+        import nibabel as nib
+    except ImportError as exc:  # pragma: no cover - depends on extras
+        raise ImportError("reading NIfTI labels needs nibabel: pip install 'segcal[nifti]'") from exc
+    img = nib.load(str(p))
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise ValueError(f"labels: {p.name} is {len(shape)}D with shape {shape}; expected a 3D volume")
+    return shape, np.asarray(img.affine, dtype=np.float64)
+
+
+def read_nnunet_item(
+    pred_path: str | os.PathLike,
+    label_path: str | os.PathLike | None = None,
+    *,
+    num_classes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One nnU-Net case for ``segcal eval``/``fit``/``apply``: ``(probs (C, x, y, z), label or None)``.
+
+    The label (if given) is read with ``segcal.io.read_label`` after its header has been checked
+    against the properties (shape and, for NIfTI, affine).
+    """
+    shape, affine = (None, None) if label_path is None else label_header(label_path)
+    probs, _, _ = read_nnunet_prediction(
+        pred_path, label_shape=shape, label_affine=affine, num_classes=num_classes
+    )
+    label = None
+    if label_path is not None:
+        label = read_label(label_path)
+        if label.ndim == 4 and label.shape[3] == 1:
+            label = label[..., 0]
+    return probs, label
+
+
+class NnUNetAwareFolder(PredictionFolder):
+    """``PredictionFolder`` that reads nnU-Net ``.npz`` + ``.pkl`` cases in nibabel order.
+
+    Other files are read exactly as ``PredictionFolder`` does. nnU-Net cases are probabilities
+    (``input_type`` ``"probs"`` unless given explicitly). The lead can either use this class where
+    ``PredictionFolder`` is built, or move the ``is_nnunet_prediction`` branch into
+    ``PredictionFolder.read``.
+    """
+
+    def read(self, item: PredictionItem) -> tuple[np.ndarray, np.ndarray | None, str]:
+        if is_nnunet_prediction(item.path):
+            nc = self.meta.get("num_classes")
+            probs, labels = read_nnunet_item(
+                item.path, item.label_path, num_classes=None if nc is None else int(nc)
+            )
+            return probs, labels, self._input_type or "probs"
+        return super().read(item)
+
+
+def write_like_source(
+    out_path: str | os.PathLike,
+    array: np.ndarray,
+    source_path: str | os.PathLike,
+    *,
+    key: str | None = None,
+    dtype: Any = np.float16,
+) -> Path:
+    """Drop-in for ``write_prediction`` in ``segcal apply``: keep an nnU-Net source's format.
+
+    For an nnU-Net source (``.npz`` + ``.pkl``) ``array`` must be probabilities in nibabel order
+    (what ``NnUNetAwareFolder.read`` gave); it is written with ``write_nnunet_prediction`` (float32,
+    source axis order, ``.pkl`` copied). Asking for logits there raises: nnU-Net's format holds
+    probabilities only. Anything else goes to ``write_prediction(out_path, array, key, dtype)``.
+    """
+    from segcal.io.predictions import write_prediction
+
+    if is_nnunet_prediction(source_path):
+        if key not in (None, PROBS_KEY):
+            raise ValueError(
+                f"{Path(source_path).name}: nnU-Net prediction files hold probabilities only; "
+                f"cannot write {key!r} in that format (use --output probs)"
+            )
+        return write_nnunet_prediction(out_path, array, source_path)
+    return write_prediction(out_path, array, key=key, dtype=dtype)
