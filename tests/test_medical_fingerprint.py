@@ -168,3 +168,36 @@ def test_fingerprint_real_test_cases(model, case):
         pytest.skip("MSD hippocampus not found: set SEGCAL_DATA or provide ../shared/data")
     img, _ = load_nifti(p)
     _check(logits_fingerprint(predict_logits(model, img)), EXPECTED[case])
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_segcal_predict_cli_on_hippocampus_volumes(tmp_path, model):
+    """``segcal predict --model unet3d-hippocampus`` writes NIfTI-aligned logits that match the
+    fingerprinted model output and evaluate against the labels with ``segcal eval``."""
+    import json
+    import shutil
+
+    from segcal.cli import main
+    from segcal.io import read_prediction
+
+    root = data_root(required=False)
+    base = None if root is None else root / "msd_task04_hippocampus"
+    if base is None or not base.is_dir():
+        pytest.skip("MSD hippocampus not found: set SEGCAL_DATA or provide ../shared/data")
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for case in ("hippocampus_014", "hippocampus_023"):
+        shutil.copy(base / "imagesTr" / f"{case}.nii.gz", images)
+        shutil.copy(base / "labelsTr" / f"{case}.nii.gz", labels)
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", "unet3d-hippocampus", "--images", str(images), "--out", str(out),
+                 "--no-progress", "--dtype", "float32"]) == 0
+    arr, _ = read_prediction(out / "hippocampus_014.npy")
+    img, _ = load_nifti(images / "hippocampus_014.nii.gz")
+    assert arr.shape == (3, *img.shape)
+    _check(logits_fingerprint(np.asarray(arr)), EXPECTED["hippocampus_014"])
+    js = tmp_path / "m.json"
+    assert main(["eval", "--pred", str(out), "--labels", str(labels), "--no-progress", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["accuracy"] > 0.97

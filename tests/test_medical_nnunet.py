@@ -247,18 +247,13 @@ def test_fit_and_apply_through_nnunet_aware_folder(tmp_path):
         assert (out_dir / f"{it.stem}.pkl").exists()
 
 
-def test_segcal_eval_with_the_folder_wired_in(tmp_path, monkeypatch):
-    """What the CLI wiring gives: ``segcal eval`` on an nnU-Net folder of equal-axis crops.
-
-    Unwired, the raw (z, y, x) arrays have the labels' shape and are scored misaligned; with
-    ``NnUNetAwareFolder`` in place of ``PredictionFolder`` they line up (accuracy 1: the
-    probabilities are a smoothed one-hot of the label).
-    """
+def test_segcal_eval_and_apply_on_an_nnunet_folder(tmp_path):
+    """``segcal eval`` on an nnU-Net folder of equal-axis crops lines the raw (z, y, x) arrays up
+    with the labels (accuracy 1: the probabilities are a smoothed one-hot of the label), and
+    ``segcal apply`` writes the calibrated probabilities back in nnU-Net's format."""
     import json
 
-    import segcal.cli.eval_cmd as eval_cmd
     from segcal.cli import main
-    from segcal.io.nnunet import NnUNetAwareFolder
 
     pred_dir, lab_dir = tmp_path / "pred", tmp_path / "lab"
     pred_dir.mkdir()
@@ -266,19 +261,22 @@ def test_segcal_eval_with_the_folder_wired_in(tmp_path, monkeypatch):
     for i, shape in enumerate([(5, 7, 5), (6, 4, 6)]):
         lp = _write_nifti(lab_dir / f"c{i}.nii.gz", _label(shape, 10 + i), np.eye(4))
         _nnunet_export(lp, pred_dir, f"c{i}")
-
-    def run(tag):
-        out = tmp_path / f"{tag}.json"
-        assert main(["eval", "--pred", str(pred_dir), "--labels", str(lab_dir), "--no-progress",
-                     "--json", str(out)]) == 0
-        return json.loads(out.read_text())
-
-    unwired = run("unwired")
-    monkeypatch.setattr(eval_cmd, "PredictionFolder", NnUNetAwareFolder)
-    wired = run("wired")
-    assert wired["accuracy"] == pytest.approx(1.0)
-    assert wired["config"]["input_type"] == "probs"
-    assert unwired["accuracy"] < 0.6
+    out = tmp_path / "m.json"
+    assert main(["eval", "--pred", str(pred_dir), "--labels", str(lab_dir), "--no-progress",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["accuracy"] == pytest.approx(1.0)
+    assert res["config"]["input_type"] == "probs"
+    assert main(["fit", "--pred", str(pred_dir), "--labels", str(lab_dir), "--method", "ts",
+                 "--val-fraction", "0", "--out", str(tmp_path / "ts.pt"), "--no-progress"]) == 0
+    assert main(["apply", "--calibrator", str(tmp_path / "ts.pt"), "--pred", str(pred_dir),
+                 "--out", str(tmp_path / "cal"), "--no-progress"]) == 0
+    for stem in ("c0", "c1"):
+        assert (tmp_path / "cal" / f"{stem}.pkl").read_bytes() == (pred_dir / f"{stem}.pkl").read_bytes()
+    out2 = tmp_path / "m2.json"
+    assert main(["eval", "--pred", str(tmp_path / "cal"), "--labels", str(lab_dir), "--no-progress",
+                 "--json", str(out2)]) == 0
+    assert json.loads(out2.read_text())["accuracy"] == pytest.approx(1.0)
 
 
 def test_write_like_source(tmp_path):

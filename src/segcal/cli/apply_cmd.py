@@ -21,8 +21,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--calibrator", required=True, help="fitted calibrator (.pt)")
     p.add_argument("--pred", required=True, help="prediction folder")
     p.add_argument("--out", required=True, help="output folder (must differ from --pred)")
-    p.add_argument("--output", choices=("logits", "probs"), default="logits",
-                   help="write calibrated logits (log-probabilities) or probabilities")
+    p.add_argument("--output", choices=("logits", "probs"), default=None,
+                   help="what to write (default: what the input holds; probabilities for nnU-Net folders)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -33,7 +33,8 @@ def run(args: Any) -> int:
     import segcal
     from segcal.cli import CLIError
     from segcal.io import PredictionFolder
-    from segcal.io.predictions import write_folder_meta, write_prediction
+    from segcal.io.nnunet import write_like_source
+    from segcal.io.predictions import write_folder_meta
 
     if Path(args.out).resolve() == Path(args.pred).resolve():
         raise CLIError("--out must differ from --pred (inputs are never overwritten)")
@@ -49,6 +50,8 @@ def run(args: Any) -> int:
     dtype = np.float16 if args.dtype == "float16" else np.float32
     for it in items:
         scores, _, itype = folder.read(it)
+        if args.output is None:
+            args.output = itype
         if itype != cal.input_type:
             raise CLIError(f"{it.path.name}: holds {itype} but the calibrator expects {cal.input_type}")
         with torch.no_grad():
@@ -59,7 +62,7 @@ def run(args: Any) -> int:
         key = None
         if it.path.suffix == ".npz":
             key = "probabilities" if args.output == "probs" else "logits"
-        write_prediction(out / it.path.name, arr, key=key, dtype=dtype)
+        write_like_source(out / it.path.name, arr, it.path, key=key, dtype=dtype)
     write_folder_meta(out, input_type=args.output, num_classes=int(cal.num_classes),
                       calibrator=cal.name, calibrator_file=str(args.calibrator), source=str(args.pred))
     print(f"wrote {len(folder)} calibrated prediction(s) ({args.output}) to {out}")

@@ -40,6 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from segcal.models import available_models, get_spec
 
+    _register_optional_models()
     if args.list_models:
         for name in available_models():
             spec = get_spec(name)
@@ -48,6 +49,26 @@ def run(args: argparse.Namespace) -> int:
     missing = [f"--{k}" for k in ("model", "images", "out") if not getattr(args, k)]
     if missing:
         raise ValueError(f"missing required argument(s): {', '.join(missing)}")
+
+    from segcal.medical import MODEL_NAME as UNET3D
+
+    if args.model == UNET3D:  # 3D volumes: whole-volume normalisation, padding, crop back
+        import time
+
+        import numpy as np
+
+        from segcal.medical import predict_volumes
+        from segcal.models import create_model
+
+        t0 = time.perf_counter()
+        loaded = create_model(UNET3D, device="cpu")  # small 3D net: whole volumes on the CPU
+        written = predict_volumes(
+            loaded.module, args.images, args.out, model_name=UNET3D,
+            dtype=np.float16 if args.dtype == "float16" else np.float32, progress=not args.no_progress,
+        )
+        print(f"wrote {len(written)} volume prediction(s) of {UNET3D} to {args.out} "
+              f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return 0
 
     from segcal.pipeline.predict import predict_folder
 
@@ -70,3 +91,17 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _register_optional_models() -> None:
+    """Register models whose code needs optional extras (the 3D U-Net needs MONAI) if possible."""
+    from segcal.medical import MODEL_NAME, register
+    from segcal.models import available_models
+
+    if MODEL_NAME in available_models():
+        return
+    try:
+        import monai  # noqa: F401
+    except ImportError:
+        return
+    register()

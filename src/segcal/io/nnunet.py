@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from segcal.io.predictions import PredictionFolder, PredictionItem, atomic_write, read_label
+from segcal.io.predictions import PredictionFolder, atomic_write, read_label
 
 PROBS_KEY = "probabilities"
 
@@ -325,23 +325,8 @@ def read_nnunet_item(
     return probs, label
 
 
-class NnUNetAwareFolder(PredictionFolder):
-    """``PredictionFolder`` that reads nnU-Net ``.npz`` + ``.pkl`` cases in nibabel order.
-
-    Other files are read exactly as ``PredictionFolder`` does. nnU-Net cases are probabilities
-    (``input_type`` ``"probs"`` unless given explicitly). The lead can either use this class where
-    ``PredictionFolder`` is built, or move the ``is_nnunet_prediction`` branch into
-    ``PredictionFolder.read``.
-    """
-
-    def read(self, item: PredictionItem) -> tuple[np.ndarray, np.ndarray | None, str]:
-        if is_nnunet_prediction(item.path):
-            nc = self.meta.get("num_classes")
-            probs, labels = read_nnunet_item(
-                item.path, item.label_path, num_classes=None if nc is None else int(nc)
-            )
-            return probs, labels, self._input_type or "probs"
-        return super().read(item)
+#: kept for backwards compatibility: ``PredictionFolder.read`` handles nnU-Net cases itself
+NnUNetAwareFolder = PredictionFolder
 
 
 def write_like_source(

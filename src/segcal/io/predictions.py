@@ -146,7 +146,21 @@ class PredictionFolder:
         return "logits"
 
     def read(self, item: PredictionItem) -> tuple[np.ndarray, np.ndarray | None, str]:
-        """Read one item: ``(scores (C, *spatial), labels (*spatial) or None, input_type)``."""
+        """Read one item: ``(scores (C, *spatial), labels (*spatial) or None, input_type)``.
+
+        An nnU-Net v2 case (``.npz`` with a ``.pkl`` properties file beside it) is read through
+        :mod:`segcal.io.nnunet`, which lines its ``(C, z, y, x)`` probabilities up with the
+        nibabel-ordered labels from the properties (never by guessing from shapes).
+        """
+        if item.path.suffix == ".npz":
+            from segcal.io.nnunet import is_nnunet_prediction, read_nnunet_item
+
+            if is_nnunet_prediction(item.path):
+                nc = self.meta.get("num_classes")
+                probs, labels = read_nnunet_item(
+                    item.path, item.label_path, num_classes=None if nc is None else int(nc)
+                )
+                return probs, labels, self._input_type or "probs"
         scores, key = read_prediction(item.path)
         labels = read_label(item.label_path) if item.label_path is not None else None
         if labels is not None and tuple(labels.shape) != tuple(scores.shape[1:]):
