@@ -123,7 +123,7 @@ def load_condition(folder: Path, with_features: bool = True) -> dict:
     from segcal.metrics import CalibrationMetrics
 
     meta = json.loads((folder / "pred" / "segcal.json").read_text())
-    pf = PredictionFolder(folder / "pred", meta["labels"])
+    pf = PredictionFolder(folder / "pred", meta["labels"], strict=False)  # test subset
     cm = CalibrationMetrics(meta["num_classes"], n_bins=N_BINS, ignore_index=IGNORE)
     out: dict = {"stems": [], "class_level": [], "lx": [], "feat": [], "maxprob": [], "entropy": []}
     for stem, scores, lab, _ in pf:

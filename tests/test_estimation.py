@@ -109,8 +109,8 @@ def _toy_data(n=40, c=6, seed=0):
 
 def test_value_net_shapes_range_reproducible_and_save_load(tmp_path):
     x, y = _toy_data()
-    a = ECEEstimator(6).fit(x, y, epochs=40, seed=3)
-    b = ECEEstimator(6).fit(x, y, epochs=40, seed=3)
+    a = ECEEstimator(6).fit(x, y, epochs=30, seed=3, val_fraction=0)
+    b = ECEEstimator(6).fit(x, y, epochs=30, seed=3, val_fraction=0)
     pa = a.predict(x)
     assert pa.shape == (40,) and ((pa > 0) & (pa < 1)).all()
     np.testing.assert_array_equal(pa, b.predict(x))
@@ -119,8 +119,11 @@ def test_value_net_shapes_range_reproducible_and_save_load(tmp_path):
     c = ECEEstimator.load(tmp_path / "e.pt")
     np.testing.assert_allclose(c.predict(x), pa)
     assert c.fit_info["seed"] == 3
-    # the fit learns something: better than predicting the mean
-    assert np.mean((pa - y.numpy()) ** 2) < np.var(y.numpy())
+    # the fit learns the signal: far better than predicting the mean
+    assert np.mean((pa - y.numpy()) ** 2) < 0.2 * np.var(y.numpy())
+    # early stopping on a held-out part restores the best epoch's weights
+    d = ECEEstimator(6).fit(x, y, epochs=6, seed=1, patience=2)
+    assert d.fit_info["n_val"] == 8 and d.fit_info["best_epoch"] < d.fit_info["epochs_run"]
     with pytest.raises(ValueError, match="channels"):
         a.predict(torch.randn(2, 5, 6, 6))
     torch.save({"format": "other"}, tmp_path / "bad.pt")
@@ -182,11 +185,11 @@ def test_logits_estimator_and_common_interface():
 
 # ---------------------------------------------------------------- selection
 def test_selection_recovers_known_order():
-    # overconfident logits: the ECE decreases as the temperature grows towards the right one
+    # underconfident logits: the ECE grows with the temperature, and so does 1 - mean max-prob
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (4, 16, 16), generator=g)
     logits = torch.randn(4, 3, 16, 16, generator=g) + 1.5 * nn.functional.one_hot(y, 3).permute(0, 3, 1, 2)
-    logits = logits * 4
+    logits = logits * 0.7
     temps = [1.0, 1.5, 2.5, 4.0]
     cands = {f"T={t}": (lambda b, t=t: b / t) for t in temps}
     true = {}
@@ -194,7 +197,7 @@ def test_selection_recovers_known_order():
         m = CalibrationMetrics(3, n_bins=10)
         m.update(logits / t, y)
         true[f"T={t}"] = m.compute()["image_ece"]
-    assert sorted(true, key=true.get) == ["T=4.0", "T=2.5", "T=1.5", "T=1.0"]
+    assert sorted(true, key=true.get) == ["T=1.0", "T=1.5", "T=2.5", "T=4.0"]
     ranked = rank_by_estimated_ece(cands, [logits[:2], logits[2:]], ConfidenceBaseline("maxprob"))
     assert [r.rank for r in ranked] == [1, 2, 3, 4] and ranked[0].per_image.shape == (4,)
     agree = ranking_agreement(ranked, true)
@@ -203,7 +206,7 @@ def test_selection_recovers_known_order():
     assert rev["spearman"] == pytest.approx(-1.0) and rev["kendall"] == pytest.approx(-1.0)
     # precomputed form
     pre = rank_by_estimated_ece({"a": [logits], "b": [logits / 4]}, None, ConfidenceBaseline("maxprob"))
-    assert pre[0].name == "b"
+    assert pre[0].name == "a"
     with pytest.raises(ValueError, match="keys differ"):
         ranking_agreement({"a": 1, "b": 2}, {"a": 1, "c": 2})
 
