@@ -163,7 +163,7 @@ def maxprob_threshold_for_coverage(images: Iterable[Any], coverage: float, *, in
     vals = np.concatenate([_probs(s, input_type).max(dim=0).values.reshape(-1).numpy() for s in images])
     if vals.size == 0:
         raise ValueError("maxprob_threshold_for_coverage: no images")
-    k = max(int(round(coverage * vals.size)), 1)
+    k = max(round(coverage * vals.size), 1)
     return float(np.partition(vals, vals.size - k)[vals.size - k])
 
 

@@ -40,7 +40,7 @@ from torch import nn
 from segcal.estimation.features import DEFAULT_GRID, logit_features
 from segcal.losses import ClassLevelECE, DifferentiableECE
 
-__all__ = ["ECEEstimator", "ece_targets", "warmup_bn", "FORMAT"]
+__all__ = ["FORMAT", "ECEEstimator", "ece_targets", "warmup_bn"]
 
 FORMAT = "segcal-ece-estimator"
 VERSION = 1
@@ -265,7 +265,7 @@ class ECEEstimator(nn.Module):
         self.bn.reset_parameters()
         self.bn.reset_running_stats()
         perm = torch.randperm(x.shape[0], generator=g)
-        n_val = int(round(val_fraction * x.shape[0])) if val_fraction > 0 else 0
+        n_val = round(val_fraction * x.shape[0]) if val_fraction > 0 else 0
         n_val = min(n_val, x.shape[0] - 2)
         val_idx, tr_idx = perm[:n_val], perm[n_val:]
         opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
