@@ -269,3 +269,24 @@ def test_pseudo_label_union_and_ignore_value():
     assert (base != 255).sum() == 4
     correct, sel, valid = pseudo_label_precision(lab2, np.array([pred]), label_ignore=None)
     assert (correct, sel, valid) == (5, 5, 10)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_espnet_b3_features_on_one_camvid_image():
+    from segcal.data import data_root
+
+    root = data_root(required=False)
+    if root is None:
+        pytest.skip("../shared/data not available")
+    from segcal.datasets import camvid_split
+    from segcal.models import create_model
+
+    lm = create_model("espnet-camvid", device="cpu")
+    item = camvid_split(root, "val", check_sizes=False)[0]
+    x = lm.preprocess(item.load_image())
+    with FeatureExtractor(lm.module, "encoder.b3") as fx:
+        logits, feats = fx(x)
+    assert logits.shape == (1, 12, 360, 480) and feats.shape == (1, 256, 15, 20)
+    e = ECEEstimator(256)
+    assert e(feats).shape == (1,)
