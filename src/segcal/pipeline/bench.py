@@ -661,6 +661,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     }
     from segcal.report.tables import markdown_report
 
+    timings["total_s"] = time.perf_counter() - t_start  # before the report; updated below
+    results["timings"] = {k: round(v, 2) for k, v in timings.items()}
     if cfg.report:
         t0 = time.perf_counter()
         from segcal.report.html import write_report

@@ -120,7 +120,7 @@ def maps_figure(ctx: dict[str, Any], methods: list[str], n_images: int) -> str |
                 ax.set_ylabel(it.stem, fontsize=7)
     fig.tight_layout()
     if im_conf is not None:
-        fig.colorbar(im_conf, ax=axes[:, 2:].ravel().tolist(), fraction=0.015, pad=0.01, label="confidence")
+        fig.colorbar(im_conf, ax=axes.ravel().tolist(), fraction=0.012, pad=0.01, label="confidence")
     return _png(fig)
 
 
@@ -130,6 +130,12 @@ def md_to_html(md: str) -> str:
     def inline(s: str) -> str:
         s = html.escape(s)
         return re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+
+    def cell(s: str) -> str:
+        # compact cells: the seed std and the CI go on a second, smaller line
+        s = inline(s)
+        s = re.sub(r"^(\S+) ± (\S+)$", r"\1<br><small>± \2</small>", s)
+        return re.sub(r"^(\S+) (\[[^\]]*\]\*?)$", r"\1<br><small>\2</small>", s)
 
     out: list[str] = []
     lines = md.splitlines()
@@ -144,7 +150,7 @@ def md_to_html(md: str) -> str:
             t = ["<table>", "<tr>" + "".join(f"<th>{inline(c)}</th>" for c in rows[0]) + "</tr>"]
             for row in rows[2:]:
                 t.append("<tr>" + "".join(
-                    f"<td class='{'sig' if c.endswith('*') else ''}'>{inline(c)}</td>" for c in row) + "</tr>")
+                    f"<td class='{'sig' if c.endswith('*') else ''}'>{cell(c)}</td>" for c in row) + "</tr>")
             out.append("<div class='tw'>" + "\n".join(t) + "</table></div>")
             continue
         if ln.startswith("#"):
@@ -174,7 +180,7 @@ th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
 th{background:#f2f4f8}
 td:first-child,th:first-child{text-align:left;font-weight:600}
 tr:nth-child(even) td{background:#fafafa}
-td.sig{color:#8b1a1a}
+td.sig{color:#8b1a1a}\nsmall{color:#666;font-size:10.5px}\ntd.sig small{color:#8b1a1a}
 code{background:#f4f4f4;padding:0 3px;border-radius:3px;font-size:.92em}
 img{max-width:100%;height:auto;border:1px solid #eee}
 ul{font-size:13.5px}

@@ -9,7 +9,7 @@ from typing import Any
 TABLE_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
     ("ece", "ECE", 1.0, 4),
     ("image_ece", "img-ECE", 1.0, 4),
-    ("image_ece_std", "img-ECE sd (images)", 1.0, 3),
+    ("image_ece_std", "img-ECE sd", 1.0, 3),
     ("classwise_ece", "cw-ECE", 1.0, 4),
     ("mce", "MCE", 1.0, 3),
     ("nll", "NLL", 1.0, 4),
@@ -126,7 +126,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     cache = results.get("cache", {})
     out.append(f"- predictions: {cache.get('predicted_images')} images predicted, {cache.get('reused_images')} read "
                f"from the cache `{cache.get('root')}`")
-    out.append("- cells: mean ± std over the seeds; `img-ECE sd (images)` is the std of the per-image ECE over "
+    out.append("- cells: mean ± std over the seeds; `img-ECE sd` is the std of the per-image ECE over "
                "test images (mean over seeds); flip % = valid pixels whose argmax differs from the uncalibrated one")
     for model, chk in (results.get("ts_check") or {}).items():
         out.append(f"- TS check `{model}`: fitted T = {', '.join(f'{x:.4f}' for x in chk['fitted_T'])} "
