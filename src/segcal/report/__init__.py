@@ -1,0 +1,1 @@
+"""Bench outputs: Markdown tables (:mod:`.tables`) and the self-contained HTML report (:mod:`.html`)."""

@@ -1,0 +1,227 @@
+"""Self-contained HTML report of a ``segcal bench`` run (matplotlib PNGs as base64 data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _mpl():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on extras
+        raise ImportError("the HTML report needs matplotlib: pip install 'segcal[plot]' (or pass --no-report)") from exc
+    return plt
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _mpl().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def reliability_figure(results: dict[str, Any], tag: str, seed: int | None = None) -> str | None:
+    """Small-multiple reliability diagrams (one per method, first seed) of one condition."""
+    plt = _mpl()
+    cond = results["conditions"].get(tag)
+    if not cond:
+        return None
+    runs: dict[str, dict[str, Any]] = {}
+    for r in cond["runs"].values():
+        if r["method"] not in runs or (seed is not None and r["seed"] == seed):
+            runs[r["method"]] = r
+    n = len(runs)
+    ncol = min(6, n)
+    nrow = (n + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.3 * ncol, 2.5 * nrow), squeeze=False)
+    for ax, (m, r) in zip(axes.ravel(), runs.items(), strict=False):
+        rel = r["reliability"]
+        edges = np.asarray(rel["edges"], dtype=float)
+        acc = np.array([np.nan if v is None else v for v in rel["accuracy"]], dtype=float)
+        conf = np.array([np.nan if v is None else v for v in rel["confidence"]], dtype=float)
+        cnt = np.asarray(rel["count"], dtype=float)
+        centers = (edges[:-1] + edges[1:]) / 2
+        w = np.diff(edges)
+        ok = cnt > 0
+        ax.bar(centers[ok], acc[ok], width=w[ok], color="#4c72b0", edgecolor="white", lw=0.5, label="accuracy")
+        ax.bar(centers[ok], (conf - acc)[ok], bottom=acc[ok], width=w[ok], color="#dd8452", alpha=0.55,
+               edgecolor="none", label="gap")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        frac = cnt / max(cnt.sum(), 1)
+        ax.plot(centers[ok], frac[ok], "o-", ms=2, lw=0.8, color="#55a868", label="pixel share")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ece = r["metrics"].get("ece")
+        ax.set_title(f"{m}\nECE {ece:.4f}" if ece is not None else m, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=6, loc="upper left")
+    fig.supxlabel("confidence", fontsize=9)
+    fig.supylabel("accuracy", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def maps_figure(ctx: dict[str, Any], methods: list[str], n_images: int) -> str | None:
+    """Per-image RGB, error map and confidence maps (uncalibrated and each of ``methods``, seed 0)."""
+    import torch
+
+    from segcal.datasets import load_image
+    from segcal.io.predictions import read_prediction
+
+    plt = _mpl()
+    items = ctx["test_items"]
+    if not items or n_images < 1:
+        return None
+    pos = np.linspace(0, len(items) - 1, min(n_images, len(items))).round().astype(int)
+    cals = ctx["cals"]
+    methods = [m for m in methods if any(k[0] == m for k in cals)]
+    cols = 2 + 1 + len(methods)
+    fig, axes = plt.subplots(len(pos), cols, figsize=(2.6 * cols, 2.1 * len(pos)), squeeze=False)
+    im_conf = None
+    for r, i in enumerate(pos):
+        it = items[i]
+        z, _ = read_prediction(Path(ctx["test_folder"]) / f"{it.stem}.npy")
+        z = torch.from_numpy(np.asarray(z, dtype=np.float32))[None]
+        lab = it.load_label()
+        pred = z[0].argmax(0).numpy()
+        err = np.where(lab == ctx["ignore"], 0.5, (pred != lab).astype(float))
+        panels = [("image", load_image(it.image_path), None), ("error (uncal.)", err, "gray_r")]
+        panels.append(("conf. uncalibrated", torch.softmax(z, 1)[0].amax(0).numpy(), "viridis"))
+        for m in methods:
+            key = min(k for k in cals if k[0] == m)
+            with torch.no_grad():
+                q = torch.softmax(cals[key](z), 1)[0].amax(0).numpy()
+            panels.append((f"conf. {m}", q, "viridis"))
+        for c, (title, arr, cmap) in enumerate(panels):
+            ax = axes[r, c]
+            if cmap is None:
+                ax.imshow(arr)
+            elif cmap == "viridis":
+                im_conf = ax.imshow(arr, cmap=cmap, vmin=0, vmax=1)
+            else:
+                ax.imshow(arr, cmap=cmap, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(it.stem, fontsize=7)
+    fig.tight_layout()
+    if im_conf is not None:
+        fig.colorbar(im_conf, ax=axes.ravel().tolist(), fraction=0.012, pad=0.01, label="confidence")
+    return _png(fig)
+
+
+def md_to_html(md: str) -> str:
+    """The tiny Markdown subset the bench writes: headings, bullets, tables, paragraphs, `code`."""
+
+    def inline(s: str) -> str:
+        s = html.escape(s)
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+
+    def cell(s: str) -> str:
+        # compact cells: the seed std and the CI go on a second, smaller line
+        s = inline(s)
+        s = re.sub(r"^(\S+) ± (\S+)$", r"\1<br><small>± \2</small>", s)
+        return re.sub(r"^(\S+) (\[[^\]]*\]\*?)$", r"\1<br><small>\2</small>", s)
+
+    out: list[str] = []
+    lines = md.splitlines()
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        if ln.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            t = ["<table>", "<tr>" + "".join(f"<th>{inline(c)}</th>" for c in rows[0]) + "</tr>"]
+            for row in rows[2:]:
+                t.append("<tr>" + "".join(
+                    f"<td class='{'sig' if c.endswith('*') else ''}'>{cell(c)}</td>" for c in row) + "</tr>")
+            out.append("<div class='tw'>" + "\n".join(t) + "</table></div>")
+            continue
+        if ln.startswith("#"):
+            lvl = len(ln) - len(ln.lstrip("#"))
+            out.append(f"<h{lvl}>{inline(ln[lvl:].strip())}</h{lvl}>")
+        elif ln.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif ln.strip():
+            out.append(f"<p>{inline(ln)}</p>")
+        i += 1
+    return "\n".join(out)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1320px;
+color:#222;padding:0 16px;line-height:1.4}
+h1{font-size:1.6em;border-bottom:2px solid #4c72b0;padding-bottom:4px}
+h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
+.tw{overflow-x:auto;margin:8px 0}
+table{border-collapse:collapse;font-size:12.5px;white-space:nowrap}
+th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
+th{background:#f2f4f8}
+td:first-child,th:first-child{text-align:left;font-weight:600}
+tr:nth-child(even) td{background:#fafafa}
+td.sig{color:#8b1a1a}\nsmall{color:#666;font-size:10.5px}\ntd.sig small{color:#8b1a1a}
+code{background:#f4f4f4;padding:0 3px;border-radius:3px;font-size:.92em}
+img{max-width:100%;height:auto;border:1px solid #eee}
+ul{font-size:13.5px}
+"""
+
+
+def write_report(results: dict[str, Any], ctx: dict[str, Any], path: str | Path, n_images: int = 3) -> Path:
+    from segcal.io.predictions import atomic_write
+    from segcal.pipeline.bench import IN_DOMAIN, SHIFT_MODEL
+    from segcal.report.tables import markdown_report
+
+    body = [md_to_html(markdown_report(results))]
+    body.append("<h2>Reliability diagrams</h2><p>First seed of each method; bars: accuracy per confidence bin, "
+                "orange: gap to the mean confidence, green: share of pixels per bin, dashed: perfect calibration.</p>")
+    shift_tag = "model-shift" if "model-shift" in results["conditions"] else next(
+        (t for t, c in results["conditions"].items() if c.get("corruption")), None)
+    for tag in ("clean", shift_tag):
+        if tag and tag in results["conditions"]:
+            uri = reliability_figure(results, tag)
+            if uri:
+                body.append(f"<h3>{html.escape(tag)}</h3><img alt='reliability {html.escape(tag)}' src='{uri}'>")
+    model = IN_DOMAIN if IN_DOMAIN in ctx else (SHIFT_MODEL if SHIFT_MODEL in ctx else next(iter(ctx), None))
+    if model is not None:
+        clean = results["conditions"].get("clean") or {}
+        summ = clean.get("summary", {})
+        others = sorted((m for m in summ if m not in ("uncalibrated", "ts")),
+                        key=lambda m: summ[m].get("ece") if summ[m].get("ece") is not None else 9)
+        shown = (["ts"] if "ts" in summ else []) + others[:2]
+        uri = maps_figure(ctx[model], shown, n_images)
+        if uri:
+            body.append(f"<h2>Confidence and error maps ({html.escape(model)}, clean test)</h2>"
+                        "<p>Error: white = correct, black = wrong, grey = void (ignored). Confidence = top-label "
+                        f"probability. Methods: TS and the two lowest pooled-ECE others ({', '.join(others[:2])}), "
+                        "first seed.</p>"
+                        f"<img alt='maps' src='{uri}'>")
+    doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>segcal bench report</title>"
+           f"<style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    path = Path(path)
+    with atomic_write(path, "w") as fh:
+        fh.write(doc)
+    return path
+
+
+__all__ = ["maps_figure", "md_to_html", "reliability_figure", "write_report"]
