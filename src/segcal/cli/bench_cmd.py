@@ -46,7 +46,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     mode.add_argument("--quick", action="store_true", help="CI size: 8 test / 10 val images, 4 calibrators, 1 corruption")
     mode.add_argument("--full", action="store_true",
                       help="everything: all corruptions x severities 1-5 on all test images, all test pixels")
-    p.add_argument("--methods", type=_csv, help="comma-separated calibrators (default: every registered one)")
+    p.add_argument("--methods", type=_csv,
+                   help="comma-separated calibrators (default: every registered one except the whole-image "
+                        "calibrators, which --spatial adds)")
+    p.add_argument("--spatial", action="store_true",
+                   help="with the default method list, also fit LTS / IBTS / LTS(log S) (minutes per fit)")
     p.add_argument("--models", type=_csv, help="comma-separated models (default: espnet-camvid,espnet-cityscapes-camvid)")
     p.add_argument("--seeds", type=_ints, help="comma-separated split seeds (default 0,1,2)")
     p.add_argument("--fit-pixels", type=int, help="valid pixels per fit (and per selection half)")
@@ -81,6 +85,8 @@ def config_from_args(args: argparse.Namespace, *, quick: bool = False, argv0: st
               sys.argv and sys.argv[0].endswith(("segcal", "__main__.py")) else f"segcal {argv0}")
     if args.out:
         kw["out"] = args.out
+    if getattr(args, "spatial", False) or getattr(args, "full", False):
+        kw["spatial"] = True
     if quick or getattr(args, "quick", False):
         return BenchConfig.quick_config(**kw)
     if getattr(args, "full", False):
