@@ -76,3 +76,17 @@ def test_histogram_binning_table_is_the_bin_accuracy():
         sel = b == k
         if sel.any():
             assert float(cal.table[k]) == pytest.approx(float((pred == y)[sel].double().mean()))
+
+
+@pytest.mark.parametrize("name", ["histogram_binning", "isotonic"])
+def test_binning_keeps_argmax_on_tied_inputs(name):
+    """Ties (common with float16 logits) keep argmax's first-index decision after the map."""
+    import segcal.calibrators as sc
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 5, generator=g)
+    y = torch.randint(0, 5, (4000,), generator=g)
+    cal = sc.create(name).fit(z, y)
+    t = torch.randn(2000, 5, generator=g).half().float()
+    t[:, 3] = t.max(1).values  # class 3 ties with the maximum everywhere
+    assert torch.equal(cal(t).argmax(1), t.argmax(1))

@@ -75,15 +75,15 @@ class _TopLabelMap(Calibrator):
 
     def _map(self, rows: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(rows.to(torch.float64), 1)
-        top2, idx2 = logp.topk(min(2, logp.shape[1]), 1)
-        c = top2[:, 0].exp()
-        q2 = top2[:, 1].exp()
+        # the top class is argmax's (first index on ties), so tied inputs keep their decision
+        top = logp.argmax(1, keepdim=True)
+        c = logp.gather(1, top)[:, 0].exp()
+        others = logp.scatter(1, top, float("-inf"))
+        q2 = others.max(1).values.exp()
         f = self.table.to(torch.float64)[bin_index(c, self.n_bins)]
         f_min = q2 / (1 - c + q2)
         f = torch.maximum(f, f_min + MARGIN * (1 - f_min)).clamp(max=1 - 1e-12)
-        top = idx2[:, :1]
         # log(1 − c) = logsumexp of the other classes (stable when c -> 1)
-        others = logp.scatter(1, top, float("-inf"))
         log_rest = torch.logsumexp(others, 1, keepdim=True)
         out = logp + torch.log1p(-f)[:, None] - log_rest
         out = out.scatter(1, top, torch.log(f)[:, None])
