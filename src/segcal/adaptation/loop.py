@@ -366,7 +366,8 @@ def adapt(
     out.mkdir(parents=True, exist_ok=True)
     glue = _EstimatorGlue(estimator, module, num_classes, class_mapping)
     try:
-        return _run(cfg, module, inputs, stems, glue, num_classes, out, resume, progress, device, t0)
+        return _run(cfg, module, inputs, stems, glue, num_classes, out, resume, progress, device, t0,
+                    getattr(model, "name", type(model).__name__))
     finally:
         glue.close()
 
@@ -392,6 +393,7 @@ def _run(
     progress: bool,
     device: torch.device,
     t0: float,
+    model_name: str,
 ) -> AdaptResult:
     from tqdm import tqdm
 
@@ -427,7 +429,8 @@ def _run(
                 yield module(_stack(inputs, [i], device))[0].float().cpu()
 
     # ---- state (fresh or resumed)
-    log: dict[str, Any] = {"method": cfg.method, "config": cfg_json, "images": stems, "rounds": [], "epochs": []}
+    log: dict[str, Any] = {"method": cfg.method, "model": model_name, "config": cfg_json, "images": stems,
+                           "rounds": [], "epochs": []}
     start_epoch = 0
     opt_state: dict[str, Any] | None = None
     opt_phase_saved = None
