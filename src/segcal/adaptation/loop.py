@@ -452,6 +452,7 @@ def _run(
     else:
         check_output()
         est0 = evaluate()
+        last_est = est0
         log["initial_estimated_ece"] = None if est0 is None else float(est0.mean())
 
     def phase_of(epoch: int) -> str:
@@ -467,6 +468,10 @@ def _run(
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     pseudo: np.ndarray | None = None
+    # per-image estimates of the current weights (reused at a round start: saves one pass)
+    if resume is not None:
+        prev = log["epochs"][-1].get("estimated_ece_per_image") if log["epochs"] else None
+        last_est = None if prev is None else np.asarray(prev, dtype=np.float64)
     weights: torch.Tensor | None = None
     current_round = -1
     opt, opt_phase = None, None
@@ -476,13 +481,15 @@ def _run(
         from segcal.estimation.value_net import warmup_bn
 
         warmup_bn(module, (_stack(inputs, b, device) for b in _batches(range(n), cfg.batch_size)))
+        last_est = None  # the BN statistics changed
 
     bar = tqdm(range(start_epoch, total_epochs), desc=f"adapt[{cfg.method}]", disable=not progress, unit="epoch")
     for epoch in bar:
         rnd = epoch // cfg.epochs_per_round
         # ---- pseudo-labels of the round
         if cfg.method != "tent" and rnd != current_round:
-            pseudo, weights, rinfo = _round_labels(cfg, rnd, out, logits_iter, glue, evaluate, num_classes, n,
+            est_fn = evaluate if last_est is None else (lambda e=last_est: e)
+            pseudo, weights, rinfo = _round_labels(cfg, rnd, out, logits_iter, glue, est_fn, num_classes, n,
                                                    fresh=epoch % cfg.epochs_per_round == 0)
             current_round = rnd
             if all(r["round"] != rnd for r in log["rounds"]):
@@ -520,6 +527,7 @@ def _run(
         for p in module.parameters():
             p.requires_grad_(True)
         est = evaluate()
+        last_est = est
         entry = {
             "epoch": epoch, "round": rnd, "phase": phase, "loss": tot / max(nb, 1),
             "estimated_ece": None if est is None else float(est.mean()),
