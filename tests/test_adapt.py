@@ -289,6 +289,9 @@ def test_features_estimator(tmp_path):
     est = ECEEstimator(8, meta={"layer": "encoder"}, grid=(4, 4))
     res = run_toy(tmp_path, estimator=est, quick=True)
     assert all(0 < e["estimated_ece"] < 1 for e in res.epochs)
+    other = ECEEstimator(8, meta={"layer": "encoder", "model": "espnet-camvid"}, grid=(4, 4))
+    with pytest.warns(UserWarning, match="trained on 'espnet-camvid' features"):
+        run_toy(tmp_path, estimator=other, quick=True, out_dir=tmp_path / "other")
     bad = ECEEstimator(8, meta={"layer": "decoder"})
     with pytest.raises(ValueError, match="not a sub-module"):
         run_toy(tmp_path, estimator=bad, quick=True, out_dir=tmp_path / "bad")

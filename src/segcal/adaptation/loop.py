@@ -44,6 +44,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -169,7 +170,9 @@ def _quick_subset(paths: list[Path], n: int) -> list[Path]:
 class _EstimatorGlue:
     """Per-image ECE estimates of the current model, whatever the estimator kind."""
 
-    def __init__(self, estimator: Any, module: nn.Module, num_classes: int, mapping: nn.Module | None) -> None:
+    def __init__(
+        self, estimator: Any, module: nn.Module, num_classes: int, mapping: nn.Module | None, model_name: str = ""
+    ) -> None:
         self.estimator = estimator
         self.mapping = mapping
         self.kind = getattr(estimator, "input_kind", None) if estimator is not None else None
@@ -192,7 +195,14 @@ class _EstimatorGlue:
                 "use an estimator trained on this model's (mapped) logits, a class mapping, or a baseline (maxprob)"
             )
         if self.kind == "features":
-            layer = (getattr(estimator, "meta", {}) or {}).get("layer")
+            meta = getattr(estimator, "meta", {}) or {}
+            trained_on = meta.get("model")
+            if trained_on and model_name and trained_on != model_name:
+                warnings.warn(
+                    f"the features estimator was trained on {trained_on!r} features, not {model_name!r}; "
+                    "its estimates may be meaningless", UserWarning, stacklevel=4,
+                )
+            layer = meta.get("layer")
             if not layer:
                 raise ValueError("features estimator: its meta has no 'layer' (the hooked sub-module name)")
             mods = dict(module.named_modules())
@@ -364,10 +374,11 @@ def adapt(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    glue = _EstimatorGlue(estimator, module, num_classes, class_mapping)
+    model_name = getattr(model, "name", type(model).__name__)
+    glue = _EstimatorGlue(estimator, module, num_classes, class_mapping, model_name)
     try:
         return _run(cfg, module, inputs, stems, glue, num_classes, out, resume, progress, device, t0,
-                    getattr(model, "name", type(model).__name__))
+                    model_name)
     finally:
         glue.close()
 
