@@ -368,8 +368,7 @@ def adapt(
         raw = [load_image(p) for p in paths]
     if transform is not None:
         raw = [np.asarray(transform(a, s), dtype=np.uint8) for a, s in zip(raw, stems, strict=True)]
-    inputs = [preprocess(a) for a in raw]  # (1, 3, H, W) each
-    del raw
+    inputs = _Images(raw, preprocess)  # uint8 kept in memory, preprocessed per batch
 
 
     out = Path(out_dir)
@@ -383,19 +382,32 @@ def adapt(
         glue.close()
 
 
+class _Images:
+    """The (transformed) target images as uint8; ``[i]`` gives the preprocessed ``(1, 3, H, W)``."""
+
+    def __init__(self, raw: list[np.ndarray], preprocess: Callable[[np.ndarray], torch.Tensor]) -> None:
+        self.raw, self.preprocess = raw, preprocess
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.preprocess(self.raw[i])
+
+
 def _batches(idx: Sequence[int], size: int):
     for i in range(0, len(idx), size):
         yield list(idx[i : i + size])
 
 
-def _stack(inputs: list[torch.Tensor], idx: Sequence[int], device: torch.device) -> torch.Tensor:
+def _stack(inputs: _Images, idx: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.cat([inputs[i] for i in idx], 0).to(device)
 
 
 def _run(
     cfg: AdaptConfig,
     module: nn.Module,
-    inputs: list[torch.Tensor],
+    inputs: _Images,
     stems: list[str],
     glue: _EstimatorGlue,
     num_classes: int,
