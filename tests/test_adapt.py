@@ -196,6 +196,17 @@ def test_bn_warmup_epoch_changes_only_bn(tmp_path):
     assert torch.equal(m.state_dict()["head.0.weight"], before["head.0.weight"])  # the input model untouched
 
 
+def test_encoder_frozen_after_warmup(tmp_path):
+    m = toy_model()
+    res = run_toy(tmp_path, model=m, rounds=1, epochs_per_round=3)
+    sd = [load_checkpoint(p)["state_dict"] for p in res.checkpoints]
+    assert torch.equal(sd[0]["encoder.0.weight"], m.state_dict()["encoder.0.weight"])
+    for k in ("encoder.0.weight", "encoder.1.weight", "encoder.1.bias"):  # frozen after epoch 0
+        assert torch.equal(sd[0][k], sd[2][k]), k
+    assert not torch.equal(sd[0]["head.0.weight"], sd[2]["head.0.weight"])  # the rest trains
+    assert not torch.equal(sd[0]["encoder.1.running_mean"], sd[2]["encoder.1.running_mean"])  # BN in train mode
+
+
 def test_tent_lowers_entropy_on_shifted_batch():
     m = toy_model()
     x = torch.from_numpy(np.stack(toy_images(4))).permute(0, 3, 1, 2).float() / 255.0 * 3.0 + 1.0  # shifted

@@ -485,9 +485,12 @@ def _run(
             return "warmup"
         return "main"
 
-    def make_optimizer(phase: str) -> torch.optim.Optimizer:
+    def trainable(phase: str) -> list[nn.Parameter]:
+        """Set ``requires_grad`` for the phase (frozen parameters get no gradient computed)."""
         which = "bn" if phase in ("warmup", "tent") else "all"
-        params = set_trainable(module, which, () if which == "bn" else cfg.freeze)
+        return set_trainable(module, which, () if which == "bn" else cfg.freeze)
+
+    def make_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     pseudo: np.ndarray | None = None
@@ -520,8 +523,9 @@ def _run(
         rinfo = next((r for r in log["rounds"] if r["round"] == rnd), None)
         # ---- optimizer of the phase
         phase = phase_of(epoch)
+        params = trainable(phase)
         if phase != opt_phase:
-            opt, opt_phase = make_optimizer(phase), phase
+            opt, opt_phase = make_optimizer(params), phase
             if opt_state is not None and opt_phase_saved == phase:
                 opt.load_state_dict(opt_state)
             opt_state = None
