@@ -532,31 +532,37 @@ def _run(
         bn_train_mode(module)
         loss_fn = CalSFDALoss(weights, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, eta=cfg.eta)
         order = torch.randperm(n, generator=g).tolist()
-        tot, nb = 0.0, 0
+        nb = 0
+        batch_losses: list[float] = []
+        part_sums: dict[str, float] = {}
         for b in tqdm(list(_batches(order, cfg.batch_size)), desc=f"epoch {epoch}", leave=False,
                       disable=not progress):
             x = _stack(inputs, b, device)
             if cfg.method == "tent":
-                tot += tent_step(module, x, opt)
+                batch_losses.append(tent_step(module, x, opt))
             else:
                 y = torch.from_numpy(pseudo[b].astype(np.int64)).to(device)
                 logits = module(x)
                 if cfg.method == "calsfda":
-                    loss, _ = loss_fn(logits, y, g)
+                    loss, parts = loss_fn(logits, y, g)
+                    for k, v in parts.items():
+                        part_sums[k] = part_sums.get(k, 0.0) + v
                 else:
                     loss = (F.cross_entropy(logits, y, ignore_index=IGNORE) if bool((y != IGNORE).any())
                             else logits.sum() * 0.0)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                tot += float(loss.detach())
+                batch_losses.append(float(loss.detach()))
             nb += 1
+        tot = sum(batch_losses)
         for p in module.parameters():
             p.requires_grad_(True)
         est = evaluate()
         last_est = est
         entry = {
-            "epoch": epoch, "round": rnd, "phase": phase, "loss": tot / max(nb, 1),
+            "epoch": epoch, "round": rnd, "phase": phase, "loss": tot / max(nb, 1), "batch_losses": batch_losses,
+            "loss_parts": {k: v / max(nb, 1) for k, v in part_sums.items()} or None,
             "estimated_ece": None if est is None else float(est.mean()),
             "estimated_ece_per_image": None if est is None else [float(v) for v in est],
             "coverage": None if rinfo is None else rinfo["coverage"],
