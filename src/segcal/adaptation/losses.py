@@ -1,0 +1,177 @@
+"""Target-side adaptation losses of Cal-SFDA (``../shared/methods.md`` §3.15(h)).
+
+* :func:`class_weights` -- ``softmax_c(1 / thr_c)`` over the class-balanced pseudo-label
+  thresholds of §3.15(g) (a threshold of 0 is replaced by 0.01 first, as in the reference).
+* :func:`symmetric_ce` -- ``alpha·CE_w + beta·RCE`` with ``alpha = 0.1``, ``beta = 1.0``
+  (§3.15(h)). ``CE_w`` is the class-weighted cross-entropy on pseudo-labelled pixels
+  (``ignore_index`` = unlabelled); the reverse cross-entropy ``RCE = -Σ_k p_k log q_k`` uses the
+  one-hot pseudo-label ``q`` clamped to ``[1e-4, 1]`` (so ``log q`` is 0 on the label and
+  ``log 1e-4`` elsewhere) and the softmax ``p`` clamped to ``[1e-7, 1]``.
+* :func:`negative_labels` / :func:`negative_learning_loss` -- per pixel the class ranked
+  ``k = C//2 + U{-3..3}`` (0 = most probable; clamped to ``[1, C-1]`` so it is never the
+  prediction) is a "negative label"; the loss is ``-log(1 - p_neg)`` averaged over the pixels.
+  The reference applies it to every pixel of the batch; so does this module.
+* :func:`entropy_term` -- ``mean(((H / log C)²)²)`` with ``H`` the entropy of the **softmax
+  probabilities**, computed once from the logits (the reference helper applies ``log_softmax``
+  to already-softmaxed probabilities; §7 item 6). Its weight ``eta`` is not given by the
+  reference config; it defaults to 0 (off) here.
+
+:class:`CalSFDALoss` combines them and returns the parts for logging.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CalSFDALoss",
+    "class_weights",
+    "entropy_term",
+    "negative_labels",
+    "negative_learning_loss",
+    "reverse_ce",
+    "symmetric_ce",
+]
+
+IGNORE = 255
+ONEHOT_FLOOR = 1e-4
+PROB_FLOOR = 1e-7
+
+
+def class_weights(thresholds: Any) -> torch.Tensor:
+    """``softmax_c(1 / thr_c)`` with ``thr_c = 0`` replaced by ``0.01`` (§3.15(h))."""
+    thr = torch.as_tensor(np.asarray(thresholds, dtype=np.float64)).clone()
+    if thr.ndim != 1 or thr.numel() < 1:
+        raise ValueError(f"thresholds: expected a 1-D array of per-class values, got shape {tuple(thr.shape)}")
+    if (thr < 0).any() or not torch.isfinite(thr).all():
+        raise ValueError("thresholds: expected finite values >= 0")
+    thr[thr == 0] = 0.01
+    return torch.softmax(1.0 / thr, dim=0).float()
+
+
+def _valid(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return target != ignore_index
+
+
+def reverse_ce(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = IGNORE) -> torch.Tensor:
+    """Mean over labelled pixels of ``-Σ_k p_k log clamp(onehot_k, 1e-4, 1)``."""
+    c = logits.shape[1]
+    valid = _valid(target, ignore_index)
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    p = F.softmax(logits, dim=1).clamp(PROB_FLOOR, 1.0)
+    t = torch.where(valid, target, torch.zeros_like(target)).long()
+    onehot = F.one_hot(t, c).movedim(-1, 1).float().clamp(ONEHOT_FLOOR, 1.0)
+    rce = -(p * torch.log(onehot)).sum(dim=1)
+    return rce[valid].mean()
+
+
+def symmetric_ce(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    alpha: float = 0.1,
+    beta: float = 1.0,
+    ignore_index: int = IGNORE,
+) -> torch.Tensor:
+    """``alpha · CE_w + beta · RCE`` over the pseudo-labelled pixels (§3.15(h); 0 if none)."""
+    if logits.ndim < 2 or tuple(target.shape) != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"target: shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
+    target = target.long()
+    valid = _valid(target, ignore_index)
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=logits.dtype, device=logits.device)
+        if weights.shape != (logits.shape[1],):
+            raise ValueError(f"weights: expected {logits.shape[1]} class weights, got {tuple(weights.shape)}")
+    ce = F.cross_entropy(logits, target, weight=weights, ignore_index=ignore_index)
+    return alpha * ce + beta * reverse_ce(logits, target, ignore_index=ignore_index)
+
+
+def negative_labels(probs: torch.Tensor, generator: torch.Generator | None = None, spread: int = 3) -> torch.Tensor:
+    """Per pixel, the class ranked ``C//2 + U{-spread..spread}`` by probability (rank 0 = top).
+
+    The rank is clamped to ``[1, C-1]``: the negative label is never the predicted class.
+    Returns ``(N, *spatial)`` class indices.
+    """
+    c = probs.shape[1]
+    if c < 2:
+        raise ValueError("negative learning needs at least 2 classes")
+    order = probs.detach().argsort(dim=1, descending=True)
+    shape = (probs.shape[0], 1, *probs.shape[2:])
+    off = torch.randint(-spread, spread + 1, shape, generator=generator, device="cpu").to(probs.device)
+    rank = (c // 2 + off).clamp(1, c - 1)
+    return order.gather(1, rank).squeeze(1)
+
+
+def negative_learning_loss(logits: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Mean of ``-log(1 - p_neg)`` (probabilities from one softmax of ``logits``)."""
+    p = F.softmax(logits, dim=1)
+    pn = p.gather(1, neg.long().unsqueeze(1)).squeeze(1)
+    return -torch.log((1.0 - pn).clamp_min(PROB_FLOOR)).mean()
+
+
+def entropy_term(logits: torch.Tensor) -> torch.Tensor:
+    """``mean(((H / log C)²)²)``, ``H = -Σ p log p`` with ``p = softmax(logits)`` (softmax once)."""
+    c = logits.shape[1]
+    logp = F.log_softmax(logits, dim=1)
+    h = -(logp.exp() * logp).sum(dim=1) / math.log(c)
+    return (h**2).pow(2).mean()
+
+
+class CalSFDALoss(nn.Module):
+    """The §3.15(h) objective ``alpha·CE_w + beta·RCE + gamma·NL + eta·Ent``.
+
+    Parameters
+    ----------
+    weights
+        Class weights (:func:`class_weights` of the round's thresholds) or ``None``.
+    alpha, beta
+        Symmetric CE weights (0.1 and 1.0 in the reference).
+    gamma
+        Weight of the negative-learning term (1.0; the reference adds it unweighted).
+    eta
+        Weight of the entropy term (default 0: the reference config does not set it).
+    """
+
+    def __init__(
+        self,
+        weights: torch.Tensor | None = None,
+        *,
+        alpha: float = 0.1,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        eta: float = 0.0,
+        ignore_index: int = IGNORE,
+        spread: int = 3,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weights", None if weights is None else torch.as_tensor(weights).float())
+        self.alpha, self.beta, self.gamma, self.eta = float(alpha), float(beta), float(gamma), float(eta)
+        self.ignore_index = int(ignore_index)
+        self.spread = int(spread)
+
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        sce = symmetric_ce(logits, target, self.weights, alpha=self.alpha, beta=self.beta, ignore_index=self.ignore_index)
+        total = sce
+        parts = {"sce": float(sce.detach())}
+        if self.gamma:
+            nl = negative_learning_loss(logits, negative_labels(F.softmax(logits, 1), generator, self.spread))
+            total = total + self.gamma * nl
+            parts["nl"] = float(nl.detach())
+        if self.eta:
+            ent = entropy_term(logits)
+            total = total + self.eta * ent
+            parts["entropy"] = float(ent.detach())
+        parts["total"] = float(total.detach())
+        return total, parts
