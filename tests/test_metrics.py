@@ -332,3 +332,22 @@ def test_threaded_kernel_equals_torch_path():
     for k in SCALARS:
         assert ra[k] == pytest.approx(rb[k], abs=1e-12), k
     np.testing.assert_allclose(ra["image_ece_values"], rb["image_ece_values"], atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_peaked_logits_match_reference(backend):
+    """A trained-model-like, confident distribution: few pixels where a non-top class can exceed
+    1/M (the kernel then visits those pixels only)."""
+    rng = np.random.default_rng(8)
+    n, c, shape = 3, 6, (30, 20)
+    labels = rng.integers(0, c, size=(n, *shape))
+    logits = rng.normal(size=(n, c, *shape))
+    np.put_along_axis(logits, labels[:, None], 4.5 + 6 * rng.random((n, 1, *shape)), axis=1)
+    unsure = softmax(logits).max(1) < 1 - 1 / 15
+    assert 0 < unsure.mean() < 0.25
+    labels = np.where(rng.random(labels.shape) < 0.1, rng.integers(0, c, size=labels.shape), labels)
+    ours = calibration_metrics(logits, labels, backend=backend)
+    ref = reference_metrics(softmax(logits), labels)
+    for k in SCALARS:
+        assert ours[k] == pytest.approx(ref[k], abs=1e-9), k
+    np.testing.assert_allclose(ours["classwise_ece_per_class"], ref["classwise_ece_per_class"], atol=1e-9)

@@ -136,6 +136,23 @@ if HAVE_NUMBA:
         # unsure pixel (q_k <= 1 - conf), so a plain scan finds them; the top entry is skipped
         if n_unsure == 0:
             return
+        if n_unsure * 4 < P:  # few unsure pixels (the usual case for a trained model): visit them
+            for j in range(n_unsure):
+                p = unsure[j]
+                y = lab[p]
+                kp = pred[p]
+                for k in range(C):
+                    qk = np.float64(q[k, p])
+                    if qk > thr and k != kp:
+                        b = _bin(qk, M)
+                        isk = 1.0 if y == k else 0.0
+                        classwise[k, b, 0] += 1.0
+                        classwise[k, b, 1] += qk
+                        classwise[k, b, 2] += isk
+                        extra[k, 0] += 1.0
+                        extra[k, 1] += qk
+                        extra[k, 2] += isk
+            return
         for k in range(C):
             for p in range(P):
                 qk = np.float64(q[k, p])
