@@ -40,33 +40,11 @@ def _fmt(xs: list[str], n: int = 10) -> str:
 
 
 def list_files(folder: str | os.PathLike, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
-    """Map stem -> path for the files of ``folder`` whose (lower-case) suffix is in ``suffixes``.
+    """Map stem -> path for the files of ``folder`` whose (case-insensitive) suffix is in ``suffixes``;
+    see :func:`segcal.io.predictions.list_stems` (errors for a missing folder or a shared stem)."""
+    from segcal.io.predictions import list_stems
 
-    Raises
-    ------
-    FileNotFoundError, NotADirectoryError
-        If the folder is missing or not a folder.
-    ValueError
-        If two files share a stem.
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"{what}: folder {folder} does not exist")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{what}: {folder} is not a folder")
-    found: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
-            continue
-        if p.suffix.lower() not in suffixes:
-            continue
-        if p.stem in found:
-            raise ValueError(
-                f"{what}: two files share the stem {p.stem!r} in {folder}: "
-                f"{found[p.stem].name}, {p.name}"
-            )
-        found[p.stem] = p
-    return found
+    return list_stems(folder, tuple(x.lower() for x in suffixes), what, ignore_case=True)
 
 
 def image_folder(

@@ -135,17 +135,9 @@ def load_nifti_pair(
 
 
 def _nifti_files(folder: Path, what: str) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{what}: folder {folder} does not exist")
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        stem = nifti_stem(p.name)
-        if stem is None or p.name.startswith(".") or not p.is_file():
-            continue
-        if stem in out:
-            raise ValueError(f"{what}: two files share the stem {stem!r} in {folder}")
-        out[stem] = p
-    return out
+    from segcal.io.predictions import list_stems
+
+    return list_stems(folder, NIFTI_SUFFIXES, what)
 
 
 def nifti_pairs(

@@ -36,10 +36,11 @@ FORMAT_NAME = "segcal-predictions"
 FORMAT_VERSION = 1
 
 
-def _split_suffix(name: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
+def _split_suffix(name: str, suffixes: tuple[str, ...], ignore_case: bool = False) -> tuple[str, str] | None:
+    test = name.lower() if ignore_case else name
     for suf in suffixes:
-        if name.endswith(suf) and len(name) > len(suf):
-            return name[: -len(suf)], suf
+        if test.endswith(suf) and len(name) > len(suf):
+            return name[: -len(suf)], name[-len(suf):]
     return None
 
 
@@ -52,7 +53,22 @@ class PredictionItem:
     label_path: Path | None = None
 
 
-def _list_stems(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+def list_stems(
+    folder: str | os.PathLike, suffixes: tuple[str, ...], what: str, *, ignore_case: bool = False
+) -> dict[str, Path]:
+    """Map stem -> path for the files of ``folder`` ending in one of ``suffixes`` (sorted).
+
+    The one folder-listing routine of segcal: multi-part suffixes (``.nii.gz``) are handled,
+    hidden files and sub-folders skipped; ``ignore_case`` matches ``.PNG`` as ``.png``.
+
+    Raises
+    ------
+    FileNotFoundError, NotADirectoryError
+        If ``folder`` is missing or not a folder (the message starts with ``what``).
+    ValueError
+        If two files share a stem.
+    """
+    folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"{what}: folder {folder} does not exist")
     if not folder.is_dir():
@@ -61,7 +77,7 @@ def _list_stems(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str,
     for p in sorted(folder.iterdir()):
         if not p.is_file() or p.name.startswith("."):
             continue
-        split = _split_suffix(p.name, suffixes)
+        split = _split_suffix(p.name, suffixes, ignore_case)
         if split is None:
             continue
         stem, _ = split
@@ -69,6 +85,9 @@ def _list_stems(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str,
             raise ValueError(f"{what}: two files share the stem {stem!r} in {folder}: {found[stem].name}, {p.name}")
         found[stem] = p
     return found
+
+
+_list_stems = list_stems
 
 
 def find_label_files(folder: str | os.PathLike) -> dict[str, Path]:
