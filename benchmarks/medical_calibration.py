@@ -44,9 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from segcal.calibrators import create  # noqa: E402
-from segcal.metrics import CalibrationMetrics, to_jsonable  # noqa: E402
-from segcal.metrics.regions import foreground_region_mask  # noqa: E402
+from segcal.calibrators import create
+from segcal.metrics import CalibrationMetrics, to_jsonable
+from segcal.metrics.regions import foreground_region_mask
 
 NUM_CLASSES = 3
 FG_CLASSES = (1, 2)
@@ -66,11 +66,11 @@ CALIBRATORS: dict[str, tuple[str, dict]] = {
     "cmsop": ("cmsop", {}),
     "vs_ti": ("vs_ti", {}),
     "ms_ti": ("ms_ti", {}),
+    "ts_dice": ("ts", {"objective": "dice"}),
+    "dc_dice": ("dc", {"objective": "dice"}),
     "lts": ("lts", {"spatial_dims": 3}),
     "lts_ti": ("lts_ti", {"spatial_dims": 3}),
     "selective": ("selective", {"base": "ts"}),
-    "ts_dice": ("ts", {"objective": "dice"}),
-    "dc_dice": ("dc", {"objective": "dice"}),
 }
 QUICK_CALIBRATORS = ["ts", "cmsap"]
 SHIFTS = ["bias_field", "rician_noise", "gaussian_blur", "gamma", "ghosting", "low_resolution"]
@@ -84,7 +84,7 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True).stdout.strip()
         return out + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "unknown"
 
 
@@ -193,7 +193,7 @@ def _ms(vals: list[float], fmt: str, scale: float = 1.0) -> str:
 
 
 def markdown(res: dict) -> str:
-    rows = ["none", *res["config"]["calibrators"]]
+    rows = [r for r in ["none", *res["config"]["calibrators"]] if r in res["repeats"][-1]["clean"]]
     reps = res["repeats"]
     props = res["properties"]
     L = []
@@ -208,7 +208,10 @@ def markdown(res: dict) -> str:
     for r in rows:
         ev = [rep["clean"][r] for rep in reps]
         p = props.get(r, {"translation_invariant": True, "argmax_preserving": True})
-        g = lambda k: [e[k] for e in ev]  # noqa: E731
+
+        def g(k: str, ev: list = ev) -> list:
+            return [e[k] for e in ev]
+
         case = f"{np.mean(g('case_ece_mean')) * 100:.2f} ± {np.mean(g('case_ece_std')) * 100:.2f}"
         d = np.asarray([e["dice_pooled"] for e in ev])
         L.append(
@@ -241,7 +244,7 @@ def markdown(res: dict) -> str:
             L.append("")
     L.append("")
     L.append("Fit time (s, mean over repeats): " + ", ".join(
-        f"{r} {np.mean([rep['fit_seconds'][r] for rep in reps]):.1f}" for r in res["config"]["calibrators"]))
+        f"{r} {np.mean([rep['fit_seconds'][r] for rep in reps]):.1f}" for r in rows if r != "none"))
     return "\n".join(L) + "\n"
 
 
@@ -333,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                       "objective": CALIBRATORS[r][1].get("objective", "nll")} for r in calibrators}
     repeats: list[dict] = []
 
-    def write(final: bool) -> None:
+    def write(final: bool, current: dict | None = None) -> None:
+        """Write results.json / table.md (also after each calibrator: a killed run keeps its rows)."""
         wall = time.perf_counter() - t_start
         res = {
             "commit": git_commit(),
@@ -345,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                      "threads": torch.get_num_threads()},
             "config": {
                 "seed": args.seed, "n_calib": len(calib_ids), "n_test": len(test_ids),
-                "n_fit": len(repeats[0]["fit_ids"]) if repeats else 0,
-                "n_selection": len(repeats[0]["selection_ids"]) if repeats else 0,
+                "n_fit": len(calib_ids) // 2 or len(calib_ids),
+                "n_selection": len(calib_ids) - len(calib_ids) // 2,
                 "repeats_requested": args.repeats, "repeats_done": len(repeats), "complete": final,
                 "calibrators": calibrators,
                 "calibrator_kwargs": {r: CALIBRATORS[r][1] for r in calibrators},
@@ -355,14 +359,15 @@ def main(argv: list[str] | None = None) -> int:
                 "n_shift_cases": len(shift_ids), "shift_case_ids": shift_ids, "cache": str(cache),
             },
             "properties": properties,
-            "repeats": repeats,
+            "repeats": repeats + ([current] if current is not None else []),
         }
         outd = Path(args.out)
         outd.mkdir(parents=True, exist_ok=True)
         (outd / "results.json").write_text(json.dumps(to_jsonable(res), indent=1))
         md = markdown(res)
         (outd / "table.md").write_text(md)
-        print(md)
+        if final:
+            print(md)
         print(f"wall time {wall:.0f} s; wrote {outd / 'results.json'} and {outd / 'table.md'}")
 
     for rep in range(args.repeats):
@@ -389,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[rep {rep}] {r:10s} fit {t_fit:6.1f}s total {time.perf_counter() - t0:6.1f}s "
                   f"ECE {e['ece'] * 100:.3f} fg-ECE {e['fg_ece'] * 100:.2f} NLL {e['nll']:.4f} "
                   f"Dice {e['dice_pooled_mean']:.4f} flip {e['flip_rate'] * 100:.3f}%", flush=True)
+            write(final=False, current=out)
         repeats.append(out)
         write(final=rep == args.repeats - 1)
 
