@@ -125,7 +125,8 @@ def test_pointwise_calibrators_fit_on_volumes_of_different_shapes(name):
     batches = _two_volumes()
     kw = {} if name == "selective" else {"max_iter": 20, "max_steps": 20}
     if name == "selective":
-        kw = {"base": "ts", "selector_epochs": 2, "pixels_per_epoch": 512}
+        kw = {"base": "ts", "base_config": {"max_iter": 20}, "selector_epochs": 1,
+              "pixels_per_epoch": 256, "t_grid": (1.0, 2.0)}
     cal = create(name, **kw).fit(batches)
     assert cal.is_fitted
     for z, _ in batches:
@@ -165,7 +166,8 @@ def test_ap_calibrators_do_not_flip_on_a_real_case():
     z_test = data[2][0]
     for name in ap:
         if name == "selective":
-            kw = {"base": "ts", "selector_epochs": 2}
+            kw = {"base": "ts", "base_config": {"max_iter": 30}, "selector_epochs": 1,
+                  "pixels_per_epoch": 4096, "t_grid": (1.0, 2.0)}
         elif name in SPATIAL:
             kw = {"spatial_dims": 3, "max_steps": 5}
         else:
