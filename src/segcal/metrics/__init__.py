@@ -7,6 +7,7 @@ from segcal.metrics.engine import (
     expected_calibration_error,
     to_jsonable,
 )
+from segcal.metrics.regions import foreground_region_mask
 
 __all__ = [
     "CalibrationMetrics",
@@ -14,5 +15,6 @@ __all__ = [
     "bin_index",
     "calibration_metrics",
     "expected_calibration_error",
+    "foreground_region_mask",
     "to_jsonable",
 ]
