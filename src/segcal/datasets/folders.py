@@ -35,10 +35,6 @@ class SegItem:
         return load_label(self.label_path, expected_hw=image_size(self.image_path)[::-1])
 
 
-def _fmt(xs: list[str], n: int = 10) -> str:
-    return ", ".join(xs[:n]) + (f" ... (+{len(xs) - n} more)" if len(xs) > n else "")
-
-
 def list_files(folder: str | os.PathLike, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
     """Map stem -> path for the files of ``folder`` whose (case-insensitive) suffix is in ``suffixes``;
     see :func:`segcal.io.predictions.list_stems` (errors for a missing folder or a shared stem)."""
@@ -72,15 +68,11 @@ def image_folder(
     if labels is None:
         return [SegItem(s, p) for s, p in sorted(imgs.items())]
     labs = list_files(labels, LABEL_SUFFIXES_2D, "labels")
-    only_i = sorted(set(imgs) - set(labs))
-    only_l = sorted(set(labs) - set(imgs))
-    if strict and (only_i or only_l):
-        msg = [f"images/labels: file stems do not match ({images} vs {labels})"]
-        if only_i:
-            msg.append(f"{len(only_i)} image(s) without a label: {_fmt(only_i)}")
-        if only_l:
-            msg.append(f"{len(only_l)} label(s) without an image: {_fmt(only_l)}")
-        raise ValueError("; ".join(msg))
+    if strict:
+        from segcal.io.predictions import check_stems_match
+
+        check_stems_match(imgs, labs, f"images/labels: file stems do not match ({images} vs {labels})",
+                          "image(s) without a label", "label(s) without an image")
     items = [SegItem(s, p, labs[s]) for s, p in sorted(imgs.items()) if s in labs]
     if not items:
         raise ValueError(f"images/labels: no image in {images} has a label in {labels}")

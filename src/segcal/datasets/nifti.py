@@ -156,15 +156,11 @@ def nifti_pairs(
     if labels is None:
         return [VolumeItem(s, p) for s, p in sorted(imgs.items())]
     labs = _nifti_files(Path(labels), "labels")
-    only_i = sorted(set(imgs) - set(labs))
-    only_l = sorted(set(labs) - set(imgs))
-    if strict and (only_i or only_l):
-        msg = [f"images/labels: volume stems do not match ({images} vs {labels})"]
-        if only_i:
-            msg.append(f"{len(only_i)} image(s) without a label: {', '.join(only_i[:10])}")
-        if only_l:
-            msg.append(f"{len(only_l)} label(s) without an image: {', '.join(only_l[:10])}")
-        raise ValueError("; ".join(msg))
+    if strict:
+        from segcal.io.predictions import check_stems_match
+
+        check_stems_match(imgs, labs, f"images/labels: volume stems do not match ({images} vs {labels})",
+                          "image(s) without a label", "label(s) without an image")
     return [VolumeItem(s, p, labs[s]) for s, p in sorted(imgs.items()) if s in labs]
 
 

@@ -195,6 +195,35 @@ class PredictionFolder:
             yield it.stem, scores, labels, itype
 
 
+def check_stems_match(
+    left: dict[str, Path] | set[str],
+    right: dict[str, Path] | set[str],
+    header: str,
+    left_only: str,
+    right_only: str,
+) -> None:
+    """Raise a ``ValueError`` listing the stems present on one side only.
+
+    The message is ``"<header>; N <left_only>: a, b, ...; M <right_only>: ..."`` (10 stems shown
+    per side). The one stem-matching check of segcal (prediction/label folders, image/label
+    folders, NIfTI volume pairs).
+    """
+    only_l = sorted(set(left) - set(right))
+    only_r = sorted(set(right) - set(left))
+    if not (only_l or only_r):
+        return
+
+    def _fmt(xs: list[str]) -> str:
+        return ", ".join(xs[:10]) + (f" ... (+{len(xs) - 10} more)" if len(xs) > 10 else "")
+
+    msg = [header]
+    if only_l:
+        msg.append(f"{len(only_l)} {left_only}: {_fmt(only_l)}")
+    if only_r:
+        msg.append(f"{len(only_r)} {right_only}: {_fmt(only_r)}")
+    raise ValueError("; ".join(msg))
+
+
 def pair_folders(
     pred_dir: str | os.PathLike, label_dir: str | os.PathLike | None = None, *, strict: bool = True
 ) -> list[PredictionItem]:
@@ -209,19 +238,9 @@ def pair_folders(
     if label_dir is None:
         return [PredictionItem(s, p) for s, p in sorted(preds.items())]
     labels = find_label_files(label_dir)
-    only_p = sorted(set(preds) - set(labels))
-    only_l = sorted(set(labels) - set(preds))
-    if strict and (only_p or only_l):
-
-        def _fmt(xs: list[str]) -> str:
-            return ", ".join(xs[:10]) + (f" ... (+{len(xs) - 10} more)" if len(xs) > 10 else "")
-
-        msg = ["pred/labels: file stems do not match"]
-        if only_p:
-            msg.append(f"{len(only_p)} prediction(s) without a label: {_fmt(only_p)}")
-        if only_l:
-            msg.append(f"{len(only_l)} label(s) without a prediction: {_fmt(only_l)}")
-        raise ValueError("; ".join(msg))
+    if strict:
+        check_stems_match(preds, labels, "pred/labels: file stems do not match",
+                          "prediction(s) without a label", "label(s) without a prediction")
     return [PredictionItem(s, p, labels[s]) for s, p in sorted(preds.items()) if s in labels]
 
 
