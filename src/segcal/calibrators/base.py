@@ -44,6 +44,7 @@ from segcal._validation import (
 from segcal.calibrators.fitting import FitData, FitSettings, _Batch, minimize, prepare_data
 from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.registry import FORMAT, VERSION
+from segcal.io.serialization import to_plain as _plain
 
 PROB_FLOOR = 1e-12
 
@@ -535,16 +536,3 @@ class _Exported(nn.Module):
         rows = self.cal._canonical(flat.transpose(1, 2).reshape(-1, c))
         out = self.cal._map(rows).reshape(n, -1, c).transpose(1, 2)
         return out.reshape_as(x)
-
-
-def _plain(x: Any) -> Any:
-    """Recursively keep only values ``torch.load(weights_only=True)`` accepts."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    if isinstance(x, bool | int | float | str) or x is None:
-        return x
-    if isinstance(x, np.generic):
-        return x.item()
-    return str(x)

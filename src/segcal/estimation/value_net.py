@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcal.estimation.features import DEFAULT_GRID, logit_features
+from segcal.io.serialization import to_plain as _plain
 from segcal.losses import ClassLevelECE, DifferentiableECE
 
 __all__ = ["FORMAT", "ECEEstimator", "ece_targets", "warmup_bn"]
@@ -347,15 +348,3 @@ class ECEEstimator(nn.Module):
         est.fitted = bool(payload.get("fitted", True))
         est.eval()
         return est
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    if isinstance(x, bool | int | float | str) or x is None:
-        return x
-    if isinstance(x, np.generic):
-        return x.item()
-    return str(x)
