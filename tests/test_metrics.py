@@ -132,10 +132,19 @@ def test_bin_index_convention():
 
 
 def test_kernel_bin_rule_equals_bin_index():
-    vals = [0.0, 1e-12, 0.1, 0.2, 1 / 3, 0.5, 0.9999999, 1.0, float(np.float32(0.2))]
+    vals = [0.0, 1e-12, 0.1, 0.2, 1 / 3, 0.5, 0.9999999, 1.0, float(np.float32(0.2)), 1.5, float("inf")]
     for n in (1, 10, 15, 50, 1 << 16):
         t = torch.tensor(vals, dtype=torch.float64)
         assert bin_index(t, n).tolist() == [_bin_py(v, n) for v in vals]
+    if HAVE_NUMBA:  # the compiled rule too (a confidence of 1 has fine coordinate +inf)
+        import numba
+
+        from segcal.metrics._kernels import _bin
+
+        probe = numba.njit(lambda v, n: _bin(v, n))
+        assert [probe(v, n) for n in (10, 1 << 16) for v in vals] == [
+            _bin_py(v, n) for n in (10, 1 << 16) for v in vals
+        ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -351,3 +360,28 @@ def test_peaked_logits_match_reference(backend):
     for k in SCALARS:
         assert ours[k] == pytest.approx(ref[k], abs=1e-9), k
     np.testing.assert_allclose(ours["classwise_ece_per_class"], ref["classwise_ece_per_class"], atol=1e-9)
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("scale", [0.5, 3.0, 30.0])
+def test_numba_class_wise_paths_match_torch(scale):
+    """The kernel bins class-wise entries through a sparse (few unsure pixels) or a compacting
+    dense path depending on the data; both must give the torch backend's statistics, with a
+    mask, the ignore index and several images packed in one chunk."""
+    rng = np.random.default_rng(7)
+    logits = torch.from_numpy(rng.normal(size=(3, 19, 40, 30)) * scale).float()
+    labels = torch.from_numpy(rng.integers(0, 19, size=(3, 40, 30)))
+    labels[:, :3] = 255
+    mask = torch.from_numpy(rng.random((3, 40, 30)) > 0.1)
+    out = {}
+    for backend in ("torch", "numba"):
+        for chunk in (512, 1 << 14):
+            m = CalibrationMetrics(19, ignore_index=255, backend=backend, chunk_pixels=chunk)
+            m.update(logits, labels, mask=mask)
+            out[backend, chunk] = m
+    # same chunking -> the same float32 softmax values -> the same float64 sums (the chunk width
+    # itself changes the last ulp of the softmax, so chunk sizes are compared per backend pair)
+    for chunk in (512, 1 << 14):
+        ref, m = out["torch", chunk], out["numba", chunk]
+        for nm in ("classwise", "by_pred", "by_label", "fine", "confusion", "pooled_bins", "pooled_totals"):
+            torch.testing.assert_close(getattr(m, nm), getattr(ref, nm), rtol=0, atol=1e-9, msg=f"{chunk} {nm}")

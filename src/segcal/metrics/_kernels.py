@@ -31,6 +31,8 @@ except ImportError:  # pragma: no cover - depends on extras
 
 
 def _bin_py(v: float, n: int) -> int:
+    if v >= 1.0:  # also +inf (the fine coordinate of a confidence of exactly 1): last bin
+        return n - 1
     b = math.ceil(v * n) - 1
     if b < 0:
         return 0
@@ -41,6 +43,22 @@ def _bin_py(v: float, n: int) -> int:
 
 if HAVE_NUMBA:
     _bin = nb.njit(cache=True, inline="always")(_bin_py)
+
+    @nb.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)
+    def _valid_row_sums(q, valid, out, sumsq):  # pragma: no cover - compiled
+        """``out[k] += sum_p q[k, p]`` over valid pixels and ``sumsq[p] = sum_k q[k, p]^2``, both
+        in float64, row by row over contiguous memory (vectorised: fastmath only reassociates
+        the float64 sums)."""
+        C, P = q.shape
+        for p in range(P):
+            sumsq[p] = 0.0
+        for k in range(C):
+            s = 0.0
+            for p in range(P):
+                v = np.float64(q[k, p])
+                s += v if valid[p] else 0.0
+                sumsq[p] += v * v
+            out[k] += s
 
     @nb.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def accumulate_chunk(
@@ -59,20 +77,26 @@ if HAVE_NUMBA:
         img_totals,  # (n, 3)
         img_class,  # (n, C, 3)
         fine,  # (F, 3)
-        classwise,  # (C, M, 3): receives only the non-top entries above 1/M (see the engine)
-        extra,  # (C, 3): sums of what was added to ``classwise`` (to subtract from bin 0)
+        classwise,  # (C, M, 3): the non-top entries; bin 0 holds "all valid minus those binned"
         by_pred,  # (C, M, 3)
         by_label,  # (C, M, 3)
         confusion,  # (C, C)
-        work,  # (2, P) float64 scratch
+        work,  # (3, P) float64 scratch
         pred,  # (P,) int64 scratch
         unsure,  # (P,) int64 scratch
+        cand,  # (P,) int64 scratch
+        ok,  # (P,) uint8 scratch
         bad,  # (3,) int64 out: [first bad label pixel + 1, non-finite count, bad label value]
     ):
         C, P = q.shape
         M = n_bins
         best = work[0]
         zsum = work[1]
+        sumsq = work[2]
+        # every valid pixel's q_k starts in class k's bin 0 (float64 totals); pass 3 moves the
+        # non-top entries above 1/M out of it, the engine moves the top entries (by_pred) out;
+        # sum_k q_k^2 per pixel for the Brier score
+        _valid_row_sums(q, valid, classwise[:, 0, 1], sumsq)
         # pass 1 over classes (contiguous rows): first-index argmax, finiteness
         for p in range(P):
             best[p] = z[0, p]
@@ -112,8 +136,8 @@ if HAVE_NUMBA:
             img_bins[i, b, corr, 1] += c
             img_totals[i, 0] += 1.0
             img_totals[i, 1] += nll[p]
-            # Brier: sum_k q_k^2 - 2 q_y + 1; sum_k q_k^2 is accumulated in pass 3 below
-            img_totals[i, 2] += 1.0 - 2.0 * qy
+            # Brier: sum_k q_k^2 - 2 q_y + 1
+            img_totals[i, 2] += sumsq[p] + 1.0 - 2.0 * qy
             img_class[i, y, 0] += 1.0
             img_class[i, y, 1] += corr
             img_class[i, k, 2] += 1.0
@@ -149,25 +173,41 @@ if HAVE_NUMBA:
                         classwise[k, b, 0] += 1.0
                         classwise[k, b, 1] += qk
                         classwise[k, b, 2] += isk
-                        extra[k, 0] += 1.0
-                        extra[k, 1] += qk
-                        extra[k, 2] += isk
+                        classwise[k, 0, 0] -= 1.0
+                        classwise[k, 0, 1] -= qk
+                        classwise[k, 0, 2] -= isk
             return
+        # many unsure pixels (random or badly calibrated scores): per class, compact the candidate
+        # pixels with a branch-free scan of the contiguous row, then bin only the candidates (the
+        # threshold test is unpredictable here; branching on it per entry costs more than the scan)
+        for p in range(P):
+            ok[p] = 0
+        for j in range(n_unsure):  # only unsure pixels can hold a non-top entry above 1/M
+            ok[unsure[j]] = 1
+        thr32 = np.float32(thr)
         for k in range(C):
+            row = q[k]
+            n = 0
             for p in range(P):
-                qk = np.float64(q[k, p])
-                if qk > thr and pred[p] != k and valid[p]:
-                    y = lab[p]
-                    if y < 0 or y >= C or not math.isfinite(zsum[p]):
-                        continue
-                    b = _bin(qk, M)
-                    isk = 1.0 if y == k else 0.0
-                    classwise[k, b, 0] += 1.0
-                    classwise[k, b, 1] += qk
-                    classwise[k, b, 2] += isk
-                    extra[k, 0] += 1.0
-                    extra[k, 1] += qk
-                    extra[k, 2] += isk
+                cand[n] = p
+                n += (row[p] > thr32) & (pred[p] != k) & (ok[p] != 0)
+            e0 = 0.0
+            e1 = 0.0
+            e2 = 0.0
+            for j in range(n):
+                p = cand[j]
+                qk = np.float64(row[p])
+                b = _bin(qk, M)
+                isk = 1.0 if lab[p] == k else 0.0
+                classwise[k, b, 0] += 1.0
+                classwise[k, b, 1] += qk
+                classwise[k, b, 2] += isk
+                e0 += 1.0
+                e1 += qk
+                e2 += isk
+            classwise[k, 0, 0] -= e0
+            classwise[k, 0, 1] -= e1
+            classwise[k, 0, 2] -= e2
 
 else:  # pragma: no cover
     accumulate_chunk = None

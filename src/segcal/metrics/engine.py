@@ -371,7 +371,9 @@ class CalibrationMetrics:
             for i in range(n):
                 for p0 in range(0, S, P):
                     p1 = min(S, p0 + P)
-                    z = x[i, :, p0:p1].to(device=dev, dtype=cd)
+                    # a (C, P) view with row stride S: one copy to a contiguous block is cheaper
+                    # than a strided softmax and strided reads (and both backends see the same)
+                    z = x[i, :, p0:p1].to(device=dev, dtype=cd).contiguous()
                     lab = y[i, p0:p1].to(dev)
                     m = mk[i, p0:p1].to(dev) if mk is not None else None
                     yield i, z, lab, m
@@ -395,8 +397,8 @@ class CalibrationMetrics:
     ) -> None:
         """The fused numba path (CPU): same statistics as :meth:`_accumulate`.
 
-        torch does the vectorised transcendental work (softmax, log, log1p, sum of squares);
-        the kernel does the argmax, the binning and every scatter-add in one pass per pixel.
+        torch does the vectorised transcendental work (softmax, log, log1p); the kernel does the
+        argmax, the float64 row sums, the binning and every scatter-add.
         """
         C, M = self.num_classes, self.n_bins
         f64 = torch.float64
@@ -405,7 +407,6 @@ class CalibrationMetrics:
         if self.ignore_index is not None:
             keep = lab != self.ignore_index
             valid = keep if valid is None else (valid & keep)
-        all_valid = valid is None
         if valid is None:
             valid = torch.ones_like(lab, dtype=torch.bool)
         if self.input_type == "logits":
@@ -419,11 +420,12 @@ class CalibrationMetrics:
         nll = torch.log(q_y.clamp_(min=self.nll_floor)).neg_()
         fine_u = torch.log1p(-conf).neg_().div_(FINE_LOG_SPAN)
         P = lab.numel()
-        work = np.empty((2, P), dtype=np.float64)
+        work = np.empty((3, P), dtype=np.float64)
         pred = np.empty(P, dtype=np.int64)
         unsure = np.empty(P, dtype=np.int64)
+        cand = np.empty(P, dtype=np.int64)
+        ok = np.empty(P, dtype=np.uint8)
         bad = np.zeros(3, dtype=np.int64)
-        extra = np.zeros((C, 3), dtype=np.float64)
         if isinstance(img, int):
             img_idx, img0 = np.empty(0, dtype=np.int64), img
         else:
@@ -431,8 +433,8 @@ class CalibrationMetrics:
         accumulate_chunk(
             z.numpy(), q.numpy(), lab.numpy(), valid.numpy(), conf.numpy(), nll.numpy(), fine_u.numpy(),
             img_idx, img0, M, self.fine_bins, acc["img_bins"].numpy(), acc["img_totals"].numpy(),
-            acc["img_class"].numpy(), acc["fine"].numpy(), acc["classwise"].numpy(), extra,
-            acc["by_pred"].numpy(), acc["by_label"].numpy(), acc["confusion"].numpy(), work, pred, unsure, bad,
+            acc["img_class"].numpy(), acc["fine"].numpy(), acc["classwise"].numpy(),
+            acc["by_pred"].numpy(), acc["by_label"].numpy(), acc["confusion"].numpy(), work, pred, unsure, cand, ok, bad,
         )
         if bad[1] > 0:
             check_finite(z[:, valid], "preds")
@@ -443,23 +445,6 @@ class CalibrationMetrics:
                 f"target: labels {vals} are outside [0, {C}) and are not the ignore_index; "
                 "pass ignore_index= or a mask to exclude them"
             )
-        # vectorised per-class / per-image sums (torch): sum of q^2 for the Brier score and the
-        # per-class probability totals that give class-wise bin 0 by subtraction
-        w = None if all_valid else valid.to(q.dtype)
-        sumsq = torch.linalg.vecdot(q, q, dim=0)
-        if w is not None:
-            sumsq = sumsq * w
-        tot_q = q.sum(dim=1).to(f64) if w is None else torch.mv(q, w).to(f64)
-        img_totals = acc["img_totals"]
-        if isinstance(img, int):
-            img_totals[img, 2] += sumsq.sum(dtype=f64)
-        else:
-            img_totals[:, 2] += torch.bincount(img, weights=sumsq.to(f64), minlength=img_totals.shape[0])
-        ex = torch.from_numpy(extra)
-        cw = acc["classwise"]
-        cw[:, 0, 0] -= ex[:, 0]
-        cw[:, 0, 1] += tot_q - ex[:, 1]
-        cw[:, 0, 2] -= ex[:, 2]
 
     def _accumulate(
         self,
@@ -518,7 +503,9 @@ class CalibrationMetrics:
         correct = pred == lab
         corr64 = correct.to(f64)
         nll = -torch.log(q_y.clamp(min=self.nll_floor))
-        sumsq = sel(torch.linalg.vecdot(q, q, dim=0)).to(f64)
+        q64 = q.to(f64)  # squares of float32 values are exact in float64; summed in float64
+        sumsq = sel(torch.linalg.vecdot(q64, q64, dim=0))
+        del q64
         brier = sumsq - 2.0 * q_y + 1.0
         b = bin_index(conf, M)
         ci = correct.to(torch.int64)
@@ -625,10 +612,11 @@ class CalibrationMetrics:
                 extra_q = s_q.view(C, M).sum(1)
                 extra_l = s_l.view(C, M).sum(1)
         # bin 0 gets everything else: per-class totals minus what was binned above
+        # accumulated in float64: a float32 sum over a chunk is off by ~1e-6 relative
         if valid is None:
-            tot_q = q.sum(dim=1).to(f64)
+            tot_q = q.sum(dim=1, dtype=f64)
         else:
-            tot_q = torch.mv(q, valid.to(q.dtype)).to(f64)
+            tot_q = torch.mv(q.to(f64), valid.to(f64))
         top_c = top.view(C, M, 3).sum(1)
         self.classwise[:, 0, 0] += P - top_c[:, 0] - extra_cnt
         self.classwise[:, 0, 1] += tot_q - top_c[:, 1] - extra_q
