@@ -1,11 +1,18 @@
 """Fused CPU accumulation kernel (numba) for :class:`segcal.metrics.CalibrationMetrics`.
 
 The torch path of the engine issues ~40 small tensor operations per chunk of pixels; on the CPU
-most of them are memory-bound and the whole set costs several passes over the chunk. This kernel
-does everything after the softmax in one pass per pixel, reading the logits once (first-index
-argmax) and the probabilities twice (top-label statistics, then the sparse class-wise bins), and
-adds into the same float64 accumulators as the torch path. The softmax itself stays in torch
-(vectorised ``exp``).
+most of them are memory-bound and the whole set costs several passes over the chunk. Here torch
+does only the vectorised transcendental work (the softmax, one in-place ``log``) and two compiled
+functions do the rest, adding into the same float64 accumulators as the torch path:
+
+* :func:`prepare_chunk`: first-index argmax of the logits, finiteness, and the gathers
+  ``conf = q[argmax]``, ``q_y`` (the arguments of the logarithms);
+* :func:`accumulate_chunk`: float64 per-class totals and per-pixel ``sum_k q_k^2`` (one
+  vectorised pass over the contiguous rows), every top-label statistic in one pass per pixel,
+  then the class-wise bins of the non-top entries above ``1/M``: a per-pixel visit of the few
+  unsure pixels for a confident model, or, when most pixels are unsure, a branch-free compaction
+  of each class row followed by the binning of the candidates only (the threshold test is
+  unpredictable there, and a mispredicted branch per entry cost more than the scan).
 
 It is optional (``pip install 'segcal[fast]'``): without numba, or on a CUDA device, the engine uses
 its torch path, which gives the same numbers (the test suite runs both and compares them).
@@ -61,14 +68,41 @@ if HAVE_NUMBA:
             out[k] += s
 
     @nb.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+    def prepare_chunk(z, q, lab, nll_floor, work, pred, lg):  # pragma: no cover - compiled
+        """First-index argmax of ``z`` (``pred``), the sum of ``z`` per pixel (finiteness test,
+        ``work[1]``), the confidence ``q[pred]`` (``work[3]``) and the two arguments of the
+        logarithms torch then takes in place: ``lg[0] = max(q_y, floor)`` (NLL) and
+        ``lg[1] = 1 - conf`` (fine-histogram coordinate)."""
+        C, P = q.shape
+        best = work[0]
+        zsum = work[1]
+        conf = work[3]
+        for p in range(P):
+            best[p] = z[0, p]
+            pred[p] = 0
+            zsum[p] = z[0, p]
+        for k in range(1, C):  # contiguous rows
+            for p in range(P):
+                zz = z[k, p]
+                if zz > best[p]:
+                    best[p] = zz
+                    pred[p] = k
+                zsum[p] += zz
+        for p in range(P):
+            c = np.float64(q[pred[p], p])
+            y = min(max(lab[p], 0), C - 1)
+            qy = np.float64(q[y, p])
+            conf[p] = c
+            lg[0, p] = qy if qy > nll_floor else nll_floor
+            lg[1, p] = 1.0 - c
+
+    @nb.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def accumulate_chunk(
-        z,  # (C, P) logits (or probabilities): only read for the first-index argmax and finiteness
         q,  # (C, P) probabilities
         lab,  # (P,) int64 labels
         valid,  # (P,) bool
-        conf,  # (P,) float64 max probability
-        nll,  # (P,) float64 -log(max(q_y, floor))
-        fine_u,  # (P,) float64 -log1p(-conf) / span (fine-histogram coordinate)
+        lg,  # (2, P) float64 from prepare_chunk after an in-place log: log q_y, log(1 - conf)
+        fine_span,  # fine coordinate u = -log(1 - conf) / fine_span
         img_idx,  # (P,) int64 image index per pixel, or length 0 -> img0 for all
         img0,
         n_bins,
@@ -81,8 +115,8 @@ if HAVE_NUMBA:
         by_pred,  # (C, M, 3)
         by_label,  # (C, M, 3)
         confusion,  # (C, C)
-        work,  # (3, P) float64 scratch
-        pred,  # (P,) int64 scratch
+        work,  # (4, P) float64 scratch filled by prepare_chunk
+        pred,  # (P,) int64 first-index argmax from prepare_chunk
         unsure,  # (P,) int64 scratch
         cand,  # (P,) int64 scratch
         ok,  # (P,) uint8 scratch
@@ -90,25 +124,13 @@ if HAVE_NUMBA:
     ):
         C, P = q.shape
         M = n_bins
-        best = work[0]
         zsum = work[1]
         sumsq = work[2]
+        conf = work[3]
         # every valid pixel's q_k starts in class k's bin 0 (float64 totals); pass 3 moves the
         # non-top entries above 1/M out of it, the engine moves the top entries (by_pred) out;
         # sum_k q_k^2 per pixel for the Brier score
         _valid_row_sums(q, valid, classwise[:, 0, 1], sumsq)
-        # pass 1 over classes (contiguous rows): first-index argmax, finiteness
-        for p in range(P):
-            best[p] = z[0, p]
-            pred[p] = 0
-            zsum[p] = z[0, p]
-        for k in range(1, C):
-            for p in range(P):
-                zz = z[k, p]
-                if zz > best[p]:
-                    best[p] = zz
-                    pred[p] = k
-                zsum[p] += zz
         thr = (1.0 / M) * (1.0 - 1e-5)
         nonfinite = 0
         n_unsure = 0
@@ -135,14 +157,14 @@ if HAVE_NUMBA:
             img_bins[i, b, corr, 0] += 1.0
             img_bins[i, b, corr, 1] += c
             img_totals[i, 0] += 1.0
-            img_totals[i, 1] += nll[p]
+            img_totals[i, 1] -= lg[0, p]
             # Brier: sum_k q_k^2 - 2 q_y + 1
             img_totals[i, 2] += sumsq[p] + 1.0 - 2.0 * qy
             img_class[i, y, 0] += 1.0
             img_class[i, y, 1] += corr
             img_class[i, k, 2] += 1.0
             confusion[y, k] += 1.0
-            fb = _bin(fine_u[p], fine_bins)
+            fb = _bin(-lg[1, p] / fine_span, fine_bins)
             fine[fb, 0] += 1.0
             fine[fb, 1] += c
             fine[fb, 2] += corr
@@ -211,3 +233,4 @@ if HAVE_NUMBA:
 
 else:  # pragma: no cover
     accumulate_chunk = None
+    prepare_chunk = None

@@ -88,7 +88,7 @@ from segcal._validation import (
     check_probabilities,
     check_scores,
 )
-from segcal.metrics._kernels import HAVE_NUMBA, accumulate_chunk
+from segcal.metrics._kernels import HAVE_NUMBA, accumulate_chunk, prepare_chunk
 from segcal.metrics.binning import bin_index
 
 #: ``u = -log(1 - c) / FINE_LOG_SPAN`` maps confidences to [0, 1] for the fine histogram;
@@ -130,7 +130,8 @@ class CalibrationMetrics:
     average_classes
         Classes averaged in ``miou``, ``mdice``, ``classwise_ece``, ``class_level_ece``.
     chunk_pixels
-        Pixels processed at a time (bounds the extra memory to a few ``C x chunk_pixels`` buffers).
+        Pixels processed at a time, default 16384 (bounds the extra memory to a few
+        ``C x chunk_pixels`` buffers per worker; a 19-class float32 chunk, 1.2 MiB, stays in L2).
     validate
         Check every chunk for NaN/inf and labels out of range (cheap; leave on).
     backend
@@ -158,7 +159,7 @@ class CalibrationMetrics:
         fine_bins: int = 1 << 16,
         nll_floor: float = 1e-12,
         average_classes: Sequence[int] | None = None,
-        chunk_pixels: int = 1 << 15,
+        chunk_pixels: int = 1 << 14,
         validate: bool = True,
         device: torch.device | str | None = None,
         backend: str = "auto",
@@ -322,16 +323,34 @@ class CalibrationMetrics:
                 "img_class": torch.zeros_like(img_class),
                 **{nm: torch.zeros_like(getattr(self, nm)) for nm in _POOLED_ONLY},
             })
-        it = iter(self._chunks(x, y, mk, dev))
+        it = iter(self._chunks(x, y, mk, dev, raw=True))
         lock = threading.Lock()
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if S >= self.chunk_pixels // 2:  # the largest chunk _chunks will yield
+            P = min(self.chunk_pixels, S)
+        else:
+            P = min(n, max(1, self.chunk_pixels // S)) * S
 
         def work(acc: dict[str, torch.Tensor]) -> None:
+            # per-worker buffers, allocated once per update and reused by every chunk (bounded,
+            # steady memory instead of a fresh allocation per chunk)
+            C = self.num_classes
+            scratch = {
+                "z": torch.empty(C * P, dtype=cd),
+                "q": torch.empty(C * P, dtype=cd),
+                "work": np.empty(4 * P, dtype=np.float64),
+                "lg": np.empty(2 * P, dtype=np.float64),
+                "pred": np.empty(P, dtype=np.int64),
+                "unsure": np.empty(P, dtype=np.int64),
+                "cand": np.empty(P, dtype=np.int64),
+                "ok": np.empty(P, dtype=np.uint8),
+            }
             while True:
                 with lock:
                     item = next(it, None)
                 if item is None:
                     return
-                self._accumulate_kernel(*item, acc)
+                self._accumulate_kernel(*item, acc, scratch)
 
         if workers == 1:
             work(accs[0])
@@ -361,9 +380,14 @@ class CalibrationMetrics:
         self.classwise[:, 0, 2] += lab_hist - top[:, :, 2].sum(1)
 
     def _chunks(
-        self, x: torch.Tensor, y: torch.Tensor, mk: torch.Tensor | None, dev: torch.device
+        self, x: torch.Tensor, y: torch.Tensor, mk: torch.Tensor | None, dev: torch.device, raw: bool = False
     ) -> Iterator[tuple[int | torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Yield ``(image index or per-pixel index tensor, z (C, P), labels (P,), mask or None)``."""
+        """Yield ``(image index or per-pixel index tensor, z (C, P), labels (P,), mask or None)``.
+
+        ``z`` is a contiguous block in the compute dtype; with ``raw=True`` it is the view of
+        ``x`` instead (``(C, P)`` or ``(C, k, S)`` for packed small images), which the caller
+        copies into its own buffer.
+        """
         n, C, S = x.shape
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         P = self.chunk_pixels
@@ -373,7 +397,9 @@ class CalibrationMetrics:
                     p1 = min(S, p0 + P)
                     # a (C, P) view with row stride S: one copy to a contiguous block is cheaper
                     # than a strided softmax and strided reads (and both backends see the same)
-                    z = x[i, :, p0:p1].to(device=dev, dtype=cd).contiguous()
+                    z = x[i, :, p0:p1]
+                    if not raw:
+                        z = z.to(device=dev, dtype=cd).contiguous()
                     lab = y[i, p0:p1].to(dev)
                     m = mk[i, p0:p1].to(dev) if mk is not None else None
                     yield i, z, lab, m
@@ -381,7 +407,9 @@ class CalibrationMetrics:
             k = max(1, P // S)
             for i0 in range(0, n, k):
                 i1 = min(n, i0 + k)
-                z = x[i0:i1].to(device=dev, dtype=cd).permute(1, 0, 2).reshape(C, -1)
+                z = x[i0:i1].permute(1, 0, 2)
+                if not raw:
+                    z = z.to(device=dev, dtype=cd).reshape(C, -1)
                 lab = y[i0:i1].to(dev).reshape(-1)
                 m = mk[i0:i1].to(dev).reshape(-1) if mk is not None else None
                 img = torch.arange(i0, i1, device=dev).repeat_interleave(S)
@@ -394,14 +422,14 @@ class CalibrationMetrics:
         lab: torch.Tensor,
         m: torch.Tensor | None,
         acc: dict[str, torch.Tensor],
+        scratch: dict[str, Any],
     ) -> None:
         """The fused numba path (CPU): same statistics as :meth:`_accumulate`.
 
-        torch does the vectorised transcendental work (softmax, log, log1p); the kernel does the
+        torch does the vectorised transcendental work (softmax, log); the kernel does the
         argmax, the float64 row sums, the binning and every scatter-add.
         """
         C, M = self.num_classes, self.n_bins
-        f64 = torch.float64
         lab = lab.to(torch.int64)
         valid = m
         if self.ignore_index is not None:
@@ -409,32 +437,35 @@ class CalibrationMetrics:
             valid = keep if valid is None else (valid & keep)
         if valid is None:
             valid = torch.ones_like(lab, dtype=torch.bool)
+        P = lab.numel()
+        zb = scratch["z"][: C * P].view(z.shape)
+        zb.copy_(z)  # contiguous, in the compute dtype (float16/bfloat16 are upcast here)
+        z = zb.view(C, P)
         if self.input_type == "logits":
-            q = torch.softmax(z, dim=0)
+            q = torch.softmax(z, dim=0, out=scratch["q"][: C * P].view(C, P))
         else:
             if self.validate and bool(valid.any()):
                 check_probabilities(z[:, valid], "preds", dim=0)
             q = z
-        conf = q.amax(dim=0).to(f64)
-        q_y = q.gather(0, lab.clamp(0, C - 1)[None])[0].to(f64)
-        nll = torch.log(q_y.clamp_(min=self.nll_floor)).neg_()
-        fine_u = torch.log1p(-conf).neg_().div_(FINE_LOG_SPAN)
-        P = lab.numel()
-        work = np.empty((3, P), dtype=np.float64)
-        pred = np.empty(P, dtype=np.int64)
-        unsure = np.empty(P, dtype=np.int64)
-        cand = np.empty(P, dtype=np.int64)
-        ok = np.empty(P, dtype=np.uint8)
+        work = scratch["work"][: 4 * P].reshape(4, P)
+        pred = scratch["pred"][:P]
+        lg = scratch["lg"][: 2 * P].reshape(2, P)
+        zn, qn, labn = z.numpy(), q.numpy(), lab.numpy()
+        prepare_chunk(zn, qn, labn, self.nll_floor, work, pred, lg)
+        torch.from_numpy(lg).log_()  # vectorised: log max(q_y, floor) and log(1 - conf)
+        unsure = scratch["unsure"][:P]
+        cand = scratch["cand"][:P]
+        ok = scratch["ok"][:P]
         bad = np.zeros(3, dtype=np.int64)
         if isinstance(img, int):
             img_idx, img0 = np.empty(0, dtype=np.int64), img
         else:
             img_idx, img0 = img.numpy(), 0
         accumulate_chunk(
-            z.numpy(), q.numpy(), lab.numpy(), valid.numpy(), conf.numpy(), nll.numpy(), fine_u.numpy(),
-            img_idx, img0, M, self.fine_bins, acc["img_bins"].numpy(), acc["img_totals"].numpy(),
-            acc["img_class"].numpy(), acc["fine"].numpy(), acc["classwise"].numpy(),
-            acc["by_pred"].numpy(), acc["by_label"].numpy(), acc["confusion"].numpy(), work, pred, unsure, cand, ok, bad,
+            qn, labn, valid.numpy(), lg, FINE_LOG_SPAN, img_idx, img0, M, self.fine_bins,
+            acc["img_bins"].numpy(), acc["img_totals"].numpy(), acc["img_class"].numpy(), acc["fine"].numpy(),
+            acc["classwise"].numpy(), acc["by_pred"].numpy(), acc["by_label"].numpy(), acc["confusion"].numpy(),
+            work, pred, unsure, cand, ok, bad,
         )
         if bad[1] > 0:
             check_finite(z[:, valid], "preds")
@@ -539,7 +570,7 @@ class CalibrationMetrics:
         # -- pooled-only statistics
         lab_hist = torch.bincount(lab, minlength=C)
         self.confusion += torch.bincount(lab * C + pred, minlength=C * C).view(C, C)
-        u = torch.log1p(-conf).neg_().div_(FINE_LOG_SPAN)
+        u = torch.log(1.0 - conf).neg_().div_(FINE_LOG_SPAN)  # = -log1p(-conf); same op as the kernel path
         fb = bin_index(u, F)
         # the fine histogram is large: scatter into the state instead of a per-chunk bincount
         self.fine[:, 0].index_add_(0, fb, torch.ones_like(conf))
