@@ -31,6 +31,57 @@ def test_ts_recovers_temperature_three_from_z_times_three():
     assert abs(cal.temperature - 3.0) < 0.06, cal.temperature
 
 
+def test_bounded_ts_clips_the_temperature_and_round_trips(tmp_path):
+    x, y = problem(20000)  # the unbounded answer is T = 3
+    cal = sc.create("ts", bounds=(0.05, 2.0)).fit(x, y)
+    assert 1.95 < cal.temperature <= 2.0
+    assert sc.create("ts", bounds=(0.05, 5.0)).fit(x, y).temperature == pytest.approx(3.0, abs=0.1)
+    cal.save(tmp_path / "ts.pt")
+    back = segcal.load(tmp_path / "ts.pt")
+    assert back.bounds == (0.05, 2.0) and back.temperature == pytest.approx(cal.temperature, rel=1e-7)
+    for bad, arg in [({"bounds": (2.0, 1.0)}, "bounds"), ({"bounds": (0.5, 2.0), "init_temperature": 3.0},
+                     "init_temperature"), ({"init_temperature": 0.0}, "init_temperature")]:
+        with pytest.raises(ValueError, match=arg):
+            sc.create("ts", **bad)
+    with pytest.raises(ValueError, match="init_temperature"):
+        sc.create("ets", init_temperature=-1.0)
+
+
+def test_independent_experts_fit_each_expert_on_its_own_pixels():
+    """independent_experts=True: expert c minimises its own (mean NLL over its routed pixels +
+    reg_c), i.e. what a fit on those pixels alone reaches when the regulariser (a mean over the C
+    experts) is scaled by C; the joint fit weights each expert's data term by its pixel count, so
+    a small expert ends further from its own optimum. (The parameters themselves are only weakly
+    identified, so the per-expert objectives are compared.)"""
+    from segcal.calibrators.affine import odir
+
+    c, lam, mu = 3, 0.05, 0.05
+    x, y = problem(30000, c=c, seed=3)
+    x = x + torch.tensor([1.5, 0.0, -1.5]) * 3  # unbalanced routing
+    top = torch.log_softmax(x, 1).argmax(1)
+    counts = torch.bincount(top, minlength=c)
+    assert counts.min() > 500 and counts.max() > 3 * counts.min()
+
+    def own_objective(cal, e):
+        sub = top == e
+        with torch.no_grad():
+            nll = F.cross_entropy(torch.as_tensor(cal(x[sub])), y[sub])
+            return float(nll + odir(cal.A[e : e + 1], cal.bias[e : e + 1], lam, mu))
+
+    ind = sc.create("cdc", independent_experts=True, lambda_reg=lam, mu_reg=mu).fit(x, y)
+    joint = sc.create("cdc", lambda_reg=lam, mu_reg=mu).fit(x, y)
+    for e in range(c):
+        sub = top == e
+        alone = sc.create("cdc", lambda_reg=c * lam, mu_reg=c * mu).fit(x[sub], y[sub])
+        assert own_objective(ind, e) == pytest.approx(own_objective(alone, e), abs=1e-3)
+        assert own_objective(ind, e) <= own_objective(joint, e) + 1e-4
+    small = int(counts.argmin())
+    assert own_objective(ind, small) < own_objective(joint, small) - 2e-3
+    assert ind.get_config()["independent_experts"] is True
+    with pytest.raises(ValueError, match="independent_experts"):
+        sc.create("cmsop", independent_experts=True, objective="dice").fit(x, y)
+
+
 def test_ts_recovers_t_on_images_with_ignore_and_mask():
     x, y = problem(4 * 16 * 16, c=4, seed=1)
     imgs = x.reshape(4, 16, 16, 4).movedim(-1, 1)

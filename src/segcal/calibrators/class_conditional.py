@@ -3,6 +3,13 @@
 Every pixel is routed to the expert of its uncalibrated top class ``c = argmax_k log S(z)_k``;
 experts act on ``ℓ = log S(z)`` (so all three are translation invariant) and are fitted **jointly**
 (one optimiser, one loss over all pixels, each through its own expert: the paper's choice).
+With ``independent_experts=True`` each expert is instead fitted only on its routed pixels (the
+Fiducio option, §3.7; "not interchangeable for paper results"): the training loss becomes the
+mean over experts of each expert's mean NLL on its own pixels. The experts' parameters are
+disjoint, so minimising that sum (plus the mean regulariser) is exactly minimising every
+expert's own ``mean NLL_c + reg_c`` separately, in the one fitting loop; it differs from the joint
+fit in how each expert's data term is weighted against its regulariser (and in when the shared
+optimiser stops). The validation value uses the training split's routing counts.
 The regulariser is the mean over experts of the ODIR-style penalty
 ``lambda_reg · mean(offdiag(A_c)²) + mu_reg · mean(b_c²)`` on the affine map ``(A_c, b_c)`` each
 expert induces in the common logit space (for CMSap/CMSop penalising the raw margin parameters
@@ -34,6 +41,7 @@ class _ClassConditional(Calibrator):
         mu_reg: float = 0.0,
         init_alpha: float = 1.0,
         init_floor: float = 1e-6,
+        independent_experts: bool = False,
         **kw: Any,
     ) -> None:
         if lambda_reg < 0 or mu_reg < 0:
@@ -44,6 +52,8 @@ class _ClassConditional(Calibrator):
         self.mu_reg = float(mu_reg)
         self.init_alpha = float(init_alpha)
         self.init_floor = float(init_floor)
+        self.independent_experts = bool(independent_experts)
+        self._expert_weight: torch.Tensor | None = None
         super().__init__(num_classes, **kw)
 
     def _extra_config(self) -> dict[str, Any]:
@@ -52,7 +62,40 @@ class _ClassConditional(Calibrator):
             "mu_reg": self.mu_reg,
             "init_alpha": self.init_alpha,
             "init_floor": self.init_floor,
+            "independent_experts": self.independent_experts,
         }
+
+    def _run_stage(self, stage, params, train, val, objective):
+        if self.independent_experts:
+            if getattr(objective, "name", None) != "nll":
+                raise ValueError(
+                    f"objective: independent_experts=True supports 'nll' only, got "
+                    f"{getattr(objective, 'name', objective)!r}"
+                )
+            # pixels routed to each expert in the training split -> per-pixel weight
+            # N / (C · n_c), so that loss / N = mean over experts of each expert's mean NLL
+            c = int(self.num_classes)
+            counts = torch.zeros(c, dtype=torch.float64)
+            with torch.no_grad():
+                for b in train.iter_chunks(self._fit_kw["chunk_size"]):
+                    top = self._canonical(b.x.float()).argmax(1)
+                    counts += torch.bincount(top.cpu(), minlength=c).double()
+            n = float(counts.sum())
+            w = torch.where(counts > 0, n / (c * counts.clamp_min(1)), torch.zeros_like(counts))
+            self._expert_weight = w.float().to(self.device)
+        try:
+            return super()._run_stage(stage, params, train, val, objective)
+        finally:
+            self._expert_weight = None
+
+    def _stage_loss(self, stage: str) -> Any:
+        return self._independent_loss if self.independent_experts else None
+
+    def _independent_loss(self, batch: Any, objective: Any) -> torch.Tensor:
+        assert self._expert_weight is not None
+        rows = self._canonical(batch.x.to(self.device))
+        ce = F.cross_entropy(self._map(rows), batch.y.to(self.device), reduction="none")
+        return (ce * self._expert_weight[rows.argmax(1)]).sum()
 
     def _route(self, rows: torch.Tensor, top: torch.Tensor, fn) -> torch.Tensor:
         """Apply ``fn(sub_rows, c)`` (-> ``(p, K)``) to the rows whose expert is ``c``."""

@@ -8,9 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcal.calibrators.base import PROB_FLOOR, Calibrator, inverse_softplus
+from segcal.calibrators.base import PROB_FLOOR, Calibrator
 from segcal.calibrators.registry import register
-from segcal.calibrators.temperature import T_EPS
+from segcal.calibrators.temperature import (
+    check_temperature_options,
+    raw_temperature,
+    temperature_of,
+)
 
 
 @register
@@ -36,9 +40,7 @@ class EnsembleTemperatureScaling(Calibrator):
     default_adam_lr = 0.1
 
     def __init__(self, num_classes: int | None = None, *, init_temperature: float = 1.0, **kw: Any):
-        if not init_temperature > 0:
-            raise ValueError(f"init_temperature: expected > 0, got {init_temperature}")
-        self.init_temperature = float(init_temperature)
+        self.init_temperature, _ = check_temperature_options(init_temperature)
         self._stage: str | None = None
         super().__init__(num_classes, **kw)
 
@@ -46,13 +48,12 @@ class EnsembleTemperatureScaling(Calibrator):
         return {"init_temperature": self.init_temperature}
 
     def _build(self, num_classes: int) -> None:
-        raw = inverse_softplus(max(self.init_temperature - T_EPS, 1e-12))
-        self.raw_t = nn.Parameter(torch.tensor(raw, dtype=torch.float32))
+        self.raw_t = nn.Parameter(torch.tensor(raw_temperature(self.init_temperature), dtype=torch.float32))
         self.raw_w = nn.Parameter(torch.tensor([1.0, 0.0, 0.0]))
 
     @property
     def temperature(self) -> float:
-        return float(F.softplus(self.raw_t.detach()) + T_EPS)
+        return float(temperature_of(self.raw_t.detach()))
 
     @property
     def weights(self) -> list[float]:
@@ -65,7 +66,7 @@ class EnsembleTemperatureScaling(Calibrator):
         self._stage = stage
 
     def _map(self, rows: torch.Tensor) -> torch.Tensor:
-        t = F.softplus(self.raw_t) + T_EPS
+        t = temperature_of(self.raw_t)
         if self._stage == "temperature":
             return rows / t
         w = F.softmax(self.raw_w, 0)

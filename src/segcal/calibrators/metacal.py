@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcal._validation import check_scores
-from segcal.calibrators.base import Calibrator, inverse_softplus
+from segcal.calibrators.base import Calibrator
 from segcal.calibrators.fitting import FitData, _Batch, _evaluate
 from segcal.calibrators.objectives import NLL
 from segcal.calibrators.registry import register
-from segcal.calibrators.temperature import T_EPS
+from segcal.calibrators.temperature import raw_temperature, temperature_of
 
 __all__ = ["MetaCalScaling"]
 
@@ -84,13 +84,13 @@ class MetaCalScaling(Calibrator):
                 "correct_weight": self.correct_weight}
 
     def _build(self, num_classes: int) -> None:
-        self.raw_t = nn.Parameter(torch.tensor(inverse_softplus(1.0 - T_EPS), dtype=torch.float32))
+        self.raw_t = nn.Parameter(torch.tensor(raw_temperature(1.0), dtype=torch.float32))
         tau = self._tau_fixed if self._tau_fixed is not None else float("inf")
         self.register_buffer("tau_", torch.tensor(tau, dtype=torch.float32))
 
     @property
     def temperature(self) -> float:
-        return float(F.softplus(self.raw_t.detach()) + T_EPS)
+        return float(temperature_of(self.raw_t.detach()))
 
     @property
     def tau(self) -> float:
@@ -98,7 +98,7 @@ class MetaCalScaling(Calibrator):
 
     def _map(self, rows: torch.Tensor) -> torch.Tensor:
         keep = entropy(rows) < self.tau_
-        t = F.softplus(self.raw_t) + T_EPS
+        t = temperature_of(self.raw_t)
         return torch.where(keep[:, None], rows / t, torch.zeros_like(rows))
 
     def segmentation(self, logits: Any) -> Any:
@@ -119,7 +119,7 @@ class MetaCalScaling(Calibrator):
         y = batch.y.to(dev)
         keep = entropy(x) < self.tau_
         w = torch.where(x.argmax(1) == y, self.correct_weight, 1.0) * keep
-        t = F.softplus(self.raw_t) + T_EPS
+        t = temperature_of(self.raw_t)
         return (w * F.cross_entropy(x / t, y, reduction="none")).sum()
 
     def _stage_loss(self, stage: str) -> Any:
@@ -140,7 +140,7 @@ class MetaCalScaling(Calibrator):
         for tau in cands:
             self.tau_.fill_(tau)
             with torch.no_grad():
-                self.raw_t.fill_(inverse_softplus(1.0 - T_EPS))
+                self.raw_t.fill_(raw_temperature(1.0))
             self._run_stage("temperature", [self.raw_t], train, val, objective)
             with torch.no_grad():
                 v = _evaluate(self._stats_fn, data, objective, chunk)
