@@ -53,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="camvid (ESPNet, default) or hippocampus (3D U-Net, MSD Task04; needs segcal[medical])")
     add_common(p)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="CI size: 8 test / 10 val images, 4 calibrators, 1 corruption")
+    mode.add_argument("--quick", action="store_true", help="CI size: 8 test / 10 val images, 4 calibrators, 1 corruption (hippocampus: 4 calibration / "
+                           "4 test cases, TS and DC, gamma severity 3)")
     mode.add_argument("--full", action="store_true",
                       help="everything: all corruptions x severities 1-5 on all test images, all test pixels")
     p.add_argument("--methods", type=_csv,
