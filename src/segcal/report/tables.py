@@ -67,7 +67,8 @@ def _is_medical(results: dict[str, Any]) -> bool:
 def _num(v: Any, scale: float, dec: int) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
-    return f"{v * scale:.{dec}f}"
+    s = f"{v * scale:.{dec}f}"
+    return s[1:] if s.startswith("-") and float(s) == 0 else s  # no "-0.0000" from float noise
 
 
 def _cell(row: dict[str, Any], key: str, scale: float, dec: int) -> str:
