@@ -94,7 +94,7 @@ def test_evaluate_cases_matches_direct_metrics():
         assert got["image_ece"] == pytest.approx(d["image_ece"], abs=1e-12)
         assert got["dice_ant"] == pytest.approx(d["dice_per_class"][1], abs=1e-12)
         assert got["case_dice_post"] == pytest.approx(np.nanmean(d["image_dice_per_class"][:, 2]), abs=1e-12)
-        assert got["fg_ece"] == pytest.approx(dfg["ece"], abs=1e-12)
+        assert got["fg_ece"] == pytest.approx(dfg["ece"], rel=1e-9)  # same voxels, other summation order
         assert got["flip_rate"] == pytest.approx(flips / d["n_pixels"], abs=1e-15)
     u, t, s = (res["runs"][k]["metrics"] for k in ("uncalibrated@0", "ts@0", "shift@0"))
     for k in ("dice_ant", "dice_post", "case_dice_ant", "case_dice_post"):

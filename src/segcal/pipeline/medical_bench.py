@@ -312,6 +312,18 @@ def fit_medical(calib: list[_ImageData], rows: Sequence[str], seeds: Sequence[in
 
 
 # ---------------------------------------------------------------------------------- evaluation
+def _argmax_channels(z: torch.Tensor) -> torch.Tensor:
+    """``z.argmax(1)`` (first maximum on ties) for ``(N, C, ...)``; several times faster than
+    ``torch.argmax`` over the strided class axis of a 5D tensor on the CPU."""
+    best = z[:, 0]
+    idx = torch.zeros(best.shape, dtype=torch.long)
+    for c in range(1, z.shape[1]):
+        m = z[:, c] > best
+        best = torch.where(m, z[:, c], best)
+        idx[m] = c
+    return idx
+
+
 def evaluate_cases(cases: list[_ImageData], cals: dict[tuple[str, int], Any], cfg: MedicalBenchConfig) -> dict[str, Any]:
     """Metrics of the uncalibrated model and every fitted calibrator on one set of test cases.
 
@@ -323,16 +335,17 @@ def evaluate_cases(cases: list[_ImageData], cals: dict[tuple[str, int], Any], cf
 
     keys: list[tuple[str, int]] = [("uncalibrated", 0), *cals]
     every = list(range(NUM_CLASSES))
+    # "all" validates every calibrated volume (NaN/inf, label range); the other two see the same tensors
     acc = {k: {"all": CalibrationMetrics(NUM_CLASSES, n_bins=cfg.n_bins, average_classes=every),
-               "c50": CalibrationMetrics(NUM_CLASSES, n_bins=cfg.n_bins_case, average_classes=every),
-               "fg": CalibrationMetrics(NUM_CLASSES, n_bins=cfg.n_bins, average_classes=every),
+               "c50": CalibrationMetrics(NUM_CLASSES, n_bins=cfg.n_bins_case, average_classes=every, validate=False),
+               "fg": CalibrationMetrics(NUM_CLASSES, n_bins=cfg.n_bins, average_classes=every, validate=False),
                "flips": []} for k in keys}
     n_vox = 0
     for im in cases:
         z = torch.from_numpy(im.logits)[None]
         y = torch.from_numpy(im.labels)[None]
-        pred0 = z.argmax(1)
-        region0 = torch.from_numpy(foreground_region_mask(im.labels[None], pred0.numpy(), radius=cfg.fg_radius))
+        pred0 = _argmax_channels(z)
+        region0 = torch.from_numpy(foreground_region_mask(im.labels[None], pred0.numpy(), radius=cfg.fg_radius))[0]
         n_vox += int(y.numel())
         for key in keys:
             if key[0] == "uncalibrated":
@@ -340,14 +353,15 @@ def evaluate_cases(cases: list[_ImageData], cals: dict[tuple[str, int], Any], cf
             else:
                 with torch.no_grad():
                     out = cals[key](z)
-            pred = out.argmax(1)
+            pred = _argmax_channels(out)
             same = bool(torch.equal(pred, pred0))
             region = region0 if same else torch.from_numpy(
-                foreground_region_mask(im.labels[None], pred.numpy(), radius=cfg.fg_radius))
+                foreground_region_mask(im.labels[None], pred.numpy(), radius=cfg.fg_radius))[0]
             a = acc[key]
             a["all"].update(out, y)
             a["c50"].update(out, y)
-            a["fg"].update(out, y, mask=region)
+            # the region's voxels as one (1, C, n) "case": the same statistics as mask=, a quarter of the work
+            a["fg"].update(out[:, :, region], y[:, region])
             a["flips"].append(0 if same else int((pred != pred0).sum()))
     res: dict[str, Any] = {"n_images": len(cases), "n_eval_pixels": n_vox, "cases": [c.stem for c in cases],
                            "runs": {}}
