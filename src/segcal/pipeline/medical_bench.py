@@ -481,7 +481,7 @@ def run_medical_bench(cfg: MedicalBenchConfig) -> dict[str, Any]:
         res["model"] = MODEL
         res["corruption"] = corruption
         res["summary"] = summarize(res, rows)
-        res["bootstrap_vs_ts"] = bootstrap_condition(res, rows, cfg, metrics=MEDICAL_CI_METRICS)  # type: ignore[arg-type]
+        res["bootstrap_vs_ts"] = bootstrap_condition(res, rows, cfg, metrics=MEDICAL_CI_METRICS)
         conditions[tag] = res
         if tag == "clean":
             clean_cases = cases
