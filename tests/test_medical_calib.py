@@ -1,10 +1,8 @@
 """Medical (3D) calibration: foreground-region mask, per-case fitting without stacking, AP flips,
-and the quick mode of ``benchmarks/medical_calibration.py``."""
+(the medical bench itself: ``tests/test_medical_bench.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -177,26 +175,3 @@ def test_ap_calibrators_do_not_flip_on_a_real_case():
             out = cal(z_test)
         flip = float((out.argmax(1) != z_test.argmax(1)).float().mean())
         assert flip == 0.0, name
-
-
-@pytest.mark.realdata
-@pytest.mark.slow
-def test_benchmark_quick_mode(tmp_path):
-    pytest.importorskip("monai")
-    _hippocampus_dir()
-    spec = importlib.util.spec_from_file_location("medical_calibration", ROOT / "benchmarks" / "medical_calibration.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--quick", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]) == 0
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert res["config"]["n_calib"] == 2 and res["config"]["n_test"] == 2
-    assert res["config"]["calibrators"] == ["ts", "cmsap"]
-    assert res["config"]["shift_conditions"] == ["gamma@3"]
-    rep = res["repeats"][0]
-    for row in ("none", "ts", "cmsap"):
-        assert rep["clean"][row]["flip_rate"] == 0.0
-        assert 0 < rep["clean"][row]["fg_fraction"] < 1
-        assert rep["clean"][row]["dice_pooled"] == rep["clean"]["none"]["dice_pooled"]
-    assert set(rep["shift"]) == {"clean_subset", "gamma@3"}
-    assert "| ts |" in (tmp_path / "out" / "table.md").read_text()
-    assert not any((ROOT / p).exists() for p in ("cache", "out"))

@@ -1,4 +1,8 @@
-"""``segcal bench``: the CamVid calibration benchmark (see :mod:`segcal.pipeline.bench`)."""
+"""``segcal bench``: the calibration benchmarks.
+
+``--dataset camvid`` (default): :mod:`segcal.pipeline.bench`; ``--dataset hippocampus``: the
+medical table of :mod:`segcal.pipeline.medical_bench` (same protocol and columns, 3D volumes).
+"""
 
 from __future__ import annotations
 
@@ -33,17 +37,24 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench",
-        help="CamVid benchmark: every calibrator, clean / corrupted / model shift, HTML report",
+        help="calibration benchmark (CamVid, or --dataset hippocampus): every calibrator, clean / shifted, HTML report",
         description=(
             "Fit every registered calibrator on CamVid val (fit / selection halves, seeds 0,1,2) for the "
             "in-domain ESPNet and the Cityscapes ESPNet, evaluate on CamVid test clean, corrupted and under "
             "the model shift, and write results.json, results.md and a self-contained report.html. "
-            "Predictions are cached (--cache) so a rerun does not recompute logits."
+            "Predictions are cached (--cache) so a rerun does not recompute logits. "
+            "--dataset hippocampus runs the same protocol on the reference 3D U-Net (MSD hippocampus): "
+            "calibrators fitted on the 50 calibration cases, evaluated on the 50 test cases clean and under "
+            "the MRI shifts; --corruptions / --corruption-images / --val-limit / --fit-pixels then name the "
+            "MRI shifts, shifted test cases, calibration cases and fit voxels."
         ),
     )
+    p.add_argument("--dataset", choices=("camvid", "hippocampus"), default="camvid",
+                   help="camvid (ESPNet, default) or hippocampus (3D U-Net, MSD Task04; needs segcal[medical])")
     add_common(p)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="CI size: 8 test / 10 val images, 4 calibrators, 1 corruption")
+    mode.add_argument("--quick", action="store_true", help="CI size: 8 test / 10 val images, 4 calibrators, 1 corruption (hippocampus: 4 calibration / "
+                           "4 test cases, TS and DC, gamma severity 3)")
     mode.add_argument("--full", action="store_true",
                       help="everything: all corruptions x severities 1-5 on all test images, all test pixels")
     p.add_argument("--methods", type=_csv,
@@ -94,6 +105,39 @@ def config_from_args(args: argparse.Namespace, *, quick: bool = False, argv0: st
     return BenchConfig(**kw)
 
 
+def medical_config_from_args(args: argparse.Namespace) -> Any:
+    """:class:`~segcal.pipeline.medical_bench.MedicalBenchConfig` from the shared bench options."""
+    from segcal.pipeline.medical_bench import MedicalBenchConfig
+
+    if getattr(args, "models", None):
+        raise ValueError("--models: the hippocampus bench has one model (unet3d-hippocampus)")
+    if getattr(args, "eval_fraction", None) is not None:
+        raise ValueError("--eval-fraction: the hippocampus bench evaluates every voxel")
+    kw: dict[str, Any] = {}
+    for src, dst in (("methods", "methods"), ("seeds", "seeds"), ("fit_pixels", "fit_voxels"),
+                     ("corruptions", "shifts"), ("severities", "severities"), ("corruption_images", "shift_cases"),
+                     ("test_limit", "test_limit"), ("val_limit", "calib_limit"), ("n_boot", "n_boot")):
+        v = getattr(args, src, None)
+        if v is not None:
+            kw[dst] = v
+    if kw.get("shifts") == ("none",):
+        kw["shifts"] = ()
+    if kw.get("fit_voxels") is not None and kw["fit_voxels"] < 100:
+        raise ValueError(f"--fit-pixels: expected at least 100, got {kw['fit_voxels']}")
+    kw.update(data_root=args.data_root, cache=args.cache, report=not args.no_report, threads=args.threads,
+              progress=not args.quiet, command="segcal " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if
+              sys.argv and sys.argv[0].endswith(("segcal", "__main__.py")) else "segcal bench --dataset hippocampus")
+    if args.out:
+        kw["out"] = args.out
+    if getattr(args, "spatial", False):
+        kw["spatial"] = True
+    if getattr(args, "quick", False):
+        return MedicalBenchConfig.quick_config(**kw)
+    if getattr(args, "full", False):
+        return MedicalBenchConfig.full_config(**kw)
+    return MedicalBenchConfig(**kw)
+
+
 def print_summary(results: dict[str, Any], out: str) -> None:
     from segcal.report.tables import condition_table, describe_condition
 
@@ -108,6 +152,12 @@ def print_summary(results: dict[str, Any], out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "dataset", "camvid") == "hippocampus":
+        from segcal.pipeline.medical_bench import run_medical_bench
+
+        mcfg = medical_config_from_args(args)
+        print_summary(run_medical_bench(mcfg), mcfg.out)
+        return 0
     from segcal.pipeline.bench import run_bench
 
     cfg = config_from_args(args)

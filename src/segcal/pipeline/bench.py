@@ -475,10 +475,21 @@ def _boot_stat(metric: str, stats: list[dict[str, np.ndarray]]) -> Callable[[np.
             return (w @ s["totals"][:, col]) / (w @ s["totals"][:, 0])
         if metric == "flip_rate":
             return (w @ s["flips"]) / (w @ s["totals"][:, 0])
-        if metric == "image_ece":
-            v = s["img_ece"]
+        if metric in ("image_ece", "image_ece50") or metric.startswith("case_dice:"):
+            # mean over the drawn images of a per-image value (images where it is undefined left out)
+            if metric.startswith("case_dice:"):
+                v = s["case_dice"][:, int(metric.split(":")[1])]
+            else:
+                v = s["img_ece50"] if metric == "image_ece50" else s["img_ece"]
             ok = np.isfinite(v)
             return (w[:, ok] @ v[ok]) / w[:, ok].sum(1)
+        if metric == "fg_ece":  # region-restricted ECE (medical): per-case bins of the region
+            b = s["fg_bins"]
+            return ece_from_bins(w @ b[:, :, :, 0].sum(2), w @ b[:, :, :, 1].sum(2), w @ b[:, :, 1, 0])
+        if metric.startswith("dice:"):  # pooled Dice of one class from summed per-image counts
+            c = s["cls"][:, int(metric.split(":")[1])]
+            lab, tp, pred = w @ c[:, 0], w @ c[:, 1], w @ c[:, 2]
+            return 2 * tp / np.where(lab + pred > 0, lab + pred, np.nan)
         if metric == "miou":
             c = s["cls"]
             return miou_from_class_stats(w @ c[:, :, 0], w @ c[:, :, 1], w @ c[:, :, 2], s["avg"])
@@ -490,7 +501,12 @@ def _boot_stat(metric: str, stats: list[dict[str, np.ndarray]]) -> Callable[[np.
     return f
 
 
-def bootstrap_condition(cond: dict[str, Any], methods: Sequence[str], cfg: BenchConfig, reference: str = "ts") -> dict[str, Any]:
+def bootstrap_condition(cond: dict[str, Any], methods: Sequence[str], cfg: Any, reference: str = "ts",
+                        metrics: Sequence[str] = CI_METRICS) -> dict[str, Any]:
+    """Paired bootstrap CIs over test images of ``method - reference`` for every metric of ``metrics``.
+
+    ``cfg`` needs ``n_boot`` and ``boot_seed`` (:class:`BenchConfig` or the medical config).
+    """
     runs = cond["runs"]
     by_method: dict[str, list[dict[str, np.ndarray]]] = {}
     for r in runs.values():
@@ -503,7 +519,7 @@ def bootstrap_condition(cond: dict[str, Any], methods: Sequence[str], cfg: Bench
         if m == reference or m not in by_method:
             continue
         out[m] = {}
-        for metric in CI_METRICS:
+        for metric in metrics:
             with np.errstate(invalid="ignore", divide="ignore"):
                 out[m][metric] = paired_ci(_boot_stat(metric, by_method[m]), _boot_stat(metric, by_method[reference]), w)
     return out

@@ -9,7 +9,10 @@ sufficient statistics, so a pooled metric stays pooled:
   summed over the drawn images and the ECE/MCE is computed from the summed bins;
 * NLL, Brier, flip rate: per-image sums and pixel counts, summed, then divided;
 * mIoU: per-image per-class (label count, true positives, prediction count) summed, then IoU;
-* image-wise ECE: the mean of the drawn images' ECE values.
+* image-wise ECE (and any per-image value: the 50-bin case ECE, case-wise Dice of a class in the
+  medical bench): the mean of the drawn images' values;
+* pooled Dice of a class (medical bench): per-image (label count, TP, prediction count) summed;
+* foreground-region ECE (medical bench): the per-case bins of the region, summed.
 
 A method's value on a replicate is the mean over the calibration repeats (the table's value), so
 the CI is for the difference of the table's numbers: ``method - reference``. The 95 % interval is

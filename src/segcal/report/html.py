@@ -30,8 +30,13 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def reliability_figure(results: dict[str, Any], tag: str, seed: int | None = None) -> str | None:
-    """Small-multiple reliability diagrams (one per method, first seed) of one condition."""
+def reliability_figure(results: dict[str, Any], tag: str, seed: int | None = None, key: str = "reliability",
+                       metric: str = "ece") -> str | None:
+    """Small-multiple reliability diagrams (one per method, first seed) of one condition.
+
+    ``key``: the run's reliability data (``"fg_reliability"``: the medical foreground region);
+    ``metric``: the ECE printed in each title.
+    """
     plt = _mpl()
     cond = results["conditions"].get(tag)
     if not cond:
@@ -45,7 +50,7 @@ def reliability_figure(results: dict[str, Any], tag: str, seed: int | None = Non
     nrow = (n + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(2.3 * ncol, 2.5 * nrow), squeeze=False)
     for ax, (m, r) in zip(axes.ravel(), runs.items(), strict=False):
-        rel = r["reliability"]
+        rel = r[key]
         edges = np.asarray(rel["edges"], dtype=float)
         acc = np.array([np.nan if v is None else v for v in rel["accuracy"]], dtype=float)
         conf = np.array([np.nan if v is None else v for v in rel["confidence"]], dtype=float)
@@ -61,8 +66,9 @@ def reliability_figure(results: dict[str, Any], tag: str, seed: int | None = Non
         ax.plot(centers[ok], frac[ok], "o-", ms=2, lw=0.8, color="#55a868", label="pixel share")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ece = r["metrics"].get("ece")
-        ax.set_title(f"{m}\nECE {ece:.4f}" if ece is not None else m, fontsize=9)
+        ece = r["metrics"].get(metric)
+        label = "fg-ECE" if metric == "fg_ece" else "ECE"
+        ax.set_title(f"{m}\n{label} {ece:.4f}" if ece is not None else m, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
@@ -122,6 +128,101 @@ def maps_figure(ctx: dict[str, Any], methods: list[str], n_images: int) -> str |
     if im_conf is not None:
         fig.colorbar(im_conf, ax=axes.ravel().tolist(), fraction=0.012, pad=0.01, label="confidence")
     return _png(fig)
+
+
+def slices_figure(ctx: dict[str, Any], methods: list[str], n_cases: int) -> str | None:
+    """Axial slices of a few test cases: image, label, prediction, error map, confidence maps.
+
+    ``ctx``: ``cases`` (``_ImageData`` with ``(3, X, Y, Z)`` logits and labels), ``images``
+    (case id -> NIfTI path), ``cals`` ({(row, seed): calibrator}). Cases are spread over the list;
+    the slice is the axial (last-axis) slice with the most foreground voxels. Calibrators are
+    applied to the whole volume (the spatial ones need it), first seed.
+    """
+    import torch
+
+    from segcal.medical.hippocampus import load_nifti
+
+    plt = _mpl()
+    cases = ctx["cases"]
+    if not cases or n_cases < 1:
+        return None
+    pos = np.linspace(0, len(cases) - 1, min(n_cases, len(cases))).round().astype(int)
+    cals = ctx["cals"]
+    methods = [m for m in methods if any(k[0] == m for k in cals)]
+    cols = 4 + 1 + len(methods)
+    fig, axes = plt.subplots(len(pos), cols, figsize=(1.9 * cols, 2.2 * len(pos)), squeeze=False)
+    lab_cmap = plt.matplotlib.colors.ListedColormap(["black", "#e6550d", "#3182bd"])
+    im_conf = None
+    for r, i in enumerate(pos):
+        case = cases[i]
+        z = torch.from_numpy(np.asarray(case.logits, dtype=np.float32))[None]
+        lab = case.labels
+        k = int(np.argmax((lab > 0).sum(axis=(0, 1))))
+        image = np.asarray(load_nifti(ctx["images"][case.stem], what="image")[0], dtype=np.float32)
+        pred = z[0].argmax(0).numpy()
+        err = (pred != lab).astype(float)
+        panels: list[tuple[str, np.ndarray, Any]] = [
+            ("image", image[:, :, k], "gray"), ("label", lab[:, :, k], lab_cmap),
+            ("prediction", pred[:, :, k], lab_cmap), ("error (uncal.)", err[:, :, k], "gray_r"),
+            ("conf. uncalibrated", torch.softmax(z, 1)[0].amax(0).numpy()[:, :, k], "viridis"),
+        ]
+        for m in methods:
+            key = min(kk for kk in cals if kk[0] == m)
+            with torch.no_grad():
+                q = torch.softmax(cals[key](z), 1)[0].amax(0).numpy()
+            panels.append((f"conf. {m}", q[:, :, k], "viridis"))
+        for c, (title, arr, cmap) in enumerate(panels):
+            ax = axes[r, c]
+            kw: dict[str, Any] = {"origin": "lower", "interpolation": "nearest"}
+            if cmap is lab_cmap:
+                ax.imshow(arr.T, cmap=cmap, vmin=0, vmax=2, **kw)
+            elif cmap == "gray":
+                lo, hi = np.percentile(arr, [1, 99])
+                ax.imshow(arr.T, cmap=cmap, vmin=lo, vmax=hi, **kw)
+            elif cmap == "viridis":
+                im_conf = ax.imshow(arr.T, cmap=cmap, vmin=0.5, vmax=1, **kw)
+            else:
+                ax.imshow(arr.T, cmap=cmap, vmin=0, vmax=1, **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{case.stem}\nz={k}", fontsize=7)
+    fig.tight_layout()
+    if im_conf is not None:
+        fig.colorbar(im_conf, ax=axes.ravel().tolist(), fraction=0.012, pad=0.01, label="confidence")
+    return _png(fig)
+
+
+def _medical_body(results: dict[str, Any], ctx: dict[str, Any], n_images: int) -> list[str]:
+    from segcal.report.tables import markdown_report
+
+    body = [md_to_html(markdown_report(results))]
+    body.append("<h2>Reliability diagrams</h2><p>First seed of each row; bars: accuracy per confidence bin, "
+                "orange: gap to the mean confidence, green: share of voxels per bin, dashed: perfect calibration. "
+                "All voxels are dominated by easy background at confidence near 1; the foreground region "
+                "(dilated true and predicted foreground) shows the structure itself.</p>")
+    shifted = [t for t, c in results["conditions"].items() if c.get("corruption")]
+    worst = max(shifted, key=lambda t: results["conditions"][t]["summary"]["uncalibrated"]["fg_ece"]) if shifted else None
+    for tag in ("clean", worst):
+        if not tag:
+            continue
+        for key, metric, what in (("reliability", "ece", "all voxels"), ("fg_reliability", "fg_ece", "foreground region")):
+            uri = reliability_figure(results, tag, key=key, metric=metric)
+            if uri:
+                body.append(f"<h3>{html.escape(tag)}: {what}</h3><img alt='reliability {html.escape(tag)} {what}' src='{uri}'>")
+    summ = results["conditions"]["clean"]["summary"]
+    others = sorted((m for m in summ if m not in ("uncalibrated", "ts")),
+                    key=lambda m: summ[m].get("fg_ece") if summ[m].get("fg_ece") is not None else 9)
+    shown = (["ts"] if "ts" in summ else []) + others[:2]
+    uri = slices_figure(ctx, shown, n_images)
+    if uri:
+        body.append("<h2>Axial slices (clean test cases)</h2><p>Slice with the most foreground voxels of each case. "
+                    "Label / prediction: black background, orange anterior, blue posterior. Error: black = wrong. "
+                    "Confidence = top-label probability (colour scale 0.5-1). Rows: TS and the two lowest fg-ECE "
+                    f"others ({', '.join(others[:2]) or 'none'}), first seed.</p><img alt='slices' src='{uri}'>")
+    return body
 
 
 def md_to_html(md: str) -> str:
@@ -188,10 +289,11 @@ ul{font-size:13.5px}
 
 
 def write_report(results: dict[str, Any], ctx: dict[str, Any], path: str | Path, n_images: int = 3) -> Path:
-    from segcal.io.predictions import atomic_write
     from segcal.pipeline.bench import IN_DOMAIN, SHIFT_MODEL
     from segcal.report.tables import markdown_report
 
+    if results.get("format") == "segcal-bench-medical":
+        return _write_doc(_medical_body(results, ctx, n_images), path, "segcal bench report (hippocampus)")
     body = [md_to_html(markdown_report(results))]
     body.append("<h2>Reliability diagrams</h2><p>First seed of each method; bars: accuracy per confidence bin, "
                 "orange: gap to the mean confidence, green: share of pixels per bin, dashed: perfect calibration.</p>")
@@ -216,7 +318,13 @@ def write_report(results: dict[str, Any], ctx: dict[str, Any], path: str | Path,
                         f"probability. Methods: TS and the two lowest pooled-ECE others ({', '.join(others[:2])}), "
                         "first seed.</p>"
                         f"<img alt='maps' src='{uri}'>")
-    doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>segcal bench report</title>"
+    return _write_doc(body, path, "segcal bench report")
+
+
+def _write_doc(body: list[str], path: str | Path, title: str) -> Path:
+    from segcal.io.predictions import atomic_write
+
+    doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
     path = Path(path)
     with atomic_write(path, "w") as fh:
@@ -224,4 +332,4 @@ def write_report(results: dict[str, Any], ctx: dict[str, Any], path: str | Path,
     return path
 
 
-__all__ = ["maps_figure", "md_to_html", "reliability_figure", "write_report"]
+__all__ = ["maps_figure", "md_to_html", "reliability_figure", "slices_figure", "write_report"]

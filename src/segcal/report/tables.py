@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 #: (key, header, scale, decimals)
 TABLE_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
     ("ece", "ECE", 1.0, 4),
@@ -28,11 +30,45 @@ CI_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
     ("band_ece", "Δband ECE", 1.0, 4),
 )
 
+#: the medical table (``segcal bench --dataset hippocampus``): CamVid's columns with Dice for mIoU,
+#: a 50-bin case-wise ECE, and the foreground-region ECE in place of the boundary-band ECE
+MEDICAL_TABLE_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
+    ("ece", "ECE %", 100.0, 3),
+    ("image_ece", "case-ECE %", 100.0, 3),
+    ("image_ece_std", "case-ECE sd", 100.0, 2),
+    ("image_ece50", "case-ECE50 %", 100.0, 3),
+    ("classwise_ece", "cw-ECE %", 100.0, 3),
+    ("mce", "MCE", 1.0, 3),
+    ("nll", "NLL", 1.0, 4),
+    ("brier", "Brier", 1.0, 4),
+    ("dice_ant", "Dice ant", 1.0, 4),
+    ("dice_post", "Dice post", 1.0, 4),
+    ("case_dice_ant", "case Dice ant", 1.0, 4),
+    ("case_dice_post", "case Dice post", 1.0, 4),
+    ("flip_rate", "flip %", 100.0, 3),
+    ("fg_ece", "fg-ECE %", 100.0, 2),
+)
+MEDICAL_CI_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
+    ("ece", "ΔECE %", 100.0, 3),
+    ("image_ece", "Δcase-ECE %", 100.0, 3),
+    ("nll", "ΔNLL", 1.0, 4),
+    ("dice:1", "ΔDice ant", 1.0, 4),
+    ("dice:2", "ΔDice post", 1.0, 4),
+    ("case_dice:1", "Δcase Dice ant", 1.0, 4),
+    ("case_dice:2", "Δcase Dice post", 1.0, 4),
+    ("fg_ece", "Δfg-ECE %", 100.0, 2),
+)
+
+
+def _is_medical(results: dict[str, Any]) -> bool:
+    return results.get("format") == "segcal-bench-medical"
+
 
 def _num(v: Any, scale: float, dec: int) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
-    return f"{v * scale:.{dec}f}"
+    s = f"{v * scale:.{dec}f}"
+    return s[1:] if s.startswith("-") and float(s) == 0 else s  # no "-0.0000" from float noise
 
 
 def _cell(row: dict[str, Any], key: str, scale: float, dec: int) -> str:
@@ -45,6 +81,10 @@ def _cell(row: dict[str, Any], key: str, scale: float, dec: int) -> str:
 
 
 def _props(results: dict[str, Any]) -> dict[str, str]:
+    if _is_medical(results):  # rows (e.g. ts_dice) are not registry names: their properties are recorded
+        from segcal.pipeline.medical_bench import props_label
+
+        return {r: props_label(p) for r, p in results.get("properties", {}).items()}
     try:
         import segcal.calibrators as sc
 
@@ -61,10 +101,11 @@ def _props(results: dict[str, Any]) -> dict[str, str]:
 def condition_table(results: dict[str, Any], tag: str) -> list[str]:
     cond = results["conditions"][tag]
     props = _props(results)
-    head = ["method", "props", *[h for _, h, _, _ in TABLE_COLUMNS]]
+    cols = MEDICAL_TABLE_COLUMNS if _is_medical(results) else TABLE_COLUMNS
+    head = ["method", "props", *[h for _, h, _, _ in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, row in cond["summary"].items():
-        cells = [m, props.get(m, ""), *[_cell(row, k, s, d) for k, _h, s, d in TABLE_COLUMNS]]
+        cells = [m, props.get(m, ""), *[_cell(row, k, s, d) for k, _h, s, d in cols]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -73,11 +114,12 @@ def ci_table(results: dict[str, Any], tag: str) -> list[str]:
     boot = results["conditions"][tag].get("bootstrap_vs_ts") or {}
     if not boot:
         return ["(no TS row: no bootstrap)"]
-    head = ["method − TS", *[h for _, h, _, _ in CI_COLUMNS]]
+    cols = MEDICAL_CI_COLUMNS if _is_medical(results) else CI_COLUMNS
+    head = ["method − TS", *[h for _, h, _, _ in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, cis in boot.items():
         cells = [m]
-        for k, _h, s, d in CI_COLUMNS:
+        for k, _h, s, d in cols:
             ci = cis.get(k)
             if not ci or ci.get("diff") is None:
                 cells.append("–")
@@ -88,29 +130,91 @@ def ci_table(results: dict[str, Any], tag: str) -> list[str]:
     return lines
 
 
-def corruption_tables(results: dict[str, Any], metric: str = "ece", dec: int = 4) -> list[str]:
+def corruption_tables(results: dict[str, Any], metric: str = "ece", dec: int = 4, scale: float = 1.0,
+                      first: tuple[str, ...] = ()) -> list[str]:
+    """One row per method, one column per corrupted condition (``first``: extra leading columns)."""
     tags = [t for t, c in results["conditions"].items() if c.get("corruption")]
     if not tags:
         return []
-    methods = list(results["conditions"][tags[0]]["summary"])
+    tags = [t for t in first if t in results["conditions"]] + tags
+    methods = list(results["conditions"][tags[-1]]["summary"])
     lines = ["| method | " + " | ".join(tags) + " |", "|" + "---|" * (len(tags) + 1)]
     for m in methods:
         cells = [m]
         for t in tags:
             row = results["conditions"][t]["summary"].get(m, {})
-            cells.append(_num(row.get(metric), 1.0, dec))
+            cells.append(_num(row.get(metric), scale, dec))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def describe_condition(results: dict[str, Any], tag: str) -> str:
     c = results["conditions"][tag]
+    if _is_medical(results):
+        what = "hippocampus test cases, clean" if tag == "clean" else f"hippocampus test cases, MRI shift {tag}"
+        return f"{what}: {c['n_images']} cases, {c['n_eval_pixels']:,} voxels, model `{c['model']}`"
     what = {"clean": "CamVid test, in-domain model", "model-shift": "CamVid test, Cityscapes model (model shift)"}
     return (f"{what.get(tag, tag)}: {c['n_images']} images, {c['n_eval_pixels']:,} evaluated pixels, "
             f"model `{c['model']}`")
 
 
+def medical_markdown_report(results: dict[str, Any]) -> str:
+    """``results.md`` of ``segcal bench --dataset hippocampus``."""
+    cfg = results["config"]
+    p = results["protocol"]
+    t = results.get("timings", {})
+    out = ["# segcal bench: MSD hippocampus calibration benchmark", ""]
+    out.append(f"- commit: `{results.get('commit')}`; command: `{cfg.get('command') or 'segcal bench --dataset hippocampus'}`")
+    out.append(f"- wall time: {t.get('total_s', float('nan')):.0f} s (predict {t.get('predict_s', 0):.0f} s, fit "
+               f"{t.get('fit_s', 0):.0f} s, evaluate {t.get('evaluate_s', 0):.0f} s, report {t.get('report_s', 0):.0f} s); "
+               f"threads {results['environment']['threads']}")
+    out.append(f"- model `{results['model']}`; {p['split']}")
+    out.append(f"- calibration: {p['calib_split']}; seeds {cfg['seeds']}; {p['fit_voxels']}")
+    out.append(f"- evaluation: every voxel of every test case; {p['bins']} equal-width bins "
+               f"(case-ECE50: {p['bins_case']} bins, per case); fg-ECE: ECE in the {p['fg_region']}")
+    shifts = [f"{s}@{v}" for s in cfg["shifts"] for v in cfg["severities"]]
+    out.append(f"- shifts: {', '.join(shifts) or 'none'} ({'all test cases' if p['shift_cases'] == 'all test cases' else str(len(p['shift_cases'])) + ' test cases'}); {p['shift_seed']}")
+    out.append(f"- CIs: {p['bootstrap']}; * = CI excludes 0")
+    cache = results.get("cache", {})
+    out.append(f"- predictions: {cache.get('predicted_volumes')} volumes predicted, {cache.get('reused_volumes')} read "
+               f"from the cache `{cache.get('root')}`")
+    out.append("- cells: mean ± std over the seeds; `case-ECE sd` is the std of the per-case ECE over test cases "
+               "(mean over seeds); Dice pooled over the test voxels, case Dice = mean over cases; flip % = voxels "
+               "whose argmax differs from the uncalibrated one; props: TI translation invariant, AP argmax "
+               "preserving, OP order preserving")
+    fits: dict[str, list[float]] = {}
+    for f in results.get("fits", []):
+        fits.setdefault(f["method"], []).append(f["seconds"])
+    if fits:
+        out.append("- fit seconds (mean over seeds): " + ", ".join(f"{m} {np.mean(v):.1f}" for m, v in fits.items()))
+    for m, why in (results.get("skipped") or {}).items():
+        out.append(f"- skipped `{m}`: {why}")
+    out.append("")
+    out += ["## clean", "", describe_condition(results, "clean"), ""]
+    out += condition_table(results, "clean")
+    out += ["", "Paired bootstrap differences to TS over test cases, mean [95 % CI]:", ""]
+    out += ci_table(results, "clean")
+    out.append("")
+    tags = [t for t, c in results["conditions"].items() if c.get("corruption")]
+    if tags:
+        n = results["conditions"][tags[0]]["n_images"]
+        out += ["## MRI shifts", "", f"{n} test cases per shift-severity; calibrators fitted on clean calibration "
+                "cases. Mean over seeds.", ""]
+        for key, title, scale, dec in (("ece", "Pooled ECE %", 100.0, 3), ("fg_ece", "Foreground-region ECE %", 100.0, 2),
+                                       ("image_ece", "Case-wise ECE %", 100.0, 3), ("nll", "NLL", 1.0, 4),
+                                       ("case_dice_fg", "Case-wise Dice (mean of anterior, posterior)", 1.0, 4),
+                                       ("flip_rate", "Flip %", 100.0, 3)):
+            out += [f"{title}:", "", *corruption_tables(results, key, dec, scale, first=("clean",)), ""]
+        for tag in tags:
+            out += [f"### {tag}", "", describe_condition(results, tag), ""]
+            out += condition_table(results, tag)
+            out += ["", "Paired bootstrap differences to TS:", "", *ci_table(results, tag), ""]
+    return "\n".join(out) + "\n"
+
+
 def markdown_report(results: dict[str, Any]) -> str:
+    if _is_medical(results):
+        return medical_markdown_report(results)
     cfg = results["config"]
     out = ["# segcal bench: CamVid calibration benchmark", ""]
     out.append(f"- commit: `{results.get('commit')}`; command: `{cfg.get('command') or 'segcal bench'}`")
@@ -157,4 +261,4 @@ def markdown_report(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-__all__ = ["ci_table", "condition_table", "corruption_tables", "markdown_report"]
+__all__ = ["ci_table", "condition_table", "corruption_tables", "markdown_report", "medical_markdown_report"]
