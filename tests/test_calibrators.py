@@ -82,6 +82,22 @@ def test_independent_experts_fit_each_expert_on_its_own_pixels():
         sc.create("cmsop", independent_experts=True, objective="dice").fit(x, y)
 
 
+def test_monitor_objective_selects_by_the_fitting_objective():
+    """Soft Dice sharpens TS here (T < 1) while the NLL wants T = 3: scored by validation NLL the
+    best iterate is the start (T = 1); scored by the objective the fit moves."""
+    x, y = problem(20000)
+    xv, yv = problem(20000, seed=1)
+    by_nll = sc.create("ts", objective="dice").fit(x, y, val=(xv, yv))
+    by_obj = sc.create("ts", objective="dice", monitor="objective").fit(x, y, val=(xv, yv))
+    assert by_nll.fit_info["stages"][0]["monitor"] == "val_nll"
+    assert by_obj.fit_info["stages"][0]["monitor"] == "val_dice"
+    assert by_nll.temperature == pytest.approx(1.0, abs=1e-6)
+    assert by_obj.temperature < 0.9
+    assert by_obj.get_config()["monitor"] == "objective"
+    with pytest.raises(ValueError, match="monitor"):
+        sc.create("ts", monitor="ece")
+
+
 def test_ts_recovers_t_on_images_with_ignore_and_mask():
     x, y = problem(4 * 16 * 16, c=4, seed=1)
     imgs = x.reshape(4, 16, 16, 4).movedim(-1, 1)

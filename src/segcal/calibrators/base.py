@@ -85,6 +85,10 @@ class Calibrator(nn.Module):
     patience, min_delta, lr_patience, lr_factor
         Early stopping on the validation NLL (evaluations without an improvement > ``min_delta``)
         and ``ReduceLROnPlateau`` (Adam). The best iterate is restored.
+    monitor
+        What the validation split is scored by for early stopping and the best iterate: ``"nll"``
+        (default, whatever the objective) or ``"objective"`` (the fitting objective itself, e.g.
+        soft Dice: with a non-likelihood objective, selecting by NLL tends to keep the start).
     eval_every
         Steps between evaluations of the monitored loss.
     seed
@@ -126,6 +130,7 @@ class Calibrator(nn.Module):
         eval_every: int = 10,
         seed: int = 0,
         subsample: float | None = None,
+        monitor: str = "nll",
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
@@ -133,6 +138,8 @@ class Calibrator(nn.Module):
         get_objective(objective)  # validate early
         if optimizer not in ("auto", "lbfgs", "adam"):
             raise ValueError(f"optimizer: expected 'auto', 'lbfgs' or 'adam', got {optimizer!r}")
+        if monitor not in ("nll", "objective"):
+            raise ValueError(f"monitor: expected 'nll' or 'objective', got {monitor!r}")
         if subsample is not None and not (0 < float(subsample) <= 1):
             raise ValueError(f"subsample: expected a fraction in (0, 1], got {subsample}")
         for k, v in (("max_iter", max_iter), ("max_steps", max_steps), ("batch_size", batch_size),
@@ -155,6 +162,7 @@ class Calibrator(nn.Module):
             eval_every=int(eval_every),
             seed=int(seed),
             subsample=None if subsample is None else float(subsample),
+            monitor=monitor,
         )
         self._device_hint = torch.device(device) if device is not None else torch.device("cpu")
         self.num_classes: int | None = None
@@ -373,7 +381,7 @@ class Calibrator(nn.Module):
             optimizer=s["optimizer"], lr=s["lr"], max_iter=s["max_iter"], max_steps=s["max_steps"],
             batch_size=s["batch_size"], chunk_size=s["chunk_size"], patience=s["patience"],
             lr_patience=s["lr_patience"], lr_factor=s["lr_factor"], min_delta=s["min_delta"],
-            eval_every=s["eval_every"], seed=s["seed"],
+            eval_every=s["eval_every"], seed=s["seed"], monitor=s.get("monitor", "nll"),
         )
         kw.update(overrides)
         return FitSettings(**kw)

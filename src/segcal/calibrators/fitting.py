@@ -27,7 +27,8 @@ Optimisation
   :mod:`segcal.calibrators.objectives`).
 * Early stopping on the validation NLL (``patience`` evaluations without an improvement larger
   than ``min_delta``), ``ReduceLROnPlateau`` (Adam, ``lr_patience``), and the iterate with the best
-  monitored value (validation NLL, else training loss) is restored at the end.
+  monitored value (validation NLL, else training loss) is restored at the end. With
+  ``monitor="objective"`` the validation split is scored by the fitting objective instead.
 * Seeded (``seed``): the order of batches and the optional pixel subsampling are drawn from a
   ``torch.Generator``. Subsampling (``subsample``: fraction of valid pixels kept per batch) is never
   done implicitly; it is recorded in the calibrator's config.
@@ -360,6 +361,7 @@ class FitSettings:
     seed: int = 0
     tol: float = 1e-7
     weight_decay: float = 0.0  # AdamW only
+    monitor: str = "nll"  # validation score: "nll" or "objective" (the fitting objective)
 
 
 def _check_finite_loss(v: torch.Tensor | float, what: str) -> None:
@@ -463,12 +465,13 @@ def minimize(
         opt_name = "lbfgs" if train.in_memory else "adam"
     nll = NLL()
     vfn = val_stats_fn or stats_fn
+    val_objective = objective if settings.monitor == "objective" else nll
 
     def monitor(train_value: float) -> float:
         if val is None:
             return train_value
-        v = _evaluate(vfn, val, nll, settings.chunk_size)
-        _check_finite_loss(v, "validation NLL")
+        v = _evaluate(vfn, val, val_objective, settings.chunk_size)
+        _check_finite_loss(v, f"validation {val_objective.name}")
         return v
 
     history: list[dict[str, float]] = []
@@ -589,7 +592,7 @@ def minimize(
         "n_val_pixels": val.n if val is not None else 0,
         "steps": steps,
         "best_monitor": best,
-        "monitor": "val_nll" if val is not None else f"train_{objective.name}",
+        "monitor": f"val_{val_objective.name}" if val is not None else f"train_{objective.name}",
         "stopped_early": stopped_early,
         "seconds": time.perf_counter() - t0,
         "history": history[-50:],
