@@ -193,6 +193,11 @@ class Calibrator(nn.Module):
         out = self._map(moved.reshape(-1, c))
         return out.reshape(moved.shape).transpose(1, -1)
 
+    def _apply_image_map(self, x: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        """``_map_image(x)``, or ``_map_image(x, image)`` when there is an image (subclasses
+        without an image branch may define ``_map_image(x)`` only)."""
+        return self._map_image(x) if image is None else self._map_image(x, image)
+
     def _regularizer(self) -> torch.Tensor | None:
         return None
 
@@ -285,7 +290,7 @@ class Calibrator(nn.Module):
             return objective.stats(logits, batch.y.to(dev))
         x = batch.x.to(dev)
         img = None if batch.image is None else batch.image.to(dev, torch.float32)
-        logits = self._map_image(self._canonical(x, dim=1), img)
+        logits = self._apply_image_map(self._canonical(x, dim=1), img)
         valid = batch.valid.to(dev)
         return objective.stats(logits.movedim(1, -1)[valid], batch.y.to(dev)[valid])
 
@@ -481,7 +486,7 @@ class Calibrator(nn.Module):
                 if self.input_type == "probs":
                     check_probabilities(x, "logits", dim=1)
                 im = None if img is None else img[n : n + step].to(dev, torch.float32)
-                outs.append(self._map_image(self._canonical(x, dim=1), im).to(t.device))
+                outs.append(self._apply_image_map(self._canonical(x, dim=1), im).to(t.device))
             out = torch.cat(outs, 0)
         else:
             shape = t.shape
@@ -586,7 +591,7 @@ class _Exported(nn.Module):
 
     def forward(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         if self.cal.spatial:
-            return self.cal._map_image(self.cal._canonical(x, dim=1), image)
+            return self.cal._apply_image_map(self.cal._canonical(x, dim=1), image)
         # rank-agnostic under tracing: (N, C, *spatial) or (M, C) -> (N, C, S) -> rows
         n, c = x.shape[0], x.shape[1]
         flat = x.reshape(n, c, -1)
