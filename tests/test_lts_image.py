@@ -156,9 +156,23 @@ def test_spatial_adam_steps_take_batch_size_images():
     x, y, _ = image_problem(n=5)
     data = FitData(3, int(y.numel()), batches=[_Batch(x[i : i + 1], y[i : i + 1], torch.ones_like(y[i : i + 1], dtype=torch.bool))
                                                for i in range(5)])
-    sizes = [b.x.shape[0] for b in data.iter_steps(2, torch.Generator().manual_seed(0))]
-    assert sizes == [2, 2, 1]
-    assert [b.x.shape[0] for b in data.iter_steps(2, images=1)] == [1] * 5
+    assert [len(g) for g in data.iter_steps(2, torch.Generator().manual_seed(0))] == [2, 2, 1]
+    assert [len(g) for g in data.iter_steps(2, images=1)] == [1] * 5
+    # the step's loss is the mean over all pixels of the group, accumulated image by image
+    from segcal.calibrators.fitting import _group_step
+    from segcal.calibrators.objectives import get_objective
+
+    cal = sc.LocalTemperatureScaling(num_classes=3)
+    cal.is_fitted = True
+    group = data.batches[:2]
+    v = _group_step(cal._stats_fn, group, get_objective("nll"), lambda: None)
+    g1 = [p.grad.clone() for p in cal.parameters()]
+    cal.zero_grad()
+    ref = F.cross_entropy(cal(x[:2]), y[:2])
+    ref.backward()
+    assert v == pytest.approx(float(ref), rel=1e-5)
+    for a, p in zip(g1, cal.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- selective + LTS
@@ -169,6 +183,8 @@ def test_selective_on_top_of_lts_fits_declares_and_round_trips(base, tmp_path):
     cal = sc.create("selective", base=base, base_config={"lr": 3e-3}, max_steps=30, batch_size=2,
                     selector_epochs=3, seed=0).fit(x, y, val=(xv, yv))
     assert cal.spatial and cal.base.is_fitted and cal.fit_info["base"]["name"] == base
+    # the selector is trained on pixel rows of base-calibrated logits (one base pass per image)
+    assert cal.fit_info["selector_training"]["data"] == "base-calibrated logits"
     assert cal.translation_invariant is (base == "lts_ti") and cal.argmax_preserving and cal.order_preserving
     # the base was fitted by the loop (30 Adam steps of 2 whole images; its best iterate on val
     # NLL is kept, which for raw LTS on 6 tiny images can be the initial T = 2)

@@ -195,6 +195,7 @@ class SelectiveScaling(Calibrator):
             self.order_preserving = bool(base_obj.order_preserving)
             self.spatial = bool(base_obj.spatial)
         self._training_selector = False
+        self._rows_are_base = False
         if num_classes is not None:
             if int(num_classes) < 2:
                 raise ValueError(f"num_classes: expected at least 2, got {num_classes}")
@@ -288,14 +289,49 @@ class SelectiveScaling(Calibrator):
         if self.base is not None:
             self.base.fit(logits, labels, ignore_index=ignore_index, mask=mask, val=val,
                           progress=progress, images=images, val_images=val_images)
-        super().fit(logits, labels, ignore_index=ignore_index, mask=mask, val=val, progress=progress,
-                    images=images, val_images=val_images)
+        try:
+            super().fit(logits, labels, ignore_index=ignore_index, mask=mask, val=val,
+                        progress=progress, images=images, val_images=val_images)
+        finally:
+            self._rows_are_base = False
         if self.base is not None:
             self.fit_info["base"] = {"name": self.base.name, **{
                 k: self.base.fit_info.get(k) for k in ("optimizer", "mode", "n_pixels")}}
             if hasattr(self.base, "temperature"):
                 self.fit_info["base"]["temperature"] = float(self.base.temperature)
         return self
+
+    def _prepare(self, data: Any, labels: Any, mask: Any, ignore_index: int | None, what: str,
+                 progress: bool = False, images: Any = None) -> FitData:
+        """The data, and with a fitted whole-image base (LTS/IBTS) the selector's training data:
+        the base-calibrated logits of the valid pixels, computed once (one base forward per image)
+        and kept as pixel rows, so that the selector is trained on batches of pixels (§3.12) like
+        with a pointwise base. Above ``memory_budget`` the whole images are kept instead (one image
+        per step, the base re-applied at every pass)."""
+        fd = super()._prepare(data, labels, mask, ignore_index, what, progress, images)
+        if self.base is None or not self.base.spatial or not self.base.is_fitted:
+            return fd
+        dev = self.device
+        rows: list[_Batch] = []
+        nbytes = 0
+        with torch.no_grad():
+            for b in fd.iter_batches():
+                x = self._canonical(b.x.to(dev), dim=1)
+                img = None if b.image is None else b.image.to(dev, torch.float32)
+                zb = self._base_map(x, image=True, img=img)
+                valid = b.valid.to(dev) if b.valid is not None else None
+                if valid is None:
+                    r, y = zb, b.y
+                else:
+                    r = (zb if zb.ndim == 2 else zb.movedim(1, -1))[valid]
+                    y = b.y.to(dev)[valid]
+                nbytes += r.numel() * 4 + y.numel() * 8
+                if nbytes > self._fit_kw["memory_budget"]:
+                    return fd
+                rows.append(_Batch(r.float().cpu().contiguous(), y.cpu()))
+        self._rows_are_base = True
+        info = {**fd.info, "mode": "in-memory", "nbytes": nbytes, "rows": "base-calibrated logits"}
+        return FitData(fd.num_classes, fd.n, batches=rows, info=info)
 
     def _fit_stages(self) -> list[tuple[str, list[nn.Parameter]]]:
         return [("selector", list(self.selector.parameters()))]
@@ -320,6 +356,8 @@ class SelectiveScaling(Calibrator):
         """Base logits of the batch's valid pixels and their labels (no gradients)."""
         dev = self.device
         with torch.no_grad():
+            if batch.valid is None and self._rows_are_base:  # rows of base logits (see _prepare)
+                return batch.x.to(dev, torch.float32), batch.y.to(dev)
             x = self._canonical(batch.x.to(dev), dim=1)
             y = batch.y.to(dev)
             if batch.valid is None:
@@ -383,7 +421,8 @@ class SelectiveScaling(Calibrator):
             "flagged_fraction": float(conf_mat[:, 0].sum()) / max(n, 1.0),
         }
         return {
-            "selector_training": dict(getattr(self, "_selector_settings", {})),
+            "selector_training": {**dict(getattr(self, "_selector_settings", {})),
+                                  "data": train.info.get("rows", "pixels" if not self.spatial else "whole images")},
             "selector_accuracy": acc,
             "t_mispred": float(grid[best]),
             "t_mispred_grid": table,
