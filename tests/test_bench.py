@@ -236,3 +236,57 @@ def test_bench_quick_real(tmp_path, capsys, monkeypatch):
     b = res2["conditions"]["clean"]["summary"]["uncalibrated"]
     assert a["ece"] == b["ece"] and a["miou"] == b["miou"]
     assert bench_mod.README_T["espnet-camvid"] == 1.3279
+
+
+def test_spatial_variants_fit_with_images_and_record_their_budget():
+    """lts_image gets the RGB image of every logit map (the corrupted one under a corruption);
+    selective_lts is selective scaling on an LTS base; the step / selection budgets are recorded."""
+    import torch
+
+    from segcal.pipeline.bench import (
+        BENCH_VARIANTS,
+        _calibrated,
+        _ImageData,
+        create_method,
+        fit_calibrators,
+    )
+
+    class Item:
+        def __init__(self, seed):
+            self.seed = seed
+
+        def load_image(self):
+            return np.random.default_rng(self.seed).integers(0, 255, (16, 20, 3), dtype=np.uint8)
+
+    rng = np.random.default_rng(0)
+    val = []
+    for i in range(6):
+        z = rng.normal(size=(4, 16, 20)).astype(np.float16) * 3
+        lab = rng.integers(0, 4, (16, 20)).astype(np.uint8)
+        val.append(_ImageData(f"im{i}", z, lab, Item(i)))
+    assert set(BENCH_VARIANTS) >= {"lts_image", "selective_lts"}
+    assert create_method("lts_image").uses_image and create_method("selective_lts").base.name == "lts"
+    res = fit_calibrators(val, ["lts_image", "selective_lts"], (0,), 600, 3, lambda m: None,
+                          spatial_max_steps=3, spatial_selection_images=2)
+    assert not res["skipped"], res["skipped"]
+    recs = {r["method"]: r for r in res["fits"]}
+    assert recs["lts_image"]["uses_image"] and recs["lts_image"]["max_steps"] == 3
+    assert recs["lts_image"]["steps"] == 3 and recs["lts_image"]["selection_images"] == 2
+    assert recs["selective_lts"]["max_steps"] == 3 and "t_mispred" in recs["selective_lts"]
+    cal = res["cals"][("lts_image", 0)]
+    im = val[0]
+    pick = np.arange(10)
+    rows = torch.from_numpy(np.asarray(im.logits, np.float32).reshape(4, -1)[:, pick].T.copy())
+    a = _calibrated(cal, rows, im.logits, pick, im.image)
+    im.transform = lambda rgb, stem: 255 - rgb  # another (corrupted) input image
+    b = _calibrated(cal, rows, im.logits, pick, im.image)
+    assert a.shape == (10, 4) and not torch.equal(a, b)
+    import argparse
+
+    from segcal.cli.bench_cmd import add_parser, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers())
+    args = p.parse_args(["bench", "--spatial", "--spatial-max-steps", "7", "--spatial-selection-images", "5"])
+    cfg = config_from_args(args)
+    assert cfg.spatial and cfg.spatial_max_steps == 7 and cfg.spatial_selection_images == 5

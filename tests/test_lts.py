@@ -44,7 +44,7 @@ def test_lts_fits_whole_images_2d_and_3d(shape):
     x, y = images(shape=shape)
     xv, yv = images(shape=shape, seed=1)
     y[(0,) * y.ndim] = 255
-    cal = sc.create("lts", lr=1e-3, max_steps=80, batch_size=2).fit(x, y, ignore_index=255, val=(xv, yv))
+    cal = sc.create("lts", lr=1e-3, max_steps=80, batch_size=1).fit(x, y, ignore_index=255, val=(xv, yv))
     assert cal.spatial_dims == len(shape)
     assert cal.fit_info["mode"] == "in-memory" and cal.fit_info["n_pixels"] == y.numel() - 1
     before = F.cross_entropy(xv, yv).item()

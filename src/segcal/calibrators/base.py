@@ -19,7 +19,11 @@ properties ``translation_invariant``, ``argmax_preserving``, ``order_preserving`
 and optionally ``_regularizer()`` and ``_fit_stages()``. ``input_space`` is ``"logits"`` (the map
 takes raw logits) or ``"logprobs"`` (it takes ``log S(z)``; probabilities are logged with a 1e-12
 floor either way). Spatial calibrators (``spatial = True``; LTS/IBTS) implement
-``_map_image(x)`` on a canonical ``(1, C, *spatial)`` image instead and are fitted on whole images.
+``_map_image(x, image)`` on canonical ``(n, C, *spatial)`` images instead and are fitted on whole
+images. Calibrators with an image branch (:attr:`Calibrator.uses_image`; LTS/IBTS with
+``use_image=True``, selective scaling on such a base) take the input image
+``(N, image_channels, *spatial)`` at fit (``images=``, ``val_images=``, or inside streamed batches)
+and at apply time (``forward(logits, image=...)``); without it they raise a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,14 @@ from segcal._validation import (
     check_probabilities,
     check_scores,
 )
-from segcal.calibrators.fitting import FitData, FitSettings, _Batch, minimize, prepare_data
+from segcal.calibrators.fitting import (
+    FitData,
+    FitSettings,
+    _Batch,
+    check_image,
+    minimize,
+    prepare_data,
+)
 from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.registry import FORMAT, VERSION
 from segcal.io.serialization import to_plain as _plain
@@ -182,12 +193,18 @@ class Calibrator(nn.Module):
         """Canonical ``(P, C)`` rows -> calibrated logits ``(P, C)``."""
         raise NotImplementedError
 
-    def _map_image(self, x: torch.Tensor) -> torch.Tensor:
-        """Canonical ``(N, C, *spatial)`` images -> calibrated logits (spatial calibrators)."""
+    def _map_image(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """Canonical ``(N, C, *spatial)`` images (and their input images, for calibrators with an
+        image branch) -> calibrated logits (spatial calibrators)."""
         c = x.shape[1]
         moved = x.transpose(1, -1)
         out = self._map(moved.reshape(-1, c))
         return out.reshape(moved.shape).transpose(1, -1)
+
+    def _apply_image_map(self, x: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        """``_map_image(x)``, or ``_map_image(x, image)`` when there is an image (subclasses
+        without an image branch may define ``_map_image(x)`` only)."""
+        return self._map_image(x) if image is None else self._map_image(x, image)
 
     def _regularizer(self) -> torch.Tensor | None:
         return None
@@ -244,6 +261,16 @@ class Calibrator(nn.Module):
             return F.log_softmax(rows, dim=dim)
         return rows
 
+    @property
+    def uses_image(self) -> bool:
+        """True when the map needs the input image (an image branch): ``image=`` is mandatory."""
+        return False
+
+    @property
+    def image_channels_needed(self) -> int | None:
+        """Channels of the input image the map needs (``None``: no image branch)."""
+        return int(getattr(self, "image_channels", 3)) if self.uses_image else None
+
     def properties(self) -> dict[str, bool]:
         return {
             "translation_invariant": bool(self.translation_invariant),
@@ -270,12 +297,13 @@ class Calibrator(nn.Module):
             logits = self._map(self._canonical(rows))
             return objective.stats(logits, batch.y.to(dev))
         x = batch.x.to(dev)
-        logits = self._map_image(self._canonical(x, dim=1))
+        img = None if batch.image is None else batch.image.to(dev, torch.float32)
+        logits = self._apply_image_map(self._canonical(x, dim=1), img)
         valid = batch.valid.to(dev)
         return objective.stats(logits.movedim(1, -1)[valid], batch.y.to(dev)[valid])
 
     def _prepare(self, data: Any, labels: Any, mask: Any, ignore_index: int | None, what: str,
-                 progress: bool = False) -> FitData:
+                 progress: bool = False, images: Any = None) -> FitData:
         return prepare_data(
             data,
             labels,
@@ -289,6 +317,8 @@ class Calibrator(nn.Module):
             seed=self._fit_kw["seed"],
             what=what,
             progress=progress,
+            images=images,
+            image_channels=self.image_channels_needed,
         )
 
     def fit(
@@ -300,6 +330,8 @@ class Calibrator(nn.Module):
         mask: Any = None,
         val: Any = None,
         progress: bool = False,
+        images: Any = None,
+        val_images: Any = None,
     ) -> Calibrator:
         """Fit on held-out data; returns ``self``.
 
@@ -321,8 +353,14 @@ class Calibrator(nn.Module):
             ``(scores, labels[, mask])`` or any of the streamed forms above.
         progress
             Show a progress bar while reading the data.
+        images, val_images
+            Input images ``(N, image_channels, *spatial)`` of ``logits`` / of the ``val`` tuple, for
+            calibrators with an image branch (:attr:`uses_image`); with a prediction folder (path,
+            :class:`~segcal.io.PredictionFolder`) an image folder path; streamed batches carry their
+            image instead (a mapping with an ``"image"`` entry). Required when the calibrator uses
+            images, rejected when it does not.
         """
-        train = self._prepare(logits, labels, mask, ignore_index, "logits", progress)
+        train = self._prepare(logits, labels, mask, ignore_index, "logits", progress, images)
         if self._fixed_classes and train.num_classes != self.num_classes:
             raise ValueError(
                 f"logits: expected {self.num_classes} classes, got {train.num_classes}"
@@ -332,12 +370,14 @@ class Calibrator(nn.Module):
         if self.num_classes != train.num_classes or not self._fixed_classes:
             self._build_params(train.num_classes)  # (re)fit from scratch
         val_data = None
+        if val is None and val_images is not None:
+            raise ValueError("val_images: given without val")
         if val is not None:
             if isinstance(val, tuple) and len(val) in (2, 3) and isinstance(val[0], torch.Tensor | np.ndarray):
                 vdata, vlab, vmask = val[0], val[1], val[2] if len(val) == 3 else None
             else:
                 vdata, vlab, vmask = val, None, None
-            val_data = self._prepare(vdata, vlab, vmask, ignore_index, "val", progress)
+            val_data = self._prepare(vdata, vlab, vmask, ignore_index, "val", progress, val_images)
             if val_data.num_classes != train.num_classes:
                 raise ValueError(
                     f"val: expected {train.num_classes} classes, got {val_data.num_classes}"
@@ -424,11 +464,25 @@ class Calibrator(nn.Module):
                 for s in range(0, flat.shape[2], chunk):
                     yield (n, slice(None), slice(s, s + chunk)), flat[n, :, s : s + chunk].t()
 
-    def forward(self, logits: Any) -> Any:
-        """Calibrated logits of the input's shape (numpy in -> numpy out; float32)."""
+    def forward(self, logits: Any, image: Any = None) -> Any:
+        """Calibrated logits of the input's shape (numpy in -> numpy out; float32).
+
+        ``image``: the input images ``(N, image_channels, *spatial)`` of ``logits``, required by
+        calibrators with an image branch (:attr:`uses_image`) and rejected by the others.
+        """
         self._check_ready()
         is_np = isinstance(logits, np.ndarray)
         t = check_scores(logits, "logits", num_classes=self.num_classes)
+        img = None
+        if self.uses_image:
+            if image is None:
+                raise ValueError(
+                    f"image: this {self.name} calibrator has an image branch (use_image=True); pass "
+                    f"image= ({t.shape[0]}, {self.image_channels_needed}, *spatial of the logits)"
+                )
+            img = check_image(image, t, int(self.image_channels_needed), "image")  # type: ignore[arg-type]
+        elif image is not None:
+            raise ValueError(f"image: given, but this {self.name} calibrator has no image branch")
         dev = self.device
         chunk = self._fit_kw["chunk_size"]
         if self.spatial:
@@ -439,7 +493,8 @@ class Calibrator(nn.Module):
                 check_finite(x, "logits")
                 if self.input_type == "probs":
                     check_probabilities(x, "logits", dim=1)
-                outs.append(self._map_image(self._canonical(x, dim=1)).to(t.device))
+                im = None if img is None else img[n : n + step].to(dev, torch.float32)
+                outs.append(self._apply_image_map(self._canonical(x, dim=1), im).to(t.device))
             out = torch.cat(outs, 0)
         else:
             shape = t.shape
@@ -458,11 +513,12 @@ class Calibrator(nn.Module):
             out = out.reshape(shape)
         return out.detach().numpy() if is_np else out
 
-    def predict_proba(self, logits: Any) -> Any:
-        """Calibrated probabilities of the input's shape (numpy in -> numpy out)."""
+    def predict_proba(self, logits: Any, image: Any = None) -> Any:
+        """Calibrated probabilities of the input's shape (numpy in -> numpy out); ``image`` as in
+        :meth:`forward`."""
         is_np = isinstance(logits, np.ndarray)
         with torch.no_grad():
-            out = self.forward(as_tensor(logits, "logits") if is_np else logits)
+            out = self.forward(as_tensor(logits, "logits") if is_np else logits, image=image)
             p = F.softmax(out, dim=1)
         return p.numpy() if is_np else p
 
@@ -500,7 +556,9 @@ class Calibrator(nn.Module):
 
         The exported module needs only ``torch`` (``torch.jit.load(path)``); it performs no input
         validation. Spatial calibrators (LTS/IBTS) are traced on an image of their rank: the export
-        takes ``(N, C, *spatial)`` images of that rank with every spatial size > 4 (reflect padding). Returns the scripted module and saves it when ``path`` is given.
+        takes ``(N, C, *spatial)`` images of that rank with every spatial size > 4 (reflect padding).
+        With an image branch the export takes ``(logits, image)``. Returns the scripted module and
+        saves it when ``path`` is given.
         """
         self._check_ready()
         module = _Exported(copy.deepcopy(self).cpu().eval()).eval()
@@ -513,6 +571,10 @@ class Calibrator(nn.Module):
             ex = torch.randn(2, c, 3, 5, generator=gen)
         if self.input_type == "probs":
             ex = ex.softmax(1)
+        args: tuple[torch.Tensor, ...] = (ex,)
+        if self.uses_image:
+            args = (ex, torch.randn(ex.shape[0], int(self.image_channels_needed or 3), *ex.shape[2:],
+                                    generator=gen))
         for p in module.parameters():
             p.requires_grad_(False)
         import warnings
@@ -522,7 +584,7 @@ class Calibrator(nn.Module):
             # checked on other ranks and sizes in tests/test_calibrator_checks.py
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            traced = torch.jit.trace(module, (ex,), check_trace=False, strict=False)
+            traced = torch.jit.trace(module, args, check_trace=False, strict=False)
         if path is not None:
             torch.jit.save(traced, str(path))
         return traced
@@ -535,9 +597,9 @@ class _Exported(nn.Module):
         super().__init__()
         self.cal = cal
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         if self.cal.spatial:
-            return self.cal._map_image(self.cal._canonical(x, dim=1))
+            return self.cal._apply_image_map(self.cal._canonical(x, dim=1), image)
         # rank-agnostic under tracing: (N, C, *spatial) or (M, C) -> (N, C, S) -> rows
         n, c = x.shape[0], x.shape[1]
         flat = x.reshape(n, c, -1)

@@ -9,6 +9,13 @@ Data
   returning a fresh iterator, is re-iterable; a generator can be read once);
 * a :class:`segcal.io.PredictionFolder` (the format of ``segcal eval``) or :class:`FolderBatches`.
 
+Calibrators with an image branch (LTS / IBTS with ``use_image=True``) also need the input image of
+every logit map: ``images=`` ``(N, C_img, *spatial)`` for in-memory input, an ``"image"`` entry in
+every streamed batch (a mapping ``{"scores", "labels", "mask", "image"}``), or an image folder
+(``FolderBatches(folder, images=DIR)``, stems matching the predictions). Images travel with their
+logit map through the loop (``_Batch.image``); a missing image or one of the wrong shape is an
+error, never silently dropped.
+
 For pointwise calibrators the valid pixels (label not ``ignore_index``, mask True) are gathered to
 ``(P, C)`` rows and ``(P,)`` labels, kept in the input's float dtype (float16 stays float16: half
 the memory) and up-cast to float32 chunk by chunk. If the gathered rows fit ``memory_budget``
@@ -32,6 +39,8 @@ Optimisation
 * Seeded (``seed``): the order of batches and the optional pixel subsampling are drawn from a
   ``torch.Generator``. Subsampling (``subsample``: fraction of valid pixels kept per batch) is never
   done implicitly; it is recorded in the calibrator's config.
+* Spatial calibrators take Adam steps on groups of ``batch_size`` whole images (the mean loss over
+  their valid pixels; accumulated image by image for linear objectives).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,11 +65,12 @@ from segcal._validation import (
 )
 from segcal.io.predictions import PredictionFolder
 
-__all__ = ["FitData", "FolderBatches", "minimize", "prepare_data"]
+__all__ = ["FitData", "FolderBatches", "check_image", "minimize", "prepare_data"]
 
 
 class FolderBatches:
-    """Re-iterable ``(scores[None], labels[None], None)`` batches from (a subset of) a folder.
+    """Re-iterable ``(scores[None], labels[None], None, input_type[, image[None]])`` batches from
+    (a subset of) a folder.
 
     Parameters
     ----------
@@ -68,9 +78,15 @@ class FolderBatches:
         A :class:`~segcal.io.PredictionFolder` with labels.
     stems
         The image ids to use (default: all), in this order.
+    images
+        Optional folder of input images (``.png``/``.jpg``/``.jpeg``, or ``.npy`` arrays
+        ``(C_img, *spatial)`` used as they are) whose stems match the predictions, for calibrators
+        with an image branch; RGB files are read by :func:`segcal.datasets.folders.load_image_tensor`.
+        Every used stem needs an image (a ``ValueError`` lists the missing ones).
     """
 
-    def __init__(self, folder: PredictionFolder, stems: Iterable[str] | None = None) -> None:
+    def __init__(self, folder: PredictionFolder, stems: Iterable[str] | None = None,
+                 images: str | os.PathLike | None = None) -> None:
         self.folder = folder
         by_stem = {it.stem: it for it in folder.items}
         if stems is None:
@@ -82,14 +98,36 @@ class FolderBatches:
             self.items = [by_stem[s] for s in stems]
         if any(it.label_path is None for it in self.items):
             raise ValueError("labels: fitting from a prediction folder needs a label folder")
+        self.image_dir = None if images is None else os.fspath(images)
+        self.image_paths: dict[str, Any] = {}
+        if images is not None:
+            from segcal.datasets.folders import image_files
+            from segcal.io.predictions import check_stems_match
+
+            found = image_files(images)
+            want = {it.stem for it in self.items}
+            # extra images are fine (e.g. a whole dataset split for a subset of predictions)
+            check_stems_match(want, set(found) & want,
+                              f"images: file stems do not match ({folder.pred_dir} vs {images})",
+                              "prediction(s) without an image", "")
+            self.image_paths = {s: found[s] for s in want}
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, None, str]]:
+    def read_image(self, stem: str) -> np.ndarray:
+        """The image of ``stem`` as ``(C_img, *spatial)`` float32 (requires ``images``)."""
+        from segcal.datasets.folders import load_image_tensor
+
+        return load_image_tensor(self.image_paths[stem])
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
         for it in self.items:
             scores, labels, itype = self.folder.read(it)
-            yield scores[None], labels[None], None, itype
+            if self.image_dir is None:
+                yield scores[None], labels[None], None, itype
+            else:
+                yield scores[None], labels[None], None, itype, self.read_image(it.stem)[None]
 
 
 @dataclass
@@ -99,6 +137,7 @@ class _Batch:
     x: torch.Tensor  # (P, C) raw rows (input dtype) or (1, C, *spatial) image
     y: torch.Tensor  # (P,) or (1, *spatial) labels (int64)
     valid: torch.Tensor | None = None  # (1, *spatial) for spatial batches
+    image: torch.Tensor | None = None  # (1, C_img, *spatial): input image (image-branch calibrators)
 
     @property
     def n(self) -> int:
@@ -106,7 +145,52 @@ class _Batch:
 
     @property
     def nbytes(self) -> int:
-        return self.x.numel() * self.x.element_size() + self.y.numel() * self.y.element_size()
+        extra = 0 if self.image is None else self.image.numel() * self.image.element_size()
+        return self.x.numel() * self.x.element_size() + self.y.numel() * self.y.element_size() + extra
+
+
+def _stack_images(group: list[_Batch]) -> _Batch:
+    """Whole-image batches of equal spatial size -> one ``(n, C, *spatial)`` batch."""
+    if len(group) == 1:
+        return group[0]
+    image = None if group[0].image is None else torch.cat([b.image for b in group], 0)  # type: ignore[misc]
+    return _Batch(torch.cat([b.x for b in group], 0), torch.cat([b.y for b in group], 0),
+                  torch.cat([b.valid for b in group], 0), image)  # type: ignore[misc]
+
+
+def _group_step(stats_fn: Callable[[_Batch, Any], torch.Tensor], group: list[_Batch],
+                objective: Any, regularizer: Callable[[], torch.Tensor | None]) -> float:
+    """Loss and gradients of one mini-batch step (``backward`` done); returns the loss.
+
+    A group of whole images is the mean loss over all their valid pixels. For linear objectives it
+    is accumulated image by image (``Σ_i stats_i / n``; the same gradient as one stacked batch,
+    with the memory of one image: stacking 4 CamVid images was slower than 4 single passes on
+    CPU); other objectives stack images of equal size.
+    """
+    n = sum(b.n for b in group)
+    if len(group) > 1 and objective.linear:
+        total = 0.0
+        for b in group:
+            part = objective.finalize(stats_fn(b, objective), n)
+            _check_finite_loss(part.detach(), "training loss")
+            part.backward()
+            total += float(part.detach())
+        reg = regularizer()
+        if reg is not None:
+            reg.backward()
+            total += float(reg.detach())
+        return total
+    if len(group) > 1 and any(b.x.shape[2:] != group[0].x.shape[2:] for b in group):
+        raise ValueError("fit: a non-linear objective needs images of equal size within a step; "
+                         "use batch_size=1")
+    b = _stack_images(group)
+    loss = objective.finalize(stats_fn(b, objective), b.n)
+    reg = regularizer()
+    if reg is not None:
+        loss = loss + reg
+    _check_finite_loss(loss.detach(), "training loss")
+    loss.backward()
+    return float(loss.detach())
 
 
 @dataclass
@@ -151,6 +235,24 @@ class FitData:
                 for s in range(0, b.n, chunk_size):
                     yield _Batch(b.x[s : s + chunk_size], b.y[s : s + chunk_size])
 
+    def iter_steps(self, batch_size: int, gen: torch.Generator | None = None,
+                   images: int | None = None) -> Iterator[list[_Batch]]:
+        """The data of one optimisation step, as a list of batches: one chunk of ``batch_size``
+        pixels (pointwise data, as :meth:`iter_chunks`) or up to ``images`` (default
+        ``batch_size``) whole images (spatial data)."""
+        per = batch_size if images is None else images
+        group: list[_Batch] = []
+        for b in self.iter_chunks(batch_size, gen):
+            if b.valid is None or b.x.ndim == 2:
+                yield [b]
+                continue
+            if len(group) >= per:
+                yield group
+                group = []
+            group.append(b)
+        if group:
+            yield group
+
 
 # ----------------------------------------------------------------------------- data preparation
 
@@ -159,22 +261,36 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, torch.Tensor | np.ndarray)
 
 
-def _normalise_source(data: Any, labels: Any, mask: Any, what: str) -> tuple[Callable[[], Iterator], bool]:
-    """Return (factory of an iterator of (scores, labels, mask, input_type|None), reiterable)."""
+def _normalise_source(data: Any, labels: Any, mask: Any, what: str,
+                      images: Any = None) -> tuple[Callable[[], Iterator], bool]:
+    """Return (factory of an iterator of batches (tuples or mappings, see :func:`_unpack`),
+    reiterable)."""
+    img_name = "images" if what == "logits" else f"{what} images"
     if isinstance(data, str | os.PathLike):
         if labels is None:
             raise ValueError(f"{what}: fitting from a prediction folder needs the label folder")
         data = PredictionFolder(data, labels)
         labels = None
     if isinstance(data, PredictionFolder):
-        data = FolderBatches(data)
+        if images is not None and not isinstance(images, str | os.PathLike):
+            raise ValueError(f"{img_name}: with a prediction folder, pass the image folder (a path)")
+        data = FolderBatches(data, images=images)
+        images = None
     if _is_array(data):
         if labels is None:
             raise ValueError(f"labels: required to fit (got None for {what})")
-        return (lambda: iter([(data, labels, mask, None)])), True
+        if images is not None and not _is_array(images):
+            raise ValueError(f"{img_name}: expected an (N, C_img, *spatial) tensor/array with "
+                             f"in-memory {what}, got {type(images).__name__}")
+        return (lambda: iter([(data, labels, mask, None, images)])), True
     if labels is not None or mask is not None:
         raise ValueError(
             f"labels/mask: pass them inside the batches when {what} is an iterable of batches"
+        )
+    if images is not None:
+        raise ValueError(
+            f"{img_name}: pass each image inside its batch (a mapping with an 'image' entry) when "
+            f"{what} is an iterable of batches, or an image folder to FolderBatches"
         )
     if callable(data) and not isinstance(data, FolderBatches):
         return (lambda: iter(data())), True
@@ -188,13 +304,51 @@ def _normalise_source(data: Any, labels: Any, mask: Any, what: str) -> tuple[Cal
     )
 
 
-def _unpack(item: Any, what: str) -> tuple[Any, Any, Any, str | None]:
-    if not isinstance(item, list | tuple) or len(item) not in (2, 3, 4):
-        raise TypeError(f"{what}: each batch must be (scores, labels) or (scores, labels, mask)")
+def _unpack(item: Any, what: str) -> tuple[Any, Any, Any, str | None, Any]:
+    """``(scores, labels, mask, input_type, image)`` of one batch.
+
+    A batch is ``(scores, labels)``, ``(scores, labels, mask)`` (internally also
+    ``(..., input_type[, image])``) or a mapping with keys ``scores`` (or ``logits``), ``labels``
+    and optionally ``mask``, ``image``, ``input_type``.
+    """
+    if isinstance(item, Mapping):
+        unknown = set(item) - {"scores", "logits", "labels", "mask", "image", "input_type"}
+        if unknown or ("scores" in item) == ("logits" in item) or "labels" not in item:
+            raise TypeError(
+                f"{what}: a batch mapping needs 'scores' (or 'logits') and 'labels', optionally "
+                f"'mask', 'image', 'input_type'; got keys {sorted(item)}"
+            )
+        scores = item["scores"] if "scores" in item else item["logits"]
+        return scores, item["labels"], item.get("mask"), item.get("input_type"), item.get("image")
+    if not isinstance(item, list | tuple) or len(item) not in (2, 3, 4, 5):
+        raise TypeError(f"{what}: each batch must be (scores, labels), (scores, labels, mask) or a "
+                        "mapping {'scores', 'labels', 'mask', 'image'}")
     scores, labels = item[0], item[1]
     mask = item[2] if len(item) > 2 else None
     itype = item[3] if len(item) > 3 else None
-    return scores, labels, mask, itype
+    image = item[4] if len(item) > 4 else None
+    return scores, labels, mask, itype, image
+
+
+def check_image(image: Any, scores: torch.Tensor, image_channels: int, name: str) -> torch.Tensor:
+    """Validate the input image of a logit map: ``(N, image_channels, *spatial)`` with the scores'
+    ``N`` and spatial size, finite; returned as a float tensor (float16 kept, else float32)."""
+    from segcal._validation import as_tensor
+
+    img = as_tensor(image, name)
+    want = (scores.shape[0], image_channels, *scores.shape[2:])
+    if scores.ndim < 3:
+        raise ValueError(f"{name}: the image branch needs images with spatial dimensions; the "
+                         f"scores are an {tuple(scores.shape)} table")
+    if tuple(img.shape) != want:
+        raise ValueError(f"{name}: expected shape ({', '.join(map(str, want))}) (N, image_channels, "
+                         f"*spatial of the logits), got {tuple(img.shape)}")
+    if not torch.is_floating_point(img):
+        img = img.to(torch.float32)
+    elif img.dtype not in (torch.float16, torch.float32):
+        img = img.to(torch.float32)
+    check_finite(img, name)
+    return img
 
 
 def _prepare_batch(
@@ -209,8 +363,23 @@ def _prepare_batch(
     subsample: float | None,
     gen: torch.Generator,
     what: str,
+    image: Any = None,
+    image_channels: int | None = None,
 ) -> _Batch | None:
     s = check_scores(scores, what, num_classes=num_classes)
+    img_name = "images" if what == "logits" else f"{what} images"
+    img = None
+    if image_channels is not None:
+        if image is None:
+            raise ValueError(
+                f"{img_name}: this calibrator has an image branch (use_image=True) and needs the "
+                "input image of every logit map: pass images= to fit (val_images= for val), an "
+                "'image' entry in every batch, or an image folder"
+            )
+        img = check_image(image, s, int(image_channels), img_name)
+    elif image is not None:
+        raise ValueError(f"{img_name}: given, but this calibrator has no image branch "
+                         "(build it with use_image=True to use images)")
     expected = (s.shape[0], *s.shape[2:])
     y = check_labels(labels, "labels" if what == "logits" else f"{what} labels", expected_shape=expected)
     valid = torch.ones(expected, dtype=torch.bool) if ignore_index is None else y != ignore_index
@@ -231,7 +400,8 @@ def _prepare_batch(
         out = []
         for i in range(s.shape[0]):
             if bool(valid[i].any()):
-                out.append(_Batch(s[i : i + 1].to(store_dtype), ys[i : i + 1], valid[i : i + 1]))
+                out.append(_Batch(s[i : i + 1].to(store_dtype), ys[i : i + 1], valid[i : i + 1],
+                                  None if img is None else img[i : i + 1]))
         return out  # type: ignore[return-value]
     if s.ndim == 2:
         rows = s[valid]
@@ -266,11 +436,19 @@ def prepare_data(
     seed: int = 0,
     what: str = "logits",
     progress: bool = False,
+    images: Any = None,
+    image_channels: int | None = None,
 ) -> FitData:
-    """Gather valid pixels from any supported source (see the module docstring)."""
+    """Gather valid pixels from any supported source (see the module docstring).
+
+    ``image_channels`` (calibrators with an image branch; requires ``spatial``) makes the input
+    image of every logit map mandatory (``images`` or inside the batches); ``None`` rejects images.
+    """
     if subsample is not None and not (0 < float(subsample) <= 1):
         raise ValueError(f"subsample: expected a fraction in (0, 1], got {subsample}")
-    factory, reiterable = _normalise_source(data, labels, mask, what)
+    if image_channels is not None and not spatial:
+        raise ValueError("image_channels: the image branch needs spatial (whole-image) data")
+    factory, reiterable = _normalise_source(data, labels, mask, what, images)
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     kw = dict(
         input_type=input_type,
@@ -278,18 +456,19 @@ def prepare_data(
         spatial=spatial,
         subsample=subsample,
         what=what,
+        image_channels=image_channels,
     )
 
     def batches(nc: int | None, g: torch.Generator, bar: Any = None) -> Iterator[tuple[_Batch, int]]:
         for item in factory():
-            sc, la, ma, itype = _unpack(item, what)
+            sc, la, ma, itype, im = _unpack(item, what)
             if itype is not None and itype != input_type:
                 raise ValueError(
                     f"{what}: the prediction folder holds {itype} but the calibrator has "
                     f"input_type={input_type!r}; pass input_type={itype!r}"
                 )
             sc_shape_c = sc.shape[1] if hasattr(sc, "shape") and len(sc.shape) > 1 else None
-            got = _prepare_batch(sc, la, ma, num_classes=nc, gen=g, **kw)  # type: ignore[arg-type]
+            got = _prepare_batch(sc, la, ma, num_classes=nc, gen=g, image=im, **kw)  # type: ignore[arg-type]
             if bar is not None:
                 bar.update(1)
             for b in got or []:
@@ -362,6 +541,7 @@ class FitSettings:
     tol: float = 1e-7
     weight_decay: float = 0.0  # AdamW only
     monitor: str = "nll"  # validation score: "nll" or "objective" (the fitting objective)
+    images_per_step: int | None = None  # spatial data: whole images per Adam step (None: batch_size)
 
 
 def _check_finite_loss(v: torch.Tensor | float, what: str) -> None:
@@ -558,18 +738,13 @@ def minimize(
         window: list[float] = []
         done = False
         while not done:
-            for b in train.iter_chunks(settings.batch_size, gen):
+            per_step = settings.batch_size if settings.images_per_step is None else settings.images_per_step
+            for group in train.iter_steps(settings.batch_size, gen, images=per_step):
                 opt.zero_grad()
-                stats = stats_fn(b, objective)
-                loss = objective.finalize(stats, b.n)
-                reg = regularizer()
-                if reg is not None:
-                    loss = loss + reg
-                _check_finite_loss(loss.detach(), "training loss")
-                loss.backward()
+                loss_value = _group_step(stats_fn, group, objective, regularizer)
                 opt.step()
                 steps += 1
-                window.append(float(loss.detach()))
+                window.append(loss_value)
                 if steps % settings.eval_every == 0 or steps >= settings.max_steps:
                     stop = record(sum(window) / len(window))
                     window = []

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcal._validation import as_tensor, check_finite
+from segcal._validation import as_tensor
 from segcal.calibrators.base import Calibrator
-from segcal.calibrators.fitting import FitData
+from segcal.calibrators.fitting import FitData, check_image
 from segcal.calibrators.registry import register
 from segcal.calibrators.wrappers import translation_invariant
 
@@ -114,13 +114,17 @@ class LocalTemperatureScaling(Calibrator):
         2 (images, ``Conv2d``) or 3 (volumes, ``Conv3d``); ``None`` (default) = taken from the
         fit data (2 for ``(M, C)`` tables).
     use_image
-        Use the image branch (``forward(logits, image=...)``, ``fit(..., images=...)``); default
-        False (prediction folders carry no images).
+        Use the image branch (§3.11: ``t_img = conv_img(x) + 1`` gated by ``a_img = conv(z)``):
+        the input image ``(N, image_channels, *spatial)`` is then required at fit
+        (``fit(..., images=..., val_images=...)``, an ``"image"`` entry in streamed batches, or an
+        image folder) and at apply time (``forward(logits, image=...)``); a missing or mis-shaped
+        image is a ``ValueError``. Default False (prediction folders carry no images).
     image_channels
         Channels of the image (3 for RGB).
     **kw
         Common :class:`Calibrator` arguments. Defaults here: Adam (``optimizer="adam"`` unless
-        given) lr 1e-4 (§3.11), mini-batches of ``batch_size`` = 4 images per step (the LTS code),
+        given) lr 1e-4 (§3.11), mini-batches of ``batch_size`` = 4 whole images per step (the LTS
+        code; equal-size images are stacked),
         ``max_steps`` = 500 (raise it for large sets: the LTS code runs 200 epochs), validation NLL every ``eval_every`` = 10 steps with best-iterate
         restore (the LTS code checks every 10 iterations).
 
@@ -156,13 +160,17 @@ class LocalTemperatureScaling(Calibrator):
         return {"spatial_dims": self.spatial_dims, "use_image": self.use_image,
                 "image_channels": self.image_channels}
 
+    @property
+    def uses_image(self) -> bool:
+        return self.use_image
+
     def _build(self, num_classes: int) -> None:
         self.tree = TemperatureTree(num_classes, self.spatial_dims or 2, self.use_image,
                                     self.image_channels)
 
     def _prepare(self, data: Any, labels: Any, mask: Any, ignore_index: int | None, what: str,
-                 progress: bool = False) -> FitData:
-        fd = super()._prepare(data, labels, mask, ignore_index, what, progress)
+                 progress: bool = False, images: Any = None) -> FitData:
+        fd = super()._prepare(data, labels, mask, ignore_index, what, progress, images)
         if what == "logits" and self.spatial_dims is None:
             first = next(iter(fd.iter_batches()))
             self.spatial_dims = 2 if first.x.ndim == 2 else first.x.ndim - 2
@@ -180,11 +188,21 @@ class LocalTemperatureScaling(Calibrator):
         """``T_final``: ``(N, 1, *spatial)`` (LTS) or ``(N, 1, 1, ...)`` (IBTS), no gradients."""
         self._check_ready()
         x = as_tensor(logits, "logits").to(self.device, torch.float32)
-        img = None if image is None else as_tensor(image, "image").to(self.device, torch.float32)
+        img = None
+        if self.use_image:
+            if image is None:
+                raise ValueError(f"image: this {self.name} calibrator has an image branch "
+                                 "(use_image=True); pass image=")
+            img = check_image(image, x, self.image_channels, "image").to(self.device, torch.float32)
+        elif image is not None:
+            raise ValueError(f"image: given, but this {self.name} calibrator has no image branch")
         with torch.no_grad():
             return self._temperature(self._canonical(x, dim=1), img)
 
     def _map_image(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        if self.use_image and image is None:
+            raise ValueError(f"image: this {self.name} calibrator has an image branch "
+                             "(use_image=True); pass image=")
         if x.ndim == 2:  # (M, C) table: isolated pixels (1-pixel images)
             return x / self._temperature(x, image)
         if x.ndim - 2 != (self.spatial_dims or 2):
@@ -196,31 +214,6 @@ class LocalTemperatureScaling(Calibrator):
 
     def _map(self, rows: torch.Tensor) -> torch.Tensor:
         return self._map_image(rows)
-
-    def forward(self, logits: Any, image: Any = None) -> Any:
-        """Calibrated logits; ``image`` ``(N, image_channels, *spatial)`` when ``use_image``."""
-        if image is None:
-            if self.use_image:
-                raise ValueError("image: this calibrator was built with use_image=True; pass image=")
-            return super().forward(logits)
-        self._check_ready()
-        is_np = not isinstance(logits, torch.Tensor)
-        x = as_tensor(logits, "logits")
-        img = as_tensor(image, "image")
-        if img.ndim != x.ndim or img.shape[0] != x.shape[0] or img.shape[2:] != x.shape[2:] \
-                or img.shape[1] != self.image_channels:
-            raise ValueError(f"image: expected shape ({x.shape[0]}, {self.image_channels}, "
-                             f"{', '.join(map(str, x.shape[2:]))}), got {tuple(img.shape)}")
-        check_finite(img, "image")
-        outs = []
-        dev = self.device
-        for n in range(x.shape[0]):
-            xi = x[n : n + 1].to(dev, torch.float32)
-            check_finite(xi, "logits")
-            outs.append(self._map_image(self._canonical(xi, dim=1),
-                                        img[n : n + 1].to(dev, torch.float32)).to(x.device))
-        out = torch.cat(outs, 0)
-        return out.detach().numpy() if is_np else out
 
 
 @register

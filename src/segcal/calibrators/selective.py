@@ -195,6 +195,7 @@ class SelectiveScaling(Calibrator):
             self.order_preserving = bool(base_obj.order_preserving)
             self.spatial = bool(base_obj.spatial)
         self._training_selector = False
+        self._rows_are_base = False
         if num_classes is not None:
             if int(num_classes) < 2:
                 raise ValueError(f"num_classes: expected at least 2, got {num_classes}")
@@ -232,12 +233,22 @@ class SelectiveScaling(Calibrator):
         self._check_ready()
         return dict(self.fit_info.get("selector_accuracy", {}))
 
-    def _base_map(self, x: torch.Tensor, image: bool) -> torch.Tensor:
-        """Canonical scores -> base-calibrated logits ``z_b``."""
+    @property
+    def uses_image(self) -> bool:
+        """True when the base has an image branch (e.g. ``base="lts"`` with ``use_image``)."""
+        return self.base is not None and self.base.uses_image
+
+    @property
+    def image_channels_needed(self) -> int | None:
+        return None if self.base is None else self.base.image_channels_needed
+
+    def _base_map(self, x: torch.Tensor, image: bool, img: torch.Tensor | None = None) -> torch.Tensor:
+        """Canonical scores (and the input image, for a base with an image branch) -> base-calibrated
+        logits ``z_b``."""
         if self.base is None:
             return x
         u = F.log_softmax(x, 1) if self.base.input_space == "logprobs" else x
-        return self.base._map_image(u) if image else self.base._map(u)
+        return self.base._map_image(u, img) if image else self.base._map(u)
 
     def _flag(self, zb: torch.Tensor) -> torch.Tensor:
         """Rows ``(P, C)`` of base logits -> True where the selector predicts a misprediction."""
@@ -254,8 +265,8 @@ class SelectiveScaling(Calibrator):
     def _map(self, rows: torch.Tensor) -> torch.Tensor:
         return self._scale(self._base_map(rows, image=False))
 
-    def _map_image(self, x: torch.Tensor) -> torch.Tensor:
-        zb = self._base_map(x, image=True)
+    def _map_image(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        zb = self._base_map(x, image=True, img=image)
         if x.ndim == 2:  # an (M, C) table of isolated pixels
             return self._scale(zb)
         moved = zb.movedim(1, -1)
@@ -264,24 +275,63 @@ class SelectiveScaling(Calibrator):
 
     # ----------------------------------------------------------------- fitting
     def fit(self, logits: Any, labels: Any = None, *, ignore_index: int | None = None,
-            mask: Any = None, val: Any = None, progress: bool = False) -> SelectiveScaling:
+            mask: Any = None, val: Any = None, progress: bool = False, images: Any = None,
+            val_images: Any = None) -> SelectiveScaling:
         """Fit the base (if any) by the usual loop, then the selector, then ``t_mispred``.
 
-        Same arguments as :meth:`Calibrator.fit`; the data are read once per stage, so a
+        Same arguments as :meth:`Calibrator.fit` (``images`` / ``val_images`` when the base has an
+        image branch, e.g. ``base="lts", base_config={"use_image": True}``: the base sees them and
+        the selector is trained on the base's outputs); the data are read once per stage, so a
         single-pass generator is not enough when a base is used (pass a list, a callable or a
         folder). Without ``val`` the selector's best epoch and ``t_mispred`` are selected on the
         fit data (recorded as ``fit_info["selection_split"] = "fit"``).
         """
         if self.base is not None:
             self.base.fit(logits, labels, ignore_index=ignore_index, mask=mask, val=val,
-                          progress=progress)
-        super().fit(logits, labels, ignore_index=ignore_index, mask=mask, val=val, progress=progress)
+                          progress=progress, images=images, val_images=val_images)
+        try:
+            super().fit(logits, labels, ignore_index=ignore_index, mask=mask, val=val,
+                        progress=progress, images=images, val_images=val_images)
+        finally:
+            self._rows_are_base = False
         if self.base is not None:
             self.fit_info["base"] = {"name": self.base.name, **{
                 k: self.base.fit_info.get(k) for k in ("optimizer", "mode", "n_pixels")}}
             if hasattr(self.base, "temperature"):
                 self.fit_info["base"]["temperature"] = float(self.base.temperature)
         return self
+
+    def _prepare(self, data: Any, labels: Any, mask: Any, ignore_index: int | None, what: str,
+                 progress: bool = False, images: Any = None) -> FitData:
+        """The data, and with a fitted whole-image base (LTS/IBTS) the selector's training data:
+        the base-calibrated logits of the valid pixels, computed once (one base forward per image)
+        and kept as pixel rows, so that the selector is trained on batches of pixels (§3.12) like
+        with a pointwise base. Above ``memory_budget`` the whole images are kept instead (one image
+        per step, the base re-applied at every pass)."""
+        fd = super()._prepare(data, labels, mask, ignore_index, what, progress, images)
+        if self.base is None or not self.base.spatial or not self.base.is_fitted:
+            return fd
+        dev = self.device
+        rows: list[_Batch] = []
+        nbytes = 0
+        with torch.no_grad():
+            for b in fd.iter_batches():
+                x = self._canonical(b.x.to(dev), dim=1)
+                img = None if b.image is None else b.image.to(dev, torch.float32)
+                zb = self._base_map(x, image=True, img=img)
+                valid = b.valid.to(dev) if b.valid is not None else None
+                if valid is None:
+                    r, y = zb, b.y
+                else:
+                    r = (zb if zb.ndim == 2 else zb.movedim(1, -1))[valid]
+                    y = b.y.to(dev)[valid]
+                nbytes += r.numel() * 4 + y.numel() * 8
+                if nbytes > self._fit_kw["memory_budget"]:
+                    return fd
+                rows.append(_Batch(r.float().cpu().contiguous(), y.cpu()))
+        self._rows_are_base = True
+        info = {**fd.info, "mode": "in-memory", "nbytes": nbytes, "rows": "base-calibrated logits"}
+        return FitData(fd.num_classes, fd.n, batches=rows, info=info)
 
     def _fit_stages(self) -> list[tuple[str, list[nn.Parameter]]]:
         return [("selector", list(self.selector.parameters()))]
@@ -291,8 +341,9 @@ class SelectiveScaling(Calibrator):
         bs = self._selector_batch(epoch)
         per_epoch = max(1, math.ceil(epoch / bs))
         self._selector_settings = {"batch_size": bs, "steps_per_epoch": per_epoch, "epoch_pixels": epoch}
+        # whole-image data (a spatial base): one image per step, its valid pixels being the batch
         return dict(optimizer="adamw", lr=self.selector_lr, weight_decay=self.selector_weight_decay,
-                    batch_size=bs, eval_every=per_epoch,
+                    batch_size=bs, images_per_step=1, eval_every=per_epoch,
                     max_steps=per_epoch * self.selector_epochs, patience=self.selector_patience,
                     lr_patience=None, min_delta=0.0)
 
@@ -305,12 +356,15 @@ class SelectiveScaling(Calibrator):
         """Base logits of the batch's valid pixels and their labels (no gradients)."""
         dev = self.device
         with torch.no_grad():
+            if batch.valid is None and self._rows_are_base:  # rows of base logits (see _prepare)
+                return batch.x.to(dev, torch.float32), batch.y.to(dev)
             x = self._canonical(batch.x.to(dev), dim=1)
             y = batch.y.to(dev)
             if batch.valid is None:
                 return self._base_map(x, image=False), y
             valid = batch.valid.to(dev)
-            zb = self._base_map(x, image=True)
+            img = None if batch.image is None else batch.image.to(dev, torch.float32)
+            zb = self._base_map(x, image=True, img=img)
             return zb.movedim(1, -1)[valid], y[valid]
 
     def _selector_loss(self, batch: _Batch, objective: Any) -> torch.Tensor:
@@ -367,7 +421,8 @@ class SelectiveScaling(Calibrator):
             "flagged_fraction": float(conf_mat[:, 0].sum()) / max(n, 1.0),
         }
         return {
-            "selector_training": dict(getattr(self, "_selector_settings", {})),
+            "selector_training": {**dict(getattr(self, "_selector_settings", {})),
+                                  "data": train.info.get("rows", "pixels" if not self.spatial else "whole images")},
             "selector_accuracy": acc,
             "t_mispred": float(grid[best]),
             "t_mispred_grid": table,

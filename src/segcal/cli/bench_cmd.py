@@ -59,9 +59,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="everything: all corruptions x severities 1-5 on all test images, all test pixels")
     p.add_argument("--methods", type=_csv,
                    help="comma-separated calibrators (default: every registered one except the whole-image "
-                        "calibrators, which --spatial adds)")
+                        "calibrators, which --spatial adds); also the bench variants lts_image, ibts_image, "
+                        "selective_lts")
     p.add_argument("--spatial", action="store_true",
-                   help="with the default method list, also fit LTS / IBTS / LTS(log S) (minutes per fit)")
+                   help="with the default method list, also fit LTS / IBTS / LTS(log S), LTS with the "
+                        "image branch (lts_image) and selective scaling on LTS (selective_lts); minutes per fit")
+    p.add_argument("--spatial-max-steps", type=int,
+                   help="Adam step budget of the whole-image calibrators (default: theirs, 500 for LTS)")
+    p.add_argument("--spatial-selection-images", type=int,
+                   help="selection-half images (seeded subset) for the whole-image calibrators' early stopping")
     p.add_argument("--models", type=_csv, help="comma-separated models (default: espnet-camvid,espnet-cityscapes-camvid)")
     p.add_argument("--seeds", type=_ints, help="comma-separated split seeds (default 0,1,2)")
     p.add_argument("--fit-pixels", type=int, help="valid pixels per fit (and per selection half)")
@@ -81,7 +87,8 @@ def config_from_args(args: argparse.Namespace, *, quick: bool = False, argv0: st
 
     kw: dict[str, Any] = {}
     for name in ("methods", "models", "seeds", "fit_pixels", "eval_fraction", "corruptions", "severities",
-                 "corruption_images", "test_limit", "val_limit", "n_boot"):
+                 "corruption_images", "test_limit", "val_limit", "n_boot", "spatial_max_steps",
+                 "spatial_selection_images"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v

@@ -4,6 +4,11 @@ The images (files) are split at random (``--seed``) into a fit set and a validat
 (``--val-fraction``); the validation NLL drives early stopping / best-iterate selection, and the
 before/after metrics printed at the end are measured on the validation images (on the fit images
 when there is no validation set) with :class:`segcal.metrics.CalibrationMetrics`.
+
+``--images DIR`` (input images whose stems match the predictions) fits a calibrator with an image
+branch: LTS / IBTS / LTS(log S) get ``use_image=True``; selective scaling passes it to its base
+(``--method selective --base lts --images DIR``). RGB files are normalised by
+:func:`segcal.datasets.folders.normalize_image`; ``.npy`` images are used as they are.
 """
 
 from __future__ import annotations
@@ -33,8 +38,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of fitting")
     p.add_argument("--base", default=None,
                    help="base calibrator of a composed method (e.g. --method selective --base ts)")
+    p.add_argument("--images", default=None,
+                   help="folder of input images (stems matching --pred): fits the image branch of "
+                        "LTS/IBTS (use_image=True; also as the base of selective scaling)")
     p.add_argument("--objective", choices=("nll", "brier", "dice", "dece"), default="nll")
-    p.add_argument("--optimizer", choices=("auto", "lbfgs", "adam"), default="auto")
+    p.add_argument("--optimizer", choices=("auto", "lbfgs", "adam"), default="auto",
+                   help="auto: the calibrator's default (L-BFGS in memory, else Adam; Adam for LTS/IBTS)")
     p.add_argument("--max-iter", type=int, default=None, help="L-BFGS iteration budget")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience (evaluations)")
     p.add_argument("--memory-budget-mb", type=float, default=2048, help="above it, data are streamed")
@@ -59,18 +68,20 @@ def split_stems(stems: list[str], val_fraction: float, seed: int) -> tuple[list[
 
 
 def _metrics(cal: Any, folder: Any, stems: list[str], num_classes: int, ignore_index: int | None,
-             input_type: str, device: str) -> tuple[dict, dict]:
+             input_type: str, device: str, images: str | None = None) -> tuple[dict, dict]:
     from segcal.calibrators import FolderBatches
     from segcal.metrics import CalibrationMetrics
 
     before = CalibrationMetrics(num_classes, n_bins=15, ignore_index=ignore_index, input_type=input_type)
     after = CalibrationMetrics(num_classes, n_bins=15, ignore_index=ignore_index, input_type="logits")
     with torch.no_grad():
-        for scores, labels, _, _ in FolderBatches(folder, stems):
+        for batch in FolderBatches(folder, stems, images=images):
+            scores, labels = batch[0], batch[1]
             s = torch.from_numpy(np.asarray(scores, dtype=np.float32))
             y = torch.from_numpy(np.asarray(labels).astype(np.int64))
+            img = torch.from_numpy(batch[4]).to(device) if images is not None else None
             before.update(s, y)
-            after.update(cal(s.to(device)).cpu(), y)
+            after.update((cal(s.to(device), image=img) if img is not None else cal(s.to(device))).cpu(), y)
     return before.compute(), after.compute()
 
 
@@ -83,21 +94,35 @@ def run(args: Any) -> int:
     folder = PredictionFolder(args.pred, args.labels, input_type=args.input_type)
     input_type = args.input_type or folder.read(folder.items[0])[2]
     fit_stems, val_stems = split_stems(folder.stems, args.val_fraction, args.seed)
-    kw: dict[str, Any] = dict(input_type=input_type, objective=args.objective, optimizer=args.optimizer,
-                              seed=args.seed, memory_budget=args.memory_budget_mb * 2**20,
+    kw: dict[str, Any] = dict(input_type=input_type, objective=args.objective, seed=args.seed, memory_budget=args.memory_budget_mb * 2**20,
                               subsample=args.subsample, patience=args.patience, device=args.device)
+    if args.optimizer != "auto":  # "auto": the calibrator's default (Adam for LTS/IBTS, §3.11)
+        kw["optimizer"] = args.optimizer
     if args.max_iter is not None:
         kw["max_iter"] = args.max_iter
     if args.base is not None:
         if "base" not in inspect.signature(resolve(args.method).__init__).parameters:
             raise ValueError(f"--base: method {args.method!r} does not take a base calibrator")
         kw["base"] = args.base
+    if args.images is not None:
+        if "use_image" in inspect.signature(resolve(args.method).__init__).parameters:
+            kw["use_image"] = True
+        elif args.base is not None and "use_image" in inspect.signature(resolve(args.base).__init__).parameters:
+            kw["base_config"] = {"use_image": True}
+        else:
+            raise ValueError(f"--images: method {args.method!r}"
+                             + (f" with base {args.base!r}" if args.base else "")
+                             + " has no image branch (LTS / IBTS / LTS(log S) have one)")
     cal = create(args.method, **kw)
     print(f"fitting {cal.name} on {len(fit_stems)} image(s), validating on {len(val_stems)} "
           f"(seed {args.seed}, objective {args.objective})")
-    cal.fit(FolderBatches(folder, fit_stems), ignore_index=args.ignore_index,
-            val=FolderBatches(folder, val_stems) if val_stems else None, progress=not args.no_progress)
+    cal.fit(FolderBatches(folder, fit_stems, images=args.images), ignore_index=args.ignore_index,
+            val=FolderBatches(folder, val_stems, images=args.images) if val_stems else None,
+            progress=not args.no_progress)
     cal.fit_info["split"] = {"fit": fit_stems, "val": val_stems, "seed": args.seed}
+    if args.images is not None:
+        cal.fit_info["images"] = {"folder": str(args.images),
+                                  "preprocessing": "RGB/255, ImageNet mean/std; .npy as is"}
     cal.save(args.out)
     info = cal.fit_info
     print(f"fitted with {info['optimizer']} ({info['mode']}) on {info['n_pixels']} pixels; "
@@ -112,7 +137,7 @@ def run(args: Any) -> int:
               f"t_mispred = {info['t_mispred']:g} (by {info.get('t_mispred_selected_by')})")
     eval_stems = val_stems or fit_stems
     before, after = _metrics(cal, folder, eval_stems, int(cal.num_classes), args.ignore_index,
-                             input_type, args.device)
+                             input_type, args.device, args.images)
     where = "validation" if val_stems else "fit (no validation images)"
     print(f"\nmetrics on the {where} images ({len(eval_stems)}):")
     print(f"  {'metric':24s} {'before':>10s} {'after':>10s}")

@@ -79,6 +79,44 @@ def image_folder(
     return items
 
 
+#: normalisation of RGB images fed to a calibrator's image branch (LTS/IBTS ``use_image``):
+#: ``(rgb / 255 - mean) / std`` per channel, ImageNet statistics, RGB order
+CALIBRATOR_IMAGE_MEAN = (0.485, 0.456, 0.406)
+CALIBRATOR_IMAGE_STD = (0.229, 0.224, 0.225)
+CALIBRATOR_IMAGE_SUFFIXES = (*IMAGE_SUFFIXES, ".npy")
+
+
+def image_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """Stem -> path of the input images of a calibrator's image branch in ``folder``:
+    ``.png``/``.jpg``/``.jpeg`` (RGB) or ``.npy`` arrays ``(C_img, *spatial)`` (e.g. volumes)."""
+    found = list_files(folder, CALIBRATOR_IMAGE_SUFFIXES, "images")
+    if not found:
+        raise ValueError(f"images: no .png/.jpg/.jpeg/.npy images found in {folder}")
+    return found
+
+
+def normalize_image(rgb: np.ndarray) -> np.ndarray:
+    """``H x W x 3`` uint8 RGB -> ``(3, H, W)`` float32 ``(rgb / 255 - mean) / std`` (ImageNet
+    mean/std): the input of a calibrator's image branch (same for fit, apply and the bench)."""
+    x = np.asarray(rgb, dtype=np.float32) / 255.0
+    x = (x - np.asarray(CALIBRATOR_IMAGE_MEAN, np.float32)) / np.asarray(CALIBRATOR_IMAGE_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_image_tensor(path: str | os.PathLike) -> np.ndarray:
+    """An input image for a calibrator's image branch: an RGB file through :func:`normalize_image`
+    (``(3, H, W)``), or a ``.npy`` array ``(C_img, *spatial)`` used as it is (float32)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        arr = np.load(path, allow_pickle=False)
+        if arr.ndim < 3:
+            raise ValueError(f"image {path}: expected a (C_img, *spatial) array, got shape {arr.shape}")
+        return np.asarray(arr, dtype=np.float32)
+    return normalize_image(load_image(path))
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(width, height)`` of an image or ``.npy`` label map, reading the header only."""
     path = Path(path)

@@ -14,6 +14,14 @@ Protocol (defaults of :class:`BenchConfig`; ``methods.md`` §4-§5, [RPH] and [S
    calibrators x 3 repeats do not fit the time budget on 2 CPU cores.
 3. Every calibrator of :func:`segcal.calibrators.available` at run time (or ``methods``) is
    fitted per (model, seed); a calibrator whose fit raises is skipped with the reason recorded.
+   Whole-image calibrators (LTS, IBTS, LTS(log S)) and the bench variants of
+   :data:`BENCH_VARIANTS` (``lts_image``: LTS with the image branch, fed the CamVid RGB image of
+   every logit map through :func:`segcal.datasets.folders.normalize_image`, the corrupted image
+   for corrupted conditions; ``selective_lts``: selective scaling on an LTS base) run with
+   ``spatial`` / ``--spatial``. They are fitted on whole images (the loss restricted to the same
+   ``fit_pixels`` subsample by a mask); ``spatial_max_steps`` and ``spatial_selection_images``
+   (a seeded subset of the selection half used for their early stopping) bound their cost and
+   are recorded.
 4. Evaluation conditions: ``clean`` (CamVid test, in-domain model), ``model-shift``
    (CamVid test, Cityscapes model, calibrators fitted on its own val predictions), and each
    corruption x severity of ``corruptions`` / ``severities`` (``segcal.shift``, seeded per image)
@@ -78,6 +86,26 @@ COLUMNS: dict[str, tuple[str, bool]] = {
 CI_METRICS = ("ece", "image_ece", "mce", "nll", "brier", "miou", "band_ece", "flip_rate")
 
 
+#: bench-only method names: ``name -> (registered calibrator, constructor arguments)``
+BENCH_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lts_image": ("lts", {"use_image": True}),
+    "ibts_image": ("ibts", {"use_image": True}),
+    "selective_lts": ("selective", {"base": "lts"}),
+}
+#: the variants ``--spatial`` adds to the default method list
+SPATIAL_VARIANTS = ("lts_image", "selective_lts")
+
+
+def create_method(name: str, **kw: Any) -> Any:
+    """A calibrator of the registry or of :data:`BENCH_VARIANTS` (``seed`` etc. in ``kw``)."""
+    import segcal.calibrators as sc
+
+    if name in BENCH_VARIANTS:
+        base, extra = BENCH_VARIANTS[name]
+        return sc.create(base, **{**extra, **kw})
+    return sc.create(name, **kw)
+
+
 class BenchDataError(FileNotFoundError):
     """The data the bench needs are missing; the message says what to provide and where."""
 
@@ -95,6 +123,10 @@ class BenchConfig:
     #: fits take minutes each on 2 CPU cores (18 fits per run), so the default leaves them out
     spatial: bool = False
     seeds: tuple[int, ...] = (0, 1, 2)
+    #: whole-image calibrators: Adam step budget (None: the calibrator's default, 500 for LTS)
+    spatial_max_steps: int | None = None
+    #: whole-image calibrators: selection images used for early stopping (seeded subset; None: all)
+    spatial_selection_images: int | None = None
     fit_pixels: int = 30_000
     eval_fraction: float = 0.0625
     eval_seed: int = 0
@@ -244,9 +276,21 @@ class _ImageData:
     stem: str
     logits: np.ndarray  # (C, H, W) float16, memory-mapped
     labels: np.ndarray  # (H, W)
+    item: Any = None  # the dataset item (its RGB image, for calibrators with an image branch)
+    transform: Any = None  # the corruption applied to the image before prediction
+
+    def image(self) -> np.ndarray:
+        """The normalised ``(3, H, W)`` input image (corrupted like the prediction's input)."""
+        from segcal.datasets.folders import normalize_image
+
+        rgb = self.item.load_image()
+        if self.transform is not None:
+            rgb = self.transform(rgb, self.stem)
+        return normalize_image(rgb)
 
 
-def _read_split(folder: Path, items: Sequence[Any], num_classes: int, ignore: int | None) -> list[_ImageData]:
+def _read_split(folder: Path, items: Sequence[Any], num_classes: int, ignore: int | None,
+                transform: Any = None) -> list[_ImageData]:
     from segcal.datasets import check_label_values
     from segcal.io.predictions import read_prediction
 
@@ -263,7 +307,7 @@ def _read_split(folder: Path, items: Sequence[Any], num_classes: int, ignore: in
                 f"labels {it.label_path} are {lab.shape} but the logits of {it.stem} are {tuple(z.shape[1:])}"
             )
         check_label_values(lab, num_classes, ignore, str(it.label_path))
-        out.append(_ImageData(it.stem, z, lab))
+        out.append(_ImageData(it.stem, z, lab, it, transform))
     return out
 
 
@@ -305,12 +349,16 @@ def split_halves(stems: Sequence[str], seed: int) -> tuple[list[str], list[str]]
 
 def _fit_spatial(cal: Any, imgs: Sequence[_ImageData], total: int, seed: int, ignore: int | None,
                  val_imgs: Sequence[_ImageData]) -> Any:
-    """Whole-image fit for spatial calibrators, restricted to the subsampled pixels by a mask."""
+    """Whole-image fit for spatial calibrators, restricted to the subsampled pixels by a mask;
+    calibrators with an image branch get the input images too."""
+    use_image = bool(getattr(cal, "uses_image", False))
 
-    def pack(group: Sequence[_ImageData]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pack(group: Sequence[_ImageData]) -> tuple[torch.Tensor, ...]:
         per = max(1, math.ceil(total / max(1, len(group))))
-        xs, ys, ms = [], [], []
+        xs, ys, ms, ims = [], [], [], []
         for im in group:
+            if use_image:
+                ims.append(torch.from_numpy(im.image()))
             idx = _valid_index(im.labels, ignore)
             rng = np.random.default_rng(_stem_seed(seed, im.stem))
             m = np.zeros(im.labels.size, dtype=bool)
@@ -319,18 +367,21 @@ def _fit_spatial(cal: Any, imgs: Sequence[_ImageData], total: int, seed: int, ig
             xs.append(torch.from_numpy(np.asarray(im.logits, dtype=np.float32)))
             ys.append(torch.from_numpy(im.labels.astype(np.int64)))
             ms.append(torch.from_numpy(m.reshape(im.labels.shape)))
-        return torch.stack(xs), torch.stack(ys), torch.stack(ms)
+        return torch.stack(xs), torch.stack(ys), torch.stack(ms), (torch.stack(ims) if ims else None)
 
-    x, y, m = pack(imgs)
-    vx, vy, vm = pack(val_imgs)
-    return cal.fit(x, y, ignore_index=ignore, mask=m, val=(vx, vy, vm))
+    x, y, m, im = pack(imgs)
+    vx, vy, vm, vim = pack(val_imgs)
+    return cal.fit(x, y, ignore_index=ignore, mask=m, val=(vx, vy, vm), images=im, val_images=vim)
 
 
 def fit_calibrators(val: list[_ImageData], methods: Sequence[str], seeds: Sequence[int], fit_pixels: int,
-                    ignore: int | None, log: Callable[[str], None]) -> dict[str, Any]:
-    """Fit every method per seed. Returns ``{"cals": {(m, s): cal}, "fits": [...], "skipped": {...}}``."""
-    import segcal.calibrators as sc
+                    ignore: int | None, log: Callable[[str], None], spatial_max_steps: int | None = None,
+                    spatial_selection_images: int | None = None) -> dict[str, Any]:
+    """Fit every method per seed. Returns ``{"cals": {(m, s): cal}, "fits": [...], "skipped": {...}}``.
 
+    Whole-image calibrators get ``max_steps=spatial_max_steps`` (also for the LTS base of
+    ``selective_lts``) and early-stop on a seeded subset of ``spatial_selection_images`` images of
+    the selection half (both: None = unchanged)."""
     by_stem = {im.stem: im for im in val}
     cals: dict[tuple[str, int], Any] = {}
     fits: list[dict[str, Any]] = []
@@ -346,9 +397,16 @@ def fit_calibrators(val: list[_ImageData], methods: Sequence[str], seeds: Sequen
                 continue
             t0 = time.perf_counter()
             try:
-                cal = sc.create(name, seed=seed)
+                cal = create_method(name, seed=seed)
                 if getattr(cal, "spatial", False):
-                    _fit_spatial(cal, fit_imgs, fit_pixels, seed, ignore, sel_imgs)
+                    if spatial_max_steps is not None:
+                        cal = create_method(name, seed=seed, max_steps=int(spatial_max_steps))
+                    sel = sel_imgs
+                    if spatial_selection_images is not None and spatial_selection_images < len(sel_imgs):
+                        pick = np.random.default_rng(seed + 20_000).choice(
+                            len(sel_imgs), int(spatial_selection_images), replace=False)
+                        sel = [sel_imgs[i] for i in sorted(pick)]
+                    _fit_spatial(cal, fit_imgs, fit_pixels, seed, ignore, sel)
                 else:
                     cal.fit(x, y, val=(vx, vy))
                 cal.eval()
@@ -360,6 +418,16 @@ def fit_calibrators(val: list[_ImageData], methods: Sequence[str], seeds: Sequen
             rec = {"method": name, "seed": seed, "seconds": round(dt, 3), "n_fit_pixels": int(x.shape[0]),
                    "n_selection_pixels": int(vx.shape[0]), "fit_images": len(fit_stems),
                    "selection_images": len(sel_stems)}
+            if getattr(cal, "spatial", False):
+                info = getattr(cal, "fit_info", {}) or {}
+                lts = getattr(cal, "base", None) if getattr(cal, "base", None) is not None else cal
+                st = (getattr(lts, "fit_info", {}) or {}).get("stages") or [{}]
+                rec.update(selection_images=len(sel), steps=st[0].get("steps"),
+                           max_steps=lts._fit_kw["max_steps"], images_per_step=lts._fit_kw["batch_size"],
+                           best_val_nll=st[0].get("best_monitor"), uses_image=bool(getattr(cal, "uses_image", False)))
+                if "t_mispred" in info:
+                    rec["t_mispred"] = info["t_mispred"]
+                    rec["selector_accuracy"] = info.get("selector_accuracy")
             if hasattr(cal, "temperature"):
                 with contextlib.suppress(Exception):
                     t = cal.temperature
@@ -388,11 +456,17 @@ class _Acc:
         self.flips: list[int] = []
 
 
-def _calibrated(cal: Any, rows: torch.Tensor, full: np.ndarray | None, pick: np.ndarray) -> torch.Tensor:
+def _calibrated(cal: Any, rows: torch.Tensor, full: np.ndarray | None, pick: np.ndarray,
+                image: Callable[[], np.ndarray] | None = None) -> torch.Tensor:
     with torch.no_grad():
         if getattr(cal, "spatial", False):
             assert full is not None
-            out = cal(torch.from_numpy(np.asarray(full, dtype=np.float32))[None])[0]
+            z = torch.from_numpy(np.asarray(full, dtype=np.float32))[None]
+            if getattr(cal, "uses_image", False):
+                assert image is not None
+                out = cal(z, image=torch.from_numpy(image())[None])[0]
+            else:
+                out = cal(z)[0]
             return out.reshape(out.shape[0], -1)[:, pick].T.contiguous()
         return cal(rows)
 
@@ -416,7 +490,7 @@ def evaluate_condition(imgs: list[_ImageData], cals: dict[tuple[str, int], Any],
         pred0 = rows.argmax(1)
         n_eval += int(idx.size)
         for key in keys:
-            out = rows if key[0] == "uncalibrated" else _calibrated(cals[key], rows, im.logits, idx)
+            out = rows if key[0] == "uncalibrated" else _calibrated(cals[key], rows, im.logits, idx, im.image)
             a = accs[key]
             a.all.update(out, y)
             if bool(band.any()):
@@ -581,10 +655,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         methods = [m for m in registered if cfg.spatial or m not in spatial]
         excluded = {m: "whole-image calibrator: left out of the default run for time (pass --spatial "
                        "or --methods)" for m in registered if m not in methods}
+        if cfg.spatial:
+            methods += list(SPATIAL_VARIANTS)
     else:
         methods = []
         for m in cfg.methods:
-            name = sc.resolve(m).name
+            name = m if m in BENCH_VARIANTS else sc.resolve(m).name
             if name not in methods:
                 methods.append(name)
     log = lambda msg: _log(cfg, msg)  # noqa: E731
@@ -625,21 +701,23 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         ignore = 11  # the CamVid void label (also the void output channel of espnet-camvid)
         t0 = time.perf_counter()
         val = _read_split(folders[cache.key(model, "val")], val_items, C, ignore)
-        fitted = fit_calibrators(val, methods, cfg.seeds, cfg.fit_pixels, ignore, log)
+        fitted = fit_calibrators(val, methods, cfg.seeds, cfg.fit_pixels, ignore, log,
+                                 cfg.spatial_max_steps, cfg.spatial_selection_images)
         t_fit += time.perf_counter() - t0
         fits_all[model] = fitted["fits"]
         skipped_all[model] = {**excluded, **fitted["skipped"]}
         conds = [("clean" if model == IN_DOMAIN else "model-shift" if model == SHIFT_MODEL else f"clean:{model}",
-                  cache.key(model, "test"), test_items)]
+                  cache.key(model, "test"), test_items, None)]
         if model in cfg.corruption_models:
             for cname in cfg.corruptions:
                 for sev in cfg.severities:
                     tag = f"{cname}-{sev}" + ("" if model == IN_DOMAIN else f":{model}")
-                    conds.append((tag, cache.key(model, "test", cname, sev, cfg.corruption_seed), corr_items))
+                    conds.append((tag, cache.key(model, "test", cname, sev, cfg.corruption_seed), corr_items,
+                                  make_transform(cname, sev, cfg.corruption_seed)))
         t0 = time.perf_counter()
-        for tag, key, items in conds:
+        for tag, key, items, transform in conds:
             log(f"evaluate {tag} ({len(items)} images)")
-            imgs = _read_split(folders[key], items, C, ignore)
+            imgs = _read_split(folders[key], items, C, ignore, transform)
             res = evaluate_condition(imgs, fitted["cals"], C, ignore, cfg)
             res["model"] = model
             res["cache_key"] = key

@@ -108,7 +108,13 @@ def maps_figure(ctx: dict[str, Any], methods: list[str], n_images: int) -> str |
         for m in methods:
             key = min(k for k in cals if k[0] == m)
             with torch.no_grad():
-                q = torch.softmax(cals[key](z), 1)[0].amax(0).numpy()
+                if getattr(cals[key], "uses_image", False):
+                    from segcal.datasets.folders import normalize_image
+
+                    img = torch.from_numpy(normalize_image(load_image(it.image_path)))[None]
+                    q = torch.softmax(cals[key](z, image=img), 1)[0].amax(0).numpy()
+                else:
+                    q = torch.softmax(cals[key](z), 1)[0].amax(0).numpy()
             panels.append((f"conf. {m}", q, "viridis"))
         for c, (title, arr, cmap) in enumerate(panels):
             ax = axes[r, c]

@@ -93,6 +93,13 @@ def _props(results: dict[str, Any]) -> dict[str, str]:
             flags = [f for f, k in (("TI", "translation_invariant"), ("AP", "argmax_preserving"),
                                     ("OP", "order_preserving")) if a[k]]
             out[a["name"]] = "/".join(flags) or "–"
+        from segcal.pipeline.bench import BENCH_VARIANTS, create_method
+
+        for name in BENCH_VARIANTS:
+            p = create_method(name).properties()
+            flags = [f for f, k in (("TI", "translation_invariant"), ("AP", "argmax_preserving"),
+                                    ("OP", "order_preserving")) if p[k]]
+            out[name] = "/".join(flags) or "–"
         return out
     except Exception:  # pragma: no cover
         return {}
