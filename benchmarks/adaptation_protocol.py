@@ -3,13 +3,25 @@
 For every run folder under ``--runs`` (a folder holding ``adapt_log.json``), evaluate the source
 model once, the selected checkpoint and (``--all-checkpoints``) every epoch on CamVid test, under
 the same corruption as the adaptation for protocol 1. Metrics: mIoU, image-wise ECE (10 bins,
-void excluded), pooled ECE, NLL. With ``--all-checkpoints`` it also reports the epoch the *true*
-test ECE would pick next to the one the estimated ECE picked.
+void excluded), pooled ECE, NLL. With ``--all-checkpoints`` each run also gets a summary: the
+selected epoch, the last epoch, the epoch with the best test mIoU in hindsight (``oracle_epoch``),
+the one with the best test image ECE (``oracle_ece_epoch``) and the one with the lowest estimated
+target ECE (``est_argmin_epoch``: what ECE selection would have kept, also for the baselines).
+Runs named ``<group>_s<seed>`` are aggregated over seeds (mean ± sample std) per group.
+
+The test images are corrupted once and kept in memory. Runs can be evaluated separately
+(``--no-source``, one ``--json`` each, e.g. in parallel) and merged afterwards with ``--merge``,
+which only aggregates and prints the tables.
 
 Example (protocol 1, after the ``segcal adapt`` commands of ``docs/adaptation.md``)::
 
-    nice -n 10 python3 benchmarks/adaptation_protocol.py --runs /tmp/adapt_p1 --model espnet-camvid \\
-        --corruption gaussian_noise --severity 3 --max-images 64 --json /tmp/adapt_p1/eval.json
+    python3 benchmarks/adaptation_protocol.py --runs /tmp/adapt_p1 --model espnet-camvid \\
+        --corruption gaussian_noise --severity 3 --all-checkpoints --json /tmp/adapt_p1/eval.json
+    # or: the source model alone, then each run, then merge
+    python3 benchmarks/adaptation_protocol.py --model espnet-camvid --corruption gaussian_noise \\
+        --severity 3 --json src.json
+    python3 benchmarks/adaptation_protocol.py --runs /tmp/adapt_p1/calsfda_s0 --no-source ... --json r0.json
+    python3 benchmarks/adaptation_protocol.py --merge src.json r0.json ... --json eval.json
 
 Protocol 2: ``--model espnet-cityscapes --mapping cityscapes-camvid`` (the adapted 20-class model
 is evaluated through the Cityscapes->CamVid mapping, 11 classes, void ignored).
@@ -19,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,42 +50,171 @@ from segcal.models.espnet import CITYSCAPES_TO_CAMVID
 
 N_BINS = 10
 VOID = 11
+METRICS = ("miou", "image_ece", "ece", "nll", "accuracy")
+SEED_SUFFIX = re.compile(r"_s\d+$")
 
 
-def evaluate(module, preprocess, items, transform, num_classes: int) -> dict:
-    cm = CalibrationMetrics(num_classes, n_bins=N_BINS, ignore_index=VOID, per_image=True)
-    module.eval()
+def load_items(items, transform) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """Test images (corrupted once, kept in memory) and their labels: evaluated many times."""
+    out = []
     for it in items:
         img = load_image(it.image_path)
         if transform is not None:
-            img = transform(img, it.stem)
+            img = np.asarray(transform(img, it.stem), dtype=np.uint8)
+        out.append((img, torch.from_numpy(it.load_label().astype(np.int64)).unsqueeze(0)))
+    return out
+
+
+def evaluate(module, preprocess, data, num_classes: int) -> dict:
+    cm = CalibrationMetrics(num_classes, n_bins=N_BINS, ignore_index=VOID, per_image=True)
+    module.eval()
+    for img, lab in data:
         with torch.no_grad():
             logits = module(preprocess(img))
-        cm.update(logits, torch.from_numpy(it.load_label().astype(np.int64)).unsqueeze(0))
+        cm.update(logits, lab)
     r = cm.compute()
-    return {k: float(r[k]) for k in ("miou", "image_ece", "ece", "nll", "accuracy")}
+    return {k: float(r[k]) for k in METRICS}
+
+
+def run_summary(res: dict, log: dict) -> dict:
+    """Selected / last / oracle (best test mIoU in hindsight) / estimated-ECE-argmin checkpoints of one run."""
+    eps = {int(k): v for k, v in res["epochs"].items()}
+    s = {"method": res["method"], "seed": log["config"]["seed"], "lr": log["config"]["lr"],
+         "selected_epoch": res["selected_epoch"], "selection_rule": log.get("selection_rule"),
+         "initial_estimated_ece": log.get("initial_estimated_ece"),
+         "seconds": log["epochs"][-1]["seconds"] if log["epochs"] else None}
+    if len(eps) > 1:
+        last = max(eps)
+        est = {e: eps[e]["estimated_ece"] for e in eps if eps[e]["estimated_ece"] is not None}
+        s["last_epoch"] = last
+        s["oracle_epoch"] = max(eps, key=lambda e: (eps[e]["miou"], -e))  # best test mIoU in hindsight
+        s["oracle_ece_epoch"] = min(eps, key=lambda e: (eps[e]["image_ece"], e))  # best test image ECE
+        if est:
+            s["est_argmin_epoch"] = min(est, key=lambda e: (est[e], e))  # what ECE selection would pick
+    return s
+
+
+def aggregate(runs: dict) -> dict:
+    """Mean and std over the seeds of each group (run folder name without ``_s<seed>``)."""
+    groups: dict = {}
+    for name, r in runs.items():
+        groups.setdefault(SEED_SUFFIX.sub("", name), []).append(r)
+    out = {}
+    for g, rs in sorted(groups.items()):
+        rows: dict = {}
+
+        def add(key, vals, rows=rows):
+            vals = [v for v in vals if v is not None]
+            if vals:
+                rows[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1
+                             else float("nan"), "n": len(vals), "values": vals}
+
+        for m in (*METRICS, "estimated_ece"):
+            add(f"selected.{m}", [r["epochs"][str(r["summary"]["selected_epoch"])].get(m) for r in rs])
+        for which in ("last", "oracle", "est_argmin"):
+            if all(f"{which}_epoch" in r["summary"] for r in rs):
+                for m in ("miou", "image_ece", "ece"):
+                    add(f"{which}.{m}", [r["epochs"][str(r["summary"][f"{which}_epoch"])][m] for r in rs])
+        if all("oracle_epoch" in r["summary"] for r in rs):
+            add("gap_selected_oracle_miou", [r["epochs"][str(r["summary"]["oracle_epoch"])]["miou"]
+                                             - r["epochs"][str(r["summary"]["selected_epoch"])]["miou"] for r in rs])
+            add("gap_last_oracle_miou", [r["epochs"][str(r["summary"]["oracle_epoch"])]["miou"]
+                                         - r["epochs"][str(r["summary"]["last_epoch"])]["miou"] for r in rs])
+        add("seconds", [r["summary"]["seconds"] for r in rs])
+        out[g] = {"method": rs[0]["method"], "n_runs": len(rs), "seeds": [r["summary"]["seed"] for r in rs],
+                  "metrics": rows}
+    return out
+
+
+def _pm(rows: dict, key: str, fmt: str = ".3f") -> str:
+    if key not in rows:
+        return "-"
+    r = rows[key]
+    if r["n"] == 1:
+        return f"{r['mean']:{fmt}}"
+    return f"{r['mean']:{fmt}} ± {r['std']:{fmt}}"
+
+
+def print_tables(out: dict) -> None:
+    s = out["source"]
+    agg = out["aggregate"]
+    print(f"\nCamVid test ({out['n_test']} images)\n")
+    print("| run | method | seeds | mIoU | pooled ECE | image ECE | NLL | est. ECE (target) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| source | - | - | {s['miou']:.3f} | {s['ece']:.3f} | {s['image_ece']:.3f} | {s['nll']:.3f} | - |")
+    for g, a in agg.items():
+        r = a["metrics"]
+        print(f"| {g} | {a['method']} | {a['n_runs']} | {_pm(r, 'selected.miou')} | {_pm(r, 'selected.ece')} | "
+              f"{_pm(r, 'selected.image_ece')} | {_pm(r, 'selected.nll')} | {_pm(r, 'selected.estimated_ece')} |")
+    if any("oracle.miou" in a["metrics"] for a in agg.values()):
+        print("\n| run | selected mIoU | est.-ECE argmin mIoU | last mIoU | oracle mIoU | oracle − selected |"
+              " oracle − last |")
+        print("|---|---|---|---|---|---|---|")
+        for g, a in agg.items():
+            r = a["metrics"]
+            print(f"| {g} | {_pm(r, 'selected.miou')} | {_pm(r, 'est_argmin.miou')} | {_pm(r, 'last.miou')} | "
+                  f"{_pm(r, 'oracle.miou')} | {_pm(r, 'gap_selected_oracle_miou')} | "
+                  f"{_pm(r, 'gap_last_oracle_miou')} |")
+        print("\n| run | seed | epochs (est. ECE → test mIoU) | selected | est. argmin | oracle (mIoU) | last |")
+        print("|---|---|---|---|---|---|---|")
+        for name, r in out["runs"].items():
+            sm = r["summary"]
+            eps = " ".join(f"{e}: {v['estimated_ece']:.3f}→{v['miou']:.3f}" if v["estimated_ece"] is not None
+                           else f"{e}: -→{v['miou']:.3f}" for e, v in r["epochs"].items())
+            print(f"| {name} | {sm['seed']} | {eps} | {sm['selected_epoch']} | {sm.get('est_argmin_epoch', '-')} | "
+                  f"{sm.get('oracle_epoch', '-')} | {sm.get('last_epoch', '-')} |")
+
+
+def merge(paths: list[str]) -> dict:
+    """Merge evaluation JSONs of one protocol (the same model, corruption and test set)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    out = {"config": parts[0]["config"], "n_test": parts[0]["n_test"], "source": None, "runs": {}}
+    for p, d in zip(paths, parts, strict=True):
+        for k in ("model", "mapping", "corruption", "severity", "seed", "max_images"):
+            if d["config"].get(k) != out["config"].get(k):
+                raise SystemExit(f"{p}: config {k}={d['config'].get(k)!r} differs from {out['config'].get(k)!r}")
+        if d.get("source") is not None:
+            out["source"] = out["source"] or d["source"]
+        out["runs"].update(d["runs"])
+    if out["source"] is None:
+        raise SystemExit("no source evaluation among the merged files")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", required=True, help="folder of adapt output folders (or one of them)")
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--runs", default=None, help="folder of adapt output folders (or one of them)")
+    ap.add_argument("--model", default=None)
     ap.add_argument("--mapping", choices=["cityscapes-camvid"], default=None)
     ap.add_argument("--corruption", default=None)
     ap.add_argument("--severity", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="corruption seed of the test images")
     ap.add_argument("--max-images", type=int, default=None, help="evaluate on an evenly spread test subset")
     ap.add_argument("--all-checkpoints", action="store_true")
+    ap.add_argument("--no-source", action="store_true", help="skip the source model (merged from another file)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="no evaluation: merge these evaluation files, aggregate over seeds, print the tables")
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.merge:
+        out = merge(args.merge)
+        out["aggregate"] = aggregate(out["runs"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+        print_tables(out)
+        return
+    if not args.model or (not args.runs and args.no_source):
+        ap.error("--model is required, and --runs unless only the source model is evaluated (or --merge)")
     torch.set_num_threads(args.threads)
 
-    runs_root = Path(args.runs)
-    runs = [runs_root] if (runs_root / "adapt_log.json").is_file() else sorted(
-        p for p in runs_root.iterdir() if (p / "adapt_log.json").is_file())
-    if not runs:
-        raise SystemExit(f"no adapt_log.json under {runs_root}")
+    runs: list[Path] = []
+    if args.runs:
+        runs_root = Path(args.runs)
+        runs = [runs_root] if (runs_root / "adapt_log.json").is_file() else sorted(
+            p for p in runs_root.iterdir() if (p / "adapt_log.json").is_file())
+        if not runs:
+            raise SystemExit(f"no adapt_log.json under {runs_root}")
     items = camvid_split(None, "test")
     if args.max_images:
         idx = np.linspace(0, len(items) - 1, args.max_images).round().astype(int)
@@ -82,6 +224,9 @@ def main() -> None:
         from segcal.shift import make_transform
 
         transform = make_transform(args.corruption, args.severity, args.seed)
+    t0 = time.perf_counter()
+    data = load_items(items, transform)
+    print(f"loaded {len(data)} test images ({time.perf_counter() - t0:.0f} s)", flush=True)
     lm = create_model(args.model, device="cpu")
     base = lm.module
 
@@ -89,10 +234,10 @@ def main() -> None:
         return MappedModel(base, ClassMapping(CITYSCAPES_TO_CAMVID, 20)) if args.mapping else base
 
     nc = 11 if args.mapping else lm.num_classes
-    t0 = time.perf_counter()
-    out: dict = {"config": vars(args), "n_test": len(items), "source": evaluate(wrapped(), lm.preprocess, items,
-                                                                             transform, nc), "runs": {}}
-    print(f"source: {out['source']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    out: dict = {"config": vars(args), "n_test": len(items), "source": None, "runs": {}}
+    if not args.no_source:
+        out["source"] = evaluate(wrapped(), lm.preprocess, data, nc)
+        print(f"source: {out['source']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     for run in runs:
         log = json.loads((run / "adapt_log.json").read_text())
         if log.get("model") != args.model:
@@ -102,22 +247,18 @@ def main() -> None:
         res = {"method": log["method"], "selected_epoch": log["selected_epoch"], "epochs": {}}
         for ep in epochs:
             base.load_state_dict(load_checkpoint(run / f"epoch_{ep:03d}.pt")["state_dict"])
-            m = evaluate(wrapped(), lm.preprocess, items, transform, nc)
+            m = evaluate(wrapped(), lm.preprocess, data, nc)
             m["estimated_ece"] = next(e["estimated_ece"] for e in log["epochs"] if e["epoch"] == ep)
-            res["epochs"][ep] = m
+            res["epochs"][str(ep)] = m
             print(f"{run.name} epoch {ep}: {m}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-        if args.all_checkpoints:
-            res["oracle_epoch"] = min(res["epochs"], key=lambda e: res["epochs"][e]["image_ece"])
+        res["summary"] = run_summary(res, log)
         out["runs"][run.name] = res
+    out["seconds"] = time.perf_counter() - t0
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
-    print("\n| run | method | selected epoch | mIoU | image ECE | NLL |\n|---|---|---|---|---|---|")
-    s = out["source"]
-    print(f"| source | - | - | {s['miou']:.4f} | {s['image_ece']:.4f} | {s['nll']:.4f} |")
-    for name, r in out["runs"].items():
-        m = r["epochs"][r["selected_epoch"]]
-        print(f"| {name} | {r['method']} | {r['selected_epoch']} | {m['miou']:.4f} | {m['image_ece']:.4f} | "
-              f"{m['nll']:.4f} |")
+    if out["source"] is not None:
+        out["aggregate"] = aggregate(out["runs"])
+        print_tables(out)
 
 
 if __name__ == "__main__":

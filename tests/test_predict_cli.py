@@ -145,6 +145,71 @@ def test_predict_errors(tiny_model, synth, tmp_path, capsys):
     assert "espnet-camvid\t12 classes" in capsys.readouterr().out
 
 
+def _adapt_checkpoint(path, state_dict, model_name):
+    """A minimal ``segcal adapt`` epoch checkpoint (the fields ``load_adapted`` reads)."""
+    from segcal.adaptation.loop import CHECKPOINT_FORMAT
+
+    torch.save({"format": CHECKPOINT_FORMAT, "method": "tent", "epoch": 2, "round": 0, "phase": "tent",
+                "estimated_ece": 0.1, "config": {}, "state_dict": state_dict,
+                "log": json.dumps({"model": model_name})}, path)  # fmt: skip
+    return path
+
+
+def test_predict_with_adaptation_checkpoint(tiny_model, synth, tmp_path, capsys):
+    from segcal.models import ClassMapping, MappedModel
+
+    imgs, _, _ = synth
+    adapted = Tiny()
+    with torch.no_grad():
+        adapted.conv.bias.copy_(torch.tensor([3.0, 0.5, -1.0]))
+    ck = _adapt_checkpoint(tmp_path / "epoch_002.pt", adapted.state_dict(), tiny_model)
+    out = tmp_path / "pred"
+    rc = main(["predict", "--model", tiny_model, "--images", str(imgs), "--out", str(out), "--checkpoint",
+               str(ck), "--device", "cpu", "--no-progress", "--dtype", "float32"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"loaded tent checkpoint (epoch 2) of adapted {tiny_model}" in err
+    img = np.asarray(Image.open(imgs / "a.png").convert("RGB"), np.float32) / 255
+    expect = img.transpose(2, 0, 1) * 4 + np.array([3.0, 0.5, -1.0], np.float32)[:, None, None]
+    np.testing.assert_allclose(np.load(out / "a.npy"), expect, atol=1e-5)
+
+    # a mapped model receives the adapted weights of the model it maps (module.model)
+    register_model("tiny-mapped", lambda: MappedModel(Tiny(), ClassMapping(((0,), (1, 2)), 3)), num_classes=2)
+    try:
+        rc = main(["predict", "--model", "tiny-mapped", "--images", str(imgs), "--out", str(tmp_path / "m"),
+                   "--checkpoint", str(ck), "--device", "cpu", "--no-progress", "--dtype", "float32"])  # fmt: skip
+        assert rc == 0, capsys.readouterr().err
+        m = np.load(tmp_path / "m" / "a.npy")
+        np.testing.assert_allclose(m[0], expect[0], atol=1e-5)
+        np.testing.assert_allclose(m[1], np.logaddexp(expect[1], expect[2]), atol=1e-5)
+    finally:
+        unregister_model("tiny-mapped")
+
+    # weights of another architecture, and a file that is not an adaptation checkpoint: clear errors
+    bad = _adapt_checkpoint(tmp_path / "bad.pt", {"conv.weight": torch.zeros(5, 3, 1, 1)}, "other-model")
+    rc = main(["predict", "--model", tiny_model, "--images", str(imgs), "--out", str(tmp_path / "b"),
+               "--checkpoint", str(bad), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and "adapted 'other-model' does not fit model 'tiny-predict'" in err
+    torch.save({"state_dict": adapted.state_dict()}, tmp_path / "plain.pt")
+    rc = main(["predict", "--model", tiny_model, "--images", str(imgs), "--out", str(tmp_path / "c"),
+               "--checkpoint", str(tmp_path / "plain.pt"), "--no-progress"])  # fmt: skip
+    assert rc == 1 and "not a segcal adaptation checkpoint" in capsys.readouterr().err
+
+
+def test_predict_corruption_hook(tiny_model, synth, tmp_path, capsys):
+    from segcal.shift import make_transform
+
+    imgs, _, _ = synth
+    rc = main(["predict", "--model", tiny_model, "--images", str(imgs), "--out", str(tmp_path / "p"),
+               "--corruption", "gaussian_noise", "--severity", "5", "--seed", "3", "--no-progress",
+               "--dtype", "float32"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    img = np.asarray(Image.open(imgs / "a.png").convert("RGB"))
+    noisy = make_transform("gaussian_noise", 5, 3)(img, "a").astype(np.float32) / 255
+    np.testing.assert_allclose(np.load(tmp_path / "p" / "a.npy")[0], noisy[..., 0] * 4 - 2, atol=1e-5)
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_REAL, reason="CamVid / ESPNet weights not found (set SEGCAL_DATA)")

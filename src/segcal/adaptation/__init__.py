@@ -24,6 +24,7 @@ from segcal.adaptation.loop import (
     AdaptConfig,
     AdaptResult,
     adapt,
+    load_adapted,
     load_checkpoint,
     resolve_target_images,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "class_weights",
     "entropy_term",
     "evaluate_source_ece",
+    "load_adapted",
     "load_checkpoint",
     "mean_entropy",
     "negative_labels",

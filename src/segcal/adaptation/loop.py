@@ -251,6 +251,58 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ck
 
 
+def load_adapted(model: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Load the weights of an adaptation checkpoint into a registered model, in place.
+
+    Parameters
+    ----------
+    model
+        A :class:`segcal.models.LoadedModel` (``create_model(...)``). Its ``module`` receives the
+        checkpoint's ``state_dict`` when the checkpoint was made by adapting a model of the same
+        name; when ``module`` is a :class:`segcal.models.MappedModel` (e.g.
+        ``espnet-cityscapes-camvid``) the adapted weights of the un-mapped model
+        (``espnet-cityscapes``) are loaded into ``module.model``, so the adapted model predicts
+        in the mapped label space.
+    path
+        An ``epoch_XXX.pt`` written by :func:`adapt`.
+
+    Returns
+    -------
+    dict
+        ``{"model", "method", "epoch", "estimated_ece", "target"}``, with ``target`` the module
+        (``"module"`` or ``"module.model"``) that was loaded.
+
+    Raises
+    ------
+    ValueError
+        Not an adaptation checkpoint, or its weights do not fit the model (another architecture or
+        class count); the message names the adapted model.
+    """
+    from segcal.models import MappedModel
+
+    ck = load_checkpoint(path)
+    adapted = json.loads(ck["log"]).get("model") if ck.get("log") else None
+    candidates = [("module", model.module)]
+    if isinstance(model.module, MappedModel):
+        candidates.append(("module.model", model.module.model))
+    if adapted == getattr(model, "name", None):
+        candidates = candidates[:1]
+    errors = []
+    for where, mod in candidates:
+        try:
+            mod.load_state_dict(ck["state_dict"], strict=True)
+        except RuntimeError as exc:
+            errors.append(f"{where}: {str(exc).splitlines()[0]}")
+            continue
+        model.module.eval()
+        return {"model": adapted, "method": ck.get("method"), "epoch": int(ck["epoch"]),
+                "estimated_ece": ck.get("estimated_ece"), "target": where}
+    raise ValueError(
+        f"{path}: checkpoint of an adapted {adapted!r} does not fit model {getattr(model, 'name', '?')!r} "
+        f"({'; '.join(errors)})"
+    )
+
+
 def _save(path: Path, obj: Any) -> None:
     from segcal.io import atomic_write
 

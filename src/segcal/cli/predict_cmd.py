@@ -33,6 +33,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="write into a folder that holds another model's predictions")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-models", action="store_true", help="list the registered models")
+    p.add_argument("--checkpoint", help="predict with the weights of a segcal adapt checkpoint (epoch_XXX.pt) "
+                   "made from --model (or, for a mapped model such as espnet-cityscapes-camvid, from the "
+                   "model it maps)")  # fmt: skip
+    p.add_argument("--corruption", help="corrupt each image before the model (segcal.shift; synthetic shift)")
+    p.add_argument("--severity", type=int, default=3, help="corruption severity 1..5 (3)")
+    p.add_argument("--seed", type=int, default=0, help="corruption seed (per image: derived from seed and stem)")
     p.set_defaults(func=run)
     return p
 
@@ -52,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     from segcal.medical import MODEL_NAME as UNET3D
 
+    if args.model == UNET3D and (args.checkpoint or args.corruption):
+        raise ValueError(f"--checkpoint / --corruption are not supported for {UNET3D}")
     if args.model == UNET3D:  # 3D volumes: whole-volume normalisation, padding, crop back
         import time
 
@@ -72,8 +80,22 @@ def run(args: argparse.Namespace) -> int:
 
     from segcal.pipeline.predict import predict_folder
 
+    model = args.model
+    if args.checkpoint:
+        from segcal.adaptation import load_adapted
+        from segcal.models import create_model
+
+        model = create_model(args.model, data_root=args.data_root, device=args.device)
+        info = load_adapted(model, args.checkpoint)
+        print(f"loaded {info['method']} checkpoint (epoch {info['epoch']}) of adapted {info['model']} "
+              f"into {args.model} ({info['target']})", file=sys.stderr)
+    transform = None
+    if args.corruption:
+        from segcal.shift import make_transform
+
+        transform = make_transform(args.corruption, args.severity, args.seed)
     res = predict_folder(
-        args.model,
+        model,
         args.images,
         args.out,
         labels=args.labels,
@@ -84,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        transform=transform,
     )
     print(
         f"wrote {len(res.stems)} predictions ({res.num_classes} classes, {args.dtype}) of "
