@@ -628,6 +628,17 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
+def _prepare_run(report: bool, threads: int | None) -> None:
+    """Shared start of a bench run: fail early if the report cannot be drawn; set torch threads."""
+    if report:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("the HTML report needs matplotlib: pip install 'segcal[plot]' (or pass --no-report)") from exc
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the whole protocol; write ``results.json``, ``results.md`` and (optionally) ``report.html``."""
     import segcal.calibrators as sc
@@ -637,13 +648,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    if cfg.report:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as exc:
-            raise ImportError("the HTML report needs matplotlib: pip install 'segcal[plot]' (or pass --no-report)") from exc
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    _prepare_run(cfg.report, cfg.threads)
     root, _cam = find_camvid(cfg.data_root)
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)

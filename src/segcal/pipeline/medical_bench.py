@@ -55,6 +55,7 @@ from segcal.pipeline.bench import (
     BenchDataError,
     _draw_rows,
     _ImageData,
+    _prepare_run,
     _strip,
     bootstrap_condition,
     git_commit,
@@ -418,18 +419,12 @@ def run_medical_bench(cfg: MedicalBenchConfig) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    if cfg.report:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as exc:
-            raise ImportError("the HTML report needs matplotlib: pip install 'segcal[plot]' (or pass --no-report)") from exc
     try:
         import monai  # noqa: F401
         import nibabel  # noqa: F401
     except ImportError as exc:
         raise ImportError("the hippocampus bench needs the medical extra: pip install 'segcal[medical]'") from exc
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    _prepare_run(cfg.report, cfg.threads)
     rows = resolve_rows(cfg)
     unknown = [s for s in cfg.shifts if s not in MRI_SHIFTS]
     if unknown:
