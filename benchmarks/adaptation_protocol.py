@@ -9,6 +9,12 @@ the one with the best test image ECE (``oracle_ece_epoch``) and the one with the
 target ECE (``est_argmin_epoch``: what ECE selection would have kept, also for the baselines).
 Runs named ``<group>_s<seed>`` are aggregated over seeds (mean ± sample std) per group.
 
+``--rescore-estimator EST`` also scores every evaluated checkpoint with another ECE estimator on
+the run's own target images (the stems in its log, corrupted as in the run, with the run's seed;
+still no target label), so that selection by a different estimator can be compared on the same
+checkpoints (``rescore_argmin_epoch``), e.g. a logits estimator that sees decoder training where
+the features estimator hooked in the frozen encoder cannot.
+
 The test images are corrupted once and kept in memory. Runs can be evaluated separately
 (``--no-source``, one ``--json`` each, e.g. in parallel) and merged afterwards with ``--merge``,
 which only aggregates and prints the tables.
@@ -41,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from segcal.adaptation import load_checkpoint
+from segcal.adaptation import estimate_target_ece, load_checkpoint, resolve_target_images
 from segcal.datasets import camvid_split
 from segcal.datasets.folders import load_image
 from segcal.metrics import CalibrationMetrics
@@ -76,6 +82,30 @@ def evaluate(module, preprocess, data, num_classes: int) -> dict:
     return {k: float(r[k]) for k in METRICS}
 
 
+def load_targets(log: dict, args, preprocess) -> list[torch.Tensor]:
+    """The run's target images (images only), corrupted as in the run, as batches of 4."""
+    paths = resolve_target_images("camvid:train")
+    n = log["config"].get("max_images")
+    if n and len(paths) > n:
+        idx = np.linspace(0, len(paths) - 1, n).round().astype(int)
+        paths = [paths[i] for i in idx]
+    by_stem = {p.stem: p for p in paths}
+    if sorted(by_stem) != sorted(log["images"]):
+        raise SystemExit("rescore: the run's target images are not a CamVid train subset this script can rebuild")
+    transform = None
+    if args.corruption:
+        from segcal.shift import make_transform
+
+        transform = make_transform(args.corruption, args.severity, log["config"]["seed"])
+    xs = []
+    for stem in log["images"]:
+        img = load_image(by_stem[stem])
+        if transform is not None:
+            img = np.asarray(transform(img, stem), dtype=np.uint8)
+        xs.append(preprocess(img))
+    return [torch.cat(xs[i:i + 4], 0) for i in range(0, len(xs), 4)]
+
+
 def run_summary(res: dict, log: dict) -> dict:
     """Selected / last / oracle (best test mIoU in hindsight) / estimated-ECE-argmin checkpoints of one run."""
     eps = {int(k): v for k, v in res["epochs"].items()}
@@ -91,6 +121,9 @@ def run_summary(res: dict, log: dict) -> dict:
         s["oracle_ece_epoch"] = min(eps, key=lambda e: (eps[e]["image_ece"], e))  # best test image ECE
         if est:
             s["est_argmin_epoch"] = min(est, key=lambda e: (est[e], e))  # what ECE selection would pick
+        resc = {e: eps[e]["rescored_ece"] for e in eps if eps[e].get("rescored_ece") is not None}
+        if resc:
+            s["rescore_argmin_epoch"] = min(resc, key=lambda e: (resc[e], e))
     return s
 
 
@@ -111,13 +144,17 @@ def aggregate(runs: dict) -> dict:
 
         for m in (*METRICS, "estimated_ece"):
             add(f"selected.{m}", [r["epochs"][str(r["summary"]["selected_epoch"])].get(m) for r in rs])
-        for which in ("last", "oracle", "est_argmin"):
+        for which in ("last", "oracle", "est_argmin", "rescore_argmin"):
             if all(f"{which}_epoch" in r["summary"] for r in rs):
                 for m in ("miou", "image_ece", "ece"):
                     add(f"{which}.{m}", [r["epochs"][str(r["summary"][f"{which}_epoch"])][m] for r in rs])
         if all("oracle_epoch" in r["summary"] for r in rs):
             add("gap_selected_oracle_miou", [r["epochs"][str(r["summary"]["oracle_epoch"])]["miou"]
                                              - r["epochs"][str(r["summary"]["selected_epoch"])]["miou"] for r in rs])
+            if all("rescore_argmin_epoch" in r["summary"] for r in rs):
+                add("gap_rescore_oracle_miou", [r["epochs"][str(r["summary"]["oracle_epoch"])]["miou"]
+                                                - r["epochs"][str(r["summary"]["rescore_argmin_epoch"])]["miou"]
+                                                for r in rs])
             add("gap_last_oracle_miou", [r["epochs"][str(r["summary"]["oracle_epoch"])]["miou"]
                                          - r["epochs"][str(r["summary"]["last_epoch"])]["miou"] for r in rs])
         add("seconds", [r["summary"]["seconds"] for r in rs])
@@ -155,12 +192,22 @@ def print_tables(out: dict) -> None:
             print(f"| {g} | {_pm(r, 'selected.miou')} | {_pm(r, 'est_argmin.miou')} | {_pm(r, 'last.miou')} | "
                   f"{_pm(r, 'oracle.miou')} | {_pm(r, 'gap_selected_oracle_miou')} | "
                   f"{_pm(r, 'gap_last_oracle_miou')} |")
-        print("\n| run | seed | epochs (est. ECE → test mIoU) | selected | est. argmin | oracle (mIoU) | last |")
+        if any("rescore_argmin.miou" in a["metrics"] for a in agg.values()):
+            print("\n| run | rescored-ECE argmin mIoU | oracle − rescored argmin | est. argmin mIoU | last mIoU |")
+            print("|---|---|---|---|---|")
+            for g, a in agg.items():
+                r = a["metrics"]
+                print(f"| {g} | {_pm(r, 'rescore_argmin.miou')} | {_pm(r, 'gap_rescore_oracle_miou')} | "
+                      f"{_pm(r, 'est_argmin.miou')} | {_pm(r, 'last.miou')} |")
+        print("\n| run | seed | epochs (est. ECE[/rescored ECE] → test mIoU) | selected | est. argmin | oracle (mIoU) |"
+              " last |")
         print("|---|---|---|---|---|---|---|")
         for name, r in out["runs"].items():
             sm = r["summary"]
-            eps = " ".join(f"{e}: {v['estimated_ece']:.3f}→{v['miou']:.3f}" if v["estimated_ece"] is not None
-                           else f"{e}: -→{v['miou']:.3f}" for e, v in r["epochs"].items())
+            eps = " ".join(
+                (f"{e}: {v['estimated_ece']:.3f}" if v["estimated_ece"] is not None else f"{e}: -")
+                + (f"/{v['rescored_ece']:.3f}" if v.get("rescored_ece") is not None else "")
+                + f"→{v['miou']:.3f}" for e, v in r["epochs"].items())
             print(f"| {name} | {sm['seed']} | {eps} | {sm['selected_epoch']} | {sm.get('est_argmin_epoch', '-')} | "
                   f"{sm.get('oracle_epoch', '-')} | {sm.get('last_epoch', '-')} |")
 
@@ -196,6 +243,11 @@ def main() -> None:
                     help="no evaluation: merge these evaluation files, aggregate over seeds, print the tables")
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rescore-estimator", default=None, metavar="EST",
+                    help="also score every evaluated checkpoint with this estimator on the run's target images")
+    ap.add_argument("--reuse", default=None, metavar="JSON",
+                    help="an earlier evaluation file of the same runs: test metrics found there are reused (no test "
+                    "pass), e.g. to add --rescore-estimator scores to finished evaluations")
     args = ap.parse_args()
     if args.merge:
         out = merge(args.merge)
@@ -225,8 +277,20 @@ def main() -> None:
 
         transform = make_transform(args.corruption, args.severity, args.seed)
     t0 = time.perf_counter()
-    data = load_items(items, transform)
-    print(f"loaded {len(data)} test images ({time.perf_counter() - t0:.0f} s)", flush=True)
+    old = json.loads(Path(args.reuse).read_text()) if args.reuse else {"runs": {}, "source": None}
+    if args.reuse:
+        for k in ("model", "mapping", "corruption", "severity", "seed", "max_images"):
+            if old["config"].get(k) != getattr(args, k):
+                raise SystemExit(f"--reuse {args.reuse}: config {k}={old['config'].get(k)!r} differs from {getattr(args, k)!r}")
+    data = None
+
+    def test_data():
+        nonlocal data
+        if data is None:
+            data = load_items(items, transform)
+            print(f"loaded {len(data)} test images ({time.perf_counter() - t0:.0f} s)", flush=True)
+        return data
+
     lm = create_model(args.model, device="cpu")
     base = lm.module
 
@@ -234,9 +298,14 @@ def main() -> None:
         return MappedModel(base, ClassMapping(CITYSCAPES_TO_CAMVID, 20)) if args.mapping else base
 
     nc = 11 if args.mapping else lm.num_classes
+    rescorer = None
+    if args.rescore_estimator:
+        from segcal.estimation import load_estimator
+
+        rescorer = load_estimator(args.rescore_estimator)
     out: dict = {"config": vars(args), "n_test": len(items), "source": None, "runs": {}}
     if not args.no_source:
-        out["source"] = evaluate(wrapped(), lm.preprocess, data, nc)
+        out["source"] = old["source"] or evaluate(wrapped(), lm.preprocess, test_data(), nc)
         print(f"source: {out['source']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     for run in runs:
         log = json.loads((run / "adapt_log.json").read_text())
@@ -245,10 +314,19 @@ def main() -> None:
             continue
         epochs = [e["epoch"] for e in log["epochs"]] if args.all_checkpoints else [log["selected_epoch"]]
         res = {"method": log["method"], "selected_epoch": log["selected_epoch"], "epochs": {}}
+        targets = load_targets(log, args, lm.preprocess) if rescorer is not None else None
         for ep in epochs:
             base.load_state_dict(load_checkpoint(run / f"epoch_{ep:03d}.pt")["state_dict"])
-            m = evaluate(wrapped(), lm.preprocess, data, nc)
+            prev = old["runs"].get(run.name, {}).get("epochs", {}).get(str(ep))
+            m = ({k: prev[k] for k in METRICS} if prev is not None
+                 else evaluate(wrapped(), lm.preprocess, test_data(), nc))
             m["estimated_ece"] = next(e["estimated_ece"] for e in log["epochs"] if e["epoch"] == ep)
+            if rescorer is not None:
+                m["rescored_ece"] = float(estimate_target_ece(
+                    base, targets, rescorer, num_classes=lm.num_classes,
+                    class_mapping=ClassMapping(CITYSCAPES_TO_CAMVID, 20) if args.mapping else None,
+                    model_name=args.model).mean())
+                m["rescore_estimator"] = args.rescore_estimator
             res["epochs"][str(ep)] = m
             print(f"{run.name} epoch {ep}: {m}  ({time.perf_counter() - t0:.0f} s)", flush=True)
         res["summary"] = run_summary(res, log)

@@ -21,6 +21,7 @@ from segcal.adaptation import (
     bn_train_mode,
     class_weights,
     entropy_term,
+    estimate_target_ece,
     evaluate_source_ece,
     load_checkpoint,
     mean_entropy,
@@ -306,6 +307,64 @@ def test_features_estimator(tmp_path):
     bad = ECEEstimator(8, meta={"layer": "decoder"})
     with pytest.raises(ValueError, match="not a sub-module"):
         run_toy(tmp_path, estimator=bad, quick=True, out_dir=tmp_path / "bad")
+
+
+def test_estimate_target_ece_matches_logged_estimates(tmp_path):
+    """Scoring a checkpoint afterwards gives the per-image estimates the loop logged for it."""
+    from segcal.models.registry import default_preprocess
+
+    imgs = toy_images()
+    for name, est in (("maxprob", ConfidenceBaseline("maxprob")),
+                      ("features", ECEEstimator(8, meta={"layer": "encoder"}, grid=(4, 4)))):
+        res = run_toy(tmp_path, images=imgs, estimator=est, rounds=1, epochs_per_round=2, out_dir=tmp_path / name)
+        batches = [torch.cat([default_preprocess(a) for a in imgs[i:i + 2]], 0) for i in range(0, len(imgs), 2)]
+        for ck_path, entry in zip(res.checkpoints, res.epochs, strict=True):
+            m = toy_model()
+            m.load_state_dict(load_checkpoint(ck_path)["state_dict"])
+            m.train()
+            got = estimate_target_ece(m, batches, est, num_classes=4)
+            np.testing.assert_allclose(got, entry["estimated_ece_per_image"], rtol=1e-6, atol=1e-7)
+            assert m.training  # mode restored
+            assert not any(mod._forward_hooks for mod in m.modules())  # features hook removed
+    with pytest.raises(ValueError, match="estimator"):
+        estimate_target_ece(toy_model(), batches, None, num_classes=4)
+
+
+def test_warmup_without_bn_stats_pass(tmp_path):
+    """``bn_stats_pass=False``: no reset/re-estimation, only the BN-affine epoch (momentum updates)."""
+    def tracked(path):
+        sd = load_checkpoint(path)["state_dict"]
+        return int(sd["encoder.1.num_batches_tracked"])
+
+    with_pass = run_toy(tmp_path, rounds=1, epochs_per_round=1, out_dir=tmp_path / "a")
+    without = run_toy(tmp_path, rounds=1, epochs_per_round=1, out_dir=tmp_path / "b", bn_stats_pass=False)
+    assert tracked(with_pass.checkpoints[0]) == 3 + 3  # reset, 3 statistics batches, 3 training batches
+    assert tracked(without.checkpoints[0]) == 3  # only the 3 training batches of the warm-up epoch
+    assert json.loads(without.log_path.read_text())["config"]["bn_stats_pass"] is False
+
+
+def test_cli_no_bn_reset_reaches_adapt(tmp_path, monkeypatch):
+    import segcal.adaptation.loop as loop
+    from segcal.cli import main
+
+    seen = {}
+
+    def fake_adapt(*a, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(loop, "adapt", fake_adapt)
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    from PIL import Image
+
+    Image.fromarray(toy_images(1)[0]).save(img_dir / "a.png")
+    for flag, expected in (([], True), (["--no-bn-reset"], False)):
+        seen.clear()
+        with pytest.raises(RuntimeError, match="stop here"):
+            main(["adapt", "--model", "espnet-camvid", "--target", str(img_dir), "--estimator", "maxprob",
+                  "--out", str(tmp_path / "o"), *flag])
+        assert seen["bn_stats_pass"] is expected
 
 
 # --------------------------------------------------------------------------- errors

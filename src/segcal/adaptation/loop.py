@@ -65,6 +65,7 @@ __all__ = [
     "AdaptConfig",
     "AdaptResult",
     "adapt",
+    "estimate_target_ece",
     "load_checkpoint",
     "resolve_target_images",
 ]
@@ -241,6 +242,39 @@ class _EstimatorGlue:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+def estimate_target_ece(
+    module: nn.Module,
+    images: Sequence[torch.Tensor],
+    estimator: Any,
+    *,
+    num_classes: int,
+    class_mapping: nn.Module | None = None,
+    model_name: str = "",
+) -> np.ndarray:
+    """Per-image estimated ECE of ``module`` on preprocessed target batches, in eval mode.
+
+    The yardstick :func:`adapt` logs after every epoch, usable on its own, e.g. to score the
+    checkpoints of a finished run with another estimator (``benchmarks/adaptation_protocol.py
+    --rescore-estimator``). ``images`` are ``(B, 3, H, W)`` tensors; ``estimator`` is any estimator
+    :func:`adapt` accepts (a logits, features or baseline estimator), ``class_mapping`` is applied to
+    the logits before it. Returns one estimate per image (float64). The module's train/eval mode is
+    restored afterwards.
+    """
+    if estimator is None:
+        raise ValueError("estimator: an ECE estimator is required")
+    glue = _EstimatorGlue(estimator, module, int(num_classes), class_mapping, model_name)
+    was_training = module.training
+    try:
+        module.eval()
+        out = [np.asarray(glue.forward(module, x)[1], dtype=np.float64).reshape(-1) for x in images]
+    finally:
+        glue.close()
+        module.train(was_training)
+    if not out:
+        raise ValueError("images: no target batch given")
+    return np.concatenate(out)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -43,6 +43,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=5e-5, help="SGD learning rate (default 5e-5, the reference's)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eta", type=float, default=0.0, help="weight of the entropy term (default 0: off)")
+    p.add_argument("--no-bn-reset", action="store_true",
+                   help="calsfda warm-up without the BN statistics pass (no reset/re-estimation of the running "
+                   "statistics before the BN-affine epoch; the reference code's literal behaviour, methods.md §3.15(f))")
     p.add_argument("--max-images", type=int, default=None, help="use at most this many target images")
     p.add_argument("--quick", action="store_true", help="4 images, one round of 2 epochs (smoke test)")
     p.add_argument("--resume", default=None, help="continue from this epoch checkpoint (same --out)")
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, seed=args.seed, out_dir=args.out, resume=args.resume, quick=args.quick,
         class_mapping=mapping, transform=transform, progress=not args.no_progress,
         batch_size=args.batch_size, eta=args.eta, max_images=args.max_images,
+        bn_stats_pass=not args.no_bn_reset,
     )
     print(f"{'epoch':>5} {'round':>5} {'phase':>7} {'loss':>9} {'est. ECE':>9} {'coverage':>9}")
     for e in res.epochs:
