@@ -179,6 +179,10 @@ def print_tables(out: dict) -> None:
     print("| run | method | seeds | mIoU | pooled ECE | image ECE | NLL | est. ECE (target) |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| source | - | - | {s['miou']:.3f} | {s['ece']:.3f} | {s['image_ece']:.3f} | {s['nll']:.3f} | - |")
+    if out.get("adabn"):
+        a = out["adabn"]
+        print(f"| AdaBN ({a['n_images']} target images) | - | - | {a['miou']:.3f} | {a['ece']:.3f} | "
+              f"{a['image_ece']:.3f} | {a['nll']:.3f} | - |")
     for g, a in agg.items():
         r = a["metrics"]
         print(f"| {g} | {a['method']} | {a['n_runs']} | {_pm(r, 'selected.miou')} | {_pm(r, 'selected.ece')} | "
@@ -222,6 +226,8 @@ def merge(paths: list[str]) -> dict:
                 raise SystemExit(f"{p}: config {k}={d['config'].get(k)!r} differs from {out['config'].get(k)!r}")
         if d.get("source") is not None:
             out["source"] = out["source"] or d["source"]
+        if d.get("adabn") is not None:
+            out["adabn"] = d["adabn"]
         out["runs"].update(d["runs"])
     if out["source"] is None:
         raise SystemExit("no source evaluation among the merged files")
@@ -245,6 +251,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rescore-estimator", default=None, metavar="EST",
                     help="also score every evaluated checkpoint with this estimator on the run's target images")
+    ap.add_argument("--adabn", type=int, default=None, metavar="N",
+                    help="also evaluate AdaBN: the source model with its BN running statistics re-estimated on N "
+                    "CamVid train images (evenly spread, corrupted with seed 0 under --corruption; no training)")
     ap.add_argument("--reuse", default=None, metavar="JSON",
                     help="an earlier evaluation file of the same runs: test metrics found there are reused (no test "
                     "pass), e.g. to add --rescore-estimator scores to finished evaluations")
@@ -307,6 +316,18 @@ def main() -> None:
     if not args.no_source:
         out["source"] = old["source"] or evaluate(wrapped(), lm.preprocess, test_data(), nc)
         print(f"source: {out['source']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.adabn:
+        from segcal.estimation import warmup_bn
+
+        fake_log = {"config": {"max_images": args.adabn, "seed": 0}, "images": None}
+        paths = resolve_target_images("camvid:train")
+        idx = np.linspace(0, len(paths) - 1, min(args.adabn, len(paths))).round().astype(int)
+        fake_log["images"] = [paths[i].stem for i in idx]
+        src_state = {k: v.clone() for k, v in base.state_dict().items()}
+        warmup_bn(base, load_targets(fake_log, args, lm.preprocess))
+        out["adabn"] = {"n_images": len(idx), **evaluate(wrapped(), lm.preprocess, test_data(), nc)}
+        base.load_state_dict(src_state)
+        print(f"adabn ({len(idx)} target images): {out['adabn']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     for run in runs:
         log = json.loads((run / "adapt_log.json").read_text())
         if log.get("model") != args.model:
