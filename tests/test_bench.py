@@ -290,3 +290,15 @@ def test_spatial_variants_fit_with_images_and_record_their_budget():
     args = p.parse_args(["bench", "--spatial", "--spatial-max-steps", "7", "--spatial-selection-images", "5"])
     cfg = config_from_args(args)
     assert cfg.spatial and cfg.spatial_max_steps == 7 and cfg.spatial_selection_images == 5
+
+
+def test_wall_time_line_before_and_after_the_report():
+    from segcal.report.tables import _wall_time_line
+
+    res = {"environment": {"threads": 2},
+           "timings": {"predict_s": 10.2, "fit_s": 5.0, "evaluate_s": 3.0, "total_s": 19.0}}
+    line = _wall_time_line(res)
+    assert "19 s before the report" in line and "report 0 s" not in line and "threads 2" in line
+    res["timings"].update(report_s=4.4, total_s=23.4)
+    line = _wall_time_line(res)
+    assert "- wall time: 23 s (predict 10 s, fit 5 s, evaluate 3 s, report 4 s)" in line

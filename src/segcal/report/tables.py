@@ -165,16 +165,25 @@ def describe_condition(results: dict[str, Any], tag: str) -> str:
             f"model `{c['model']}`")
 
 
+def _wall_time_line(results: dict[str, Any]) -> str:
+    """The timing line of a bench summary; the HTML report is written before its own time is known."""
+    t = results.get("timings", {})
+    parts = f"predict {t.get('predict_s', 0):.0f} s, fit {t.get('fit_s', 0):.0f} s, evaluate {t.get('evaluate_s', 0):.0f} s"
+    if "report_s" in t:
+        parts += f", report {t['report_s']:.0f} s"
+        total = f"{t.get('total_s', float('nan')):.0f} s"
+    else:
+        total = f"{t.get('total_s', float('nan')):.0f} s before the report"
+    return f"- wall time: {total} ({parts}); threads {results['environment']['threads']}"
+
+
 def medical_markdown_report(results: dict[str, Any]) -> str:
     """``results.md`` of ``segcal bench --dataset hippocampus``."""
     cfg = results["config"]
     p = results["protocol"]
-    t = results.get("timings", {})
     out = ["# segcal bench: MSD hippocampus calibration benchmark", ""]
     out.append(f"- commit: `{results.get('commit')}`; command: `{cfg.get('command') or 'segcal bench --dataset hippocampus'}`")
-    out.append(f"- wall time: {t.get('total_s', float('nan')):.0f} s (predict {t.get('predict_s', 0):.0f} s, fit "
-               f"{t.get('fit_s', 0):.0f} s, evaluate {t.get('evaluate_s', 0):.0f} s, report {t.get('report_s', 0):.0f} s); "
-               f"threads {results['environment']['threads']}")
+    out.append(_wall_time_line(results))
     out.append(f"- model `{results['model']}`; {p['split']}")
     out.append(f"- calibration: {p['calib_split']}; seeds {cfg['seeds']}; {p['fit_voxels']}")
     out.append(f"- evaluation: every voxel of every test case; {p['bins']} equal-width bins "
@@ -225,10 +234,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     cfg = results["config"]
     out = ["# segcal bench: CamVid calibration benchmark", ""]
     out.append(f"- commit: `{results.get('commit')}`; command: `{cfg.get('command') or 'segcal bench'}`")
-    t = results.get("timings", {})
-    out.append(f"- wall time: {t.get('total_s', float('nan')):.0f} s (predict {t.get('predict_s', 0):.0f} s, fit "
-               f"{t.get('fit_s', 0):.0f} s, evaluate {t.get('evaluate_s', 0):.0f} s, report {t.get('report_s', 0):.0f} s); "
-               f"threads {results['environment']['threads']}")
+    out.append(_wall_time_line(results))
     p = results["protocol"]
     out.append(f"- calibration: {p['val_split']}; seeds {cfg['seeds']}; {p['fit_pixels']}")
     out.append(f"- evaluation: {p['eval_pixels']}; {p['bins']} equal-width bins; void (label 11) ignored")
