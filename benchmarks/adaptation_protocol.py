@@ -181,7 +181,7 @@ def print_tables(out: dict) -> None:
     print(f"| source | - | - | {s['miou']:.3f} | {s['ece']:.3f} | {s['image_ece']:.3f} | {s['nll']:.3f} | - |")
     if out.get("adabn"):
         a = out["adabn"]
-        print(f"| AdaBN ({a['n_images']} target images) | - | - | {a['miou']:.3f} | {a['ece']:.3f} | "
+        print(f"| AdaBN ({a['n_images']} target images, {a.get('scope', 'all')} BN) | - | - | {a['miou']:.3f} | {a['ece']:.3f} | "
               f"{a['image_ece']:.3f} | {a['nll']:.3f} | - |")
     for g, a in agg.items():
         r = a["metrics"]
@@ -254,6 +254,8 @@ def main() -> None:
     ap.add_argument("--adabn", type=int, default=None, metavar="N",
                     help="also evaluate AdaBN: the source model with its BN running statistics re-estimated on N "
                     "CamVid train images (evenly spread, corrupted with seed 0 under --corruption; no training)")
+    ap.add_argument("--adabn-scope", default="all", choices=["all", "encoder"],
+                    help="AdaBN on every BN layer (default) or only on those of the model's encoder")
     ap.add_argument("--reuse", default=None, metavar="JSON",
                     help="an earlier evaluation file of the same runs: test metrics found there are reused (no test "
                     "pass), e.g. to add --rescore-estimator scores to finished evaluations")
@@ -324,8 +326,10 @@ def main() -> None:
         idx = np.linspace(0, len(paths) - 1, min(args.adabn, len(paths))).round().astype(int)
         fake_log["images"] = [paths[i].stem for i in idx]
         src_state = {k: v.clone() for k, v in base.state_dict().items()}
-        warmup_bn(base, load_targets(fake_log, args, lm.preprocess))
-        out["adabn"] = {"n_images": len(idx), **evaluate(wrapped(), lm.preprocess, test_data(), nc)}
+        scope = base if args.adabn_scope == "all" else base.get_submodule("encoder")
+        warmup_bn(scope, load_targets(fake_log, args, lm.preprocess), forward=lambda _m, b: base(b))
+        out["adabn"] = {"n_images": len(idx), "scope": args.adabn_scope,
+                        **evaluate(wrapped(), lm.preprocess, test_data(), nc)}
         base.load_state_dict(src_state)
         print(f"adabn ({len(idx)} target images): {out['adabn']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     for run in runs:

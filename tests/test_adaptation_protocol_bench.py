@@ -75,7 +75,7 @@ def test_merge_keeps_source_and_adabn_and_checks_config(bench, tmp_path, capsys)
     out["aggregate"] = bench.aggregate(out["runs"])
     bench.print_tables(out)
     text = capsys.readouterr().out
-    assert "AdaBN (4 target images)" in text and "rescored-ECE argmin" in text
+    assert "AdaBN (4 target images, all BN)" in text and "rescored-ECE argmin" in text
     c = tmp_path / "c.json"
     c.write_text(json.dumps({"config": {**cfg, "severity": 5}, "n_test": 3, "source": None, "runs": {}}))
     with pytest.raises(SystemExit, match="severity"):
