@@ -126,14 +126,17 @@ def worker(lib: str, method: str, folder: Path) -> dict:
         else:
             import fiducio.calibrators as fc
 
-            cal = getattr(fc, FIDUCIO[method])(device="cpu")
+            iters = os.environ.get("BENCH_FIDUCIO_ITERS")
+            kw = {"max_iter": int(iters)} if iters else {}
+            cal = getattr(fc, FIDUCIO[method])(device="cpu", **kw)
             before = rss_mb()
             t0 = time.perf_counter()
             cal.fit(x, y)
             secs = time.perf_counter() - t0
             peak = peak_mb()
             nll = nll_of(cal.decision_function, x, y)
-            extra = {"optimizer": "adam (default, 200 it)", "mode": "in-memory"}
+            extra = {"optimizer": f"adam ({iters} it)" if iters else "adam (default, 200 it)", "mode": "in-memory",
+                     "iterations": int(iters) if iters else 200}
     return {"lib": lib, "method": method, "seconds": secs, "rss_before_mb": before, "peak_rss_mb": peak,
             "fit_mem_mb": peak - before, "nll": nll, **extra}
 
@@ -151,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-budget-mb", type=float, default=256,
                     help="memory_budget of the segcal-stream variant (default 256 MiB)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per fit (default 900)")
+    ap.add_argument("--fiducio-iters", default=None, metavar="N1,N2",
+                    help="instead of fiducio's default 200 Adam iterations (too slow for some methods at full "
+                    "scale), time fiducio with N1 and with N2 iterations and extrapolate linearly to 200: "
+                    "full-batch Adam costs one pass over the data per iteration, so t(n) = a + b·n")
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "METHOD", "DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -171,10 +178,16 @@ def main(argv: list[str] | None = None) -> int:
               f"(generated in {time.perf_counter() - t0:.1f}s)", flush=True)
         print(f"{'method':7s} {'library':14s} {'optimizer':24s} {'fit s':>8s} {'peak RSS MiB':>13s} "
               f"{'fit mem MiB':>12s} {'NLL':>8s}", flush=True)
+        fid_iters = [int(v) for v in a.fiducio_iters.split(",")] if a.fiducio_iters else [None]
+        if len(fid_iters) not in (1, 2) or (len(fid_iters) == 2 and fid_iters[0] == fid_iters[1]):
+            ap.error("--fiducio-iters: expected two different iteration counts, e.g. 10,20")
         for m in a.methods.split(","):
-            for lib in a.libs.split(","):
+            fid_rows = []
+            runs = [(lib, it) for lib in a.libs.split(",") for it in (fid_iters if lib == "fiducio" else [None])]
+            for lib, it in runs:
+                wenv = dict(env, BENCH_FIDUCIO_ITERS=str(it)) if it else env
                 try:
-                    p = subprocess.run([sys.executable, __file__, "--worker", lib, m, tmp], env=env,
+                    p = subprocess.run([sys.executable, __file__, "--worker", lib, m, tmp], env=wenv,
                                        capture_output=True, text=True, timeout=a.timeout)
                 except subprocess.TimeoutExpired:
                     print(f"{m:7s} {lib:14s} TIMED OUT after {a.timeout:.0f}s", flush=True)
@@ -187,6 +200,17 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 print(f"{m:7s} {lib:14s} {r['optimizer']:24s} {r['seconds']:8.2f} {r['peak_rss_mb']:13.0f} "
                       f"{r['fit_mem_mb']:12.0f} {r['nll']:8.4f}", flush=True)
+                if it:
+                    fid_rows.append(r)
+            if len(fid_rows) == 2:
+                (n1, t1), (n2, t2) = ((r["iterations"], r["seconds"]) for r in fid_rows)
+                b = (t2 - t1) / (n2 - n1)
+                est = {"lib": "fiducio", "method": m, "extrapolated": True, "seconds": t1 + b * (200 - n1),
+                       "per_iteration_s": b, "fixed_s": t1 - b * n1, "from": [[n1, t1], [n2, t2]]}
+                rows.append(est)
+                print(f"{m:7s} {'fiducio':14s} {'adam 200 it, EXTRAPOLATED':24s} {est['seconds']:8.2f} "
+                      f"(fixed {est['fixed_s']:.1f} s + {b:.2f} s/iteration from the {n1}- and {n2}-iteration fits)",
+                      flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": rows}, indent=2))
     return 0
