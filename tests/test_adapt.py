@@ -343,6 +343,25 @@ def test_warmup_without_bn_stats_pass(tmp_path):
     assert json.loads(without.log_path.read_text())["config"]["bn_stats_pass"] is False
 
 
+def test_warmup_stats_only_is_adabn(tmp_path):
+    """``warmup_affine=False``: epoch 0 = the statistics pass alone (AdaBN); no parameter moves."""
+    from segcal.estimation import warmup_bn
+    from segcal.models.registry import default_preprocess
+
+    imgs = toy_images()
+    res = run_toy(tmp_path, images=imgs, rounds=1, epochs_per_round=2, warmup_affine=False)
+    e0, e1 = res.epochs
+    assert e0["phase"] == "warmup" and e0["loss"] is None and e0["batch_losses"] == []
+    assert e1["phase"] == "main" and e1["loss"] is not None
+    ref = toy_model()
+    warmup_bn(ref, (torch.cat([default_preprocess(a) for a in imgs[i:i + 2]], 0) for i in range(0, len(imgs), 2)))
+    got = load_checkpoint(res.checkpoints[0])["state_dict"]
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, got[k]), k  # parameters untouched, statistics = AdaBN's
+    with pytest.raises(ValueError, match="nothing for the calsfda warm-up"):
+        run_toy(tmp_path, out_dir=tmp_path / "x", warmup_affine=False, bn_stats_pass=False)
+
+
 def test_cli_no_bn_reset_reaches_adapt(tmp_path, monkeypatch):
     import segcal.adaptation.loop as loop
     from segcal.cli import main
@@ -359,12 +378,13 @@ def test_cli_no_bn_reset_reaches_adapt(tmp_path, monkeypatch):
     from PIL import Image
 
     Image.fromarray(toy_images(1)[0]).save(img_dir / "a.png")
-    for flag, expected in (([], True), (["--no-bn-reset"], False)):
+    for flag, reset, affine in (([], True, True), (["--no-bn-reset"], False, True),
+                                (["--warmup", "stats"], True, False)):
         seen.clear()
         with pytest.raises(RuntimeError, match="stop here"):
             main(["adapt", "--model", "espnet-camvid", "--target", str(img_dir), "--estimator", "maxprob",
                   "--out", str(tmp_path / "o"), *flag])
-        assert seen["bn_stats_pass"] is expected
+        assert seen["bn_stats_pass"] is reset and seen["warmup_affine"] is affine
 
 
 # --------------------------------------------------------------------------- errors

@@ -4,8 +4,11 @@
 
 ``"calsfda"``
     Epoch 0 is the BatchNorm warm-up (§3.15(f)): the BN running statistics are first re-estimated
-    on the target images (BN *modules* in train mode, cumulative average, no gradients), then the
-    epoch trains the BN affine parameters only. Every round ``r`` starts with ECE-weighted,
+    on the target images (BN *modules* in train mode, cumulative average, no gradients;
+    ``bn_stats_pass=False`` skips this), then the epoch trains the BN affine parameters only
+    (``warmup_affine=False`` skips this: epoch 0 is then plain AdaBN, the re-estimated statistics
+    and nothing else, which the protocol runs found much better than the BN-affine step at the
+    lr of the later epochs; docs/adaptation.md). Every round ``r`` starts with ECE-weighted,
     class-balanced pseudo-labels (§3.15(g); ``prop = 0.15 + 0.05 r``, ``local_prop = 0.1 + 0.05 r``)
     from the current model and the estimator's per-image ECE; training uses the §3.15(h) loss
     (:class:`~segcal.adaptation.losses.CalSFDALoss`, class weights ``softmax(1/thr)``). After the
@@ -100,6 +103,7 @@ class AdaptConfig:
     selftrain_threshold: float = 0.9
     ignore_classes: tuple[int, ...] = ()
     bn_stats_pass: bool = True
+    warmup_affine: bool = True
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -111,6 +115,8 @@ class AdaptConfig:
             from segcal.estimation.pseudolabels import proportion_schedule
 
             proportion_schedule(self.rounds - 1)  # raises when the schedule leaves (0, 1]
+        if self.method == "calsfda" and not (self.bn_stats_pass or self.warmup_affine):
+            raise ValueError("bn_stats_pass=False and warmup_affine=False leave nothing for the calsfda warm-up epoch")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         if not 0 < self.selftrain_threshold <= 1:
@@ -621,8 +627,9 @@ def _run(
         nb = 0
         batch_losses: list[float] = []
         part_sums: dict[str, float] = {}
-        for b in tqdm(list(_batches(order, cfg.batch_size)), desc=f"epoch {epoch}", leave=False,
-                      disable=not progress):
+        stats_only = phase == "warmup" and not cfg.warmup_affine  # AdaBN: no training step at all
+        for b in tqdm([] if stats_only else list(_batches(order, cfg.batch_size)), desc=f"epoch {epoch}",
+                      leave=False, disable=not progress):
             x = _stack(inputs, b, device)
             if cfg.method == "tent":
                 batch_losses.append(tent_step(module, x, opt))
@@ -647,7 +654,8 @@ def _run(
         est = evaluate()
         last_est = est
         entry = {
-            "epoch": epoch, "round": rnd, "phase": phase, "loss": tot / max(nb, 1), "batch_losses": batch_losses,
+            "epoch": epoch, "round": rnd, "phase": phase, "loss": None if stats_only else tot / max(nb, 1),
+            "batch_losses": batch_losses,
             "loss_parts": {k: v / max(nb, 1) for k, v in part_sums.items()} or None,
             "estimated_ece": None if est is None else float(est.mean()),
             "estimated_ece_per_image": None if est is None else [float(v) for v in est],
@@ -667,7 +675,8 @@ def _run(
         checkpoints.append(path)
         _write_json(out / LOG_NAME, log)
         if entry["estimated_ece"] is not None:
-            bar.set_postfix(est_ece=f"{entry['estimated_ece']:.4f}", loss=f"{entry['loss']:.4f}")
+            bar.set_postfix(est_ece=f"{entry['estimated_ece']:.4f}",
+                            loss="-" if entry["loss"] is None else f"{entry['loss']:.4f}")
     module.eval()
     sel = log["selected_epoch"]
     sel_path = out / f"epoch_{sel:03d}.pt"

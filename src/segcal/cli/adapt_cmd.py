@@ -46,6 +46,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-bn-reset", action="store_true",
                    help="calsfda warm-up without the BN statistics pass (no reset/re-estimation of the running "
                    "statistics before the BN-affine epoch; the reference code's literal behaviour, methods.md §3.15(f))")
+    p.add_argument("--warmup", choices=["stats+affine", "stats"], default="stats+affine",
+                   help="calsfda epoch 0: re-estimate the BN statistics then train the BN affine parameters "
+                   "(default, the reference's warm-up), or only re-estimate the statistics (AdaBN)")
     p.add_argument("--max-images", type=int, default=None, help="use at most this many target images")
     p.add_argument("--quick", action="store_true", help="4 images, one round of 2 epochs (smoke test)")
     p.add_argument("--resume", default=None, help="continue from this epoch checkpoint (same --out)")
@@ -97,14 +100,15 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, seed=args.seed, out_dir=args.out, resume=args.resume, quick=args.quick,
         class_mapping=mapping, transform=transform, progress=not args.no_progress,
         batch_size=args.batch_size, eta=args.eta, max_images=args.max_images,
-        bn_stats_pass=not args.no_bn_reset,
+        bn_stats_pass=not args.no_bn_reset, warmup_affine=args.warmup == "stats+affine",
     )
     print(f"{'epoch':>5} {'round':>5} {'phase':>7} {'loss':>9} {'est. ECE':>9} {'coverage':>9}")
     for e in res.epochs:
         est = "-" if e["estimated_ece"] is None else f"{e['estimated_ece']:.4f}"
         cov = "-" if e["coverage"] is None else f"{e['coverage']:.3f}"
         mark = "  <- selected" if e["epoch"] == res.selected_epoch else ""
-        print(f"{e['epoch']:>5} {e['round']:>5} {e['phase']:>7} {e['loss']:>9.4f} {est:>9} {cov:>9}{mark}")
+        loss = "-" if e["loss"] is None else f"{e['loss']:.4f}"
+        print(f"{e['epoch']:>5} {e['round']:>5} {e['phase']:>7} {loss:>9} {est:>9} {cov:>9}{mark}")
     print(f"selected ({res.selection_rule}): {res.selected_checkpoint}")
     print(f"log: {res.log_path}  ({res.seconds:.1f} s)", file=sys.stderr)
     return 0
