@@ -15,7 +15,10 @@ Variants:
 
 * ``fiducio``: fiducio 0.2.0 defaults (full-batch Adam, 200 iterations) on an in-memory float32
   tensor ``(N, C, H, W)``;
-* ``segcal``: the same in-memory float32 tensor, defaults (full-batch L-BFGS, chunked);
+* ``segcal``: the same in-memory float32 tensor, defaults (full-batch L-BFGS, chunked; CDC /
+  CMSap / CMSop cache their parameter-free features — sort, routing to experts — once);
+* ``segcal-nocache`` (not in the default ``--libs``): as ``segcal`` but with no memory budget left
+  for that cache, i.e. the features recomputed at every L-BFGS evaluation;
 * ``segcal-stream``: streamed from the prediction folder (float16 on disk), ``memory_budget``
   256 MiB (``--stream-budget-mb``), so mini-batch Adam (1 image per step, ``max_steps`` 100)
   with bounded memory once the data exceed the budget.
@@ -112,17 +115,21 @@ def worker(lib: str, method: str, folder: Path) -> dict:
         extra = {"optimizer": info["optimizer"], "mode": info["mode"]}
     else:
         x, y = load_arrays(folder)
-        if lib == "segcal":
+        if lib in ("segcal", "segcal-nocache"):
             import segcal.calibrators as sc
 
-            cal = sc.create(method)
+            # segcal-nocache: the same in-memory L-BFGS fit with no room left in memory_budget for
+            # the parameter-free feature cache (sorts / expert routing recomputed every evaluation)
+            kw = {"memory_budget": x.numel() * 4 + y.numel() * 8 + 1} if lib == "segcal-nocache" else {}
+            cal = sc.create(method, **kw)
             before = rss_mb()
             t0 = time.perf_counter()
             cal.fit(x, y)
             secs = time.perf_counter() - t0
             peak = peak_mb()
             nll = nll_of(cal, x, y)
-            extra = {"optimizer": cal.fit_info["optimizer"], "mode": cal.fit_info["mode"]}
+            extra = {"optimizer": cal.fit_info["optimizer"], "mode": cal.fit_info["mode"],
+                     "cached_feature_mb": cal.fit_info["stages"][-1].get("cached_feature_mb")}
         else:
             import fiducio.calibrators as fc
 

@@ -287,3 +287,23 @@ def test_spatial_calibrators_are_fitted_on_whole_images():
     ref = sc.create("ts").fit(imgs, lab, ignore_index=255)
     assert float(cal.t) == pytest.approx(ref.temperature, rel=1e-3)
     assert cal(imgs).shape == imgs.shape
+
+
+@pytest.mark.parametrize("name", ["cdc", "cmsap", "cmsop"])
+def test_cached_features_give_the_same_fit(name):
+    """The L-BFGS feature cache (sort / expert routing computed once) changes speed, not results."""
+    g = torch.Generator().manual_seed(3)
+    z = 2 * torch.randn(3000, 6, generator=g)
+    y = (z + -torch.log(-torch.log(torch.rand(3000, 6, generator=g)))).argmax(1)
+    x = 3 * z
+    cal = sc.create(name, num_classes=6)
+    rows = F.log_softmax(x[:500], 1)
+    torch.testing.assert_close(cal._map_features(cal._features(rows)), cal._map(rows), rtol=0, atol=0)
+    data_bytes = x.numel() * 4 + y.numel() * 8
+    cached = sc.create(name, max_iter=30).fit(x, y)
+    plain = sc.create(name, max_iter=30, memory_budget=data_bytes + 1).fit(x, y)  # in memory, no room for a cache
+    assert cached.fit_info["mode"] == plain.fit_info["mode"] == "in-memory"
+    assert cached.fit_info["stages"][-1]["cached_feature_mb"] > 0
+    assert plain.fit_info["stages"][-1]["cached_feature_mb"] == 0
+    for (k, a), (_, b) in zip(cached.state_dict().items(), plain.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)

@@ -290,8 +290,25 @@ class Calibrator(nn.Module):
         return f"{type(self).__name__}(name={self.name!r}, num_classes={self.num_classes}, {state})"
 
     # ----------------------------------------------------------------- fitting
+    # parameter-free features cached by the fitting loop (full-batch L-BFGS, in memory): a
+    # calibrator whose map starts with work that does not depend on its parameters (a sort, a
+    # routing of pixels to experts) returns it from ``_features(canonical_rows)`` and computes
+    # ``_map`` from it in ``_map_features``; ``_map_features(_features(r)) == _map(r)``.
+    def _features(self, rows: torch.Tensor) -> tuple[Any, ...] | None:
+        return None
+
+    def _map_features(self, feats: tuple[Any, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _precompute_batch(self, batch: _Batch) -> tuple[Any, ...] | None:
+        if batch.valid is not None:
+            return None
+        return self._features(self._canonical(batch.x.to(self.device, non_blocking=True)))
+
     def _stats_fn(self, batch: _Batch, objective: Any) -> torch.Tensor:
         dev = self.device
+        if batch.pre is not None:
+            return objective.stats(self._map_features(batch.pre), batch.y.to(dev))
         if batch.valid is None:
             rows = batch.x.to(dev, non_blocking=True)
             logits = self._map(self._canonical(rows))
@@ -445,6 +462,9 @@ class Calibrator(nn.Module):
             self._settings(**self._stage_settings(stage, train)), val=val,
             val_stats_fn=custom, regularizer=self._regularizer,
             default_lr=(1.0, self.default_adam_lr), buffers=list(self.buffers()),
+            precompute=None if custom is not None or type(self)._features is Calibrator._features
+            else self._precompute_batch,
+            precompute_budget=self._fit_kw["memory_budget"] - train.nbytes - (val.nbytes if val is not None else 0),
         )
         rec["stage"] = stage
         return rec

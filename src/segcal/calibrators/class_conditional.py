@@ -99,22 +99,48 @@ class _ClassConditional(Calibrator):
 
     def _route(self, rows: torch.Tensor, top: torch.Tensor, fn) -> torch.Tensor:
         """Apply ``fn(sub_rows, c)`` (-> ``(p, K)``) to the rows whose expert is ``c``."""
-        c_count = int(self.num_classes or rows.shape[1])
-        # one stable sort of the rows by expert, contiguous slices, one gather back: O(1) full
-        # copies of the chunk (forward and backward) instead of one per expert
+        if torch.jit.is_tracing():  # TorchScript export: no data-dependent Python ints (counts)
+            out = rows.new_zeros((rows.shape[0], self._out_dim()))
+            for c in range(int(self.num_classes or rows.shape[1])):
+                idx = torch.nonzero(top == c).squeeze(1)
+                out = out.index_copy(0, idx, fn(rows.index_select(0, idx), c))
+            return out
+        return self._apply_groups(*self._group(rows, top), fn)
+
+    def _group(self, rows: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """Rows sorted by expert (one stable sort), the count per expert, and the inverse order.
+
+        One gather in and one gather out: O(1) full copies of the chunk, forward and backward,
+        instead of one per expert.
+        """
         order = torch.argsort(top, stable=True)
-        counts = torch.bincount(top, minlength=c_count).tolist()
-        grouped = rows.index_select(0, order)
+        counts = torch.bincount(top, minlength=int(self.num_classes or rows.shape[1])).tolist()
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return rows.index_select(0, order), counts, inverse
+
+    def _apply_groups(self, grouped: torch.Tensor, counts: list[int], inverse: torch.Tensor, fn) -> torch.Tensor:
         parts, start = [], 0
         for c, n in enumerate(counts):
             if n:
                 parts.append(fn(grouped[start : start + n], c))
             start += n
         if not parts:
-            return rows.new_empty((0, self._out_dim()))
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
+            return grouped.new_empty((0, self._out_dim()))
         return torch.cat(parts).index_select(0, inverse)
+
+    def _expert_fn(self):
+        """``fn(rows_of_expert_c, c)`` of the current parameters."""
+        raise NotImplementedError
+
+    def _map(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._route(rows, rows.argmax(1), self._expert_fn())
+
+    def _features(self, rows: torch.Tensor) -> tuple[Any, ...] | None:
+        return self._group(rows, rows.argmax(1))
+
+    def _map_features(self, feats: tuple[Any, ...]) -> torch.Tensor:
+        return self._apply_groups(*feats, self._expert_fn())
 
     def _out_dim(self) -> int:
         return int(self.num_classes or 0)
@@ -148,9 +174,8 @@ class ClassConditionalDirichlet(_ClassConditional):
     def induced_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.A, self.bias
 
-    def _map(self, rows: torch.Tensor) -> torch.Tensor:
-        top = rows.argmax(1)
-        return self._route(rows, top, lambda x, c: torch.addmm(self.bias[c], x, self.A[c].t()))
+    def _expert_fn(self):
+        return lambda x, c: torch.addmm(self.bias[c], x, self.A[c].t())
 
 
 class _PositiveExperts(_ClassConditional):
@@ -198,8 +223,7 @@ class ArgmaxPreservingCMS(_PositiveExperts):
         super()._build(num_classes)
         self.register_buffer("comp", _competitors(num_classes), persistent=False)
 
-    def _map(self, rows: torch.Tensor) -> torch.Tensor:
-        top = rows.argmax(1)
+    def _expert_fn(self):
         B, mu = self.B(), self.mu()
 
         def expert(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -208,7 +232,7 @@ class ArgmaxPreservingCMS(_PositiveExperts):
             t = torch.addmm(mu[c], m, B[c].t())
             return torch.zeros_like(x).index_copy(1, comp, -t)
 
-        return self._route(rows, top, expert)
+        return expert
 
     def induced_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = int(self.num_classes)
@@ -250,13 +274,30 @@ class OrderPreservingCMS(_PositiveExperts):
     def _out_dim(self) -> int:
         return int(self.num_classes) - 1
 
+    def _expert_fn(self):
+        B, mu = self.B(), self.mu()
+        return lambda g, c: torch.addmm(mu[c], g, B[c].t())
+
+    def _features(self, rows: torch.Tensor) -> tuple[Any, ...] | None:
+        s, perm = torch.sort(rows, dim=1, descending=True, stable=True)
+        gaps = (s[:, :-1] - s[:, 1:]).clamp_min(0)
+        small = torch.uint8 if rows.shape[1] <= 256 else torch.int16 if rows.shape[1] <= 32767 else perm.dtype
+        return (*self._group(gaps, perm[:, 0]), perm.to(small))  # the class order kept compact
+
+    @staticmethod
+    def _unsort(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """Sorted outputs ``h_1 = 0, h_{k+1} = −Σ_{i≤k} t_i``, scattered back to class order."""
+        h = torch.cat([torch.zeros_like(t[:, :1]), -torch.cumsum(t, dim=1)], dim=1)
+        return torch.zeros_like(h).scatter(1, perm.long(), h)
+
+    def _map_features(self, feats: tuple[Any, ...]) -> torch.Tensor:
+        grouped, counts, inverse, perm = feats
+        return self._unsort(self._apply_groups(grouped, counts, inverse, self._expert_fn()), perm)
+
     def _map(self, rows: torch.Tensor) -> torch.Tensor:
         s, perm = torch.sort(rows, dim=1, descending=True, stable=True)
         gaps = (s[:, :-1] - s[:, 1:]).clamp_min(0)
-        B, mu = self.B(), self.mu()
-        t = self._route(gaps, perm[:, 0], lambda g, c: torch.addmm(mu[c], g, B[c].t()))
-        h = torch.cat([torch.zeros_like(rows[:, :1]), -torch.cumsum(t, dim=1)], dim=1)
-        return torch.zeros_like(rows).scatter(1, perm, h)
+        return self._unsort(self._route(gaps, perm[:, 0], self._expert_fn()), perm)
 
     def induced_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = int(self.num_classes)

@@ -138,6 +138,7 @@ class _Batch:
     y: torch.Tensor  # (P,) or (1, *spatial) labels (int64)
     valid: torch.Tensor | None = None  # (1, *spatial) for spatial batches
     image: torch.Tensor | None = None  # (1, C_img, *spatial): input image (image-branch calibrators)
+    pre: Any = None  # parameter-free features of the rows, cached by FitData.precompute
 
     @property
     def n(self) -> int:
@@ -202,10 +203,39 @@ class FitData:
     batches: list[_Batch] | None = None  # in memory
     stream: Callable[[], Iterator[_Batch]] | None = None  # streaming
     info: dict[str, Any] = field(default_factory=dict)
+    cached: tuple[int, list[_Batch]] | None = None  # (chunk_size, chunks with .pre): see precompute
 
     @property
     def in_memory(self) -> bool:
         return self.batches is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.batches) if self.batches is not None else 0
+
+    def precompute(self, chunk_size: int, fn: Callable[[_Batch], Any], budget: float) -> int:
+        """Cache ``fn(chunk)`` (parameter-free features) on every full-batch chunk, within ``budget`` bytes.
+
+        Only for in-memory data; the cached chunks are then what :meth:`iter_chunks` yields for
+        ``chunk_size`` without shuffling (the full-batch evaluations of L-BFGS). ``fn`` returns a
+        tuple of tensors and plain values, or None (nothing to cache). Returns the bytes cached
+        (0 when nothing was cached: streamed data, no features, or over the budget).
+        """
+        self.cached = None
+        if self.batches is None:
+            return 0
+        out: list[_Batch] = []
+        used = 0
+        for b in self.iter_chunks(chunk_size):
+            pre = fn(b)
+            if pre is None:
+                return 0
+            used += sum(t.numel() * t.element_size() for t in pre if isinstance(t, torch.Tensor))
+            if used > budget:
+                return 0
+            out.append(_Batch(b.x, b.y, b.valid, b.image, pre))
+        self.cached = (chunk_size, out)
+        return used
 
     def iter_batches(self) -> Iterator[_Batch]:
         if self.batches is not None:
@@ -216,6 +246,9 @@ class FitData:
 
     def iter_chunks(self, chunk_size: int, gen: torch.Generator | None = None) -> Iterator[_Batch]:
         """Batches split into row chunks of at most ``chunk_size`` (shuffled when ``gen``)."""
+        if gen is None and self.cached is not None and self.cached[0] == chunk_size:
+            yield from self.cached[1]
+            return
         batches: Iterable[_Batch]
         if gen is not None and self.batches is not None:
             order = torch.randperm(len(self.batches), generator=gen).tolist()
@@ -620,6 +653,8 @@ def minimize(
     regularizer: Callable[[], torch.Tensor | None] = lambda: None,
     default_lr: tuple[float, float] = (1.0, 0.01),
     buffers: Iterable[torch.Tensor] = (),
+    precompute: Callable[[_Batch], Any] | None = None,
+    precompute_budget: float = 0.0,
 ) -> dict[str, Any]:
     """Minimise ``objective`` (+ regulariser) over ``params`` in place; returns a fit record.
 
@@ -633,6 +668,11 @@ def minimize(
     optimisation with ``settings.optimizer = "adamw"`` uses ``torch.optim.AdamW`` with
     ``settings.weight_decay``; ``buffers`` (e.g. BatchNorm running statistics) are restored
     together with the parameters of the best iterate.
+
+    ``precompute(chunk)``: parameter-free features of a chunk (e.g. sorted log-probabilities) that
+    ``stats_fn`` reads from ``chunk.pre`` instead of recomputing them at every evaluation; cached
+    once for full-batch L-BFGS on in-memory data when they fit ``precompute_budget`` bytes, and
+    released before returning.
     """
     from segcal.calibrators.objectives import NLL
 
@@ -683,9 +723,15 @@ def minimize(
         return settings.patience is not None and stale >= settings.patience
 
     sched = None
+    cached = 0
     if not params:
         pass
     elif opt_name == "lbfgs":
+        if precompute is not None and train.in_memory:
+            with torch.no_grad():
+                cached = train.precompute(settings.chunk_size, precompute, precompute_budget)
+                if cached and val is not None:
+                    val.precompute(settings.chunk_size, precompute, precompute_budget - cached)
         lr = settings.lr if settings.lr is not None else default_lr[0]
         inner = max(1, min(settings.eval_every, settings.max_iter))
         opt = torch.optim.LBFGS(
@@ -760,6 +806,9 @@ def minimize(
             p.copy_(q)
         for b, q in zip(buffers, best_bufs, strict=True):
             b.copy_(q)
+    train.cached = None  # release the feature cache
+    if val is not None:
+        val.cached = None
     return {
         "optimizer": opt_name,
         "mode": train.info.get("mode"),
@@ -770,5 +819,6 @@ def minimize(
         "monitor": f"val_{val_objective.name}" if val is not None else f"train_{objective.name}",
         "stopped_early": stopped_early,
         "seconds": time.perf_counter() - t0,
+        "cached_feature_mb": round(cached / 2**20, 1),
         "history": history[-50:],
     }
