@@ -182,7 +182,7 @@ def test_set_trainable_bn_only():
 def test_bn_warmup_epoch_changes_only_bn(tmp_path):
     m = toy_model()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    res = run_toy(tmp_path, model=m, rounds=1, epochs_per_round=1)  # only the warm-up epoch
+    res = run_toy(tmp_path, model=m, rounds=1, epochs_per_round=1, warmup_affine=True)  # only the warm-up
     assert [e["phase"] for e in res.epochs] == ["warmup"]
     after = load_checkpoint(res.checkpoints[0])["state_dict"]
     bn_names = {n for n, mod in m.named_modules() if isinstance(mod, nn.BatchNorm2d)}
@@ -336,8 +336,9 @@ def test_warmup_without_bn_stats_pass(tmp_path):
         sd = load_checkpoint(path)["state_dict"]
         return int(sd["encoder.1.num_batches_tracked"])
 
-    with_pass = run_toy(tmp_path, rounds=1, epochs_per_round=1, out_dir=tmp_path / "a")
-    without = run_toy(tmp_path, rounds=1, epochs_per_round=1, out_dir=tmp_path / "b", bn_stats_pass=False)
+    with_pass = run_toy(tmp_path, rounds=1, epochs_per_round=1, out_dir=tmp_path / "a", warmup_affine=True)
+    without = run_toy(tmp_path, rounds=1, epochs_per_round=1, out_dir=tmp_path / "b", bn_stats_pass=False,
+                      warmup_affine=True)
     assert tracked(with_pass.checkpoints[0]) == 3 + 3  # reset, 3 statistics batches, 3 training batches
     assert tracked(without.checkpoints[0]) == 3  # only the 3 training batches of the warm-up epoch
     assert json.loads(without.log_path.read_text())["config"]["bn_stats_pass"] is False
@@ -349,7 +350,7 @@ def test_warmup_stats_only_is_adabn(tmp_path):
     from segcal.models.registry import default_preprocess
 
     imgs = toy_images()
-    res = run_toy(tmp_path, images=imgs, rounds=1, epochs_per_round=2, warmup_affine=False)
+    res = run_toy(tmp_path, images=imgs, rounds=1, epochs_per_round=2)  # the default
     e0, e1 = res.epochs
     assert e0["phase"] == "warmup" and e0["loss"] is None and e0["batch_losses"] == []
     assert e1["phase"] == "main" and e1["loss"] is not None
@@ -378,8 +379,8 @@ def test_cli_no_bn_reset_reaches_adapt(tmp_path, monkeypatch):
     from PIL import Image
 
     Image.fromarray(toy_images(1)[0]).save(img_dir / "a.png")
-    for flag, reset, affine in (([], True, True), (["--no-bn-reset"], False, True),
-                                (["--warmup", "stats"], True, False)):
+    for flag, reset, affine in (([], True, False), (["--no-bn-reset", "--warmup", "stats+affine"], False, True),
+                                (["--warmup", "stats+affine"], True, True)):
         seen.clear()
         with pytest.raises(RuntimeError, match="stop here"):
             main(["adapt", "--model", "espnet-camvid", "--target", str(img_dir), "--estimator", "maxprob",

@@ -5,10 +5,10 @@
 ``"calsfda"``
     Epoch 0 is the BatchNorm warm-up (§3.15(f)): the BN running statistics are first re-estimated
     on the target images (BN *modules* in train mode, cumulative average, no gradients;
-    ``bn_stats_pass=False`` skips this), then the epoch trains the BN affine parameters only
-    (``warmup_affine=False`` skips this: epoch 0 is then plain AdaBN, the re-estimated statistics
-    and nothing else, which the protocol runs found much better than the BN-affine step at the
-    lr of the later epochs; docs/adaptation.md). Every round ``r`` starts with ECE-weighted,
+    ``bn_stats_pass=False`` skips this). By default that is all (``warmup_affine=False``: epoch 0
+    is plain AdaBN); ``warmup_affine=True`` then also trains the BN affine parameters for one epoch,
+    as the reference does, which collapsed ESPNet in both protocol runs (docs/adaptation.md,
+    "Session 3"). Every round ``r`` starts with ECE-weighted,
     class-balanced pseudo-labels (§3.15(g); ``prop = 0.15 + 0.05 r``, ``local_prop = 0.1 + 0.05 r``)
     from the current model and the estimator's per-image ECE; training uses the §3.15(h) loss
     (:class:`~segcal.adaptation.losses.CalSFDALoss`, class weights ``softmax(1/thr)``). After the
@@ -103,7 +103,7 @@ class AdaptConfig:
     selftrain_threshold: float = 0.9
     ignore_classes: tuple[int, ...] = ()
     bn_stats_pass: bool = True
-    warmup_affine: bool = True
+    warmup_affine: bool = False
 
     def check(self) -> None:
         if self.method not in METHODS:

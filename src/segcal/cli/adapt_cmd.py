@@ -46,9 +46,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-bn-reset", action="store_true",
                    help="calsfda warm-up without the BN statistics pass (no reset/re-estimation of the running "
                    "statistics before the BN-affine epoch; the reference code's literal behaviour, methods.md §3.15(f))")
-    p.add_argument("--warmup", choices=["stats+affine", "stats"], default="stats+affine",
-                   help="calsfda epoch 0: re-estimate the BN statistics then train the BN affine parameters "
-                   "(default, the reference's warm-up), or only re-estimate the statistics (AdaBN)")
+    p.add_argument("--warmup", choices=["stats", "stats+affine"], default="stats",
+                   help="calsfda epoch 0: only re-estimate the BN statistics on the target (AdaBN, default), or "
+                   "also train the BN affine parameters for one epoch (the reference's warm-up; it collapsed ESPNet "
+                   "at lr 1e-3 in the protocol runs, docs/adaptation.md)")
     p.add_argument("--max-images", type=int, default=None, help="use at most this many target images")
     p.add_argument("--quick", action="store_true", help="4 images, one round of 2 epochs (smoke test)")
     p.add_argument("--resume", default=None, help="continue from this epoch checkpoint (same --out)")
