@@ -82,13 +82,16 @@ def evaluate(module, preprocess, data, num_classes: int) -> dict:
     return {k: float(r[k]) for k in METRICS}
 
 
+def spread(seq: list, n: int | None) -> list:
+    """At most ``n`` items evenly spread over ``seq`` (the subset ``segcal adapt --max-images`` takes)."""
+    if not n or len(seq) <= n:
+        return list(seq)
+    return [seq[i] for i in np.linspace(0, len(seq) - 1, n).round().astype(int)]
+
+
 def load_targets(log: dict, args, preprocess) -> list[torch.Tensor]:
     """The run's target images (images only), corrupted as in the run, as batches of 4."""
-    paths = resolve_target_images("camvid:train")
-    n = log["config"].get("max_images")
-    if n and len(paths) > n:
-        idx = np.linspace(0, len(paths) - 1, n).round().astype(int)
-        paths = [paths[i] for i in idx]
+    paths = spread(resolve_target_images("camvid:train"), log["config"].get("max_images"))
     by_stem = {p.stem: p for p in paths}
     if sorted(by_stem) != sorted(log["images"]):
         raise SystemExit("rescore: the run's target images are not a CamVid train subset this script can rebuild")
@@ -279,9 +282,7 @@ def main() -> None:
         if not runs:
             raise SystemExit(f"no adapt_log.json under {runs_root}")
     items = camvid_split(None, "test")
-    if args.max_images:
-        idx = np.linspace(0, len(items) - 1, args.max_images).round().astype(int)
-        items = [items[i] for i in idx]
+    items = spread(items, args.max_images)
     transform = None
     if args.corruption:
         from segcal.shift import make_transform
@@ -321,17 +322,15 @@ def main() -> None:
     if args.adabn:
         from segcal.estimation import warmup_bn
 
-        fake_log = {"config": {"max_images": args.adabn, "seed": 0}, "images": None}
-        paths = resolve_target_images("camvid:train")
-        idx = np.linspace(0, len(paths) - 1, min(args.adabn, len(paths))).round().astype(int)
-        fake_log["images"] = [paths[i].stem for i in idx]
+        stems = [p.stem for p in spread(resolve_target_images("camvid:train"), args.adabn)]
+        fake_log = {"config": {"max_images": args.adabn, "seed": 0}, "images": stems}
         src_state = {k: v.clone() for k, v in base.state_dict().items()}
         scope = base if args.adabn_scope == "all" else base.get_submodule("encoder")
         warmup_bn(scope, load_targets(fake_log, args, lm.preprocess), forward=lambda _m, b: base(b))
-        out["adabn"] = {"n_images": len(idx), "scope": args.adabn_scope,
+        out["adabn"] = {"n_images": len(stems), "scope": args.adabn_scope,
                         **evaluate(wrapped(), lm.preprocess, test_data(), nc)}
         base.load_state_dict(src_state)
-        print(f"adabn ({len(idx)} target images): {out['adabn']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"adabn ({len(stems)} target images): {out['adabn']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     for run in runs:
         log = json.loads((run / "adapt_log.json").read_text())
         if log.get("model") != args.model:

@@ -80,3 +80,11 @@ def test_merge_keeps_source_and_adabn_and_checks_config(bench, tmp_path, capsys)
     c.write_text(json.dumps({"config": {**cfg, "severity": 5}, "n_test": 3, "source": None, "runs": {}}))
     with pytest.raises(SystemExit, match="severity"):
         bench.merge([str(a), str(c)])
+
+
+def test_spread_is_the_subset_adapt_takes(bench):
+    from segcal.adaptation.loop import _quick_subset
+
+    seq = list(range(367))
+    for n in (1, 4, 32, 366, 367, 400, None):
+        assert bench.spread(seq, n) == (seq if not n else _quick_subset(seq, n))

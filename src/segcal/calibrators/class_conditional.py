@@ -278,9 +278,14 @@ class OrderPreservingCMS(_PositiveExperts):
         B, mu = self.B(), self.mu()
         return lambda g, c: torch.addmm(mu[c], g, B[c].t())
 
-    def _features(self, rows: torch.Tensor) -> tuple[Any, ...] | None:
+    @staticmethod
+    def _sorted_gaps(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gaps ``max(s_k − s_{k+1}, 0)`` of the rows sorted descending (stable), and the order."""
         s, perm = torch.sort(rows, dim=1, descending=True, stable=True)
-        gaps = (s[:, :-1] - s[:, 1:]).clamp_min(0)
+        return (s[:, :-1] - s[:, 1:]).clamp_min(0), perm
+
+    def _features(self, rows: torch.Tensor) -> tuple[Any, ...] | None:
+        gaps, perm = self._sorted_gaps(rows)
         small = torch.uint8 if rows.shape[1] <= 256 else torch.int16 if rows.shape[1] <= 32767 else perm.dtype
         return (*self._group(gaps, perm[:, 0]), perm.to(small))  # the class order kept compact
 
@@ -295,8 +300,7 @@ class OrderPreservingCMS(_PositiveExperts):
         return self._unsort(self._apply_groups(grouped, counts, inverse, self._expert_fn()), perm)
 
     def _map(self, rows: torch.Tensor) -> torch.Tensor:
-        s, perm = torch.sort(rows, dim=1, descending=True, stable=True)
-        gaps = (s[:, :-1] - s[:, 1:]).clamp_min(0)
+        gaps, perm = self._sorted_gaps(rows)
         return self._unsort(self._route(gaps, perm[:, 0], self._expert_fn()), perm)
 
     def induced_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
