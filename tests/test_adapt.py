@@ -374,6 +374,9 @@ def test_cli_no_bn_reset_reaches_adapt(tmp_path, monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(loop, "adapt", fake_adapt)
+    import segcal.models
+
+    monkeypatch.setattr(segcal.models, "create_model", lambda *a, **k: object())  # no weights needed
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     from PIL import Image
