@@ -16,6 +16,7 @@ from segcal.models import (
     preprocess_bgr,
     register_model,
     unregister_model,
+    use_channels_last,
 )
 from segcal.models.espnet import (
     CAMVID_MEAN_BGR,
@@ -111,6 +112,36 @@ def test_espnet_rejects_sizes_not_divisible_by_8():
         preprocess_bgr(np.zeros((361, 480, 3), np.uint8), CAMVID_MEAN_BGR, CAMVID_STD_BGR)
     with pytest.raises(ValueError, match="decoder_skip"):
         ESPNet(12, decoder_skip="nope")  # type: ignore[arg-type]
+
+
+def test_channels_last_same_outputs_contiguous_and_state_dict_portable():
+    torch.manual_seed(0)
+    ref = ESPNet(12).eval()
+    fast = ESPNet(12).eval()
+    fast.load_state_dict(ref.state_dict())
+    assert use_channels_last(fast)
+    assert fast.conv.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        a, b = ref(x), fast(x)
+    assert b.is_contiguous() and b.shape == a.shape
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    b.view(-1)  # the usual layout: .view works on the output
+    # trains in the new layout (gradients reach the weights) and its state dict loads back
+    fast.train()
+    fast(x).logsumexp(1).mean().backward()
+    assert fast.conv.conv.weight.grad is not None
+    back = ESPNet(12)
+    back.load_state_dict(fast.state_dict())
+    assert back.conv.conv.weight.is_contiguous()
+    torch.testing.assert_close(back.conv.conv.weight, fast.conv.conv.weight)
+
+
+def test_channels_last_leaves_3d_and_convless_modules_alone():
+    net3d = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Conv2d(2, 2, 1))
+    assert not use_channels_last(net3d)
+    assert net3d[1].weight.is_contiguous()
+    assert not use_channels_last(torch.nn.Linear(3, 2))
 
 
 def test_preprocess_is_bgr_standardise_then_div255():

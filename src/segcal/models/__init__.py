@@ -14,6 +14,7 @@ from segcal.models.registry import (
     register_model,
     resolve_device,
     unregister_model,
+    use_channels_last,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "register_model",
     "resolve_device",
     "unregister_model",
+    "use_channels_last",
 ]
