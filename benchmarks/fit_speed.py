@@ -1,7 +1,7 @@
 """Calibrator fitting speed and peak memory: segcal vs fiducio (the [RPH] library) in one run.
 
 Workload: ``--images`` images of ``--classes`` x ``--height`` x ``--width`` logits (default
-20 x 19 x 512 x 1024 = 2.1e7 pixels), generated deterministically (seed 0) from a calibrated
+20 x 19 x 512 x 1024 = 1.05e7 pixels), generated deterministically (seed 0) from a calibrated
 source: ``z ~ 2·N(0, 1)``, labels drawn from ``softmax(z)`` (Gumbel-max), stored logits ``3·z``
 (over-confident, so T ≈ 3 is the answer), float16 ``.npy`` + uint8 labels in a temporary folder.
 
