@@ -193,8 +193,9 @@ def use_channels_last(module: nn.Module) -> bool:
     """Run a 2-D convolutional ``module`` in the channels-last memory layout; outputs stay contiguous.
 
     The weights of every 4-D parameter and buffer move to ``torch.channels_last``; convolutions
-    and batch norms then run on NHWC data (1.2-1.5x faster forward and 1.2x faster training of
-    ESPNet on one CPU thread, ``docs/benchmarks.md``) while the module's output is made contiguous by
+    and batch norms then run on NHWC data (ESPNet on CPU: 1.09-1.28x faster inference and
+    1.10-1.37x faster training steps, 1-2 threads, ``benchmarks/model_speed.py`` in
+    ``docs/benchmarks.md``) while the module's output is made contiguous by
     a forward hook, so callers see the usual NCHW tensor. The state dict keeps its keys and
     shapes (loading it into a default-layout module works). Modules with 3-D convolutions, or with
     no 2-D convolution, are left alone. Returns whether the layout was changed.
