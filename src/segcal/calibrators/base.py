@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcal._validation import (
+from segcal.validation import (
     as_tensor,
     check_finite,
     check_input_type,

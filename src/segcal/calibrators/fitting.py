@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcal._validation import (
+from segcal.validation import (
     check_finite,
     check_label_range,
     check_labels,
@@ -366,7 +366,7 @@ def _unpack(item: Any, what: str) -> tuple[Any, Any, Any, str | None, Any]:
 def check_image(image: Any, scores: torch.Tensor, image_channels: int, name: str) -> torch.Tensor:
     """Validate the input image of a logit map: ``(N, image_channels, *spatial)`` with the scores'
     ``N`` and spatial size, finite; returned as a float tensor (float16 kept, else float32)."""
-    from segcal._validation import as_tensor
+    from segcal.validation import as_tensor
 
     img = as_tensor(image, name)
     want = (scores.shape[0], image_channels, *scores.shape[2:])

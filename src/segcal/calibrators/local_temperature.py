@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcal._validation import as_tensor
+from segcal.validation import as_tensor
 from segcal.calibrators.base import Calibrator
 from segcal.calibrators.fitting import FitData, check_image
 from segcal.calibrators.registry import register

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcal._validation import check_scores
+from segcal.validation import check_scores
 from segcal.calibrators.base import Calibrator
 from segcal.calibrators.fitting import FitData, _Batch, _evaluate
 from segcal.calibrators.objectives import NLL

@@ -479,7 +479,7 @@ def ece_vs_selector_accuracy(
         ``accuracies``, ``ece`` (one per accuracy), ``upper_bound`` (ECE of the input: no
         selective scaling), ``lower_bound`` (ECE with a perfect selector), ``n_pixels``.
     """
-    from segcal._validation import check_labels, check_scores
+    from segcal.validation import check_labels, check_scores
 
     if which not in ("mispredicted", "both"):
         raise ValueError(f"which: expected 'mispredicted' or 'both', got {which!r}")

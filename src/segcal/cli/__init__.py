@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from segcal import __version__
+from segcal.version import __version__
 
 #: sub-command name -> module (in display order)
 COMMANDS: dict[str, str] = {

@@ -18,16 +18,16 @@ over the final name only once complete, so a failure never leaves a half-written
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from segcal.io.files import atomic_write
 
 PREDICTION_SUFFIXES = (".npy", ".npz")
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".npy")
@@ -298,27 +298,6 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     elif arr.dtype.kind not in "iub":
         raise TypeError(f"labels: {name} has dtype {arr.dtype}, expected integers")
     return arr
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb"):
-    """Open a temporary file next to ``path``; rename it over ``path`` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-    try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_prediction(

@@ -78,7 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcal._validation import (
+from segcal.validation import (
     as_tensor,
     check_finite,
     check_input_type,
