@@ -12,7 +12,12 @@ import torch.nn.functional as F
 
 import segcal
 import segcal.calibrators as sc
+from segcal.calibrators.affine import odir
 from segcal.calibrators.base import Calibrator
+from segcal.calibrators.data import prepare_data
+from segcal.calibrators.fitting import value_and_grad
+from segcal.calibrators.objectives import get_objective
+from segcal.io import PredictionFolder
 
 torch.set_num_threads(1)
 FIX = Path(__file__).parent / "fixtures" / "calibrators"
@@ -53,8 +58,6 @@ def test_independent_experts_fit_each_expert_on_its_own_pixels():
     experts) is scaled by C; the joint fit weights each expert's data term by its pixel count, so
     a small expert ends further from its own optimum. (The parameters themselves are only weakly
     identified, so the per-expert objectives are compared.)"""
-    from segcal.calibrators.affine import odir
-
     c, lam, mu = 3, 0.05, 0.05
     x, y = problem(30000, c=c, seed=3)
     x = x + torch.tensor([1.5, 0.0, -1.5]) * 3  # unbalanced routing
@@ -186,8 +189,6 @@ def test_subsample_is_explicit_recorded_and_deterministic():
 
 @pytest.mark.parametrize("objective", ["brier", "dice", "dece"])
 def test_alternative_objectives_fit_and_lower_their_own_loss(objective):
-    from segcal.calibrators.objectives import get_objective
-
     x, y = problem(8000, c=4)
     obj = get_objective(objective)
     cal = sc.create("ts", objective=objective, chunk_size=3000).fit(x, y)
@@ -197,17 +198,13 @@ def test_alternative_objectives_fit_and_lower_their_own_loss(objective):
 
 def test_chunked_nonlinear_objective_gradient_is_exact():
     x, y = problem(3000, c=4)
-    from segcal.calibrators.objectives import get_objective
-
     grads = []
     for chunk in (3000, 700):
         cal = sc.create("vs", objective="dice", chunk_size=chunk, num_classes=4)
         with torch.no_grad():
             cal.w.mul_(0.5)
-        from segcal.calibrators.fitting import _value_and_grad, prepare_data
-
         data = prepare_data(x, y, input_type="logits", ignore_index=None, num_classes=4)
-        _value_and_grad(cal._stats_fn, list(cal.parameters()), data, get_objective("dice"), chunk, lambda: None)
+        value_and_grad(cal._stats_fn, list(cal.parameters()), data, get_objective("dice"), chunk, lambda: None)
         grads.append(cal.w.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
@@ -248,8 +245,6 @@ def test_load_rejects_foreign_and_future_files(tmp_path):
 
 
 def test_prediction_folder_fit(tmp_path):
-    from segcal.io import PredictionFolder
-
     x, y = problem(6 * 100, c=3)
     (tmp_path / "p").mkdir()
     (tmp_path / "l").mkdir()

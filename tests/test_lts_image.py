@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import segcal
 import segcal.calibrators as sc
-from segcal.calibrators.fitting import FitData, _Batch
+from segcal.calibrators.data import Batch, FitData
+from segcal.calibrators.fitting import group_step
+from segcal.calibrators.objectives import get_objective
 from segcal.cli import main
 
 torch.set_num_threads(1)
@@ -154,18 +157,15 @@ def test_clear_errors_for_missing_or_misshaped_images():
 
 def test_spatial_adam_steps_take_batch_size_images():
     x, y, _ = image_problem(n=5)
-    data = FitData(3, int(y.numel()), batches=[_Batch(x[i : i + 1], y[i : i + 1], torch.ones_like(y[i : i + 1], dtype=torch.bool))
+    data = FitData(3, int(y.numel()), batches=[Batch(x[i : i + 1], y[i : i + 1], torch.ones_like(y[i : i + 1], dtype=torch.bool))
                                                for i in range(5)])
     assert [len(g) for g in data.iter_steps(2, torch.Generator().manual_seed(0))] == [2, 2, 1]
     assert [len(g) for g in data.iter_steps(2, images=1)] == [1] * 5
     # the step's loss is the mean over all pixels of the group, accumulated image by image
-    from segcal.calibrators.fitting import _group_step
-    from segcal.calibrators.objectives import get_objective
-
     cal = sc.LocalTemperatureScaling(num_classes=3)
     cal.is_fitted = True
     group = data.batches[:2]
-    v = _group_step(cal._stats_fn, group, get_objective("nll"), lambda: None)
+    v = group_step(cal._stats_fn, group, get_objective("nll"), lambda: None)
     g1 = [p.grad.clone() for p in cal.parameters()]
     cal.zero_grad()
     ref = F.cross_entropy(cal(x[:2]), y[:2])
@@ -224,8 +224,6 @@ def test_selective_on_lts_with_image(tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 def _image_folder(root, n=6, c=3, h=16, w=20):
-    from PIL import Image
-
     pred, lab, imgs = root / "pred", root / "labels", root / "images"
     for d in (pred, lab, imgs):
         d.mkdir()

@@ -17,8 +17,8 @@ from segcal.calibrators.class_conditional import (
     ClassConditionalDirichlet,
     OrderPreservingCMS,
 )
+from segcal.calibrators.data import Batch, FolderBatches
 from segcal.calibrators.ensemble import EnsembleTemperatureScaling
-from segcal.calibrators.fitting import FolderBatches
 from segcal.calibrators.local_temperature import (
     ImageBasedTemperatureScaling,
     LocalTemperatureScaling,
@@ -33,6 +33,7 @@ from segcal.calibrators.wrappers import MatrixScalingTI, VectorScalingTI, transl
 
 __all__ = [
     "ArgmaxPreservingCMS",
+    "Batch",
     "Calibrator",
     "ClassConditionalDirichlet",
     "DirichletCalibration",

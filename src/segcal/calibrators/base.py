@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -38,6 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcal.calibrators import registry
+from segcal.calibrators.data import (
+    Batch,
+    FitData,
+    check_image,
+    iter_row_chunks,
+    prepare_data,
+    split_val,
+)
+from segcal.calibrators.fitting import FitSettings, fit_config, fit_summary, minimize
+from segcal.calibrators.objectives import get_objective
+from segcal.calibrators.persistence import check_finite_state, export_torchscript, save_calibrator
+from segcal.errors import InputError
 from segcal.validation import (
     as_tensor,
     check_finite,
@@ -45,17 +57,6 @@ from segcal.validation import (
     check_probabilities,
     check_scores,
 )
-from segcal.calibrators.fitting import (
-    FitData,
-    FitSettings,
-    _Batch,
-    check_image,
-    minimize,
-    prepare_data,
-)
-from segcal.calibrators.objectives import get_objective
-from segcal.calibrators.registry import FORMAT, VERSION
-from segcal.io.serialization import to_plain as _plain
 
 PROB_FLOOR = 1e-12
 
@@ -146,34 +147,11 @@ class Calibrator(nn.Module):
     ) -> None:
         super().__init__()
         self.input_type = check_input_type(input_type)
-        get_objective(objective)  # validate early
-        if optimizer not in ("auto", "lbfgs", "adam"):
-            raise ValueError(f"optimizer: expected 'auto', 'lbfgs' or 'adam', got {optimizer!r}")
-        if monitor not in ("nll", "objective"):
-            raise ValueError(f"monitor: expected 'nll' or 'objective', got {monitor!r}")
-        if subsample is not None and not (0 < float(subsample) <= 1):
-            raise ValueError(f"subsample: expected a fraction in (0, 1], got {subsample}")
-        for k, v in (("max_iter", max_iter), ("max_steps", max_steps), ("batch_size", batch_size),
-                     ("chunk_size", chunk_size), ("eval_every", eval_every)):
-            if int(v) < 1:
-                raise ValueError(f"{k}: expected a positive integer, got {v}")
-        self._fit_kw: dict[str, Any] = dict(
-            objective=str(objective),
-            optimizer=optimizer,
-            lr=lr,
-            max_iter=int(max_iter),
-            max_steps=int(max_steps),
-            batch_size=int(batch_size),
-            chunk_size=int(chunk_size),
-            memory_budget=float(memory_budget),
-            patience=patience,
-            min_delta=float(min_delta),
-            lr_patience=lr_patience,
-            lr_factor=float(lr_factor),
-            eval_every=int(eval_every),
-            seed=int(seed),
-            subsample=None if subsample is None else float(subsample),
-            monitor=monitor,
+        self._fit_kw: dict[str, Any] = fit_config(
+            objective=objective, optimizer=optimizer, lr=lr, max_iter=max_iter, max_steps=max_steps,
+            batch_size=batch_size, chunk_size=chunk_size, memory_budget=memory_budget,
+            patience=patience, min_delta=min_delta, lr_patience=lr_patience, lr_factor=lr_factor,
+            eval_every=eval_every, seed=seed, subsample=subsample, monitor=monitor,
         )
         self._device_hint = torch.device(device) if device is not None else torch.device("cpu")
         self.num_classes: int | None = None
@@ -285,6 +263,14 @@ class Calibrator(nn.Module):
         cfg.update(self._extra_config())
         return cfg
 
+    @property
+    def fit_settings(self) -> dict[str, Any]:
+        """A copy of the fit settings (``objective``, ``optimizer``, ``lr``, ``max_iter``,
+        ``max_steps``, ``batch_size``, ``chunk_size``, ``memory_budget``, ``patience``,
+        ``min_delta``, ``lr_patience``, ``lr_factor``, ``eval_every``, ``seed``, ``subsample``,
+        ``monitor``): the constructor's fitting keyword arguments, as plain values."""
+        return dict(self._fit_kw)
+
     def __repr__(self) -> str:
         state = "fitted" if self.is_fitted else "unfitted"
         return f"{type(self).__name__}(name={self.name!r}, num_classes={self.num_classes}, {state})"
@@ -300,12 +286,12 @@ class Calibrator(nn.Module):
     def _map_features(self, feats: tuple[Any, ...]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _precompute_batch(self, batch: _Batch) -> tuple[Any, ...] | None:
+    def _precompute_batch(self, batch: Batch) -> tuple[Any, ...] | None:
         if batch.valid is not None:
             return None
         return self._features(self._canonical(batch.x.to(self.device, non_blocking=True)))
 
-    def _stats_fn(self, batch: _Batch, objective: Any) -> torch.Tensor:
+    def _stats_fn(self, batch: Batch, objective: Any) -> torch.Tensor:
         dev = self.device
         if batch.pre is not None:
             return objective.stats(self._map_features(batch.pre), batch.y.to(dev))
@@ -369,7 +355,8 @@ class Calibrator(nn.Module):
             Validation data for early stopping / best-iterate selection on NLL: a tuple
             ``(scores, labels[, mask])`` or any of the streamed forms above.
         progress
-            Show a progress bar while reading the data.
+            Show progress bars on stderr: while reading the data, and over the optimiser steps of
+            every stage (tqdm; off by default, ``segcal fit`` turns it on).
         images, val_images
             Input images ``(N, image_channels, *spatial)`` of ``logits`` / of the ``val`` tuple, for
             calibrators with an image branch (:attr:`uses_image`); with a prediction folder (path,
@@ -390,10 +377,7 @@ class Calibrator(nn.Module):
         if val is None and val_images is not None:
             raise ValueError("val_images: given without val")
         if val is not None:
-            if isinstance(val, tuple) and len(val) in (2, 3) and isinstance(val[0], torch.Tensor | np.ndarray):
-                vdata, vlab, vmask = val[0], val[1], val[2] if len(val) == 3 else None
-            else:
-                vdata, vlab, vmask = val, None, None
+            vdata, vlab, vmask = split_val(val)
             val_data = self._prepare(vdata, vlab, vmask, ignore_index, "val", progress, val_images)
             if val_data.num_classes != train.num_classes:
                 raise ValueError(
@@ -401,10 +385,14 @@ class Calibrator(nn.Module):
                 )
         objective = get_objective(self._fit_kw["objective"])
         records = []
+        self._progress = bool(progress)
         try:
             for stage, params in self._fit_stages():
                 records.append(self._run_stage(stage, params, train, val_data, objective))
             extra = self._post_fit(train, val_data) or {}
+            check_finite_state(self.state_dict(), f"fit: the {self.name} calibrator's",
+                               "became NaN or infinite; check the data (extreme logits?) or fit "
+                               "with a lower lr / another method")
         except BaseException:
             if backup is not None and old_classes is not None:
                 self._build_params(old_classes)
@@ -413,35 +401,13 @@ class Calibrator(nn.Module):
                 self.is_fitted = False
             raise
         finally:
+            self._progress = False
             self._set_stage(None)
             for p in self.parameters():
                 p.requires_grad_(True)
         self.is_fitted = True
-        last = records[-1] if records else {
-            "optimizer": "none", "mode": train.info.get("mode"), "n_pixels": train.n,
-            "n_val_pixels": val_data.n if val_data is not None else 0,
-        }
-        self.fit_info = {
-            "objective": objective.name,
-            "ignore_index": ignore_index,
-            "subsample": self._fit_kw["subsample"],
-            "seed": self._fit_kw["seed"],
-            "stages": records,
-            **{k: last[k] for k in ("optimizer", "mode", "n_pixels", "n_val_pixels")},
-            **extra,
-        }
+        self.fit_info = fit_summary(records, train, val_data, objective, ignore_index, self._fit_kw, extra)
         return self
-
-    def _settings(self, **overrides: Any) -> FitSettings:
-        s = self._fit_kw
-        kw = dict(
-            optimizer=s["optimizer"], lr=s["lr"], max_iter=s["max_iter"], max_steps=s["max_steps"],
-            batch_size=s["batch_size"], chunk_size=s["chunk_size"], patience=s["patience"],
-            lr_patience=s["lr_patience"], lr_factor=s["lr_factor"], min_delta=s["min_delta"],
-            eval_every=s["eval_every"], seed=s["seed"], monitor=s.get("monitor", "nll"),
-        )
-        kw.update(overrides)
-        return FitSettings(**kw)
 
     def _run_stage(self, stage: str, params: list[nn.Parameter], train: FitData,
                    val: FitData | None, objective: Any) -> dict[str, Any]:
@@ -459,7 +425,9 @@ class Calibrator(nn.Module):
         custom = self._stage_loss(stage)
         rec = minimize(
             params, custom or self._stats_fn, train, objective,
-            self._settings(**self._stage_settings(stage, train)), val=val,
+            FitSettings.from_config(self._fit_kw, progress=getattr(self, "_progress", False),
+                                    progress_label=f"fit {self.name}: {stage}",
+                                    **self._stage_settings(stage, train)), val=val,
             val_stats_fn=custom, regularizer=self._regularizer,
             default_lr=(1.0, self.default_adam_lr), buffers=list(self.buffers()),
             precompute=None if custom is not None or type(self)._features is Calibrator._features
@@ -473,16 +441,6 @@ class Calibrator(nn.Module):
     def _check_ready(self) -> None:
         if not self.is_fitted:
             raise NotFittedError(f"{type(self).__name__}: call fit() (or segcal.load) before use")
-
-    def _iter_row_chunks(self, t: torch.Tensor, chunk: int) -> Iterator[tuple[Any, torch.Tensor]]:
-        if t.ndim == 2:
-            for s in range(0, t.shape[0], chunk):
-                yield (slice(s, s + chunk),), t[s : s + chunk]
-        else:
-            flat = t.reshape(t.shape[0], t.shape[1], -1)
-            for n in range(flat.shape[0]):
-                for s in range(0, flat.shape[2], chunk):
-                    yield (n, slice(None), slice(s, s + chunk)), flat[n, :, s : s + chunk].t()
 
     def forward(self, logits: Any, image: Any = None) -> Any:
         """Calibrated logits of the input's shape (numpy in -> numpy out; float32).
@@ -523,7 +481,7 @@ class Calibrator(nn.Module):
                 dtype=torch.float32,
                 device=t.device,
             )
-            for idx, rows in self._iter_row_chunks(t, chunk):
+            for idx, rows in iter_row_chunks(t, chunk):
                 rows = rows.to(dev)
                 check_finite(rows, "logits")
                 if self.input_type == "probs":
@@ -544,31 +502,34 @@ class Calibrator(nn.Module):
 
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Save config + state (format ``segcal-calibrator``, version 1) with ``torch.save``."""
+        """Save config + state (format ``segcal-calibrator``, version 1) with ``torch.save``
+        (atomically; :mod:`segcal.calibrators.persistence`)."""
         self._check_ready()
-        from segcal.io.predictions import atomic_write
+        save_calibrator(self, path)
 
-        payload = {
-            "format": FORMAT,
-            "version": VERSION,
-            "name": self.name,
-            "config": self.get_config(),
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-            "properties": self.properties(),
-            "fit_info": _plain(self.fit_info),
-        }
-        with atomic_write(path) as fh:
-            torch.save(payload, fh)
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: Any = "cpu") -> Calibrator:
+        """Load a calibrator file (as :func:`segcal.load`); on a subclass, the file must hold that
+        class (else an :class:`~segcal.errors.InputError`)."""
+        obj = registry.load(path, map_location=map_location)
+        if not isinstance(obj, cls):
+            raise InputError(f"calibrator: {os.fspath(path)} holds a {obj.name!r} calibrator, "
+                             f"not a {cls.__name__}")
+        return obj
 
     @classmethod
     def _from_payload(cls, payload: dict[str, Any]) -> Calibrator:
-        cfg = dict(payload["config"])
-        obj = cls(**cfg)
+        """Rebuild from a checked file payload: in eval mode, parameters without gradients (``fit``
+        turns them back on)."""
+        obj = cls(**dict(payload["config"]))
         if obj.num_classes is None:
             raise ValueError("calibrator file: config has no num_classes")
         obj.load_state_dict(payload["state_dict"])
         obj.is_fitted = True
         obj.fit_info = dict(payload.get("fit_info") or {})
+        obj.eval()
+        for p in obj.parameters():
+            p.requires_grad_(False)
         return obj
 
     def to_torchscript(self, path: str | os.PathLike | None = None) -> torch.jit.ScriptModule:
@@ -581,48 +542,4 @@ class Calibrator(nn.Module):
         saves it when ``path`` is given.
         """
         self._check_ready()
-        module = _Exported(copy.deepcopy(self).cpu().eval()).eval()
-        c = int(self.num_classes or 2)
-        gen = torch.Generator().manual_seed(0)
-        if self.spatial:  # traced on an image of the calibrator's rank, large enough for reflect
-            dims = int(getattr(self, "spatial_dims", None) or 2)
-            ex = torch.randn(1, c, *([9] * dims), generator=gen)
-        else:
-            ex = torch.randn(2, c, 3, 5, generator=gen)
-        if self.input_type == "probs":
-            ex = ex.softmax(1)
-        args: tuple[torch.Tensor, ...] = (ex,)
-        if self.uses_image:
-            args = (ex, torch.randn(ex.shape[0], int(self.image_channels_needed or 3), *ex.shape[2:],
-                                    generator=gen))
-        for p in module.parameters():
-            p.requires_grad_(False)
-        import warnings
-
-        with torch.no_grad(), warnings.catch_warnings():
-            # shape-dependent Python values are traced as dynamic size ops; the export is
-            # checked on other ranks and sizes in tests/test_calibrator_checks.py
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            traced = torch.jit.trace(module, args, check_trace=False, strict=False)
-        if path is not None:
-            torch.jit.save(traced, str(path))
-        return traced
-
-
-class _Exported(nn.Module):
-    """Pure-tensor forward of a fitted calibrator, for tracing."""
-
-    def __init__(self, cal: Calibrator) -> None:
-        super().__init__()
-        self.cal = cal
-
-    def forward(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        if self.cal.spatial:
-            return self.cal._apply_image_map(self.cal._canonical(x, dim=1), image)
-        # rank-agnostic under tracing: (N, C, *spatial) or (M, C) -> (N, C, S) -> rows
-        n, c = x.shape[0], x.shape[1]
-        flat = x.reshape(n, c, -1)
-        rows = self.cal._canonical(flat.transpose(1, 2).reshape(-1, c))
-        out = self.cal._map(rows).reshape(n, -1, c).transpose(1, 2)
-        return out.reshape_as(x)
+        return export_torchscript(self, path)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from segcal.calibrators.base import Calibrator
-from segcal.calibrators.fitting import FitData
+from segcal.calibrators.data import FitData
 from segcal.calibrators.registry import register
 from segcal.metrics.binning import bin_index
 

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcal.validation import as_tensor
 from segcal.calibrators.base import Calibrator
-from segcal.calibrators.fitting import FitData, check_image
+from segcal.calibrators.data import FitData, check_image
 from segcal.calibrators.registry import register
 from segcal.calibrators.wrappers import translation_invariant
+from segcal.validation import as_tensor
 
 __all__ = ["ImageBasedTemperatureScaling", "LocalTemperatureScaling", "LocalTemperatureScalingTI"]
 

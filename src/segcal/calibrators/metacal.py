@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcal.validation import check_scores
 from segcal.calibrators.base import Calibrator
-from segcal.calibrators.fitting import FitData, _Batch, _evaluate
+from segcal.calibrators.data import Batch, FitData
+from segcal.calibrators.fitting import evaluate
 from segcal.calibrators.objectives import NLL
 from segcal.calibrators.registry import register
 from segcal.calibrators.temperature import raw_temperature, temperature_of
+from segcal.validation import check_scores
 
 __all__ = ["MetaCalScaling"]
 
@@ -113,7 +114,7 @@ class MetaCalScaling(Calibrator):
     def _fit_stages(self) -> list[tuple[str, list[nn.Parameter]]]:
         return [("temperature", [self.raw_t])]
 
-    def _kept_loss(self, batch: _Batch, objective: Any) -> torch.Tensor:
+    def _kept_loss(self, batch: Batch, objective: Any) -> torch.Tensor:
         dev = self.device
         x = self._canonical(batch.x.to(dev))
         y = batch.y.to(dev)
@@ -143,7 +144,7 @@ class MetaCalScaling(Calibrator):
                 self.raw_t.fill_(raw_temperature(1.0))
             self._run_stage("temperature", [self.raw_t], train, val, objective)
             with torch.no_grad():
-                v = _evaluate(self._stats_fn, data, objective, chunk)
+                v = evaluate(self._stats_fn, data, objective, chunk)
             table[repr(tau)] = {"nll": v, "temperature": self.temperature}
             if v < best[0]:
                 best = (v, tau, self.raw_t.detach().clone())

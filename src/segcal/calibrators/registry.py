@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
+from segcal.calibrators.persistence import FORMAT, VERSION, read_calibrator_file
+from segcal.errors import InputError
 
-FORMAT = "segcal-calibrator"
-VERSION = 1
+__all__ = ["FORMAT", "VERSION", "available", "create", "load", "register", "resolve"]
 
 _REGISTRY: dict[str, type] = {}
 _DISPLAY_ORDER = ("ts", "vs", "ms", "msc", "dc", "ets", "cdc", "cmsap", "cmsop", "vs_ti", "ms_ti")
@@ -81,19 +81,22 @@ def available() -> list[dict[str, Any]]:
 
 
 def load(path: str | os.PathLike, map_location: Any = "cpu"):
-    """Load a calibrator saved with ``Calibrator.save`` (safe: ``weights_only=True``)."""
+    """Load a calibrator saved with ``Calibrator.save`` (safe: ``weights_only=True``).
+
+    Raises ``FileNotFoundError`` for a missing file and an :class:`~segcal.errors.InputError`
+    naming the file for anything else that is not a loadable calibrator (see
+    :func:`segcal.calibrators.persistence.read_calibrator_file`): the loaded calibrator is in
+    eval mode, its parameters finite and without gradients.
+    """
+    payload = read_calibrator_file(path, map_location=map_location)
+    where = f"calibrator: {os.fspath(path)}"
+    key = _key(payload["name"])
+    if key not in _ALIASES:
+        raise InputError(f"{where} holds an unknown calibrator {payload['name']!r}; this segcal has "
+                         f"{', '.join(sorted(_REGISTRY))}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"calibrator: {path} is not a loadable segcal calibrator ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"calibrator: {path} is not a segcal calibrator file (format={FORMAT!r} expected)")
-    version = payload.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise ValueError(
-            f"calibrator: {path} has format version {version!r}; this segcal reads versions <= {VERSION}"
-        )
-    cls = resolve(payload["name"])
-    return cls._from_payload(payload)
+        return _REGISTRY[_ALIASES[key]]._from_payload(payload)
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:  # config or state not of this calibrator
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{where}: its config or state does not rebuild a {payload['name']!r} "
+                         f"calibrator ({msg})") from None

@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcal.calibrators.base import Calibrator
-from segcal.calibrators.fitting import FitData, _Batch
+from segcal.calibrators.data import Batch, FitData
 from segcal.calibrators.registry import create, register
 from segcal.metrics.binning import bin_index
+from segcal.metrics.scores import ece_from_bins
+from segcal.validation import check_labels, check_scores
 
 __all__ = ["MispredictionSelector", "SelectiveScaling", "ece_vs_selector_accuracy"]
 
@@ -76,8 +78,9 @@ def _binned(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> torch.Ten
 
 
 def _ece(stats: torch.Tensor) -> float:
-    n = float(stats[0].sum())
-    return float((stats[2] - stats[1]).abs().sum()) / max(n, 1.0)
+    """Top-label ECE of ``(3, n_bins)`` bins (:func:`segcal.metrics.scores.ece_from_bins`)."""
+    count, sum_conf, sum_acc = stats.cpu().numpy()
+    return float(ece_from_bins(count, sum_conf, sum_acc))
 
 
 @register
@@ -312,7 +315,7 @@ class SelectiveScaling(Calibrator):
         if self.base is None or not self.base.spatial or not self.base.is_fitted:
             return fd
         dev = self.device
-        rows: list[_Batch] = []
+        rows: list[Batch] = []
         nbytes = 0
         with torch.no_grad():
             for b in fd.iter_batches():
@@ -328,7 +331,7 @@ class SelectiveScaling(Calibrator):
                 nbytes += r.numel() * 4 + y.numel() * 8
                 if nbytes > self._fit_kw["memory_budget"]:
                     return fd
-                rows.append(_Batch(r.float().cpu().contiguous(), y.cpu()))
+                rows.append(Batch(r.float().cpu().contiguous(), y.cpu()))
         self._rows_are_base = True
         info = {**fd.info, "mode": "in-memory", "nbytes": nbytes, "rows": "base-calibrated logits"}
         return FitData(fd.num_classes, fd.n, batches=rows, info=info)
@@ -352,7 +355,7 @@ class SelectiveScaling(Calibrator):
         at least 32 steps (never below the README's 20 pixels)."""
         return int(min(self.selector_batch_size, max(20, math.ceil(epoch_pixels / 32))))
 
-    def _rows_and_targets(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows_and_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Base logits of the batch's valid pixels and their labels (no gradients)."""
         dev = self.device
         with torch.no_grad():
@@ -367,7 +370,7 @@ class SelectiveScaling(Calibrator):
             zb = self._base_map(x, image=True, img=img)
             return zb.movedim(1, -1)[valid], y[valid]
 
-    def _selector_loss(self, batch: _Batch, objective: Any) -> torch.Tensor:
+    def _selector_loss(self, batch: Batch, objective: Any) -> torch.Tensor:
         zb, y = self._rows_and_targets(batch)
         correct = (zb.argmax(1) == y).long()
         u = selector_input(zb)
@@ -479,8 +482,6 @@ def ece_vs_selector_accuracy(
         ``accuracies``, ``ece`` (one per accuracy), ``upper_bound`` (ECE of the input: no
         selective scaling), ``lower_bound`` (ECE with a perfect selector), ``n_pixels``.
     """
-    from segcal.validation import check_labels, check_scores
-
     if which not in ("mispredicted", "both"):
         raise ValueError(f"which: expected 'mispredicted' or 'both', got {which!r}")
     accs = [float(a) for a in accuracies]

@@ -1,0 +1,524 @@
+"""The data side of fitting: what ``fit`` accepts, turned into :class:`FitData` of :class:`Batch`.
+
+:func:`prepare_data` turns what the user passes to ``fit`` into a :class:`FitData`:
+
+* an in-memory tensor / array ``(N, C, *spatial)`` or ``(M, C)`` with labels (and a mask);
+* an iterable of batches ``(scores, labels)`` / ``(scores, labels, mask)`` (a list, or a callable
+  returning a fresh iterator, is re-iterable; a generator can be read once);
+* a :class:`segcal.io.PredictionFolder` (the format of ``segcal eval``) or :class:`FolderBatches`.
+
+Calibrators with an image branch (LTS / IBTS with ``use_image=True``) also need the input image of
+every logit map: ``images=`` ``(N, C_img, *spatial)`` for in-memory input, an ``"image"`` entry in
+every streamed batch (a mapping ``{"scores", "labels", "mask", "image"}``), or an image folder
+(``FolderBatches(folder, images=DIR)``, stems matching the predictions). Images travel with their
+logit map through the loop (:attr:`Batch.image`); a missing image or one of the wrong shape is an
+error, never silently dropped.
+
+For pointwise calibrators the valid pixels (label not ``ignore_index``, mask True) are gathered to
+``(P, C)`` rows and ``(P,)`` labels, kept in the input's float dtype (float16 stays float16: half
+the memory) and up-cast to float32 chunk by chunk. If the gathered rows fit ``memory_budget``
+bytes the data stay in memory; otherwise the source is re-read at every pass (streaming; needs a
+re-iterable source). Spatial calibrators (``Calibrator.spatial``) get whole images instead.
+
+Every hook of a calibrator subclass that sees data (``_stats_fn``, ``_stage_loss``'s function,
+``_post_fit``) receives :class:`Batch` objects, from :meth:`FitData.iter_chunks` /
+:meth:`FitData.iter_steps`. The optimisation loops are in :mod:`segcal.calibrators.fitting`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from segcal.datasets.folders import image_files, load_image_tensor
+from segcal.io.predictions import PredictionFolder, check_stems_match
+from segcal.validation import (
+    as_tensor,
+    check_finite,
+    check_label_range,
+    check_labels,
+    check_mask,
+    check_probabilities,
+    check_scores,
+)
+
+__all__ = ["Batch", "FitData", "FolderBatches", "check_image", "iter_row_chunks", "prepare_data", "split_val"]
+
+
+class FolderBatches:
+    """Re-iterable ``(scores[None], labels[None], None, input_type[, image[None]])`` batches from
+    (a subset of) a folder.
+
+    Parameters
+    ----------
+    folder
+        A :class:`~segcal.io.PredictionFolder` with labels.
+    stems
+        The image ids to use (default: all), in this order.
+    images
+        Optional folder of input images (``.png``/``.jpg``/``.jpeg``, or ``.npy`` arrays
+        ``(C_img, *spatial)`` used as they are) whose stems match the predictions, for calibrators
+        with an image branch; RGB files are read by :func:`segcal.datasets.folders.load_image_tensor`.
+        Every used stem needs an image (a ``ValueError`` lists the missing ones).
+    """
+
+    def __init__(self, folder: PredictionFolder, stems: Iterable[str] | None = None,
+                 images: str | os.PathLike | None = None) -> None:
+        self.folder = folder
+        by_stem = {it.stem: it for it in folder.items}
+        if stems is None:
+            self.items = list(folder.items)
+        else:
+            missing = [s for s in stems if s not in by_stem]
+            if missing:
+                raise ValueError(f"stems not in {folder.pred_dir}: {missing[:5]}")
+            self.items = [by_stem[s] for s in stems]
+        if any(it.label_path is None for it in self.items):
+            raise ValueError("labels: fitting from a prediction folder needs a label folder")
+        self.image_dir = None if images is None else os.fspath(images)
+        self.image_paths: dict[str, Any] = {}
+        if images is not None:
+            found = image_files(images)
+            want = {it.stem for it in self.items}
+            # extra images are fine (e.g. a whole dataset split for a subset of predictions)
+            check_stems_match(want, set(found) & want,
+                              f"images: file stems do not match ({folder.pred_dir} vs {images})",
+                              "prediction(s) without an image", "")
+            self.image_paths = {s: found[s] for s in want}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read_image(self, stem: str) -> np.ndarray:
+        """The image of ``stem`` as ``(C_img, *spatial)`` float32 (requires ``images``)."""
+        return load_image_tensor(self.image_paths[stem])
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        for it in self.items:
+            scores, labels, itype = self.folder.read(it)
+            if self.image_dir is None:
+                yield scores[None], labels[None], None, itype
+            else:
+                yield scores[None], labels[None], None, itype, self.read_image(it.stem)[None]
+
+
+@dataclass
+class Batch:
+    """Prepared data of one batch, as every data hook of a calibrator receives it.
+
+    Pointwise data are rows: ``x`` ``(P, C)`` raw scores of the valid pixels (the input's float
+    dtype: float16 stays float16) and ``y`` ``(P,)`` int64 labels, ``valid`` None. Spatial data
+    (whole images, for ``Calibrator.spatial``) keep the image: ``x`` ``(n, C, *spatial)``, ``y``
+    ``(n, *spatial)`` (ignored pixels set to 0) and ``valid`` the ``(n, *spatial)`` boolean mask of
+    the pixels that count.
+
+    Attributes
+    ----------
+    x, y, valid
+        Scores, labels, valid mask (see above).
+    image
+        ``(n, C_img, *spatial)`` input image, for calibrators with an image branch (else None).
+    pre
+        Parameter-free features of the rows, cached by :meth:`FitData.precompute` (else None).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    valid: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    pre: Any = None
+
+    @property
+    def n(self) -> int:
+        """Number of valid pixels."""
+        return int(self.y.shape[0]) if self.valid is None else int(self.valid.sum())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the batch's tensors."""
+        extra = 0 if self.image is None else self.image.numel() * self.image.element_size()
+        return self.x.numel() * self.x.element_size() + self.y.numel() * self.y.element_size() + extra
+
+
+@dataclass
+class FitData:
+    """Training or validation data for the fitting loop (in memory or streamed)."""
+
+    num_classes: int
+    n: int
+    batches: list[Batch] | None = None  # in memory
+    stream: Callable[[], Iterator[Batch]] | None = None  # streaming
+    info: dict[str, Any] = field(default_factory=dict)
+    cached: tuple[int, list[Batch]] | None = None  # (chunk_size, chunks with .pre): see precompute
+
+    @property
+    def in_memory(self) -> bool:
+        return self.batches is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.batches) if self.batches is not None else 0
+
+    def precompute(self, chunk_size: int, fn: Callable[[Batch], Any], budget: float) -> int:
+        """Cache ``fn(chunk)`` (parameter-free features) on every full-batch chunk, within ``budget`` bytes.
+
+        Only for in-memory data; the cached chunks are then what :meth:`iter_chunks` yields for
+        ``chunk_size`` without shuffling (the full-batch evaluations of L-BFGS). ``fn`` returns a
+        tuple of tensors and plain values, or None (nothing to cache). Returns the bytes cached
+        (0 when nothing was cached: streamed data, no features, or over the budget).
+        """
+        self.cached = None
+        if self.batches is None:
+            return 0
+        out: list[Batch] = []
+        used = 0
+        for b in self.iter_chunks(chunk_size):
+            pre = fn(b)
+            if pre is None:
+                return 0
+            used += sum(t.numel() * t.element_size() for t in pre if isinstance(t, torch.Tensor))
+            if used > budget:
+                return 0
+            out.append(Batch(b.x, b.y, b.valid, b.image, pre))
+        self.cached = (chunk_size, out)
+        return used
+
+    def iter_batches(self) -> Iterator[Batch]:
+        if self.batches is not None:
+            yield from self.batches
+        else:
+            assert self.stream is not None
+            yield from self.stream()
+
+    def iter_chunks(self, chunk_size: int, gen: torch.Generator | None = None) -> Iterator[Batch]:
+        """Batches split into row chunks of at most ``chunk_size`` (shuffled when ``gen``)."""
+        if gen is None and self.cached is not None and self.cached[0] == chunk_size:
+            yield from self.cached[1]
+            return
+        batches: Iterable[Batch]
+        if gen is not None and self.batches is not None:
+            order = torch.randperm(len(self.batches), generator=gen).tolist()
+            batches = [self.batches[i] for i in order]
+        else:
+            batches = self.iter_batches()
+        for b in batches:
+            if b.valid is not None or b.n <= chunk_size:
+                yield b
+                continue
+            if gen is not None:
+                perm = torch.randperm(b.n, generator=gen)
+                for s in range(0, b.n, chunk_size):
+                    idx = perm[s : s + chunk_size]
+                    yield Batch(b.x[idx], b.y[idx])
+            else:
+                for s in range(0, b.n, chunk_size):
+                    yield Batch(b.x[s : s + chunk_size], b.y[s : s + chunk_size])
+
+    def iter_steps(self, batch_size: int, gen: torch.Generator | None = None,
+                   images: int | None = None) -> Iterator[list[Batch]]:
+        """The data of one optimisation step, as a list of batches: one chunk of ``batch_size``
+        pixels (pointwise data, as :meth:`iter_chunks`) or up to ``images`` (default
+        ``batch_size``) whole images (spatial data)."""
+        per = batch_size if images is None else images
+        group: list[Batch] = []
+        for b in self.iter_chunks(batch_size, gen):
+            if b.valid is None or b.x.ndim == 2:
+                yield [b]
+                continue
+            if len(group) >= per:
+                yield group
+                group = []
+            group.append(b)
+        if group:
+            yield group
+
+
+# ----------------------------------------------------------------------------- data preparation
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, torch.Tensor | np.ndarray)
+
+
+def _normalise_source(data: Any, labels: Any, mask: Any, what: str,
+                      images: Any = None) -> tuple[Callable[[], Iterator], bool]:
+    """Return (factory of an iterator of batches (tuples or mappings, see :func:`_unpack`),
+    reiterable)."""
+    img_name = "images" if what == "logits" else f"{what} images"
+    if isinstance(data, str | os.PathLike):
+        if labels is None:
+            raise ValueError(f"{what}: fitting from a prediction folder needs the label folder")
+        data = PredictionFolder(data, labels)
+        labels = None
+    if isinstance(data, PredictionFolder):
+        if images is not None and not isinstance(images, str | os.PathLike):
+            raise ValueError(f"{img_name}: with a prediction folder, pass the image folder (a path)")
+        data = FolderBatches(data, images=images)
+        images = None
+    if _is_array(data):
+        if labels is None:
+            raise ValueError(f"labels: required to fit (got None for {what})")
+        if images is not None and not _is_array(images):
+            raise ValueError(f"{img_name}: expected an (N, C_img, *spatial) tensor/array with "
+                             f"in-memory {what}, got {type(images).__name__}")
+        return (lambda: iter([(data, labels, mask, None, images)])), True
+    if labels is not None or mask is not None:
+        raise ValueError(
+            f"labels/mask: pass them inside the batches when {what} is an iterable of batches"
+        )
+    if images is not None:
+        raise ValueError(
+            f"{img_name}: pass each image inside its batch (a mapping with an 'image' entry) when "
+            f"{what} is an iterable of batches, or an image folder to FolderBatches"
+        )
+    if callable(data) and not isinstance(data, FolderBatches):
+        return (lambda: iter(data())), True
+    if isinstance(data, list | tuple | FolderBatches):
+        return (lambda: iter(data)), True
+    if isinstance(data, Iterable):
+        return (lambda: iter(data)), False
+    raise TypeError(
+        f"{what}: expected a tensor/array, an iterable of (scores, labels[, mask]) batches, "
+        f"a PredictionFolder or a folder path, got {type(data).__name__}"
+    )
+
+
+def _unpack(item: Any, what: str) -> tuple[Any, Any, Any, str | None, Any]:
+    """``(scores, labels, mask, input_type, image)`` of one batch.
+
+    A batch is ``(scores, labels)``, ``(scores, labels, mask)`` (internally also
+    ``(..., input_type[, image])``) or a mapping with keys ``scores`` (or ``logits``), ``labels``
+    and optionally ``mask``, ``image``, ``input_type``.
+    """
+    if isinstance(item, Mapping):
+        unknown = set(item) - {"scores", "logits", "labels", "mask", "image", "input_type"}
+        if unknown or ("scores" in item) == ("logits" in item) or "labels" not in item:
+            raise TypeError(
+                f"{what}: a batch mapping needs 'scores' (or 'logits') and 'labels', optionally "
+                f"'mask', 'image', 'input_type'; got keys {sorted(item)}"
+            )
+        scores = item["scores"] if "scores" in item else item["logits"]
+        return scores, item["labels"], item.get("mask"), item.get("input_type"), item.get("image")
+    if not isinstance(item, list | tuple) or len(item) not in (2, 3, 4, 5):
+        raise TypeError(f"{what}: each batch must be (scores, labels), (scores, labels, mask) or a "
+                        "mapping {'scores', 'labels', 'mask', 'image'}")
+    scores, labels = item[0], item[1]
+    mask = item[2] if len(item) > 2 else None
+    itype = item[3] if len(item) > 3 else None
+    image = item[4] if len(item) > 4 else None
+    return scores, labels, mask, itype, image
+
+
+def check_image(image: Any, scores: torch.Tensor, image_channels: int, name: str) -> torch.Tensor:
+    """Validate the input image of a logit map: ``(N, image_channels, *spatial)`` with the scores'
+    ``N`` and spatial size, finite; returned as a float tensor (float16 kept, else float32)."""
+    img = as_tensor(image, name)
+    want = (scores.shape[0], image_channels, *scores.shape[2:])
+    if scores.ndim < 3:
+        raise ValueError(f"{name}: the image branch needs images with spatial dimensions; the "
+                         f"scores are an {tuple(scores.shape)} table")
+    if tuple(img.shape) != want:
+        raise ValueError(f"{name}: expected shape ({', '.join(map(str, want))}) (N, image_channels, "
+                         f"*spatial of the logits), got {tuple(img.shape)}")
+    if not torch.is_floating_point(img):
+        img = img.to(torch.float32)
+    elif img.dtype not in (torch.float16, torch.float32):
+        img = img.to(torch.float32)
+    check_finite(img, name)
+    return img
+
+
+def _prepare_batch(
+    scores: Any,
+    labels: Any,
+    mask: Any,
+    *,
+    num_classes: int | None,
+    input_type: str,
+    ignore_index: int | None,
+    spatial: bool,
+    subsample: float | None,
+    gen: torch.Generator,
+    what: str,
+    image: Any = None,
+    image_channels: int | None = None,
+) -> list[Batch] | None:
+    """Validate one batch and gather it into :class:`Batch` rows (or whole images)."""
+    s = check_scores(scores, what, num_classes=num_classes)
+    img_name = "images" if what == "logits" else f"{what} images"
+    img = None
+    if image_channels is not None:
+        if image is None:
+            raise ValueError(
+                f"{img_name}: this calibrator has an image branch (use_image=True) and needs the "
+                "input image of every logit map: pass images= to fit (val_images= for val), an "
+                "'image' entry in every batch, or an image folder"
+            )
+        img = check_image(image, s, int(image_channels), img_name)
+    elif image is not None:
+        raise ValueError(f"{img_name}: given, but this calibrator has no image branch "
+                         "(build it with use_image=True to use images)")
+    expected = (s.shape[0], *s.shape[2:])
+    y = check_labels(labels, "labels" if what == "logits" else f"{what} labels", expected_shape=expected)
+    valid = torch.ones(expected, dtype=torch.bool) if ignore_index is None else y != ignore_index
+    if mask is not None:
+        valid &= check_mask(mask, expected)
+    c = s.shape[1]
+    check_label_range(y, valid, c, "labels" if what == "logits" else f"{what} labels")
+    store_dtype = s.dtype if s.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    if spatial:
+        check_finite(s, what)
+        if input_type == "probs":
+            check_probabilities(s, what, dim=1)
+        ys = torch.where(valid, y, torch.zeros_like(y)).to(torch.int64)
+        if s.ndim == 2:  # an (M, C) table has no spatial context: one batch of isolated pixels
+            if not bool(valid.any()):
+                return None
+            return [Batch(s.to(store_dtype), ys, valid)]
+        out = []
+        for i in range(s.shape[0]):
+            if bool(valid[i].any()):
+                out.append(Batch(s[i : i + 1].to(store_dtype), ys[i : i + 1], valid[i : i + 1],
+                                  None if img is None else img[i : i + 1]))
+        return out
+    if s.ndim == 2:
+        rows = s[valid]
+        yy = y[valid]
+    else:
+        rows = s.movedim(1, -1)[valid]
+        yy = y[valid]
+    if subsample is not None and rows.shape[0] > 0:
+        k = max(1, round(rows.shape[0] * subsample))
+        idx = torch.randperm(rows.shape[0], generator=gen)[:k].sort().values
+        rows, yy = rows[idx], yy[idx]
+    if rows.shape[0] == 0:
+        return None
+    rows = rows.to(store_dtype).contiguous()
+    check_finite(rows, what)
+    if input_type == "probs":
+        check_probabilities(rows, what, dim=1)
+    return [Batch(rows, yy.to(torch.int64))]
+
+
+def prepare_data(
+    data: Any,
+    labels: Any = None,
+    mask: Any = None,
+    *,
+    input_type: str,
+    ignore_index: int | None,
+    num_classes: int | None,
+    spatial: bool = False,
+    memory_budget: float = 2 * 2**30,
+    subsample: float | None = None,
+    seed: int = 0,
+    what: str = "logits",
+    progress: bool = False,
+    images: Any = None,
+    image_channels: int | None = None,
+) -> FitData:
+    """Gather valid pixels from any supported source (see the module docstring).
+
+    ``image_channels`` (calibrators with an image branch; requires ``spatial``) makes the input
+    image of every logit map mandatory (``images`` or inside the batches); ``None`` rejects images.
+    """
+    if subsample is not None and not (0 < float(subsample) <= 1):
+        raise ValueError(f"subsample: expected a fraction in (0, 1], got {subsample}")
+    if image_channels is not None and not spatial:
+        raise ValueError("image_channels: the image branch needs spatial (whole-image) data")
+    factory, reiterable = _normalise_source(data, labels, mask, what, images)
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    kw = dict(
+        input_type=input_type,
+        ignore_index=ignore_index,
+        spatial=spatial,
+        subsample=subsample,
+        what=what,
+        image_channels=image_channels,
+    )
+
+    def batches(nc: int | None, g: torch.Generator, bar: Any = None) -> Iterator[tuple[Batch, int]]:
+        for item in factory():
+            sc, la, ma, itype, im = _unpack(item, what)
+            if itype is not None and itype != input_type:
+                raise ValueError(
+                    f"{what}: the prediction folder holds {itype} but the calibrator has "
+                    f"input_type={input_type!r}; pass input_type={itype!r}"
+                )
+            sc_shape_c = sc.shape[1] if hasattr(sc, "shape") and len(sc.shape) > 1 else None
+            got = _prepare_batch(sc, la, ma, num_classes=nc, gen=g, image=im, **kw)  # type: ignore[arg-type]
+            if bar is not None:
+                bar.update(1)
+            for b in got or []:
+                yield b, int(sc_shape_c)
+
+    bar = None
+    if progress:
+        bar = tqdm(desc=f"reading {what}", unit="file", leave=False)
+    kept: list[Batch] | None = []
+    nbytes = 0
+    n = 0
+    nc = num_classes
+    n_batches = 0
+    try:
+        for b, c in batches(nc, gen, bar):
+            nc = c if nc is None else nc
+            n += b.n
+            n_batches += 1
+            if kept is not None:
+                nbytes += b.nbytes
+                if nbytes > memory_budget:
+                    kept = None  # too large: stream instead (keep counting)
+                else:
+                    kept.append(b)
+    finally:
+        if bar is not None:
+            bar.close()
+    if n == 0 or nc is None:
+        raise ValueError(
+            f"{what}: no valid pixels to fit on (empty input, or every pixel is masked or equals "
+            "ignore_index)"
+        )
+    info = {"n_pixels": n, "n_batches": n_batches, "nbytes": nbytes}
+    if kept is not None:
+        return FitData(nc, n, batches=kept, info={**info, "mode": "in-memory"})
+    if not reiterable:
+        raise ValueError(
+            f"{what}: the data exceed memory_budget={memory_budget:.3g} bytes and the source can only "
+            "be read once; pass a list of batches, a callable returning an iterator, or a "
+            "PredictionFolder so that it can be streamed"
+        )
+
+    def stream() -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(int(seed) + 7919)  # same subsample every pass
+        for b, _ in batches(nc, g):
+            yield b
+
+    return FitData(nc, n, stream=stream, info={**info, "mode": "streaming"})
+
+
+def split_val(val: Any) -> tuple[Any, Any, Any]:
+    """``(data, labels, mask)`` of ``fit``'s ``val``: an in-memory tuple ``(scores, labels[, mask])``,
+    or any streamed source (labels and mask inside it)."""
+    if isinstance(val, tuple) and len(val) in (2, 3) and _is_array(val[0]):
+        return val[0], val[1], val[2] if len(val) == 3 else None
+    return val, None, None
+
+
+def iter_row_chunks(t: torch.Tensor, chunk: int) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(index, rows)`` of ``(M, C)`` / ``(N, C, *spatial)`` scores in chunks of at most ``chunk``
+    ``(P, C)`` rows; ``index`` addresses the chunk's output in an ``(M, C)`` / ``(N, C, S)`` array."""
+    if t.ndim == 2:
+        for s in range(0, t.shape[0], chunk):
+            yield (slice(s, s + chunk),), t[s : s + chunk]
+    else:
+        flat = t.reshape(t.shape[0], t.shape[1], -1)
+        for n in range(flat.shape[0]):
+            for s in range(0, flat.shape[2], chunk):
+                yield (n, slice(None), slice(s, s + chunk)), flat[n, :, s : s + chunk].t()
