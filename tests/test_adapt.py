@@ -364,7 +364,7 @@ def test_warmup_stats_only_is_adabn(tmp_path):
 
 
 def test_cli_no_bn_reset_reaches_adapt(tmp_path, monkeypatch):
-    import segcal.adaptation.loop as loop
+    import segcal.cli.adapt_cmd as adapt_cmd
     from segcal.cli import main
 
     seen = {}
@@ -373,10 +373,8 @@ def test_cli_no_bn_reset_reaches_adapt(tmp_path, monkeypatch):
         seen.update(kw)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(loop, "adapt", fake_adapt)
-    import segcal.models
-
-    monkeypatch.setattr(segcal.models, "create_model", lambda *a, **k: object())  # no weights needed
+    monkeypatch.setattr(adapt_cmd, "adapt", fake_adapt)
+    monkeypatch.setattr(adapt_cmd, "create_model", lambda *a, **k: object())  # no weights needed
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     from PIL import Image
@@ -531,12 +529,12 @@ def test_cli_errors(tmp_path, capsys):
 
     (tmp_path / "empty").mkdir()
     assert main(["adapt", "--model", "espnet-camvid", "--target", str(tmp_path / "empty"), "--estimator",
-                 "maxprob", "--out", str(tmp_path / "o")]) == 1
+                 "maxprob", "--out", str(tmp_path / "o")]) == 2
     assert "no images" in capsys.readouterr().err
     assert main(["adapt", "--model", "espnet-camvid", "--target", str(tmp_path), "--method", "fancy",
-                 "--out", str(tmp_path / "o")]) == 1
+                 "--out", str(tmp_path / "o")]) == 2
     assert "unknown method 'fancy'" in capsys.readouterr().err
-    assert main(["adapt", "--model", "espnet-camvid", "--target", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert main(["adapt", "--model", "espnet-camvid", "--target", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "--estimator is required" in capsys.readouterr().err
 
 
@@ -574,4 +572,4 @@ def test_cli_quick_real_camvid(tmp_path, monkeypatch, capsys):
     rc = main(["adapt", "--model", "espnet-camvid", "--target", "camvid:train", "--estimator",
                str(tmp_path / "est11.pt"), "--out", str(tmp_path / "o2"), "--quick", "--max-images", "2",
                "--no-progress"])
-    assert rc == 1 and "trained for 11 classes" in capsys.readouterr().err
+    assert rc == 2 and "trained for 11 classes" in capsys.readouterr().err

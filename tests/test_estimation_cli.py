@@ -40,23 +40,23 @@ def test_train_then_estimate_logits_and_features(folders, tmp_path, capsys):
     fest = tmp_path / "fest.pt"
     assert main(["estimate", "--train", "--pred", str(pred), "--labels", str(lab), "--features", str(feat),
                  "--out", str(fest), "--epochs", "3", "--target", "class_level"]) == 0
-    assert main(["estimate", "--pred", str(pred), "--estimator", str(fest)]) == 1
+    assert main(["estimate", "--pred", str(pred), "--estimator", str(fest)]) == 2
     assert "--features" in capsys.readouterr().err
     assert main(["estimate", "--pred", str(pred), "--estimator", str(fest), "--features", str(feat)]) == 0
     # missing feature file
     (feat / "im3.npy").unlink()
-    assert main(["estimate", "--pred", str(pred), "--estimator", str(fest), "--features", str(feat)]) == 1
+    assert main(["estimate", "--pred", str(pred), "--estimator", str(fest), "--features", str(feat)]) == 2
     assert "no feature map" in capsys.readouterr().err
 
 
 def test_estimate_errors_and_baseline(folders, tmp_path, capsys):
     pred, lab, _ = folders
     assert main(["estimate", "--pred", str(pred), "--baseline", "entropy"]) == 0
-    assert main(["estimate", "--pred", str(pred)]) == 1
+    assert main(["estimate", "--pred", str(pred)]) == 2
     assert "--estimator" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["estimate", "--pred", str(empty), "--baseline", "maxprob"]) == 1
+    assert main(["estimate", "--pred", str(empty), "--baseline", "maxprob"]) == 2
     assert "no .npy/.npz" in capsys.readouterr().err
     # class count mismatch between estimator and predictions
     est = tmp_path / "est.pt"
@@ -64,7 +64,7 @@ def test_estimate_errors_and_baseline(folders, tmp_path, capsys):
                  "--epochs", "2"]) == 0
     other = tmp_path / "pred4"
     write_prediction(other / "a.npy", np.zeros((4, 12, 16)))
-    assert main(["estimate", "--pred", str(other), "--estimator", str(est)]) == 1
+    assert main(["estimate", "--pred", str(other), "--estimator", str(est)]) == 2
     assert "4 classes" in capsys.readouterr().err
 
 

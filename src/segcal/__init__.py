@@ -1,22 +1,27 @@
 """segcal: post-hoc calibration of semantic segmentation models.
 
-Layers (data flows one way, lower layers never import upper ones)::
-
-    io -> metrics -> calibrators -> estimation -> pipeline / cli / report
-
-Models (``segcal.models``) and covariate-shift corruptions (``segcal.shift``) are used by the
-pipeline only.
+``import segcal`` is light (no torch): :func:`load` (a calibrator saved with
+``Calibrator.save``) is looked up in :mod:`segcal.calibrators` on first use (PEP 562). The layers
+of the package and what each owns are described in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from segcal.version import __version__
 
 __all__ = ["__version__", "load"]
 
 
-def load(path, map_location="cpu"):
-    """Load a calibrator saved with ``Calibrator.save`` (see :mod:`segcal.calibrators`)."""
-    from segcal.calibrators import load as _load
+def __getattr__(name: str) -> Any:
+    """``segcal.load``: :func:`segcal.calibrators.load`, imported on first use."""
+    if name == "load":
+        from segcal.calibrators import load
 
-    return _load(path, map_location=map_location)
+        return load
+    raise AttributeError(f"module 'segcal' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "load"])

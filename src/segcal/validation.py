@@ -1,8 +1,11 @@
-"""Input validation shared by every layer of segcal.
+"""Input validation shared by every layer of segcal: the one place that refuses bad arrays.
 
 Every public entry point that takes predictions or labels goes through these helpers, so that bad
 input fails early with an error that names the argument and says what was expected (shape, dtype,
-NaN, labels out of range, empty input). Nothing here copies pixel data unless a conversion is
+NaN, labels out of range, empty input, probabilities given as logits, a channel-last array). Every
+error is a :class:`segcal.errors.InputError` (a ``ValueError``; :class:`~segcal.errors.InputTypeError`
+for a wrong dtype is also a ``TypeError``), which the command line prints as one line with exit
+code 2. Nothing here copies pixel data unless a conversion is
 needed (numpy -> torch is zero-copy for supported dtypes).
 """
 
@@ -14,10 +17,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from segcal.errors import InputError, InputTypeError
+
 InputType = Literal["logits", "probs"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+#: unsigned dtypes torch stores but cannot index or compare with: cast to int64 (exact)
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 
 def as_tensor(x: Any, name: str, device: torch.device | str | None = None) -> torch.Tensor:
@@ -39,8 +46,10 @@ def as_tensor(x: Any, name: str, device: torch.device | str | None = None) -> to
             arr = x
             if not arr.flags.c_contiguous and not arr.flags.f_contiguous:
                 arr = np.ascontiguousarray(arr)
+            if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+                raise InputError(f"{name}: uint64 values up to {int(arr.max())} do not fit int64")
             if arr.dtype == np.uint16 or arr.dtype == np.uint32 or arr.dtype == np.uint64:
-                arr = arr.astype(np.int64)
+                arr = arr.astype(np.int64)  # exact: torch cannot compare or index with these dtypes
             if not arr.flags.writeable:  # e.g. a memory-mapped .npy: segcal never writes inputs
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
@@ -48,12 +57,12 @@ def as_tensor(x: Any, name: str, device: torch.device | str | None = None) -> to
             else:
                 t = torch.from_numpy(arr)
         else:
-            raise TypeError(f"{name}: unsupported numpy dtype {x.dtype}; expected float or integer")
+            raise InputTypeError(f"{name}: unsupported numpy dtype {x.dtype}; expected float or integer")
     else:
         try:
             t = torch.as_tensor(np.asarray(x))
         except Exception as exc:  # pragma: no cover - defensive
-            raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}") from exc
+            raise InputTypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}") from exc
     if device is not None:
         t = t.to(device)
     return t
@@ -61,7 +70,7 @@ def as_tensor(x: Any, name: str, device: torch.device | str | None = None) -> to
 
 def check_input_type(input_type: str) -> InputType:
     if input_type not in ("logits", "probs"):
-        raise ValueError(f"input_type: expected 'logits' or 'probs', got {input_type!r}")
+        raise InputError(f"input_type: expected 'logits' or 'probs', got {input_type!r}")
     return input_type  # type: ignore[return-value]
 
 
@@ -79,18 +88,19 @@ def check_scores(
     """
     t = as_tensor(scores, name, device)
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
+        raise InputTypeError(
             f"{name}: expected a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
         )
     if t.ndim < 2:
-        raise ValueError(f"{name}: expected shape (N, C, *spatial) or (M, C), got {tuple(t.shape)}")
+        raise InputError(f"{name}: expected shape (N, C, *spatial) or (M, C), got {tuple(t.shape)}")
     if t.shape[0] == 0 or t.numel() == 0:
-        raise ValueError(f"{name}: empty input (shape {tuple(t.shape)})")
+        raise InputError(f"{name}: empty input (shape {tuple(t.shape)})")
     c = t.shape[1]
     if c < min_classes:
-        raise ValueError(f"{name}: expected at least {min_classes} classes on axis 1, got {c}")
+        raise InputError(f"{name}: expected at least {min_classes} classes on axis 1, got {c}")
     if num_classes is not None and c != num_classes:
-        raise ValueError(f"{name}: expected {num_classes} classes on axis 1, got {c} (shape {tuple(t.shape)})")
+        raise InputError(f"{name}: expected {num_classes} classes on axis 1, got {c} (shape {tuple(t.shape)})"
+                         + channel_last_hint(tuple(t.shape), 1))
     return t
 
 
@@ -112,15 +122,19 @@ def check_labels(
     """
     t = as_tensor(labels, name, device)
     if t.dtype == torch.bool:
-        raise TypeError(f"{name}: expected integer class labels, got bool")
+        raise InputTypeError(f"{name}: expected integer class labels, got bool")
     if t.dtype in _FLOAT_DTYPES:
         if not bool(torch.all(t == torch.round(t))) or not bool(torch.isfinite(t).all()):
-            raise TypeError(f"{name}: expected integer class labels, got {t.dtype} with non-integer values")
+            raise InputTypeError(f"{name}: expected integer class labels, got {t.dtype} with non-integer values")
         t = t.to(torch.int64)
+    elif t.dtype in _WIDE_UNSIGNED:  # e.g. 16-bit label maps: exact in int64
+        t = t.to(torch.int64)
+        if bool((t < 0).any()):  # only uint64 above 2**63 - 1 wraps
+            raise InputError(f"{name}: uint64 labels do not fit int64")
     elif t.dtype not in _INT_DTYPES:
-        raise TypeError(f"{name}: expected an integer dtype, got {t.dtype}")
+        raise InputTypeError(f"{name}: expected an integer dtype, got {t.dtype}")
     if expected_shape is not None and tuple(t.shape) != tuple(expected_shape):
-        raise ValueError(
+        raise InputError(
             f"{name}: shape {tuple(t.shape)} does not match the predictions, expected {tuple(expected_shape)}"
         )
     return t
@@ -133,9 +147,9 @@ def check_mask(mask: Any, expected_shape: tuple[int, ...], name: str = "mask", d
         if t.dtype in _INT_DTYPES and bool(((t == 0) | (t == 1)).all()):
             t = t.to(torch.bool)
         else:
-            raise TypeError(f"{name}: expected a boolean mask, got {t.dtype}")
+            raise InputTypeError(f"{name}: expected a boolean mask, got {t.dtype}")
     if tuple(t.shape) != tuple(expected_shape):
-        raise ValueError(f"{name}: shape {tuple(t.shape)} does not match the labels, expected {tuple(expected_shape)}")
+        raise InputError(f"{name}: shape {tuple(t.shape)} does not match the labels, expected {tuple(expected_shape)}")
     return t
 
 
@@ -144,7 +158,7 @@ def check_finite(chunk: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(chunk).all()):
         n_nan = int(torch.isnan(chunk).sum())
         n_inf = int(torch.isinf(chunk).sum())
-        raise ValueError(f"{name}: contains non-finite values ({n_nan} NaN, {n_inf} inf)")
+        raise InputError(f"{name}: contains non-finite values ({n_nan} NaN, {n_inf} inf)")
 
 
 def check_label_range(
@@ -154,9 +168,10 @@ def check_label_range(
     bad = valid & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         vals = torch.unique(labels[bad])[:10].tolist()
-        raise ValueError(
+        k = vals[-1] if vals[-1] >= num_classes else vals[0]
+        raise InputError(
             f"{name}: labels {vals} are outside [0, {num_classes}) and are not the ignore_index; "
-            "pass ignore_index= or a mask to exclude them"
+            f"pass ignore_index={k} (command line: --ignore-index {k}) or a mask to exclude them"
         )
 
 
@@ -165,11 +180,114 @@ def check_probabilities(chunk: torch.Tensor, name: str, dim: int = 0, atol: floa
     if atol is None:
         atol = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4}.get(chunk.dtype, 1e-6)
     if bool((chunk < 0).any()) or bool((chunk > 1 + atol).any()):
-        raise ValueError(f"{name}: probabilities must lie in [0, 1] (input_type='probs')")
+        raise InputError(f"{name}: probabilities must lie in [0, 1] (input_type='probs'); "
+                         "pass input_type='logits' (command line: --input-type logits) if these are logits")
     s = chunk.sum(dim=dim, dtype=torch.float64 if chunk.dtype == torch.float64 else torch.float32)
     dev = (s - 1).abs().max()
     if float(dev) > atol * max(1.0, chunk.shape[dim] ** 0.5):
-        raise ValueError(
+        raise InputError(
             f"{name}: probabilities do not sum to 1 over the class axis (max deviation {float(dev):.3g}); "
-            "pass input_type='logits' if these are logits"
+            "pass input_type='logits' (command line: --input-type logits) if these are logits"
         )
+
+
+def looks_like_probabilities(scores: Any, axis: int = 0, max_pixels: int = 1 << 16) -> bool:
+    """True when ``scores`` hold probabilities rather than logits.
+
+    Probabilities: every value in ``[0, 1]`` and the values summing to one over the class axis
+    ``axis``, within the storage dtype's rounding (the tolerance of :func:`check_probabilities`).
+    Logits practically never pass both tests. Only the first ``max_pixels`` positions along the
+    flattened other axes are read, so a memory-mapped volume costs one small read.
+
+    Parameters
+    ----------
+    scores
+        ``(C, *spatial)`` (``axis=0``) or ``(N, C, *spatial)`` (``axis=1``) numpy array or tensor.
+    axis
+        The class axis.
+    max_pixels
+        Positions looked at.
+    """
+    if isinstance(scores, torch.Tensor):
+        t = scores.detach()
+        a = (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
+    else:
+        a = np.asarray(scores)
+    if a.dtype.kind != "f" or a.ndim < 1 or a.size == 0 or a.shape[axis] < 2:
+        return False
+    c = a.shape[axis]
+    rows = np.moveaxis(a, axis, 0).reshape(c, -1)[:, :max_pixels]
+    atol = {np.dtype(np.float16): 1e-2, np.dtype(np.float32): 1e-4}.get(rows.dtype, 1e-6)
+    if not np.isfinite(rows).all() or rows.min() < 0 or rows.max() > 1 + atol:
+        return False
+    dev = np.abs(rows.sum(0, dtype=np.float64) - 1).max()
+    return bool(dev <= atol * max(1.0, c**0.5))
+
+
+#: what a message tells the user to pass, per input type (the API's keyword by default)
+API_FLAGS = {"probs": "input_type='probs'", "logits": "input_type='logits'"}
+
+
+def check_input_kind(
+    scores: Any,
+    input_type: str,
+    name: str,
+    *,
+    axis: int = 0,
+    flags: dict[str, str] | None = None,
+) -> None:
+    """Refuse probabilities given as logits and logits given as probabilities.
+
+    Logits are unconstrained; probabilities lie in ``[0, 1]`` and sum to one over the class axis
+    (:func:`looks_like_probabilities`). Probabilities read as logits give a silently wrong
+    calibration error (their softmax is nearly uniform), so they are refused, naming what to pass.
+    Pass the array as stored (a float16 file in float16): the tolerance follows its dtype.
+
+    Parameters
+    ----------
+    scores
+        ``(C, *spatial)`` (``axis=0``) or ``(N, C, *spatial)`` (``axis=1``) array or tensor.
+    input_type
+        What the caller says ``scores`` hold: ``"logits"`` or ``"probs"``.
+    name
+        The argument or file, for the message.
+    axis
+        The class axis.
+    flags
+        What to tell the user to pass, per input type (:data:`API_FLAGS` by default; the command
+        line passes its flags).
+
+    Raises
+    ------
+    InputError
+        ``input_type="logits"`` and the values are probabilities, or ``"probs"`` and they are not.
+    """
+    flags = flags or API_FLAGS
+    is_probs = looks_like_probabilities(scores, axis)
+    if input_type == "logits" and is_probs:
+        raise InputError(
+            f"{name}: every value lies in [0, 1] and the values sum to one over the class axis: these "
+            f"are probabilities, not logits; pass {flags['probs']}"
+        )
+    if input_type == "probs" and not is_probs:
+        raise InputError(
+            f"{name}: not probabilities (values outside [0, 1], or not summing to one over the class "
+            f"axis {axis}); if these are logits pass {flags['logits']}"
+        )
+
+
+def channel_last_hint(shape: tuple[int, ...], class_axis: int = 0) -> str:
+    """A hint for an error message when ``shape`` looks channel-last, else ``""``.
+
+    segcal reads classes first: ``(C, H, W)`` per file, ``(N, C, H, W)`` per batch. An array
+    saved as ``(H, W, C)`` has a long "class" axis and a short last axis; more than 256 classes on
+    the class axis with at most 256 on the last one is taken as that sign.
+    """
+    if len(shape) < class_axis + 3:
+        return ""
+    c, last = shape[class_axis], shape[-1]
+    if c > 256 and 2 <= last <= 256:
+        return (f"; the shape {tuple(shape)} looks channel-last ({last} classes on the last axis): "
+                "segcal expects the classes first, (C, H, W); transpose it, e.g. "
+                "np.moveaxis(x, -1, 0)")
+    return ""

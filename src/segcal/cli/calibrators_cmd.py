@@ -1,21 +1,17 @@
-"""``segcal calibrators``: list the registered calibrators, their aliases and guarantees."""
+"""``segcal calibrators``: list the registered calibrators, their aliases and guarantees.
+
+The arguments (none) are declared in :mod:`segcal.cli.parsers.calibrators`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+
+from segcal.calibrators import available
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("calibrators", help="list calibrators (names, aliases, TI / AP / OP)",
-                       description="List every registered calibrator with its aliases, declared "
-                       "properties (TI: translation invariant, AP: argmax-preserving, OP: "
-                       "order-preserving) and the methods.md section it implements.")
-    p.set_defaults(func=run)
-
-
-def run(args: Any) -> int:
-    from segcal.calibrators import available
-
+def run(args: argparse.Namespace) -> int:
+    """Print one row per registered calibrator."""
     rows = available()
     yn = {True: "yes", False: "no"}
     header = ("name", "aliases", "TI", "AP", "OP", "section", "description")

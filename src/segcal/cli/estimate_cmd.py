@@ -9,6 +9,8 @@ Train (labels needed, e.g. on clean calibration images)::
 
     segcal estimate --train --pred DIR --labels DIR --out est.pt [--features DIR]
                     [--target image|class_level] [--ignore-index K]
+
+The arguments are declared in :mod:`segcal.cli.parsers.estimate`.
 """
 
 from __future__ import annotations
@@ -17,73 +19,53 @@ import argparse
 import json
 import sys
 import warnings
-from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from segcal.cli.common import check_out_path, check_scores_kind, input_type_from_args
+from segcal.errors import InputError
+from segcal.estimation import (
+    ConfidenceBaseline,
+    ECEEstimator,
+    ece_targets,
+    estimate_images,
+    logit_features,
+)
+from segcal.estimation.features import iter_feature_maps
 from segcal.io import PredictionFolder, atomic_write
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "estimate",
-        help="estimate the ECE of unlabeled predictions (or train an estimator with --train)",
-        description="Print the estimated ECE per image and overall for a folder of predictions without "
-        "labels, using a trained value-net estimator (features or logits) or a label-free baseline. "
-        "With --train, fit an estimator on a labelled prediction folder instead.",
-    )
-    p.add_argument("--pred", required=True, help="prediction folder (.npy/.npz logits (C, H, W))")
-    p.add_argument("--features", default=None, help="feature folder (<stem>.npy (C_f, h, w)) for a features estimator")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--estimator", default=None, help="estimator file (.pt) from --train")
-    g.add_argument("--baseline", choices=["maxprob", "entropy"], default=None, help="label-free baseline")
-    p.add_argument("--json", default=None, help="write per-image and overall estimates to this JSON file")
-    p.add_argument("--probabilities", action="store_true", help="inputs are probabilities, not logits")
-    tr = p.add_argument_group("training (--train)")
-    tr.add_argument("--train", action="store_true", help="fit an estimator instead of estimating")
-    tr.add_argument("--labels", default=None, help="label folder (training)")
-    tr.add_argument("--out", default=None, help="where to save the fitted estimator (training)")
-    tr.add_argument("--target", choices=["image", "class_level"], default="image",
-                    help="per-image target: top-label image ECE (default) or class-level ECE (Cal-SFDA)")
-    tr.add_argument("--ignore-index", type=int, default=None, help="label value excluded from the targets")
-    tr.add_argument("--bins", type=int, default=10, help="bins of the target ECE (default 10)")
-    tr.add_argument("--epochs", type=int, default=300)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run)
-
-
-def _scores(arr: np.ndarray, stem: str) -> torch.Tensor:
+def _scores(arr: np.ndarray, where: str, itype: str) -> torch.Tensor:
     if arr.ndim != 3:
-        raise ValueError(f"pred: {stem} has shape {arr.shape}; the estimator supports 2D predictions (C, H, W)")
+        raise InputError(f"--pred: {where} has shape {tuple(arr.shape)}; the estimator supports 2D predictions "
+                         "(C, H, W)")
+    check_scores_kind(arr, itype, f"--pred: {where}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.asarray(arr, dtype=np.float32)).unsqueeze(0)
 
 
-def _features(folder: str | None, stems: list[str]):
-    from segcal.estimation.features import iter_feature_maps
-
+def _features(folder: str | None, stems: list[str]) -> Iterator[torch.Tensor] | None:
     if folder is None:
         return None
     return iter_feature_maps(folder, stems)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Estimate (default) or, with ``--train``, fit an estimator."""
     return _train(args) if args.train else _estimate(args)
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from segcal.estimation import ConfidenceBaseline, ECEEstimator, estimate_images
-
     if args.estimator is None and args.baseline is None:
-        raise ValueError("give --estimator FILE or --baseline maxprob|entropy (or --train to fit one)")
+        raise InputError("give --estimator FILE or --baseline maxprob|entropy (or --train to fit one)")
     est = ConfidenceBaseline(args.baseline) if args.baseline else ECEEstimator.load(args.estimator)
     kind = getattr(est, "input_kind", "scores")
     if kind == "features" and args.features is None:
-        raise ValueError(f"{args.estimator} was trained on features: pass --features DIR")
-    folder = PredictionFolder(args.pred, input_type="probs" if args.probabilities else None)
+        raise InputError(f"--estimator {args.estimator} was trained on features: pass --features DIR")
+    folder = PredictionFolder(args.pred, input_type=input_type_from_args(args))
     feats = _features(args.features, folder.stems) if kind == "features" else None
     per_image: dict[str, float] = {}
     for it in folder.items:
@@ -91,11 +73,11 @@ def _estimate(args: argparse.Namespace) -> int:
         scores, itype = None, "logits"
         if kind != "features":
             arr, _, itype = folder.read(it)
-            scores = _scores(arr, it.stem)
+            scores = _scores(arr, str(it.path), itype)
         try:
             per_image[it.stem] = float(estimate_images(est, scores, f, input_type=itype)[0])
         except ValueError as exc:
-            raise ValueError(f"{it.stem}: {exc}") from exc
+            raise InputError(f"{it.stem}: {exc}") from exc
     vals = np.array(list(per_image.values()))
     name = f"baseline:{args.baseline}" if args.baseline else str(args.estimator)
     print(f"{'image':<32} {'estimated ECE':>14}")
@@ -111,23 +93,26 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from segcal.estimation import ECEEstimator, ece_targets, logit_features
-
     if args.labels is None or args.out is None:
-        raise ValueError("--train needs --labels DIR and --out FILE")
-    folder = PredictionFolder(args.pred, args.labels, input_type="probs" if args.probabilities else None)
+        raise InputError("--train needs --labels DIR and --out FILE")
+    check_out_path(args.out, {"--pred": args.pred, "--labels": args.labels, "--features": args.features},
+                   kind="file")
+    folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
     feats = _features(args.features, folder.stems)
     inputs, targets = [], []
     c = None
     for it in folder.items:
         arr, lab, itype = folder.read(it)
-        x = _scores(arr, it.stem)
+        x = _scores(arr, str(it.path), itype)
         c = c or x.shape[1]
         if x.shape[1] != c:
-            raise ValueError(f"pred: {it.stem} has {x.shape[1]} classes, the first file had {c}")
+            raise InputError(f"--pred: {it.path} has {x.shape[1]} classes, the first file had {c}")
         y = torch.from_numpy(np.asarray(lab).astype(np.int64)).unsqueeze(0)
-        targets.append(float(ece_targets(x, y, kind=args.target, n_bins=args.bins,
-                                         ignore_index=args.ignore_index, input_type=itype)[0]))
+        try:
+            targets.append(float(ece_targets(x, y, kind=args.target, n_bins=args.bins,
+                                             ignore_index=args.ignore_index, input_type=itype)[0]))
+        except ValueError as exc:
+            raise InputError(f"{it.stem}: {exc}") from exc
         inputs.append(next(feats) if feats is not None else logit_features(x, itype)[0])
     x = torch.stack(inputs)
     meta = {"target": args.target, "n_bins": args.bins, "ignore_index": args.ignore_index, "pred": str(args.pred)}

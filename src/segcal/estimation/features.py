@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcal.io import atomic_write
+
 __all__ = [
     "DEFAULT_GRID",
     "LOGP_FLOOR",
@@ -191,8 +193,6 @@ class FeatureExtractor:
 
 def write_feature_map(path: str | os.PathLike, feats: Any) -> Path:
     """Write one ``(C_f, h, w)`` feature map as float16 ``.npy`` (atomically)."""
-    from segcal.io import atomic_write
-
     arr = feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
     if arr.ndim != 3:
         raise ValueError(f"feature map: expected (C_f, h, w), got shape {arr.shape}")

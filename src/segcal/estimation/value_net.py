@@ -29,6 +29,8 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
+import zipfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcal.errors import InputError, reason, unreadable
 from segcal.estimation.features import DEFAULT_GRID, logit_features
-from segcal.io.serialization import to_plain as _plain
+from segcal.io import atomic_write
+from segcal.io.files import to_jsonable
 from segcal.losses import ClassLevelECE, DifferentiableECE
 
 __all__ = ["FORMAT", "ECEEstimator", "ece_targets", "warmup_bn"]
@@ -322,11 +326,9 @@ class ECEEstimator(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        from segcal.io import atomic_write
-
         payload = {
-            "format": FORMAT, "version": VERSION, "config": dict(self.config), "meta": _plain(self.meta),
-            "fit_info": _plain(self.fit_info), "fitted": bool(self.fitted),
+            "format": FORMAT, "version": VERSION, "config": dict(self.config), "meta": to_jsonable(self.meta, finite=False, unknown="str"),
+            "fit_info": to_jsonable(self.fit_info, finite=False, unknown="str"), "fitted": bool(self.fitted),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
         with atomic_write(path) as fh:
@@ -334,16 +336,38 @@ class ECEEstimator(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ECEEstimator:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        """Load an estimator saved by :meth:`save` (restricted unpickler: tensors and plain values).
+
+        Raises
+        ------
+        InputError
+            The file is not a segcal ECE estimator (random bytes, truncated, another format, a
+            missing key, parameters of the wrong shape, NaN or infinite parameters).
+        """
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, EOFError) as exc:
+            if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError):
+                raise
+            raise unreadable(path, exc, "a segcal ECE estimator (.pt)") from exc
+        except (RuntimeError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile) as exc:
+            raise unreadable(path, exc, "a segcal ECE estimator (.pt)") from exc
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a segcal ECE estimator file")
+            raise InputError(f"{path}: not a segcal ECE estimator file")
         if int(payload.get("version", 0)) > VERSION:
-            raise ValueError(f"{path}: estimator format version {payload['version']} is newer than supported")
-        cfg = dict(payload["config"])
-        in_ch = cfg.pop("in_channels")
-        grid = cfg.pop("grid")
-        est = cls(in_ch, grid=None if grid is None else tuple(grid), meta=payload.get("meta"), **cfg)
-        est.load_state_dict(payload["state_dict"])
+            raise InputError(f"{path}: estimator format version {payload['version']} is newer than supported")
+        try:
+            cfg = dict(payload["config"])
+            in_ch = cfg.pop("in_channels")
+            grid = cfg.pop("grid")
+            state = payload["state_dict"]
+            est = cls(in_ch, grid=None if grid is None else tuple(grid), meta=payload.get("meta"), **cfg)
+            est.load_state_dict(state)
+        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise InputError(f"{path}: a damaged segcal ECE estimator file ({reason(exc)})") from exc
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise InputError(f"{path}: the estimator's parameters {bad[:5]} hold NaN or infinite values")
         est.fit_info = payload.get("fit_info", {})
         est.fitted = bool(payload.get("fitted", True))
         est.eval()

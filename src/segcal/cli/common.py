@@ -1,0 +1,110 @@
+"""Run-time helpers shared by the commands: devices, the input type, output folders.
+
+Each helper raises :class:`segcal.errors.InputError` naming the flag to change, so the one error
+layer (:func:`segcal.cli.app.main`) prints one line and exits with code 2. The argument
+declarations these helpers read are in :mod:`segcal.cli.options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segcal.errors import InputError
+from segcal.validation import check_input_kind
+
+#: what a message tells a command-line user to pass (the library's messages take this mapping as
+#: ``flags`` / ``names``; ``{value}`` is filled in by the message)
+CLI_FLAGS = {"probs": "--probabilities (or --input-type probs)", "logits": "--input-type logits",
+             "ignore_index": "--ignore-index {value}"}
+
+
+def device_from_arg(arg: str) -> torch.device:
+    """The torch device named by ``--device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``).
+
+    ``auto`` is CUDA when available, else the CPU. A CUDA device on a machine without one, or a
+    name torch does not know, is refused naming ``--device``.
+    """
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(arg)
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"--device: unknown device {arg!r}; expected cpu, cuda, cuda:N or auto") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device: CUDA was requested ({arg!r}) but is not available; pass --device cpu")
+    return dev
+
+
+def input_type_from_args(args: argparse.Namespace) -> str | None:
+    """``logits``, ``probs`` or None (not given) from ``--input-type`` / ``--probabilities``.
+
+    Giving ``--probabilities`` together with ``--input-type logits`` is refused.
+    """
+    given = getattr(args, "input_type", None)
+    if getattr(args, "probabilities", False):
+        if given == "logits":
+            raise InputError("--probabilities and --input-type logits contradict each other; pass one of them")
+        return "probs"
+    return given
+
+
+def check_scores_kind(scores: Any, input_type: str, where: str, *, axis: int = 0) -> None:
+    """Refuse probabilities read as logits and logits read as probabilities, naming the CLI flag.
+
+    ``where`` names the file (``pred/0001.npy``). See :func:`segcal.validation.check_input_kind`.
+    """
+    check_input_kind(scores, input_type, where, axis=axis, flags=CLI_FLAGS)
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_out_path(out: str | Path, inputs: Mapping[str, str | Path | None], *, kind: str = "dir",
+                   flag: str = "--out") -> Path:
+    """Refuse an output that would overwrite or mix with an input; return it resolved.
+
+    Parameters
+    ----------
+    out
+        The output folder (``kind="dir"``) or file (``kind="file"``).
+    inputs
+        Flag -> path of every input the command reads (``{"--pred": ..., "--labels": ...}``);
+        None values are skipped.
+    kind
+        ``"dir"``: an existing file at ``out`` is refused; ``"file"``: an existing folder is.
+    flag
+        The output's flag, for messages.
+
+    Raises
+    ------
+    InputError
+        ``out`` is an input, lies inside an input folder, or contains an input.
+    """
+    o = _resolved(out)
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        p = _resolved(path)
+        if o == p:
+            raise InputError(f"{flag} {out}: is the same path as {name}; inputs are never overwritten, "
+                             f"pass another {flag}")
+        if p in o.parents:
+            raise InputError(f"{flag} {out}: lies inside the {name} folder {path}; inputs are never "
+                             f"mixed with outputs, pass a {flag} outside it")
+        if o in p.parents:
+            raise InputError(f"{flag} {out}: contains the {name} input {path}; pass a {flag} that "
+                             "neither is nor holds an input")
+    if kind == "dir" and o.exists() and not o.is_dir():
+        raise InputError(f"{flag} {out}: is an existing file; expected a folder (a new or existing directory)")
+    if kind == "file" and o.is_dir():
+        raise InputError(f"{flag} {out}: is an existing folder; expected a file path")
+    return o
+
+
+__all__ = ["CLI_FLAGS", "check_out_path", "check_scores_kind", "device_from_arg", "input_type_from_args"]

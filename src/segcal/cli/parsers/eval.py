@@ -1,0 +1,28 @@
+"""Arguments of ``segcal eval`` (argparse only; the command runs in :mod:`segcal.cli.eval_cmd`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from segcal.cli.options import add_device_arg, add_input_type_args, add_progress_arg
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="measure calibration of a prediction folder against labels",
+        description="Stream a folder of predictions (.npy logits (C, *spatial), .npz with 'logits' or "
+        "'probabilities') against label maps (.png, .npy, .nii.gz) with matching stems, and report "
+        "calibration and segmentation metrics.",
+    )
+    p.add_argument("--pred", required=True, help="prediction folder")
+    p.add_argument("--labels", required=True, help="label folder (same stems)")
+    p.add_argument("--ignore-index", type=int, default=None, help="label value to ignore (e.g. 255)")
+    p.add_argument("--bins", type=int, default=15, help="number of equal-width confidence bins (default 15)")
+    p.add_argument("--json", default=None, help="write every metric to this JSON file")
+    add_input_type_args(p)
+    add_device_arg(p, "cpu")
+    p.add_argument("--save-state", default=None, help="also save the mergeable metric state (.pt)")
+    add_progress_arg(p)
+    return p
