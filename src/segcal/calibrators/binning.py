@@ -23,11 +23,21 @@ import torch.nn.functional as F
 from segcal.calibrators.base import Calibrator
 from segcal.calibrators.data import FitData
 from segcal.calibrators.registry import register
+from segcal.errors import missing_dependency
 from segcal.metrics.binning import bin_index
 
 __all__ = ["HistogramBinning", "IsotonicCalibration"]
 
 MARGIN = 1e-3
+
+
+def _isotonic_regression() -> type:
+    """scikit-learn's ``IsotonicRegression`` (optional dependency: ``pip install 'segcal[isotonic]'``)."""
+    try:
+        from sklearn.isotonic import IsotonicRegression
+    except ImportError:
+        raise missing_dependency("sklearn", "isotonic", "isotonic calibration (method 'isotonic')") from None
+    return IsotonicRegression
 
 
 class _TopLabelMap(Calibrator):
@@ -120,9 +130,13 @@ class IsotonicCalibration(_TopLabelMap):
     section = "§4 (binning) / netcal baseline"
     default_n_bins = 1000
 
-    def _table_from_stats(self, stats: torch.Tensor) -> torch.Tensor:
-        from sklearn.isotonic import IsotonicRegression
+    def fit(self, *args: Any, **kwargs: Any) -> IsotonicCalibration:
+        """:meth:`Calibrator.fit`; needs scikit-learn (the ``isotonic`` extra), checked first."""
+        _isotonic_regression()
+        return super().fit(*args, **kwargs)  # type: ignore[return-value]
 
+    def _table_from_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        IsotonicRegression = _isotonic_regression()
         n, sconf, acc = (s.numpy() for s in stats)
         nz = n > 0
         centers = (torch.arange(self.n_bins, dtype=torch.float64).numpy() + 0.5) / self.n_bins
