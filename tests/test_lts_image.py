@@ -249,7 +249,7 @@ def test_cli_fit_and_apply_with_images(tmp_path, capsys):
     assert cal.fit_info["optimizer"] == "adam"  # the LTS default (§3.11), not L-BFGS
     capsys.readouterr()
     assert main(["apply", "--calibrator", str(out), "--pred", str(pred), "--out", str(tmp_path / "o1"),
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == 2
     assert "has an image branch" in capsys.readouterr().err
     assert main(["apply", "--calibrator", str(out), "--pred", str(pred), "--images", str(imgs),
                  "--out", str(tmp_path / "o2"), "--no-progress", "--dtype", "float32"]) == 0
@@ -263,7 +263,7 @@ def test_cli_fit_and_apply_with_images(tmp_path, capsys):
     # a missing image is named
     (imgs / "im3.png").unlink()
     capsys.readouterr()
-    assert main(args) == 1
+    assert main(args) == 2
     assert "prediction(s) without an image: im3" in capsys.readouterr().err
     # selective on top of LTS with the image branch, from the CLI
     (imgs / "im3.png").write_bytes((imgs / "im2.png").read_bytes())
@@ -273,5 +273,5 @@ def test_cli_fit_and_apply_with_images(tmp_path, capsys):
     sel = segcal.load(out2)
     assert sel.base.use_image and sel.uses_image
     assert main(["fit", "--pred", str(pred), "--labels", str(lab), "--method", "ts", "--images", str(imgs),
-                 "--out", str(tmp_path / "ts.pt"), "--no-progress"]) == 1
+                 "--out", str(tmp_path / "ts.pt"), "--no-progress"]) == 2
     assert "has no image branch" in capsys.readouterr().err

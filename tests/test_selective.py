@@ -163,5 +163,5 @@ def test_cli_fit_selective_with_base_ts_and_round_trip(tmp_path, capsys):
         torch.testing.assert_close(cal(x), cal2(x))
     assert cal.t_mispred == cal2.t_mispred and cal.base.temperature == cal2.base.temperature
     assert main(["fit", "--pred", str(pred), "--labels", str(lab), "--method", "ts", "--base", "ts",
-                 "--out", str(tmp_path / "x.pt"), "--no-progress"]) == 1
+                 "--out", str(tmp_path / "x.pt"), "--no-progress"]) == 2
     assert "does not take a base" in capsys.readouterr().err
