@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -58,3 +59,54 @@ def test_two_process_gloo_sync_equals_single_process(tmp_path):
             assert got[k] == pytest.approx(ref[k], abs=1e-12), (rank, k)
         np.testing.assert_allclose(got["image_ece_values"], ref["image_ece_values"], atol=1e-12)
         assert got["n_images"] == 5
+
+
+SHARDS = {
+    "zero-image-rank": [slice(0, 0), slice(0, 5)],
+    "zero-image-rank-1": [slice(0, 5), slice(5, 5)],
+    "unequal": [slice(0, 1), slice(1, 5)],
+}
+
+
+def _worker_twice(rank: int, world: int, port: int, out: str, shards: str) -> None:
+    """Each rank updates its shard (possibly empty), then syncs TWICE and saves its state."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    # a short timeout: a rank that fails must not leave the other one blocked for 30 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        logits, labels = _data()
+        part = SHARDS[shards][rank]
+        m = CalibrationMetrics(4, ignore_index=255)
+        if part.stop > part.start:
+            m.update(logits[part], labels[part])
+        m.sync()
+        m.sync()  # idempotent: must not add the total again
+        torch.save(m.state_dict(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shards", sorted(SHARDS))
+def test_sync_with_an_empty_rank_and_twice_equals_single_process(tmp_path, shards):
+    port = _free_port()
+    mp.spawn(_worker_twice, args=(2, port, str(tmp_path), shards), nprocs=2, join=True)
+    logits, labels = _data()
+    single = CalibrationMetrics(4, ignore_index=255)
+    single.update(logits, labels)
+    ref = single.compute()
+    states = [CalibrationMetrics.from_state_dict(torch.load(tmp_path / f"rank{r}.pt", weights_only=True))
+              for r in range(2)]
+    for rank, st in enumerate(states):
+        got = st.compute()
+        assert got["n_images"] == 5 and got["n_pixels"] == ref["n_pixels"], rank
+        for k in ("ece", "mce", "image_ece", "image_ece_std", "nll", "brier", "miou", "classwise_ece",
+                  "ace_adaptive", "sce_lts", "class_level_ece"):
+            assert got[k] == pytest.approx(ref[k], abs=1e-12), (rank, k)
+        np.testing.assert_allclose(got["image_ece_values"], ref["image_ece_values"], atol=1e-12)
+        np.testing.assert_array_equal(got["confusion_matrix"], ref["confusion_matrix"])
+        torch.testing.assert_close(st.image_bins(), single.image_bins(), rtol=0, atol=1e-12)
+    # both ranks hold the same total: adding the two copies would count every pixel twice
+    assert states[0].synced and states[0].sync_ids == states[1].sync_ids
+    with pytest.raises(ValueError, match="same synchronised total"):
+        states[0].merge(states[1])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from metric_reference import reference_metrics, softmax
 from segcal.metrics import CalibrationMetrics, bin_index, calibration_metrics
-from segcal.metrics._kernels import HAVE_NUMBA, _bin_py
+from segcal.metrics.kernels_numba import HAVE_NUMBA, bin_rule
 
 SCALARS = [
     "ece",
@@ -135,15 +135,15 @@ def test_kernel_bin_rule_equals_bin_index():
     vals = [0.0, 1e-12, 0.1, 0.2, 1 / 3, 0.5, 0.9999999, 1.0, float(np.float32(0.2)), 1.5, float("inf")]
     for n in (1, 10, 15, 50, 1 << 16):
         t = torch.tensor(vals, dtype=torch.float64)
-        assert bin_index(t, n).tolist() == [_bin_py(v, n) for v in vals]
+        assert bin_index(t, n).tolist() == [bin_rule(v, n) for v in vals]
     if HAVE_NUMBA:  # the compiled rule too (a confidence of 1 has fine coordinate +inf)
         import numba
 
-        from segcal.metrics._kernels import _bin
+        from segcal.metrics.kernels_numba import bin_rule_jit
 
-        probe = numba.njit(lambda v, n: _bin(v, n))
+        probe = numba.njit(lambda v, n: bin_rule_jit(v, n))
         assert [probe(v, n) for n in (10, 1 << 16) for v in vals] == [
-            _bin_py(v, n) for n in (10, 1 << 16) for v in vals
+            bin_rule(v, n) for n in (10, 1 << 16) for v in vals
         ]
 
 
@@ -385,3 +385,27 @@ def test_numba_class_wise_paths_match_torch(scale):
         ref, m = out["torch", chunk], out["numba", chunk]
         for nm in ("classwise", "by_pred", "by_label", "fine", "confusion", "pooled_bins", "pooled_totals"):
             torch.testing.assert_close(getattr(m, nm), getattr(ref, nm), rtol=0, atol=1e-9, msg=f"{chunk} {nm}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_statistics_do_not_depend_on_torch_threads(backend):
+    """torch splits a chunk's softmax between its threads, and the last pixels of each thread's
+    share take a scalar exp that differs from the vectorised one in the last bit: the engine
+    computes the softmax single-threaded so that the statistics are the same for any thread
+    count (this made test_numba_class_wise_paths_match_torch fail when run alone, with torch's
+    default 2 threads, and pass after other test modules had set 1 thread)."""
+    rng = np.random.default_rng(7)
+    logits = torch.from_numpy(rng.normal(size=(3, 19, 40, 30)) * 0.5).float()
+    labels = torch.from_numpy(rng.integers(0, 19, size=(3, 40, 30)))
+    prev = torch.get_num_threads()
+    states = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            m = CalibrationMetrics(19, backend=backend, chunk_pixels=512)
+            m.update(logits, labels)
+            states.append(m.state_dict())
+    finally:
+        torch.set_num_threads(prev)
+    for nm in ("classwise", "by_pred", "fine", "pooled_bins", "img_bins"):
+        torch.testing.assert_close(states[0][nm], states[1][nm], rtol=0, atol=1e-12, msg=nm)

@@ -18,18 +18,35 @@ It is optional (``pip install 'segcal[fast]'``): without numba, or on a CUDA dev
 its torch path, which gives the same numbers (the test suite runs both and compares them).
 
 Binning is :func:`segcal.metrics.binning.bin_index`'s rule, ``ceil(v * M) - 1`` clipped, evaluated
-in float64 (exact for float32 confidences); ``_bin`` below is that rule compiled, and a test checks
+in float64 (exact for float32 confidences); ``bin_rule`` / ``bin_rule_jit`` below are that rule in Python and compiled, and a test checks
 that both agree on edge values.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
+import torch
+
+from segcal.metrics.chunks import (
+    FINE_LOG_SPAN,
+    Settings,
+    chunk_width,
+    compute_dtype,
+    count_chunks,
+    iter_chunks,
+    single_thread,
+    valid_pixels,
+)
+from segcal.metrics.state import ACCUMULATED
+from segcal.validation import check_finite, check_label_range, check_probabilities
 
 try:  # pragma: no cover - import guard
-    import numba as nb
+    import numba as nb  # optional dependency: segcal[fast]
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - depends on extras
@@ -37,7 +54,7 @@ except ImportError:  # pragma: no cover - depends on extras
     HAVE_NUMBA = False
 
 
-def _bin_py(v: float, n: int) -> int:
+def bin_rule(v: float, n: int) -> int:
     if v >= 1.0:  # also +inf (the fine coordinate of a confidence of exactly 1): last bin
         return n - 1
     b = math.ceil(v * n) - 1
@@ -49,7 +66,7 @@ def _bin_py(v: float, n: int) -> int:
 
 
 if HAVE_NUMBA:
-    _bin = nb.njit(cache=True, inline="always")(_bin_py)
+    bin_rule_jit = nb.njit(cache=True, inline="always")(bin_rule)
 
     @nb.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)
     def _valid_row_sums(q, valid, out, sumsq):  # pragma: no cover - compiled
@@ -153,7 +170,7 @@ if HAVE_NUMBA:
             c = conf[p]
             qy = np.float64(q[y, p])
             corr = 1 if k == y else 0
-            b = _bin(c, M)
+            b = bin_rule_jit(c, M)
             img_bins[i, b, corr, 0] += 1.0
             img_bins[i, b, corr, 1] += c
             img_totals[i, 0] += 1.0
@@ -164,7 +181,7 @@ if HAVE_NUMBA:
             img_class[i, y, 1] += corr
             img_class[i, k, 2] += 1.0
             confusion[y, k] += 1.0
-            fb = _bin(-lg[1, p] / fine_span, fine_bins)
+            fb = bin_rule_jit(-lg[1, p] / fine_span, fine_bins)
             fine[fb, 0] += 1.0
             fine[fb, 1] += c
             fine[fb, 2] += corr
@@ -190,7 +207,7 @@ if HAVE_NUMBA:
                 for k in range(C):
                     qk = np.float64(q[k, p])
                     if qk > thr and k != kp:
-                        b = _bin(qk, M)
+                        b = bin_rule_jit(qk, M)
                         isk = 1.0 if y == k else 0.0
                         classwise[k, b, 0] += 1.0
                         classwise[k, b, 1] += qk
@@ -219,7 +236,7 @@ if HAVE_NUMBA:
             for j in range(n):
                 p = cand[j]
                 qk = np.float64(row[p])
-                b = _bin(qk, M)
+                b = bin_rule_jit(qk, M)
                 isk = 1.0 if lab[p] == k else 0.0
                 classwise[k, b, 0] += 1.0
                 classwise[k, b, 1] += qk
@@ -234,3 +251,129 @@ if HAVE_NUMBA:
 else:  # pragma: no cover
     accumulate_chunk = None
     prepare_chunk = None
+    bin_rule_jit = None
+
+
+
+# --------------------------------------------------------------------------- the thread driver
+def update(cfg: Settings, x: torch.Tensor, y: torch.Tensor, mk: torch.Tensor | None,
+           acc: dict[str, torch.Tensor]) -> None:
+    """Accumulate an ``(n, C, S)`` CPU batch into ``acc`` with the compiled kernel.
+
+    Chunks are spread over worker threads (the kernel releases the GIL), each with private
+    accumulators that are summed at the end in worker order; torch runs single-threaded meanwhile
+    (restored afterwards), so the threads do not oversubscribe the cores and the softmax values do
+    not depend on torch's thread count (see :mod:`segcal.metrics.chunks`).
+    """
+    n, _, S = x.shape
+    workers = max(1, min(torch.get_num_threads(), count_chunks(n, S, cfg.chunk_pixels)))
+    accs = [{f.name: torch.zeros_like(acc[f.name]) for f in ACCUMULATED} for _ in range(workers)]
+    it = iter(iter_chunks(x, y, mk, torch.device("cpu"), cfg.chunk_pixels, raw=True))
+    lock = threading.Lock()
+    cd = compute_dtype(x)
+    P = chunk_width(n, S, cfg.chunk_pixels)
+
+    def work(wacc: dict[str, torch.Tensor]) -> None:
+        # per-worker buffers, allocated once per update and reused by every chunk (bounded,
+        # steady memory instead of a fresh allocation per chunk)
+        C = cfg.num_classes
+        scratch = {
+            "z": torch.empty(C * P, dtype=cd),
+            "q": torch.empty(C * P, dtype=cd),
+            "work": np.empty(4 * P, dtype=np.float64),
+            "lg": np.empty(2 * P, dtype=np.float64),
+            "pred": np.empty(P, dtype=np.int64),
+            "unsure": np.empty(P, dtype=np.int64),
+            "cand": np.empty(P, dtype=np.int64),
+            "ok": np.empty(P, dtype=np.uint8),
+        }
+        while True:
+            with lock:
+                item = next(it, None)
+            if item is None:
+                return
+            accumulate(cfg, *item, wacc, scratch)
+
+    with single_thread():
+        if workers == 1:
+            work(accs[0])
+        else:
+            with ThreadPoolExecutor(workers) as ex:
+                for f in [ex.submit(work, a) for a in accs]:
+                    f.result()
+    for wacc in accs:
+        for f in ACCUMULATED:
+            acc[f.name] += wacc[f.name]
+    # class-wise ECE, completed from the batch's statistics: the top entries are the
+    # by-predicted-class bins; bin 0 gets every valid pixel's remaining count and label mass
+    top = acc["by_pred"]
+    cw = acc["classwise"]
+    cw += top
+    img_class = acc["img_class"]
+    n_valid = img_class[:, :, 0].sum()
+    lab_hist = img_class[:, :, 0].sum(0)
+    cw[:, 0, 0] += n_valid - top[:, :, 0].sum(1)
+    cw[:, 0, 1] -= top[:, :, 1].sum(1)
+    cw[:, 0, 2] += lab_hist - top[:, :, 2].sum(1)
+
+
+def accumulate(
+    cfg: Settings,
+    img: int | torch.Tensor,
+    z: torch.Tensor,
+    lab: torch.Tensor,
+    m: torch.Tensor | None,
+    acc: dict[str, torch.Tensor],
+    scratch: dict[str, Any],
+) -> None:
+    """One chunk through the compiled kernel: the statistics of
+    :func:`segcal.metrics.kernels_torch.accumulate`, except the class-wise top entries, which
+    :func:`update` adds once per batch.
+
+    torch does the vectorised transcendental work (softmax, log); the kernel does the argmax, the
+    float64 row sums, the binning and every scatter-add.
+    """
+    C, M = cfg.num_classes, cfg.n_bins
+    lab = lab.to(torch.int64)
+    valid = valid_pixels(lab, m, cfg.ignore_index)
+    if valid is None:
+        valid = torch.ones_like(lab, dtype=torch.bool)
+    P = lab.numel()
+    zb = scratch["z"][: C * P].view(z.shape)
+    zb.copy_(z)  # contiguous, in the compute dtype (float16/bfloat16 are upcast here)
+    z = zb.view(C, P)
+    if cfg.input_type == "logits":
+        q = torch.softmax(z, dim=0, out=scratch["q"][: C * P].view(C, P))
+    else:
+        if cfg.validate and bool(valid.any()):
+            check_probabilities(z[:, valid], "preds", dim=0)
+        q = z
+    work = scratch["work"][: 4 * P].reshape(4, P)
+    pred = scratch["pred"][:P]
+    lg = scratch["lg"][: 2 * P].reshape(2, P)
+    zn, qn, labn = z.numpy(), q.numpy(), lab.numpy()
+    prepare_chunk(zn, qn, labn, cfg.nll_floor, work, pred, lg)
+    torch.from_numpy(lg).log_()  # vectorised: log max(q_y, floor) and log(1 - conf)
+    unsure = scratch["unsure"][:P]
+    cand = scratch["cand"][:P]
+    ok = scratch["ok"][:P]
+    bad = np.zeros(3, dtype=np.int64)
+    if isinstance(img, int):
+        img_idx, img0 = np.empty(0, dtype=np.int64), img
+    else:
+        img_idx, img0 = img.numpy(), 0
+    accumulate_chunk(
+        qn, labn, valid.numpy(), lg, FINE_LOG_SPAN, img_idx, img0, M, cfg.fine_bins,
+        acc["img_bins"].numpy(), acc["img_totals"].numpy(), acc["img_class"].numpy(), acc["fine"].numpy(),
+        acc["classwise"].numpy(), acc["by_pred"].numpy(), acc["by_label"].numpy(), acc["confusion"].numpy(),
+        work, pred, unsure, cand, ok, bad,
+    )
+    if bad[1] > 0:
+        check_finite(z[:, valid], "preds")
+        raise ValueError(f"preds: contains non-finite values ({int(bad[1])} pixels)")
+    if bad[0] > 0:  # the kernel found one; the shared check builds the message
+        check_label_range(lab, valid, C, "target")
+        raise AssertionError("kernel flagged a label the range check accepts")  # pragma: no cover
+
+
+__all__ = ["HAVE_NUMBA", "accumulate", "accumulate_chunk", "bin_rule", "bin_rule_jit", "prepare_chunk", "update"]
