@@ -149,9 +149,9 @@ def test_spatial_calibrators_fit_on_volumes_of_different_shapes(name):
 @pytest.mark.slow
 def test_ap_calibrators_do_not_flip_on_a_real_case():
     pytest.importorskip("monai")
-    from segcal.medical.hippocampus import load_case, load_split
-    from segcal.medical.predict import predict_logits
-    from segcal.medical.unet import load_unet3d_hippocampus
+    from segcal.datasets.hippocampus import load_case, load_split
+    from segcal.models.unet3d import load_unet3d_hippocampus
+    from segcal.pipeline.predict import predict_logits
 
     d = _hippocampus_dir()
     split = load_split()

@@ -14,9 +14,9 @@ pytest.importorskip("monai")
 pytest.importorskip("nibabel")
 
 from segcal.data import data_root
-from segcal.medical.hippocampus import load_nifti, load_split
-from segcal.medical.predict import logits_fingerprint, predict_logits, weights_sha256
-from segcal.medical.unet import WEIGHTS_FILE, load_unet3d_hippocampus
+from segcal.datasets.hippocampus import load_nifti, load_split
+from segcal.models.unet3d import WEIGHTS_FILE, load_unet3d_hippocampus
+from segcal.pipeline.predict import logits_fingerprint, predict_logits, weights_sha256
 
 WEIGHTS_SHA256 = "aa06d43f93bbbb3c2bbad6ecc792065f2b19345079fd0778432341aa95c3c8b8"
 EXPECTED = {

@@ -11,8 +11,7 @@ pytest.importorskip("monai")
 nib = pytest.importorskip("nibabel")
 
 from segcal.data import data_root  # noqa: E402
-from segcal.io.predictions import read_folder_meta  # noqa: E402
-from segcal.medical.hippocampus import (  # noqa: E402
+from segcal.datasets.hippocampus import (  # noqa: E402
     SPLIT_SIZES,
     case_ids,
     crop_back,
@@ -23,9 +22,10 @@ from segcal.medical.hippocampus import (  # noqa: E402
     pad_amounts,
     pad_to_divisible,
 )
-from segcal.medical.nnunet import read_aligned  # noqa: E402
-from segcal.medical.predict import predict_logits, predict_volumes  # noqa: E402
-from segcal.medical.unet import build_unet  # noqa: E402
+from segcal.io.nnunet import read_aligned  # noqa: E402
+from segcal.io.predictions import read_folder_meta  # noqa: E402
+from segcal.models.unet3d import build_unet  # noqa: E402
+from segcal.pipeline.predict import predict_logits, predict_volumes  # noqa: E402
 
 
 def test_committed_split_is_disjoint_and_sized():
@@ -133,20 +133,15 @@ def test_predict_volumes_rejects_4d_and_missing(tmp_path):
 
 
 def test_register_with_the_model_registry():
-    """``register()`` adds ``unet3d-hippocampus`` to ``segcal.models`` (2D loop not used for it)."""
-    import segcal.medical as med
-    from segcal.models import available_models, create_model, get_spec, unregister_model
+    """The registry knows ``unet3d-hippocampus`` without any call (2D loop not used for it)."""
+    from segcal.models import available_models, create_model, get_spec
 
-    try:
-        med.register(overwrite=True)
-        assert "unet3d-hippocampus" in available_models()
-        spec = get_spec("unet3d-hippocampus")
-        assert spec.num_classes == 3
-        assert spec.class_names == ("background", "anterior", "posterior")
-        loaded = create_model("unet3d-hippocampus", device="cpu")
-        assert not loaded.module.training
-        x = spec.preprocess(np.ones((9, 12, 9), np.float32) * 5)
-        assert tuple(x.shape) == (1, 1, 16, 16, 16)
-        assert tuple(loaded.module(x).shape) == (1, 3, 16, 16, 16)
-    finally:
-        unregister_model("unet3d-hippocampus")
+    assert "unet3d-hippocampus" in available_models()
+    spec = get_spec("unet3d-hippocampus")
+    assert spec.num_classes == 3
+    assert spec.class_names == ("background", "anterior", "posterior")
+    loaded = create_model("unet3d-hippocampus", device="cpu")
+    assert not loaded.module.training
+    x = spec.preprocess(np.ones((9, 12, 9), np.float32) * 5)
+    assert tuple(x.shape) == (1, 1, 16, 16, 16)
+    assert tuple(loaded.module(x).shape) == (1, 3, 16, 16, 16)

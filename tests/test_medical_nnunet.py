@@ -17,10 +17,12 @@ from segcal.data import data_root
 from segcal.io.nnunet import (
     NnUNetFormatError,
     geometry_from_properties,
+    read_aligned,
+    read_label_volume,
     read_nnunet_prediction,
     read_properties,
+    write_calibrated,
 )
-from segcal.medical.nnunet import read_aligned, read_label_volume, write_calibrated
 
 nib = pytest.importorskip("nibabel")
 sitk = pytest.importorskip("SimpleITK")
@@ -209,7 +211,8 @@ def test_fit_and_apply_through_nnunet_aware_folder(tmp_path):
     import torch
 
     from segcal.calibrators import FolderBatches, create
-    from segcal.io.nnunet import NnUNetAwareFolder, write_nnunet_prediction
+    from segcal.io.nnunet import write_nnunet_prediction
+    from segcal.io.predictions import PredictionFolder
     from segcal.metrics import CalibrationMetrics
 
     pred_dir, lab_dir, out_dir = tmp_path / "pred", tmp_path / "lab", tmp_path / "out"
@@ -224,7 +227,7 @@ def test_fit_and_apply_through_nnunet_aware_folder(tmp_path):
     for i, shape in enumerate([(5, 7, 5), (6, 6, 4), (7, 5, 7)]):
         lp = _write_nifti(lab_dir / f"c{i}.nii.gz", _label(shape, i), SKEW_AFFINE if i % 2 else np.eye(4))
         _nnunet_export(lp, pred_dir, f"c{i}", probs_fn=overconfident)
-    folder = NnUNetAwareFolder(pred_dir, lab_dir)
+    folder = PredictionFolder(pred_dir, lab_dir)
     scores, labels, itype = folder.read(folder.items[0])
     assert itype == "probs" and scores.shape == (3, 5, 7, 5) and labels.shape == (5, 7, 5)
     cal = create("ts", input_type="probs", seed=0)
@@ -240,7 +243,7 @@ def test_fit_and_apply_through_nnunet_aware_folder(tmp_path):
         write_nnunet_prediction(out_dir / it.path.name, q, it.path)
     assert float(m1.compute()["nll"]) < float(m0.compute()["nll"])
     # the calibrated folder is again an nnU-Net folder that lines up with the labels
-    back = NnUNetAwareFolder(out_dir, lab_dir)
+    back = PredictionFolder(out_dir, lab_dir)
     for it in back.items:
         s, y, _ = back.read(it)
         np.testing.assert_array_equal(s.argmax(0), folder.read(folder.items[back.stems.index(it.stem)])[0].argmax(0))

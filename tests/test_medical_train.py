@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("monai")
 
 from segcal.data import data_root
-from segcal.medical.train import dice_stats, main, summarise_dice
+from segcal.pipeline.train_unet3d import dice_stats, main, summarise_dice
 
 
 def test_dice_casewise_and_pooled():
@@ -42,6 +42,6 @@ def test_training_smoke(tmp_path):
     summary = json.loads(out.with_suffix(".json").read_text())
     assert [r["iter"] for r in summary["log"]] == [1, 2]
     assert summary["test_dice"]["n_cases"] == 1 and summary["n_train"] == 2
-    from segcal.medical.unet import load_unet3d_hippocampus
+    from segcal.models.unet3d import load_unet3d_hippocampus
 
     load_unet3d_hippocampus(out)

@@ -25,7 +25,7 @@ from segcal.shift import (
     derive_seed,
     make_transform,
 )
-from segcal.shift.corruptions import (
+from segcal.shift.filters import (
     clipped_zoom,
     disk_kernel,
     hsv_to_rgb,

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"missing required argument(s): {', '.join(missing)}")
 
-    from segcal.medical import MODEL_NAME as UNET3D
+    from segcal.models.unet3d import MODEL_NAME as UNET3D
 
     if args.model == UNET3D and (args.checkpoint or args.corruption):
         raise ValueError(f"--checkpoint / --corruption are not supported for {UNET3D}")
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
         import numpy as np
 
-        from segcal.medical import predict_volumes
+        from segcal.pipeline.predict import predict_volumes
         from segcal.models import create_model
 
         t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _register_optional_models() -> None:
     """Register models whose code needs optional extras (the 3D U-Net needs MONAI) if possible."""
-    from segcal.medical import MODEL_NAME, register
+    from segcal.models.unet3d import MODEL_NAME
     from segcal.models import available_models
 
     if MODEL_NAME in available_models():
@@ -126,5 +126,4 @@ def _register_optional_models() -> None:
     try:
         import monai  # noqa: F401
     except ImportError:
-        return
-    register()
+        return  # the registry registers unet3d-hippocampus itself (segcal.models.registry)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from segcal.data import data_root as find_data_root
 from segcal.datasets.camvid import (
     CAMVID_CLASSES,
     CAMVID_IGNORE_INDEX,
@@ -35,6 +36,7 @@ from segcal.datasets.nifti import (
     msd_hippocampus,
     nifti_pairs,
 )
+from segcal.errors import InputError
 
 #: alias dataset name -> its splits
 DATASET_ALIASES: dict[str, tuple[str, ...]] = {"camvid": CAMVID_SPLITS}
@@ -61,11 +63,9 @@ def resolve_images(
         name, split = s.split(":", 1)
         splits = DATASET_ALIASES[name]
         if split not in splits:
-            raise ValueError(f"{s}: unknown split {split!r}; choose one of {', '.join(splits)}")
+            raise InputError(f"{s}: unknown split {split!r}; choose one of {', '.join(splits)}")
         if name == "camvid":
-            from segcal.data import data_root as _root
-
-            return camvid_split_dirs(_root(data_root, required=True), split)
+            return camvid_split_dirs(find_data_root(data_root, required=True), split)
     p = Path(s).expanduser()
     if not p.exists():
         known = ", ".join(f"{d}:{sp}" for d, sps in DATASET_ALIASES.items() for sp in sps)

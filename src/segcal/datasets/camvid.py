@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from segcal.data import data_root
 from segcal.datasets.folders import SegItem, check_item_sizes, image_folder
+from segcal.errors import InputError
 
 CAMVID_CLASSES = (
     "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
@@ -26,8 +28,6 @@ def camvid_dir(root: str | os.PathLike | None = None) -> Path:
     ``root=None`` resolves the data root (``--data-root``, ``SEGCAL_DATA``, ``../shared/data``).
     """
     if root is None:
-        from segcal.data import data_root
-
         root = data_root(required=True)
     root = Path(root)
     if (root / "test").is_dir() and (root / "testannot").is_dir():
@@ -43,7 +43,7 @@ def camvid_dir(root: str | os.PathLike | None = None) -> Path:
 def camvid_split_dirs(root: str | os.PathLike | None, split: str) -> tuple[Path, Path]:
     """``(images_dir, labels_dir)`` of a CamVid split."""
     if split not in CAMVID_SPLITS:
-        raise ValueError(f"CamVid split must be one of {', '.join(CAMVID_SPLITS)}; got {split!r}")
+        raise InputError(f"CamVid split must be one of {', '.join(CAMVID_SPLITS)}; got {split!r}")
     d = camvid_dir(root)
     return d / split, d / f"{split}annot"
 

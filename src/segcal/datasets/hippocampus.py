@@ -17,11 +17,17 @@ Preprocessing (the same in training and prediction):
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
+
+from segcal.data import data_root as find_data_root
+from segcal.errors import InputError, missing_dependency
+from segcal.io.arrays import read_label
+from segcal.io.files import read_json
+from segcal.io.nifti import load_nifti
 
 DATASET_DIRNAME = "msd_task04_hippocampus"
 CLASS_NAMES = ("background", "anterior", "posterior")
@@ -34,9 +40,7 @@ DIVISOR = 8
 
 def dataset_dir(data_root: str | os.PathLike | None = None) -> Path:
     """The ``msd_task04_hippocampus`` folder (under ``segcal.data.data_root``)."""
-    from segcal.data import data_root as _root
-
-    d = Path(_root(data_root)) / DATASET_DIRNAME
+    d = Path(find_data_root(data_root)) / DATASET_DIRNAME
     if not (d / "imagesTr").is_dir() or not (d / "labelsTr").is_dir():
         raise FileNotFoundError(f"{d}: expected imagesTr/ and labelsTr/ (MSD Task04 hippocampus)")
     return d
@@ -58,7 +62,7 @@ def make_split(ids: list[str], seed: int = SPLIT_SEED, sizes: dict[str, int] | N
     sizes = dict(SPLIT_SIZES if sizes is None else sizes)
     ids = sorted(ids)
     if sum(sizes.values()) != len(ids):
-        raise ValueError(f"split sizes {sizes} do not add up to the {len(ids)} cases")
+        raise InputError(f"split sizes {sizes} do not add up to the {len(ids)} cases")
     order = np.random.default_rng(seed).permutation(len(ids))
     out: dict = {"seed": seed, "method": "sorted ids, numpy.random.default_rng(seed).permutation"}
     start = 0
@@ -70,33 +74,21 @@ def make_split(ids: list[str], seed: int = SPLIT_SEED, sizes: dict[str, int] | N
 
 def load_split(path: str | os.PathLike = SPLIT_FILE) -> dict:
     """The committed split: ``{"train": [...], "calibration": [...], "test": [...], ...}``."""
-    return json.loads(Path(path).read_text())
+    return read_json(path, what="hippocampus split")
 
 
-def load_nifti(path: str | os.PathLike, *, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D NIfTI with nibabel; returns ``(array in (x, y, z) order, 4x4 affine)``.
-
-    Raises ``ValueError`` for anything that is not a 3D volume (a 4D file, or a 3D file with a
-    trailing singleton axis is squeezed only when it is exactly ``(X, Y, Z, 1)``).
-    """
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    arr = np.asanyarray(img.dataobj)
-    if arr.ndim == 4 and arr.shape[3] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 3:
-        raise ValueError(
-            f"{what}: {Path(path).name} is {arr.ndim}D with shape {arr.shape}; expected a 3D volume"
-        )
-    return arr, np.asarray(img.affine, dtype=np.float64)
+def monai_transforms() -> ModuleType:
+    """``monai.transforms``, or the install hint naming the ``medical`` extra."""
+    try:
+        import monai.transforms as mt
+    except ImportError as exc:
+        raise missing_dependency("monai", "medical", "the 3D U-Net preprocessing") from exc
+    return mt
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
     """Per-case z-score over all voxels (MONAI ``NormalizeIntensity(nonzero=False)``), float32."""
-    from monai.transforms import NormalizeIntensity
-
-    out = NormalizeIntensity(nonzero=False)(np.asarray(image, dtype=np.float32))
+    out = monai_transforms().NormalizeIntensity(nonzero=False)(np.asarray(image, dtype=np.float32))
     return np.asarray(out, dtype=np.float32)
 
 
@@ -115,10 +107,8 @@ def pad_amounts(shape: tuple[int, ...], k: int = DIVISOR) -> list[tuple[int, int
 
 def pad_to_divisible(image: np.ndarray, k: int = DIVISOR) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Pad a (x, y, z) volume with zeros via MONAI ``DivisiblePad``; returns (padded, amounts)."""
-    from monai.transforms import DivisiblePad
-
     pads = pad_amounts(image.shape, k)
-    padded = np.asarray(DivisiblePad(k=k, method="symmetric")(image[None]))[0]
+    padded = np.asarray(monai_transforms().DivisiblePad(k=k, method="symmetric")(image[None]))[0]
     # keep our own record of where the volume sits, and check it agrees with MONAI
     expect = tuple(s + a + b for s, (a, b) in zip(image.shape, pads, strict=True))
     if padded.shape != expect:  # pragma: no cover - MONAI convention changed
@@ -137,16 +127,36 @@ def crop_back(arr: np.ndarray, pads: list[tuple[int, int]]) -> np.ndarray:
 
 def load_case(folder: str | os.PathLike, case: str) -> dict:
     """Image (float32, raw), label (int64), affine and shape of one case; checks they agree."""
-    from segcal.io.predictions import read_label
-
     folder = Path(folder)
     img, aff = load_nifti(folder / "imagesTr" / f"{case}.nii.gz", what="image")
     lab_path = folder / "labelsTr" / f"{case}.nii.gz"
     _, laff = load_nifti(lab_path, what="label")
     lab = read_label(lab_path)  # casts the two float32 label files, refuses non-integers
     if lab.shape != img.shape:
-        raise ValueError(f"{case}: label shape {lab.shape} differs from image shape {img.shape}")
+        raise InputError(f"{case}: label shape {lab.shape} differs from image shape {img.shape}")
     if not np.allclose(aff, laff, atol=1e-4):
-        raise ValueError(f"{case}: label affine differs from image affine")
+        raise InputError(f"{case}: label affine differs from image affine")
     return {"id": case, "image": np.asarray(img, dtype=np.float32), "label": lab.astype(np.int64),
             "affine": aff}
+
+
+__all__ = [
+    "CLASS_NAMES",
+    "DATASET_DIRNAME",
+    "DIVISOR",
+    "NUM_CLASSES",
+    "SPLIT_FILE",
+    "SPLIT_SEED",
+    "SPLIT_SIZES",
+    "case_ids",
+    "crop_back",
+    "dataset_dir",
+    "load_case",
+    "load_nifti",
+    "load_split",
+    "make_split",
+    "monai_transforms",
+    "normalise",
+    "pad_amounts",
+    "pad_to_divisible",
+]

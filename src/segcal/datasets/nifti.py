@@ -1,8 +1,8 @@
-"""NIfTI volumes (``.nii`` / ``.nii.gz``) and image/label volume pairs, via nibabel (optional).
+"""Image/label NIfTI volume pairs (``.nii`` / ``.nii.gz``) matched by stem.
 
-nibabel is imported lazily: only reading a volume needs it (``pip install 'segcal[nifti]'``).
-The MSD Task04 hippocampus layout (``imagesTr/``, ``labelsTr/``) is supported by
-:func:`nifti_pairs` and :func:`msd_hippocampus`.
+Volumes are read by :func:`segcal.io.nifti.load_nifti` (nibabel, optional: ``pip install
+'segcal[nifti]'``). The MSD Task04 hippocampus layout (``imagesTr/``, ``labelsTr/``) is supported
+by :func:`nifti_pairs` and :func:`msd_hippocampus`.
 """
 
 from __future__ import annotations
@@ -13,84 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-def _nibabel():
-    try:
-        import nibabel as nib
-    except ImportError as exc:
-        raise ImportError(
-            "reading NIfTI volumes needs nibabel: pip install 'segcal[nifti]'"
-        ) from exc
-    return nib
-
-
-def nifti_stem(name: str) -> str | None:
-    """``"case_001.nii.gz" -> "case_001"``; None if not a NIfTI file name."""
-    for suf in NIFTI_SUFFIXES:
-        if name.endswith(suf) and len(name) > len(suf):
-            return name[: -len(suf)]
-    return None
-
-
-def load_nifti(
-    path: str | os.PathLike, *, ndim: int | None = 3, dtype: np.dtype | type | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI volume; returns ``(array, affine (4, 4) float64)``.
-
-    Parameters
-    ----------
-    ndim
-        Required number of dimensions (3 by default; None accepts any).
-    dtype
-        Optional dtype to cast the data to.
-
-    Raises
-    ------
-    ImportError
-        If nibabel is not installed (with the install hint).
-    FileNotFoundError
-        If the file is missing.
-    ValueError
-        If the file cannot be read, or has the wrong number of dimensions (e.g. 4D where 3D is
-        expected).
-    """
-    path = Path(path)
-    if nifti_stem(path.name) is None:
-        raise ValueError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
-    if not path.is_file():
-        raise FileNotFoundError(f"NIfTI file not found: {path}")
-    nib = _nibabel()
-    try:
-        img = nib.load(str(path))
-        arr = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises several types for corrupt files
-        raise ValueError(f"cannot read NIfTI file {path}: {exc}") from exc
-    if ndim is not None and arr.ndim != ndim:
-        extra = ""
-        if arr.ndim == 4:
-            extra = " (a 4D volume: pass one channel/time point, or ndim=None to read it whole)"
-        raise ValueError(
-            f"NIfTI file {path} has shape {arr.shape} ({arr.ndim}D); expected a {ndim}D volume{extra}"
-        )
-    if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
-    return np.asarray(arr), np.asarray(img.affine, dtype=np.float64)
+from segcal.data import data_root
+from segcal.errors import InputError
+from segcal.io.arrays import read_label
+from segcal.io.files import check_stems_match, list_stems
+from segcal.io.nifti import NIFTI_SUFFIXES, load_nifti, nifti_header, nifti_stem
 
 
 def load_nifti_label(
     path: str | os.PathLike, *, ndim: int | None = 3
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read an integer label volume (float files holding exact integers are cast to int64)."""
-    arr, affine = load_nifti(path, ndim=ndim)
-    if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise ValueError(f"label volume {path} holds non-integer values ({arr.dtype})")
-        arr = arr.astype(np.int64)
-    elif arr.dtype.kind not in "iub":
-        raise ValueError(f"label volume {path} has dtype {arr.dtype}, expected integers")
-    return arr, affine
+    """Read an integer label volume with :func:`segcal.io.arrays.read_label` (float files
+    holding exact integers are cast to int64); returns ``(label, affine)``."""
+    shape, affine = nifti_header(path, what="label", ndim=ndim)
+    return read_label(path).reshape(shape), affine
 
 
 @dataclass(frozen=True)
@@ -123,11 +59,11 @@ def load_nifti_pair(
     img, aff_i = load_nifti(image_path)
     lab, aff_l = load_nifti_label(label_path)
     if img.shape != lab.shape:
-        raise ValueError(
+        raise InputError(
             f"label volume {label_path} has shape {lab.shape} but image {image_path} has {img.shape}"
         )
     if not np.allclose(aff_i, aff_l, atol=atol, rtol=0):
-        raise ValueError(
+        raise InputError(
             f"label volume {label_path} and image {image_path} have different affines "
             f"(max difference {np.abs(aff_i - aff_l).max():.3g}); they are not in the same space"
         )
@@ -135,8 +71,6 @@ def load_nifti_pair(
 
 
 def _nifti_files(folder: Path, what: str) -> dict[str, Path]:
-    from segcal.io.predictions import list_stems
-
     return list_stems(folder, NIFTI_SUFFIXES, what)
 
 
@@ -152,13 +86,11 @@ def nifti_pairs(
     """
     imgs = _nifti_files(Path(images), "images")
     if not imgs:
-        raise ValueError(f"images: no .nii/.nii.gz volumes found in {images}")
+        raise InputError(f"images: no .nii/.nii.gz volumes found in {images}")
     if labels is None:
         return [VolumeItem(s, p) for s, p in sorted(imgs.items())]
     labs = _nifti_files(Path(labels), "labels")
     if strict:
-        from segcal.io.predictions import check_stems_match
-
         check_stems_match(imgs, labs, f"images/labels: volume stems do not match ({images} vs {labels})",
                           "image(s) without a label", "label(s) without an image")
     return [VolumeItem(s, p, labs[s]) for s, p in sorted(imgs.items()) if s in labs]
@@ -171,10 +103,20 @@ def msd_hippocampus(root: str | os.PathLike | None = None) -> list[VolumeItem]:
     root).
     """
     if root is None:
-        from segcal.data import data_root
-
         root = data_root(required=True)
     root = Path(root)
     if not (root / "imagesTr").is_dir() and (root / "msd_task04_hippocampus").is_dir():
         root = root / "msd_task04_hippocampus"
     return nifti_pairs(root / "imagesTr", root / "labelsTr")
+
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "VolumeItem",
+    "load_nifti",
+    "load_nifti_label",
+    "load_nifti_pair",
+    "msd_hippocampus",
+    "nifti_pairs",
+    "nifti_stem",
+]

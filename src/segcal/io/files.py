@@ -1,20 +1,37 @@
-"""File plumbing shared by every reader and writer: atomic writes and the one JSON cleaner.
+"""File plumbing shared by every reader and writer (the ground floor of :mod:`segcal.io`).
 
-Every writer in segcal is atomic: data go to a temporary file in the destination folder that is
-renamed over the final name only once complete, so a failure never leaves a half-written file.
+* :func:`atomic_write` -- every writer in segcal is atomic: data go to a temporary file
+  ``.<name>.<random>.tmp`` in the destination folder that is renamed over the final name only
+  once complete, so a failure never leaves a half-written file; :func:`clean_temporary_files`
+  removes the ones a killed process left behind.
+* :func:`to_jsonable` -- the one JSON cleaner; :func:`read_json` -- the one JSON reader (errors
+  name the file).
+* :func:`list_stems` / :func:`check_stems_match` -- the one folder listing and stem matching.
+* :func:`load_npy` / :func:`load_npz` -- NumPy files read safely: no pickles, and a zero-byte,
+  truncated or corrupt file is an :class:`~segcal.errors.InputError` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import re
+import struct
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from segcal.errors import InputError
+
+#: the temporary files of :func:`atomic_write`: ``.<final name>.<random>.tmp``
+TEMPORARY_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
 
 
 @contextlib.contextmanager
@@ -82,4 +99,225 @@ def to_jsonable(
     return str(obj) if unknown == "str" else obj
 
 
-__all__ = ["atomic_write", "to_jsonable"]
+#: what reading a corrupt ``.npy`` / ``.npz`` can raise inside NumPy and zipfile
+NPY_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
+              NotImplementedError, struct.error, RuntimeError)  # fmt: skip
+
+
+def _npy_header(fh: IO[bytes]) -> tuple[tuple[int, ...], np.dtype] | None:
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:  # version 3 (utf-8 field names): leave the checks to numpy.load
+        return None
+    return tuple(int(s) for s in shape), np.dtype(dtype)
+
+
+def load_npy(path: str | os.PathLike, *, what: str = "array", mmap: bool = False) -> np.ndarray:
+    """Read a ``.npy`` file (memory-mapped read-only with ``mmap``); never unpickles.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file is missing.
+    InputError
+        Zero-byte, truncated (fewer bytes than its header promises), object arrays, or any other
+        undecodable file; the message names the file, what was found and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} not found")
+    size = path.stat().st_size
+    expected = "a NumPy .npy array file (numpy.save)"
+    if size == 0:
+        raise InputError(f"{what}: {path} is empty (0 bytes); expected {expected}")
+    try:
+        with open(path, "rb") as fh:
+            header = _npy_header(fh)
+            offset = fh.tell()
+    except NPY_ERRORS as exc:
+        raise InputError(f"{what}: cannot read {path} ({exc}); expected {expected}") from exc
+    if header is not None:
+        shape, dtype = header
+        if dtype.hasobject:
+            raise InputError(f"{what}: {path} holds Python objects ({dtype}); expected a numeric array")
+        need = offset + math.prod(shape) * dtype.itemsize
+        if size < need:
+            raise InputError(
+                f"{what}: {path} is truncated: {size} bytes, but its header describes a {dtype} "
+                f"array of shape {shape} ({need} bytes); expected the complete file"
+            )
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except NPY_ERRORS as exc:
+        raise InputError(f"{what}: cannot read {path} ({exc}); expected {expected}") from exc
+
+
+def load_npz(
+    path: str | os.PathLike, keys: tuple[str, ...], *, what: str = "array", hint: str = ""
+) -> tuple[np.ndarray, str]:
+    """Read the first of ``keys`` present in a ``.npz`` file; returns ``(array, key)``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file is missing.
+    InputError
+        Zero-byte, truncated or corrupt archive (bad zip, bad CRC, bad compressed data), none of
+        ``keys`` in it (``hint`` is appended), or a pickled member.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} not found")
+    expected = "a NumPy .npz archive (numpy.savez)"
+    if path.stat().st_size == 0:
+        raise InputError(f"{what}: {path} is empty (0 bytes); expected {expected}")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise InputError(f"{what}: {path} is a .npy array, not an archive; expected {expected}")
+        with z:
+            present = [k for k in keys if k in z.files]
+            if not present:
+                names = " or ".join(repr(k) for k in keys)
+                raise InputError(f"{what}: {path.name} has no {names} array (keys: {z.files}){hint}")
+            return np.asarray(z[present[0]]), present[0]
+    except InputError:
+        raise
+    except NPY_ERRORS as exc:
+        raise InputError(f"{what}: cannot read {path} ({type(exc).__name__}: {exc}); expected {expected}") from exc
+
+
+def clean_temporary_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``folder``; return them.
+
+    Only files named like :func:`atomic_write`'s own (``.<name>.<random>.tmp``) are touched; a
+    missing folder is not an error.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and TEMPORARY_FILE.match(p.name):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            removed.append(p)
+    return removed
+
+
+def read_json(path: str | os.PathLike, *, what: str = "JSON file", expect: type = dict) -> Any:
+    """Read a JSON file that must hold an ``expect`` (a dict by default).
+
+    Raises
+    ------
+    InputError
+        The file cannot be read, is not valid JSON, or holds another type; the message names the
+        file, what was found and what was expected.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what}: cannot read {path}: {exc}") from exc
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        found = "an empty file" if not text.strip() else f"invalid JSON ({exc})"
+        raise InputError(f"{what}: {path} holds {found}; expected a JSON {expect.__name__}") from exc
+    if not isinstance(value, expect):
+        raise InputError(
+            f"{what}: {path} holds a JSON {type(value).__name__}; expected a JSON {expect.__name__}"
+        )
+    return value
+
+
+def split_suffix(name: str, suffixes: tuple[str, ...], ignore_case: bool = False) -> tuple[str, str] | None:
+    """``(stem, suffix)`` of ``name`` for the first of ``suffixes`` it ends with, else None."""
+    test = name.lower() if ignore_case else name
+    for suf in suffixes:
+        if test.endswith(suf) and len(name) > len(suf):
+            return name[: -len(suf)], name[-len(suf):]
+    return None
+
+
+def list_stems(
+    folder: str | os.PathLike, suffixes: tuple[str, ...], what: str, *, ignore_case: bool = False
+) -> dict[str, Path]:
+    """Map stem -> path for the files of ``folder`` ending in one of ``suffixes`` (sorted).
+
+    The one folder-listing routine of segcal: multi-part suffixes (``.nii.gz``) are handled,
+    hidden files (including :func:`atomic_write`'s temporary files) and sub-folders skipped;
+    ``ignore_case`` matches ``.PNG`` as ``.png``.
+
+    Raises
+    ------
+    FileNotFoundError, NotADirectoryError
+        If ``folder`` is missing or not a folder (the message starts with ``what``).
+    InputError
+        If two files share a stem.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{what}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{what}: {folder} is not a folder")
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        split = split_suffix(p.name, suffixes, ignore_case)
+        if split is None:
+            continue
+        stem, _ = split
+        if stem in found:
+            raise InputError(
+                f"{what}: two files share the stem {stem!r} in {folder}: {found[stem].name}, {p.name}"
+            )
+        found[stem] = p
+    return found
+
+
+def check_stems_match(
+    left: dict[str, Path] | set[str],
+    right: dict[str, Path] | set[str],
+    header: str,
+    left_only: str,
+    right_only: str,
+) -> None:
+    """Raise an :class:`~segcal.errors.InputError` listing the stems present on one side only.
+
+    The message is ``"<header>; N <left_only>: a, b, ...; M <right_only>: ..."`` (10 stems shown
+    per side). The one stem-matching check of segcal (prediction/label folders, image/label
+    folders, NIfTI volume pairs).
+    """
+    only_l = sorted(set(left) - set(right))
+    only_r = sorted(set(right) - set(left))
+    if not (only_l or only_r):
+        return
+
+    def _fmt(xs: list[str]) -> str:
+        return ", ".join(xs[:10]) + (f" ... (+{len(xs) - 10} more)" if len(xs) > 10 else "")
+
+    msg = [header]
+    if only_l:
+        msg.append(f"{len(only_l)} {left_only}: {_fmt(only_l)}")
+    if only_r:
+        msg.append(f"{len(only_r)} {right_only}: {_fmt(only_r)}")
+    raise InputError("; ".join(msg))
+
+
+__all__ = [
+    "TEMPORARY_FILE",
+    "atomic_write",
+    "check_stems_match",
+    "clean_temporary_files",
+    "list_stems",
+    "load_npy",
+    "load_npz",
+    "read_json",
+    "split_suffix",
+    "to_jsonable",
+]

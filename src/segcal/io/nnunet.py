@@ -21,66 +21,149 @@ shape check cannot tell the orders apart); when a label header is given, its sha
 must agree with the geometry recorded in the properties, or reading fails with a message saying what
 disagrees.
 
-This module depends only on numpy and pickle. Properties are unpickled with a restricted
-unpickler that only admits builtins containers and numpy arrays/scalars, so a ``.pkl`` from
-elsewhere cannot run code.
+Properties are unpickled with a restricted unpickler that only admits builtins containers and
+numpy arrays/scalars, so a ``.pkl`` from elsewhere cannot run code; what it may build is capped
+(:data:`MAX_PROPERTIES_BYTES` read, :data:`MAX_PICKLED_ARRAY_BYTES` per array, no ``range``, no
+``bytes(n)``), so a tiny file cannot allocate a large amount of memory. A refused or corrupt
+``.pkl`` is an :class:`~segcal.errors.InputError` naming the file.
+
+:func:`read_aligned` / :func:`write_calibrated` line any 3D prediction (nnU-Net's or segcal's own
+``.npy`` written by :func:`segcal.pipeline.predict.predict_volumes`) up with a NIfTI label volume.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segcal.io.predictions import PredictionFolder, atomic_write, read_label
+from segcal.errors import InputError
+from segcal.io.arrays import label_geometry, read_label, read_prediction, write_prediction
+from segcal.io.files import atomic_write, load_npz
+from segcal.io.nifti import nifti_header
 
 PROBS_KEY = "probabilities"
+#: the largest properties file read (nnU-Net's are a few kB)
+MAX_PROPERTIES_BYTES = 4 * 2**20
+#: the largest array a properties file may build
+MAX_PICKLED_ARRAY_BYTES = 4 * 2**20
 
 # LPS (ITK) <-> RAS (nibabel) world coordinates
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _ALLOWED_GLOBALS = {
     ("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float",
-                              "complex", "bool", "str", "bytes", "slice", "range")
+                              "complex", "bool", "str", "slice")
 } | {
     ("collections", "OrderedDict"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 }
+_NUMPY_SCALARS = ("float32", "int32", "int16", "uint8", "uint16", "bool_")
 
 
-class NnUNetFormatError(ValueError):
+class NnUNetFormatError(InputError):
     """An nnU-Net prediction that segcal cannot line up safely with its label volume."""
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS or (module == "numpy" and name.endswith("64")) or (
-            module == "numpy" and name in ("float32", "int32", "int16", "uint8", "uint16", "bool_")
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"nnU-Net properties: refusing to unpickle {module}.{name} (only builtins and numpy "
-            "arrays/scalars are allowed)"
+class UnsafePickleError(InputError, pickle.UnpicklingError):
+    """A properties file asks for something the restricted unpickler does not build."""
+
+
+def _check_array_size(shape: Any, dtype: Any) -> None:
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not all(isinstance(d, int | np.integer) and d >= 0 for d in dims):
+        raise UnsafePickleError(f"an array of shape {shape!r}; expected non-negative integer sizes")
+    itemsize = np.dtype(dtype).itemsize if dtype is not None else 8
+    nbytes = math.prod(int(d) for d in dims) * max(itemsize, 1)
+    if nbytes > MAX_PICKLED_ARRAY_BYTES:
+        raise UnsafePickleError(
+            f"an array of shape {tuple(dims)} ({nbytes} bytes); at most {MAX_PICKLED_ARRAY_BYTES} "
+            "bytes are built from a properties file"
         )
 
 
-def read_properties(path: str | os.PathLike) -> dict[str, Any]:
-    """Unpickle an nnU-Net properties file (restricted to builtins and numpy types)."""
+def _capped_ndarray(shape: Any, dtype: Any = float, *args: Any, **kwargs: Any) -> np.ndarray:
+    _check_array_size(shape, dtype)
+    return np.ndarray(shape, dtype, *args, **kwargs)
+
+
+def _capped_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    if subtype is not _capped_ndarray and subtype is not np.ndarray:
+        raise UnsafePickleError(f"an array of type {subtype!r}; expected numpy.ndarray")
+    _check_array_size(shape, dtype)
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _plain_bytes(*args: Any) -> bytes:
+    if args and not isinstance(args[0], bytes | bytearray | str):
+        raise UnsafePickleError(f"bytes({type(args[0]).__name__}); only bytes copies are built")
+    return bytes(*args)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Callable[..., Any]:
+        if module.startswith("numpy") and name == "_reconstruct":
+            return _capped_reconstruct
+        if module == "numpy" and name == "ndarray":
+            return _capped_ndarray
+        if (module, name) == ("builtins", "bytes"):
+            return _plain_bytes
+        if (module, name) in _ALLOWED_GLOBALS or (module == "numpy" and name.endswith("64")) or (
+            module == "numpy" and name in _NUMPY_SCALARS
+        ):
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            f"refusing to unpickle {module}.{name} (only builtins and numpy arrays/scalars are allowed)"
+        )
+
+
+def unpickle_properties(data: bytes, path: str | os.PathLike) -> dict[str, Any]:
+    """Unpickle nnU-Net properties ``data`` (read from ``path``) with the restricted unpickler.
+
+    Raises
+    ------
+    UnsafePickleError
+        (an :class:`~segcal.errors.InputError` and a ``pickle.UnpicklingError``) for a global
+        outside the allow-list or an over-sized construction.
+    InputError
+        For a truncated or corrupt pickle, or one that does not hold a dict.
+    """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"nnU-Net properties {path} not found (expected next to the .npz)")
-    props = _SafeUnpickler(io.BytesIO(path.read_bytes())).load()
+    try:
+        props = _SafeUnpickler(io.BytesIO(data)).load()
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"nnU-Net properties {path}: {exc}") from exc
+    except Exception as exc:  # corrupt pickles raise a dozen types (EOFError, KeyError, ...)
+        raise InputError(
+            f"nnU-Net properties {path}: cannot unpickle ({type(exc).__name__}: {exc}); expected the "
+            "properties .pkl nnU-Net v2 writes next to each .npz"
+        ) from exc
     if not isinstance(props, dict):
         raise NnUNetFormatError(f"{path.name}: properties are a {type(props).__name__}, not a dict")
     return props
+
+
+def read_properties(path: str | os.PathLike) -> dict[str, Any]:
+    """Unpickle an nnU-Net properties file (restricted to builtins and numpy types, size-capped)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"nnU-Net properties {path} not found (expected next to the .npz)")
+    size = path.stat().st_size
+    if size > MAX_PROPERTIES_BYTES:
+        raise InputError(
+            f"nnU-Net properties {path}: {size} bytes; expected a properties file of at most "
+            f"{MAX_PROPERTIES_BYTES} bytes"
+        )
+    return unpickle_properties(path.read_bytes(), path)
 
 
 def properties_path(npz_path: str | os.PathLike) -> Path:
@@ -173,6 +256,19 @@ def geometry_from_properties(props: dict[str, Any]) -> NnUNetGeometry:
     )
 
 
+def checked_geometry(props: dict[str, Any], path: str | os.PathLike) -> NnUNetGeometry:
+    """:func:`geometry_from_properties`, with malformed entries refused naming the file."""
+    try:
+        return geometry_from_properties(props)
+    except NnUNetFormatError as exc:
+        raise NnUNetFormatError(f"{Path(path).name}: {exc}") from exc
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise NnUNetFormatError(
+            f"{Path(path).name}: malformed nnU-Net properties ({type(exc).__name__}: {exc}); expected "
+            "'shape_before_cropping' and 'sitk_stuff' (spacing, origin, direction) or 'nibabel_stuff'"
+        ) from exc
+
+
 def check_against_label(
     geom: NnUNetGeometry,
     label_shape: tuple[int, ...] | None = None,
@@ -216,15 +312,13 @@ def read_nnunet_prediction(
     against the properties; ``num_classes`` against the class axis.
     """
     npz_path = Path(npz_path)
-    props = read_properties(properties_path(npz_path))
-    geom = geometry_from_properties(props)
-    with np.load(npz_path, allow_pickle=False) as z:
-        if PROBS_KEY not in z.files:
-            raise NnUNetFormatError(
-                f"{npz_path.name}: no '{PROBS_KEY}' array (keys: {z.files}); expected an nnU-Net v2 "
-                "file written with --save_probabilities"
-            )
-        probs = z[PROBS_KEY]
+    props_path = properties_path(npz_path)
+    props = read_properties(props_path)
+    geom = checked_geometry(props, props_path)
+    probs, _ = load_npz(
+        npz_path, (PROBS_KEY,), what="pred",
+        hint="; expected an nnU-Net v2 file written with --save_probabilities",
+    )
     if probs.dtype.kind != "f":
         raise NnUNetFormatError(f"{npz_path.name}: probabilities have dtype {probs.dtype}, expected float")
     if probs.ndim != 4:
@@ -260,10 +354,10 @@ def write_nnunet_prediction(
     src = Path(source_npz)
     out_path = Path(out_path)
     if not out_path.name.endswith(".npz"):
-        raise ValueError(f"nnU-Net output must be a .npz file, got {out_path.name}")
-    pkl_bytes = properties_path(src).read_bytes()
-    props = _SafeUnpickler(io.BytesIO(pkl_bytes)).load()
-    geom = geometry_from_properties(props)
+        raise InputError(f"nnU-Net output must be a .npz file, got {out_path.name}")
+    pkl_path = properties_path(src)
+    pkl_bytes = pkl_path.read_bytes()
+    geom = checked_geometry(unpickle_properties(pkl_bytes, pkl_path), pkl_path)
     arr = np.asarray(probs_nibabel)
     if arr.ndim != 4 or tuple(arr.shape[1:]) != geom.nibabel_shape:
         raise NnUNetFormatError(
@@ -279,29 +373,6 @@ def write_nnunet_prediction(
     return out_path
 
 
-def label_header(label_path: str | os.PathLike) -> tuple[tuple[int, ...] | None, np.ndarray | None]:
-    """``(shape, affine)`` of a NIfTI label (nibabel, imported lazily); ``(shape, None)`` for others.
-
-    A 4D NIfTI (other than ``(X, Y, Z, 1)``) is refused.
-    """
-    p = Path(label_path)
-    if not p.name.endswith((".nii.gz", ".nii")):
-        if p.name.endswith(".npy"):
-            return tuple(np.load(p, mmap_mode="r", allow_pickle=False).shape), None
-        return None, None
-    try:
-        import nibabel as nib
-    except ImportError as exc:  # pragma: no cover - depends on extras
-        raise ImportError("reading NIfTI labels needs nibabel: pip install 'segcal[nifti]'") from exc
-    img = nib.load(str(p))
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise ValueError(f"labels: {p.name} is {len(shape)}D with shape {shape}; expected a 3D volume")
-    return shape, np.asarray(img.affine, dtype=np.float64)
-
-
 def read_nnunet_item(
     pred_path: str | os.PathLike,
     label_path: str | os.PathLike | None = None,
@@ -313,7 +384,7 @@ def read_nnunet_item(
     The label (if given) is read with ``segcal.io.read_label`` after its header has been checked
     against the properties (shape and, for NIfTI, affine).
     """
-    shape, affine = (None, None) if label_path is None else label_header(label_path)
+    shape, affine = (None, None) if label_path is None else label_geometry(label_path)
     probs, _, _ = read_nnunet_prediction(
         pred_path, label_shape=shape, label_affine=affine, num_classes=num_classes
     )
@@ -323,10 +394,6 @@ def read_nnunet_item(
         if label.ndim == 4 and label.shape[3] == 1:
             label = label[..., 0]
     return probs, label
-
-
-#: kept for backwards compatibility: ``PredictionFolder.read`` handles nnU-Net cases itself
-NnUNetAwareFolder = PredictionFolder
 
 
 def write_like_source(
@@ -340,17 +407,115 @@ def write_like_source(
     """Drop-in for ``write_prediction`` in ``segcal apply``: keep an nnU-Net source's format.
 
     For an nnU-Net source (``.npz`` + ``.pkl``) ``array`` must be probabilities in nibabel order
-    (what ``NnUNetAwareFolder.read`` gave); it is written with ``write_nnunet_prediction`` (float32,
+    (what ``PredictionFolder.read`` gave); it is written with ``write_nnunet_prediction`` (float32,
     source axis order, ``.pkl`` copied). Asking for logits there raises: nnU-Net's format holds
     probabilities only. Anything else goes to ``write_prediction(out_path, array, key, dtype)``.
     """
-    from segcal.io.predictions import write_prediction
-
     if is_nnunet_prediction(source_path):
         if key not in (None, PROBS_KEY):
-            raise ValueError(
+            raise InputError(
                 f"{Path(source_path).name}: nnU-Net prediction files hold probabilities only; "
                 f"cannot write {key!r} in that format (use --output probs)"
             )
         return write_nnunet_prediction(out_path, array, source_path)
     return write_prediction(out_path, array, key=key, dtype=dtype)
+
+
+def read_label_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A 3D integer label NIfTI as ``(label (X, Y, Z) int64, affine)``; 4D files are refused."""
+    shape, affine = nifti_header(path, what="label")
+    lab = read_label(path)
+    return lab.reshape(shape).astype(np.int64, copy=False), affine
+
+
+def _check_classes(arr: np.ndarray, num_classes: int | None, name: str) -> None:
+    if num_classes is not None and arr.shape[0] != num_classes:
+        raise InputError(f"{name}: {arr.shape[0]} classes in the prediction, expected {num_classes}")
+
+
+def read_aligned(
+    pred_path: str | os.PathLike,
+    label_path: str | os.PathLike,
+    *,
+    num_classes: int | None = None,
+    folder_meta: dict[str, Any] | None = None,
+    atol: float = 1e-3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prediction ``(C, X, Y, Z)`` and label ``(X, Y, Z)`` int64 on the same voxel grid, checked.
+
+    * nnU-Net ``.npz`` + ``.pkl``: transposed using the properties, checked against the label's
+      shape and affine (:class:`NnUNetFormatError` when they disagree).
+    * segcal ``.npy``/``.npz``: shape must equal the label's; if ``folder_meta['cases'][stem]``
+      records an affine (``predict_volumes`` does), it must match the label's.
+
+    Every disagreement (shape, affine, class count, dimensionality) is an
+    :class:`~segcal.errors.InputError` naming the file and both values.
+    """
+    pred_path, label_path = Path(pred_path), Path(label_path)
+    shape, affine = nifti_header(label_path, what="label")
+    if is_nnunet_prediction(pred_path):
+        pred, _, _ = read_nnunet_prediction(
+            pred_path, label_shape=shape, label_affine=affine, num_classes=num_classes
+        )
+    else:
+        pred, _ = read_prediction(pred_path)
+        if pred.ndim != 4:
+            raise InputError(
+                f"{pred_path.name}: prediction has shape {pred.shape}; expected (C, X, Y, Z) for a 3D volume"
+            )
+        _check_classes(pred, num_classes, pred_path.name)
+        if tuple(pred.shape[1:]) != shape:
+            raise InputError(
+                f"{pred_path.name}: prediction spatial shape {tuple(pred.shape[1:])} differs from "
+                f"label {label_path.name} shape {shape}"
+            )
+        stem = pred_path.name.rsplit(".", 1)[0]
+        rec = (folder_meta or {}).get("cases", {}).get(stem)
+        if rec is not None and rec.get("affine") is not None:
+            paff = np.asarray(rec["affine"], dtype=np.float64)
+            if not np.allclose(paff, affine, atol=atol):
+                raise InputError(
+                    f"{pred_path.name}: prediction affine (segcal.json) differs from label "
+                    f"{label_path.name} affine:\n{np.round(paff, 4)}\nvs\n{np.round(affine, 4)}"
+                )
+    label = read_label_volume(label_path)[0]
+    return pred, label
+
+
+def write_calibrated(
+    out_dir: str | os.PathLike, stem: str, probs: np.ndarray, source_path: str | os.PathLike
+) -> Path:
+    """Write calibrated ``(C, X, Y, Z)`` probabilities in the source's format.
+
+    nnU-Net source -> ``out_dir/<stem>.npz`` (key ``probabilities``, nnU-Net axis order, float32) and
+    ``<stem>.pkl`` copied; otherwise -> ``out_dir/<stem>.npz`` with key ``probabilities`` in
+    nibabel order (segcal format).
+    """
+    out = Path(out_dir) / f"{stem}.npz"
+    if is_nnunet_prediction(source_path):
+        return write_nnunet_prediction(out, probs, source_path)
+    return write_prediction(out, probs, key="probabilities", dtype=np.float32)
+
+
+__all__ = [
+    "MAX_PICKLED_ARRAY_BYTES",
+    "MAX_PROPERTIES_BYTES",
+    "PROBS_KEY",
+    "NnUNetFormatError",
+    "NnUNetGeometry",
+    "UnsafePickleError",
+    "check_against_label",
+    "checked_geometry",
+    "geometry_from_properties",
+    "is_nnunet_prediction",
+    "properties_path",
+    "read_aligned",
+    "read_label_volume",
+    "read_nnunet_item",
+    "read_nnunet_prediction",
+    "read_properties",
+    "unpickle_properties",
+    "write_calibrated",
+    "write_like_source",
+    "write_nnunet_prediction",
+]

@@ -5,19 +5,26 @@ A *prediction folder* holds one file per image or volume; the file stem is the i
 * ``<stem>.npy`` -- a ``(C, *spatial)`` array of logits (float16 is the recommended storage
   dtype; any float dtype is read). Read memory-mapped, so a volume is never copied whole.
 * ``<stem>.npz`` -- key ``logits`` or ``probabilities`` (the latter is what nnU-Net v2 writes with
-  ``--save_probabilities``; a ``<stem>.pkl`` properties file next to it is left alone here).
-* ``segcal.json`` (optional) -- folder metadata: ``{"format": "segcal-predictions", "version": 1,
-  "input_type": "logits" | "probs", "num_classes": C, ...}``. ``write_prediction`` keeps it.
+  ``--save_probabilities``; a ``<stem>.pkl`` properties file next to it is read by
+  :mod:`segcal.io.nnunet`).
+* ``segcal.json`` (optional for folders written elsewhere) -- the manifest: ``{"format":
+  "segcal-predictions", "version": 1, "input_type": "logits" | "probs", "num_classes": C,
+  "complete": true | false, ...}``.
 
 A *label folder* holds ``<stem>.png`` (8/16-bit grey or palette indices), ``<stem>.npy``,
 ``<stem>.nii.gz`` or ``<stem>.nii`` integer label maps with the predictions' spatial shape.
 
-Every writer is atomic: data go to a temporary file in the destination folder that is renamed
-over the final name only once complete, so a failure never leaves a half-written file.
+Folder integrity: a writer opens the folder with :func:`begin_folder` (which removes the
+temporary files an interrupted run left and writes the manifest first, marked
+``"complete": false``, with ``input_type`` and the rest) and closes it with :func:`finish_folder`
+(``"complete": true``) once every file is written; :func:`writing_folder` does both around a
+block. :class:`PredictionFolder` refuses a folder whose manifest says it is incomplete, so an
+interrupted ``segcal apply --output probs`` is never read back as logits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -27,21 +34,29 @@ from typing import Any
 
 import numpy as np
 
-from segcal.io.files import atomic_write
+from segcal.errors import InputError
+from segcal.io.arrays import (
+    LABEL_SUFFIXES,
+    PREDICTION_SUFFIXES,
+    find_label_files,
+    label_geometry,
+    read_label,
+    read_prediction,
+    write_prediction,
+)
+from segcal.io.files import (
+    atomic_write,
+    check_stems_match,
+    clean_temporary_files,
+    list_stems,
+    read_json,
+)
+from segcal.io.nifti import is_nifti
+from segcal.io.nnunet import is_nnunet_prediction, read_nnunet_item
 
-PREDICTION_SUFFIXES = (".npy", ".npz")
-LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".npy")
 META_NAME = "segcal.json"
 FORMAT_NAME = "segcal-predictions"
 FORMAT_VERSION = 1
-
-
-def _split_suffix(name: str, suffixes: tuple[str, ...], ignore_case: bool = False) -> tuple[str, str] | None:
-    test = name.lower() if ignore_case else name
-    for suf in suffixes:
-        if test.endswith(suf) and len(name) > len(suf):
-            return name[: -len(suf)], name[-len(suf):]
-    return None
 
 
 @dataclass(frozen=True)
@@ -53,56 +68,23 @@ class PredictionItem:
     label_path: Path | None = None
 
 
-def list_stems(
-    folder: str | os.PathLike, suffixes: tuple[str, ...], what: str, *, ignore_case: bool = False
-) -> dict[str, Path]:
-    """Map stem -> path for the files of ``folder`` ending in one of ``suffixes`` (sorted).
-
-    The one folder-listing routine of segcal: multi-part suffixes (``.nii.gz``) are handled,
-    hidden files and sub-folders skipped; ``ignore_case`` matches ``.PNG`` as ``.png``.
+def read_folder_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """Return the folder's ``segcal.json`` manifest, or ``{}`` when absent.
 
     Raises
     ------
-    FileNotFoundError, NotADirectoryError
-        If ``folder`` is missing or not a folder (the message starts with ``what``).
-    ValueError
-        If two files share a stem.
+    InputError
+        The manifest is not valid JSON, not a JSON object, or names another format.
     """
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"{what}: folder {folder} does not exist")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{what}: {folder} is not a folder")
-    found: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
-            continue
-        split = _split_suffix(p.name, suffixes, ignore_case)
-        if split is None:
-            continue
-        stem, _ = split
-        if stem in found:
-            raise ValueError(f"{what}: two files share the stem {stem!r} in {folder}: {found[stem].name}, {p.name}")
-        found[stem] = p
-    return found
-
-
-_list_stems = list_stems
-
-
-def find_label_files(folder: str | os.PathLike) -> dict[str, Path]:
-    """Map stem -> label file for every label map in ``folder``."""
-    return _list_stems(Path(folder), LABEL_SUFFIXES, "labels")
-
-
-def read_folder_meta(folder: str | os.PathLike) -> dict[str, Any]:
-    """Return the folder's ``segcal.json`` metadata, or ``{}`` when absent."""
     p = Path(folder) / META_NAME
     if not p.exists():
         return {}
-    meta = json.loads(p.read_text())
+    meta = read_json(p, what="prediction folder manifest")
     if meta.get("format") not in (None, FORMAT_NAME):
-        raise ValueError(f"{p}: not a segcal prediction folder (format={meta.get('format')!r})")
+        raise InputError(
+            f"{p}: not a segcal prediction folder (format={meta.get('format')!r}); expected "
+            f"format {FORMAT_NAME!r}"
+        )
     return meta
 
 
@@ -117,6 +99,52 @@ def write_folder_meta(folder: str | os.PathLike, **meta: Any) -> None:
         json.dump(cur, fh, indent=2, sort_keys=True)
 
 
+def begin_folder(folder: str | os.PathLike, **meta: Any) -> Path:
+    """Open ``folder`` for writing predictions: the manifest first, marked incomplete.
+
+    Removes the temporary files an interrupted writer left (``.<name>.<random>.tmp``), then
+    writes (merges) ``segcal.json`` with ``meta`` (``input_type``, ``num_classes``, ...) and
+    ``"complete": false``. Call :func:`finish_folder` once every file is written.
+
+    Raises
+    ------
+    InputError
+        If ``folder`` exists and is not a folder.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out: {folder} exists and is not a folder; expected a folder to write into")
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_temporary_files(folder)
+    write_folder_meta(folder, **meta, complete=False)
+    return folder
+
+
+def finish_folder(folder: str | os.PathLike, **meta: Any) -> None:
+    """Mark ``folder`` complete (merging ``meta`` into its manifest): the last write of a run."""
+    write_folder_meta(folder, **meta, complete=True)
+
+
+@contextlib.contextmanager
+def writing_folder(folder: str | os.PathLike, **meta: Any) -> Iterator[Path]:
+    """``with writing_folder(out, input_type="probs", ...) as out:`` -- :func:`begin_folder` on
+    entry, :func:`finish_folder` when the block ends without an error (an error leaves the
+    manifest marked incomplete)."""
+    path = begin_folder(folder, **meta)
+    yield path
+    finish_folder(path)
+
+
+def check_complete(folder: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Refuse a folder whose manifest records an unfinished write."""
+    if meta.get("complete") is False:
+        raise InputError(
+            f"pred: {folder} is incomplete: its {META_NAME} records that the command writing it "
+            "(segcal predict / apply) did not finish; run that command again with the same --out "
+            "to redo it (or delete the folder)"
+        )
+
+
 class PredictionFolder:
     """A folder of per-image predictions, optionally paired with a label folder.
 
@@ -125,11 +153,16 @@ class PredictionFolder:
     pred_dir
         Folder of ``.npy`` / ``.npz`` predictions.
     label_dir
-        Optional folder of label maps with matching stems. Stems present on one side only raise a
-        ``ValueError`` that lists them (``strict=True``, the default).
+        Optional folder of label maps with matching stems. Stems present on one side only raise an
+        ``InputError`` that lists them (``strict=True``, the default).
     input_type
         ``"logits"`` or ``"probs"``; ``None`` takes the folder metadata, then the ``.npz`` key,
         and defaults to logits.
+
+    Raises
+    ------
+    InputError
+        No predictions, mismatched stems, an invalid manifest, or a manifest marked incomplete.
     """
 
     def __init__(
@@ -143,9 +176,12 @@ class PredictionFolder:
         self.pred_dir = Path(pred_dir)
         self.label_dir = Path(label_dir) if label_dir is not None else None
         self.meta = read_folder_meta(self.pred_dir)
+        check_complete(self.pred_dir, self.meta)
+        if not list_stems(self.pred_dir, PREDICTION_SUFFIXES, "pred"):
+            raise InputError(f"pred: no .npy/.npz predictions found in {self.pred_dir}")
         self.items = pair_folders(self.pred_dir, self.label_dir, strict=strict)
         if not self.items:
-            raise ValueError(f"pred: no .npy/.npz predictions found in {self.pred_dir}")
+            raise InputError(f"pred: no prediction in {self.pred_dir} has a label in {self.label_dir}")
         self._input_type = input_type
 
     def __len__(self) -> int:
@@ -164,64 +200,48 @@ class PredictionFolder:
             return "probs"
         return "logits"
 
+    def _check_label_affine(self, item: PredictionItem) -> None:
+        """A NIfTI label against the affine ``predict_volumes`` recorded for the case."""
+        rec = self.meta.get("cases", {}).get(item.stem) if isinstance(self.meta.get("cases"), dict) else None
+        if item.label_path is None or not is_nifti(item.label_path) or not rec or rec.get("affine") is None:
+            return
+        _, affine = label_geometry(item.label_path)
+        paff = np.asarray(rec["affine"], dtype=np.float64)
+        if affine is not None and (paff.shape != (4, 4) or not np.allclose(paff, affine, atol=1e-3)):
+            raise InputError(
+                f"labels: {item.label_path.name} has affine\n{np.round(affine, 4)}\nbut prediction "
+                f"{item.path.name} was made on a volume with affine ({META_NAME})\n{np.round(paff, 4)}"
+                "\nThey are not the same voxel grid; expected the label of the predicted volume"
+            )
+
     def read(self, item: PredictionItem) -> tuple[np.ndarray, np.ndarray | None, str]:
         """Read one item: ``(scores (C, *spatial), labels (*spatial) or None, input_type)``.
 
         An nnU-Net v2 case (``.npz`` with a ``.pkl`` properties file beside it) is read through
         :mod:`segcal.io.nnunet`, which lines its ``(C, z, y, x)`` probabilities up with the
-        nibabel-ordered labels from the properties (never by guessing from shapes).
+        nibabel-ordered labels from the properties (never by guessing from shapes). A NIfTI
+        label of a folder written by ``predict_volumes`` is checked against the recorded affine.
         """
-        if item.path.suffix == ".npz":
-            from segcal.io.nnunet import is_nnunet_prediction, read_nnunet_item
-
-            if is_nnunet_prediction(item.path):
-                nc = self.meta.get("num_classes")
-                probs, labels = read_nnunet_item(
-                    item.path, item.label_path, num_classes=None if nc is None else int(nc)
-                )
-                return probs, labels, self._input_type or "probs"
+        if item.path.suffix == ".npz" and is_nnunet_prediction(item.path):
+            nc = self.meta.get("num_classes")
+            probs, labels = read_nnunet_item(
+                item.path, item.label_path, num_classes=None if nc is None else int(nc)
+            )
+            return probs, labels, self._input_type or "probs"
         scores, key = read_prediction(item.path)
         labels = read_label(item.label_path) if item.label_path is not None else None
         if labels is not None and tuple(labels.shape) != tuple(scores.shape[1:]):
-            raise ValueError(
+            raise InputError(
                 f"labels: {item.label_path.name} has shape {tuple(labels.shape)} but prediction "
                 f"{item.path.name} has spatial shape {tuple(scores.shape[1:])}"
             )
+        self._check_label_affine(item)
         return scores, labels, self.input_type_of(key)
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, str]]:
         for it in self.items:
             scores, labels, itype = self.read(it)
             yield it.stem, scores, labels, itype
-
-
-def check_stems_match(
-    left: dict[str, Path] | set[str],
-    right: dict[str, Path] | set[str],
-    header: str,
-    left_only: str,
-    right_only: str,
-) -> None:
-    """Raise a ``ValueError`` listing the stems present on one side only.
-
-    The message is ``"<header>; N <left_only>: a, b, ...; M <right_only>: ..."`` (10 stems shown
-    per side). The one stem-matching check of segcal (prediction/label folders, image/label
-    folders, NIfTI volume pairs).
-    """
-    only_l = sorted(set(left) - set(right))
-    only_r = sorted(set(right) - set(left))
-    if not (only_l or only_r):
-        return
-
-    def _fmt(xs: list[str]) -> str:
-        return ", ".join(xs[:10]) + (f" ... (+{len(xs) - 10} more)" if len(xs) > 10 else "")
-
-    msg = [header]
-    if only_l:
-        msg.append(f"{len(only_l)} {left_only}: {_fmt(only_l)}")
-    if only_r:
-        msg.append(f"{len(only_r)} {right_only}: {_fmt(only_r)}")
-    raise ValueError("; ".join(msg))
 
 
 def pair_folders(
@@ -231,10 +251,10 @@ def pair_folders(
 
     Raises
     ------
-    ValueError
+    InputError
         When ``strict`` and some stems are present on one side only; the message lists them.
     """
-    preds = _list_stems(Path(pred_dir), PREDICTION_SUFFIXES, "pred")
+    preds = list_stems(Path(pred_dir), PREDICTION_SUFFIXES, "pred")
     if label_dir is None:
         return [PredictionItem(s, p) for s, p in sorted(preds.items())]
     labels = find_label_files(label_dir)
@@ -244,80 +264,25 @@ def pair_folders(
     return [PredictionItem(s, p, labels[s]) for s, p in sorted(preds.items()) if s in labels]
 
 
-def read_prediction(path: str | os.PathLike) -> tuple[np.ndarray, str | None]:
-    """Read a ``.npy`` (memory-mapped) or ``.npz`` prediction; returns ``(array, npz_key)``."""
-    path = Path(path)
-    if path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        key = None
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            keys = [k for k in ("logits", "probabilities") if k in z.files]
-            if not keys:
-                raise ValueError(f"pred: {path.name} has no 'logits' or 'probabilities' array (keys: {z.files})")
-            key = keys[0]
-            arr = z[key]
-    else:
-        raise ValueError(f"pred: unsupported prediction file {path.name}; expected .npy or .npz")
-    if arr.dtype.kind != "f":
-        raise TypeError(f"pred: {path.name} holds {arr.dtype}, expected floating logits or probabilities")
-    if arr.ndim < 2:
-        raise ValueError(f"pred: {path.name} has shape {arr.shape}, expected (C, *spatial)")
-    return arr, key
-
-
-def read_label(path: str | os.PathLike) -> np.ndarray:
-    """Read a label map (``.png``, ``.npy``, ``.nii``/``.nii.gz``) as an integer array.
-
-    Float label files holding exact integers (some NIfTI label maps) are cast; others raise.
-    """
-    path = Path(path)
-    name = path.name
-    if name.endswith(".png"):
-        from PIL import Image
-
-        with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16", "1"):
-                raise ValueError(f"labels: {name} is a {im.mode} image; expected a single-channel label map")
-            arr = np.asarray(im)
-    elif name.endswith(".npy"):
-        arr = np.load(path, allow_pickle=False)
-    elif name.endswith((".nii.gz", ".nii")):
-        try:
-            import nibabel as nib
-        except ImportError as exc:  # pragma: no cover - depends on extras
-            raise ImportError("reading NIfTI labels needs nibabel: pip install 'segcal[nifti]'") from exc
-        img = nib.load(str(path))
-        arr = np.asanyarray(img.dataobj)
-    else:
-        raise ValueError(f"labels: unsupported label file {name}; expected .png, .npy, .nii or .nii.gz")
-    if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise TypeError(f"labels: {name} holds non-integer values ({arr.dtype})")
-        arr = arr.astype(np.int64)
-    elif arr.dtype.kind not in "iub":
-        raise TypeError(f"labels: {name} has dtype {arr.dtype}, expected integers")
-    return arr
-
-
-def write_prediction(
-    path: str | os.PathLike, array: Any, *, key: str | None = None, dtype: Any = np.float16
-) -> Path:
-    """Write one ``(C, *spatial)`` prediction atomically.
-
-    ``.npy`` stores the raw array; ``.npz`` stores it compressed under ``key`` (``logits`` by default,
-    ``probabilities`` for nnU-Net-style files). ``dtype=None`` keeps the array's dtype.
-    """
-    path = Path(path)
-    arr = np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)
-    if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
-    if path.suffix == ".npy":
-        with atomic_write(path) as fh:
-            np.save(fh, arr, allow_pickle=False)
-    elif path.suffix == ".npz":
-        with atomic_write(path) as fh:
-            np.savez_compressed(fh, **{key or "logits": arr})
-    else:
-        raise ValueError(f"write_prediction: unsupported suffix {path.suffix!r}; use .npy or .npz")
-    return path
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "LABEL_SUFFIXES",
+    "META_NAME",
+    "PREDICTION_SUFFIXES",
+    "PredictionFolder",
+    "PredictionItem",
+    "begin_folder",
+    "check_complete",
+    "check_stems_match",
+    "find_label_files",
+    "finish_folder",
+    "list_stems",
+    "pair_folders",
+    "read_folder_meta",
+    "read_label",
+    "read_prediction",
+    "write_folder_meta",
+    "write_prediction",
+    "writing_folder",
+]

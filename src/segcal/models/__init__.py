@@ -1,4 +1,5 @@
-"""Segmentation models for ``segcal predict``: a registry, the ESPNet port, class mappings.
+"""Segmentation models for ``segcal predict``: a registry, the ESPNet port, class mappings and
+the reference 3D U-Net (``unet3d-hippocampus``).
 
 Used by the pipeline only; nothing below ``segcal.pipeline`` imports this package.
 """
@@ -16,17 +17,22 @@ from segcal.models.registry import (
     unregister_model,
     use_channels_last,
 )
+from segcal.models.unet3d import MODEL_NAME as UNET3D_MODEL_NAME
+from segcal.models.unet3d import build_unet, load_unet3d_hippocampus
 
 __all__ = [
+    "UNET3D_MODEL_NAME",
     "ClassMapping",
     "ESPNet",
     "LoadedModel",
     "MappedModel",
     "ModelSpec",
     "available_models",
+    "build_unet",
     "create_model",
     "get_spec",
     "load_espnet",
+    "load_unet3d_hippocampus",
     "preprocess_bgr",
     "register_model",
     "resolve_device",

@@ -14,6 +14,9 @@ Built-ins (weights under ``<data root>/espnet``, see ``segcal.data.data_root``):
   the authors' extra background class 19).
 * ``espnet-cityscapes-camvid`` -- the Cityscapes model followed by the Cityscapes->CamVid
   :class:`~segcal.models.mapping.ClassMapping`, 11 CamVid-class logits (domain shift case).
+* ``unet3d-hippocampus`` -- the reference 3D U-Net of :mod:`segcal.models.unet3d` (committed
+  weights; building it needs MONAI, ``segcal[medical]``). Its inputs are 3D volumes, which
+  ``segcal predict`` sends to :func:`segcal.pipeline.predict.predict_volumes`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from segcal.data import data_root as find_data_root
+from segcal.datasets.hippocampus import CLASS_NAMES as HIPPOCAMPUS_CLASSES
 from segcal.models.espnet import (
     CAMVID_CLASSES,
     CAMVID_MEAN_BGR,
@@ -40,6 +45,9 @@ from segcal.models.espnet import (
     preprocess_bgr,
 )
 from segcal.models.mapping import ClassMapping, MappedModel
+from segcal.models.unet3d import MODEL_DESCRIPTION as UNET3D_DESCRIPTION
+from segcal.models.unet3d import MODEL_NAME as UNET3D_NAME
+from segcal.models.unet3d import preprocess_volume, unet3d_factory
 
 Preprocess = Callable[[np.ndarray], torch.Tensor]
 
@@ -257,9 +265,7 @@ def default_preprocess(image: np.ndarray) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- built-in ESPNets
 def _espnet_weights(data_root: str | Path | None, filename: str) -> Path:
-    from segcal.data import data_root as _resolve
-
-    root = _resolve(data_root, required=True)
+    root = find_data_root(data_root, required=True)
     path = Path(root) / "espnet" / filename
     if not path.is_file():
         raise FileNotFoundError(
@@ -314,4 +320,13 @@ register_model(
         "Cityscapes ESPNet mapped to the 11 CamVid classes (logsumexp within groups, "
         "background dropped); CamVid void = 11 is ignored"
     ),
+)
+register_model(
+    UNET3D_NAME,
+    unet3d_factory,
+    num_classes=len(HIPPOCAMPUS_CLASSES),
+    class_names=HIPPOCAMPUS_CLASSES,
+    ignore_index=None,
+    preprocess=preprocess_volume,
+    description=UNET3D_DESCRIPTION,
 )

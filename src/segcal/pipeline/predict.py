@@ -1,19 +1,34 @@
-"""Run a registered segmentation model over an image folder and write a prediction folder.
+"""Run a segmentation model and write a prediction folder: 2D image folders and 3D volumes.
 
-The output is the format of :mod:`segcal.io.predictions`: one ``<stem>.npy`` ``(C, H, W)`` logits
-file per image (float16 by default, written atomically) and a ``segcal.json`` describing the
-folder (``input_type="logits"``, ``num_classes``, ``class_names``, ``ignore_index``, ``model``).
+The output is the format of :mod:`segcal.io.predictions`: one ``<stem>.npy`` logits file per
+image or volume (float16 by default, written atomically) and a ``segcal.json`` manifest written
+first marked incomplete and finalised last (:func:`segcal.io.predictions.begin_folder` /
+``finish_folder``), so an interrupted run is never read back as a complete folder.
+
+* :func:`predict_folder` -- a registered 2D model over an image folder: ``(C, H, W)`` logits;
+  the manifest records ``input_type="logits"``, ``num_classes``, ``class_names``,
+  ``ignore_index``, ``model``.
+* :func:`predict_volumes` -- the reference 3D U-Net (``unet3d-hippocampus``) over NIfTI volumes:
+  ``(3, X, Y, Z)`` logits in nibabel's (x, y, z) voxel order, voxel-aligned with the input NIfTI
+  (and hence with its label map); the manifest records ``axis_order: "xyz (nibabel)"`` and, per
+  case, the input's shape and affine (``cases``), so a reader can check a label volume against
+  it. ``python -m segcal.pipeline.predict --images DIR --out DIR`` runs it without the CLI.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from segcal.datasets import (
     SegItem,
@@ -24,7 +39,14 @@ from segcal.datasets import (
     load_label,
     resolve_images,
 )
-from segcal.io.predictions import read_folder_meta, write_folder_meta, write_prediction
+from segcal.datasets.hippocampus import CLASS_NAMES as HIPPOCAMPUS_CLASSES
+from segcal.datasets.hippocampus import DIVISOR, crop_back, normalise, pad_to_divisible
+from segcal.errors import InputError
+from segcal.io.nifti import load_nifti, nifti_stem
+from segcal.io.predictions import begin_folder, finish_folder, read_folder_meta, write_prediction
+from segcal.models import LoadedModel, create_model
+from segcal.models.unet3d import MODEL_NAME as UNET3D_NAME
+from segcal.models.unet3d import load_unet3d_hippocampus
 
 #: ``transform(image_uint8 (H, W, 3), stem) -> image_uint8 (H, W, 3)``, applied before preprocessing
 Transform = Callable[[np.ndarray, str], np.ndarray]
@@ -105,16 +127,12 @@ def predict_folder(
     PredictResult
         The output folder, stems written, and the wall time.
     """
-    from tqdm.auto import tqdm
-
-    from segcal.models import LoadedModel, create_model
-
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise InputError(f"limit must be >= 1, got {limit}")
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if transform is not None and not callable(transform):
         raise TypeError("transform must be a callable transform(image_uint8, stem) -> image_uint8")
 
@@ -129,9 +147,9 @@ def predict_folder(
     else:
         items = list(images)
         if labels is not None:
-            raise ValueError("labels: pass label paths inside the SegItems when images is a list")
+            raise InputError("labels: pass label paths inside the SegItems when images is a list")
         if not items:
-            raise ValueError("images: the item list is empty")
+            raise InputError("images: the item list is empty")
     items = sorted(items, key=lambda it: it.stem)
     if limit is not None:
         items = items[:limit]
@@ -139,18 +157,18 @@ def predict_folder(
     # ---- model
     lm = model if isinstance(model, LoadedModel) else create_model(model, data_root, device)
 
-    # ---- output folder
+    # ---- output folder: the manifest first, marked incomplete
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out: {out_dir} exists and is not a folder")
     old = read_folder_meta(out_dir) if out_dir.is_dir() else {}
     if old and not overwrite:
         if old.get("model") != lm.name or old.get("num_classes") != lm.num_classes:
-            raise ValueError(
+            raise InputError(
                 f"--out: {out_dir} already holds predictions of model {old.get('model')!r} "
                 f"({old.get('num_classes')} classes); use a new folder or --overwrite"
             )
-    write_folder_meta(
+    begin_folder(
         out_dir,
         input_type="logits",
         num_classes=lm.num_classes,
@@ -209,8 +227,153 @@ def predict_folder(
         flush()
         bar.update(n)
     res.seconds = time.perf_counter() - t0
-    write_folder_meta(out_dir, n_images=len(res.stems))
+    finish_folder(out_dir, n_images=len(res.stems))
     return res
 
 
-__all__ = ["PredictResult", "Transform", "is_alias", "predict_folder"]
+# --------------------------------------------------------------------------- 3D volumes
+AXIS_ORDER = "xyz (nibabel)"
+
+
+def predict_logits(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
+    """Logits ``(C, X, Y, Z)`` float32 for one raw (x, y, z) volume: normalise, pad, run, crop back."""
+    x = normalise(image)
+    xp, pads = pad_to_divisible(x, DIVISOR)
+    with torch.inference_mode():
+        out = model(torch.from_numpy(np.ascontiguousarray(xp))[None, None].float())[0]
+    return np.ascontiguousarray(crop_back(out.numpy(), pads), dtype=np.float32)
+
+
+def volume_stem(path: Path) -> str:
+    """Case id of a NIfTI file: ``case.nii.gz`` -> ``case``; an nnU-Net channel suffix
+    (``case_0000.nii.gz``) is dropped."""
+    stem = nifti_stem(path.name)
+    if stem is None:
+        raise InputError(f"images: {path.name} is not a NIfTI file (.nii or .nii.gz)")
+    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+        stem = stem[:-5]
+    return stem
+
+
+def list_volumes(images: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """A folder (its ``*.nii.gz``/``*.nii`` files, sorted) or an explicit list of NIfTI paths."""
+    if isinstance(images, str | os.PathLike):
+        p = Path(images)
+        if p.is_dir():
+            files = sorted(
+                f for f in p.iterdir()
+                if f.name.endswith((".nii.gz", ".nii")) and not f.name.startswith(".")
+            )
+            if not files:
+                raise FileNotFoundError(f"images: no .nii/.nii.gz files in {p}")
+            return files
+        if not p.exists():
+            raise FileNotFoundError(f"images: {p} does not exist")
+        return [p]
+    files = [Path(f) for f in images]
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"images: {f} does not exist")
+    return files
+
+
+def predict_volumes(
+    model: torch.nn.Module | None,
+    images: str | os.PathLike | Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    model_name: str = UNET3D_NAME,
+    dtype: type = np.float16,
+    progress: bool = False,
+) -> list[Path]:
+    """Predict every volume of ``images`` (a folder, one file, or a list) into ``out_dir``.
+
+    Writes ``<case>.npy`` (``(3, X, Y, Z)`` logits, ``dtype``) and merges ``segcal.json`` (written
+    first marked incomplete, finalised once every volume is written). Returns the written
+    ``.npy`` paths. ``model=None`` loads the committed reference weights.
+    """
+    if model is None:
+        model = load_unet3d_hippocampus()
+    model.eval()
+    files = list_volumes(images)
+    stems = [volume_stem(f) for f in files]
+    dup = {s for s in stems if stems.count(s) > 1}
+    if dup:
+        raise InputError(f"images: several files map to the same case id: {sorted(dup)}")
+    out = Path(out_dir)
+    cases = dict(read_folder_meta(out).get("cases", {})) if out.is_dir() else {}
+    meta = {"input_type": "logits", "axis_order": AXIS_ORDER, "model": model_name}
+    begin_folder(out, **meta, num_classes=len(HIPPOCAMPUS_CLASSES),
+                 class_names=list(HIPPOCAMPUS_CLASSES), cases=cases)
+    written = []
+    num_classes = len(HIPPOCAMPUS_CLASSES)
+    for f, stem in tqdm(list(zip(files, stems, strict=True)), desc="predict", unit="vol",
+                        disable=not progress):
+        image, affine = load_nifti(f, what="image")
+        logits = predict_logits(model, image)
+        num_classes = int(logits.shape[0])
+        written.append(write_prediction(out / f"{stem}.npy", logits, dtype=dtype))
+        cases[stem] = {"shape": list(image.shape), "affine": np.round(affine, 6).tolist(),
+                       "source": f.name}
+    finish_folder(out, num_classes=num_classes, class_names=list(HIPPOCAMPUS_CLASSES[:num_classes]),
+                  cases=cases)
+    return written
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a weights file (pins the committed model down)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def logits_fingerprint(logits: np.ndarray, voxels=((0, 0, 0), (10, 20, 10), (17, 25, 17))) -> dict:
+    """Summary statistics of ``(C, X, Y, Z)`` logits that pin a model's output down.
+
+    ``sum`` and per-class ``mean`` (float64), logits at a few fixed voxels, and the histogram of
+    the argmax over classes.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    c = x.shape[0]
+    return {
+        "shape": list(x.shape),
+        "sum": float(x.sum()),
+        "class_mean": [float(v) for v in x.reshape(c, -1).mean(1)],
+        "voxels": {",".join(map(str, v)): [float(t) for t in x[(slice(None), *v)]] for v in voxels},
+        "argmax_hist": [int(n) for n in np.bincount(x.argmax(0).ravel(), minlength=c)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m segcal.pipeline.predict --images DIR --out DIR``: the 3D U-Net without the CLI."""
+    ap = argparse.ArgumentParser(description="3D U-Net (MSD hippocampus) -> segcal prediction folder")
+    ap.add_argument("--images", required=True, help="folder of .nii/.nii.gz volumes, or one file")
+    ap.add_argument("--out", required=True, help="output prediction folder")
+    ap.add_argument("--weights", default=None, help="weights file (default: the committed one)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    written = predict_volumes(
+        load_unet3d_hippocampus(args.weights), args.images, args.out, progress=not args.no_progress
+    )
+    print(f"wrote {len(written)} prediction(s) to {args.out}")
+    return 0
+
+
+__all__ = [
+    "AXIS_ORDER",
+    "PredictResult",
+    "Transform",
+    "is_alias",
+    "list_volumes",
+    "logits_fingerprint",
+    "predict_folder",
+    "predict_logits",
+    "predict_volumes",
+    "volume_stem",
+    "weights_sha256",
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Seeded training of the reference 3D U-Net on the fixed MSD hippocampus split (CPU).
 
-Run: ``python scripts/train_unet3d_hippocampus.py --out src/segcal/medical/weights/unet3d_hippocampus.pt``
+Run: ``python scripts/train_unet3d_hippocampus.py --out src/segcal/models/weights/unet3d_hippocampus.pt``
+(or ``python -m segcal.pipeline.train_unet3d``)
 
 Recipe: per-case z-score, random crops of ``--crop`` voxels (volumes zero-padded up to the crop
 size first), batch ``--batch``, MONAI ``DiceCELoss`` (softmax, one-hot targets, background
@@ -23,6 +24,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from segcal.datasets.hippocampus import CLASS_NAMES, dataset_dir, load_case, load_split, normalise
+from segcal.errors import missing_dependency
+from segcal.models.unet3d import UNET_CONFIG, WEIGHTS_FILE, build_unet
+from segcal.pipeline.predict import predict_logits
 
 
 def dice_stats(pred: np.ndarray, label: np.ndarray, num_classes: int = 3) -> np.ndarray:
@@ -35,6 +42,7 @@ def dice_stats(pred: np.ndarray, label: np.ndarray, num_classes: int = 3) -> np.
 
 
 def summarise_dice(stats: list[np.ndarray], class_names) -> dict:
+    """Case-wise mean/std and pooled Dice per class, and the foreground means."""
     s = np.stack(stats)  # (N, C, 3)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_case = 2 * s[:, :, 0] / (s[:, :, 1] + s[:, :, 2])
@@ -51,8 +59,7 @@ def summarise_dice(stats: list[np.ndarray], class_names) -> dict:
 
 
 def evaluate(model, cases: list[dict], class_names) -> dict:
-    from segcal.medical.predict import predict_logits
-
+    """Foreground Dice of ``model`` on ``cases`` through the prediction path (whole volumes)."""
     stats = []
     for c in cases:
         pred = predict_logits(model, c["image"]).argmax(0)
@@ -77,6 +84,7 @@ def _random_crop(img, lab, crop, rng):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train, evaluate on the test cases, write the weights and a JSON summary (see the module doc)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--out", default=None, help="weights file (default: the committed path)")
@@ -91,18 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit-test", type=int, default=None, help="(smoke tests) use N test cases")
     args = ap.parse_args(argv)
 
-    import torch
-    from monai.losses import DiceCELoss
-    from monai.utils import set_determinism
-
-    from segcal.medical.hippocampus import (
-        CLASS_NAMES,
-        dataset_dir,
-        load_case,
-        load_split,
-        normalise,
-    )
-    from segcal.medical.unet import UNET_CONFIG, WEIGHTS_FILE, build_unet
+    try:
+        import monai
+        from monai.losses import DiceCELoss
+        from monai.utils import set_determinism
+    except ImportError as exc:  # pragma: no cover - depends on extras
+        raise missing_dependency("monai", "medical", "training the 3D U-Net") from exc
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -179,8 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "python": platform.python_version(),
         "log": log, "test_dice": dice, "weights": str(out), "weights_bytes": out.stat().st_size,
     }
-    import monai
-
     summary["monai"] = monai.__version__
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out} ({out.stat().st_size} bytes) and {out.with_suffix('.json')}", flush=True)

@@ -7,20 +7,19 @@
 
 Only NumPy and Pillow are needed to import this module; blur, zoom, snow and elastic
 corruptions also need SciPy (``pip install 'segcal[shift]'``), imported lazily.
-This module imports nothing else from segcal.
+Besides :mod:`segcal.errors` this package imports nothing else from segcal.
 """
 
 from __future__ import annotations
 
+from segcal.shift.common import SEVERITIES, derive_seed
 from segcal.shift.corruptions import (
     CORRUPTIONS,
     PARAMETERS,
-    SEVERITIES,
     STOCHASTIC,
     CorruptionTransform,
     available_corruptions,
     corrupt,
-    derive_seed,
     make_transform,
 )
 

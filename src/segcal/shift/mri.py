@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from segcal.shift.corruptions import _check_seed, _check_severity, _scipy_ndimage, derive_seed
+from segcal.shift.common import check_seed, check_severity, derive_seed, scipy_ndimage
 
 VolumeFn = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
@@ -99,7 +99,7 @@ def rician_noise(v: np.ndarray, severity: int, rng: np.random.Generator) -> np.n
 
 def gaussian_blur(v: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     """Isotropic Gaussian blur, std 0.5, 0.75, 1, 1.5, 2 voxels (nearest borders). Deterministic."""
-    ndi = _scipy_ndimage()
+    ndi = scipy_ndimage()
     return ndi.gaussian_filter(v, MRI_PARAMETERS["gaussian_blur"][severity - 1], mode="nearest")
 
 
@@ -144,7 +144,7 @@ def low_resolution(v: np.ndarray, severity: int, rng: np.random.Generator) -> np
     up-sample back to the original shape (linear). ``f`` = 1.5, 2, 2.5, 3, 4 per axis.
     Deterministic.
     """
-    ndi = _scipy_ndimage()
+    ndi = scipy_ndimage()
     f = MRI_PARAMETERS["low_resolution"][severity - 1]
     smooth = ndi.gaussian_filter(v, (f - 1.0) / 2.0, mode="nearest")
     small_shape = tuple(max(2, round(n / f)) for n in v.shape)
@@ -223,8 +223,8 @@ def corrupt_volume(volume: np.ndarray, name: str, severity: int, *, seed: int = 
     """
     if not isinstance(name, str) or name not in MRI_SHIFTS:
         raise ValueError(f"name: unknown MRI shift {name!r}; available: {', '.join(MRI_SHIFTS)}")
-    severity = _check_severity(severity)
-    seed = _check_seed(seed)
+    severity = check_severity(severity)
+    seed = check_seed(seed)
     volume = _check_volume(volume)
     out_dtype = np.float32 if volume.dtype == np.float32 else np.float64
     rng = np.random.default_rng(seed)
@@ -248,4 +248,4 @@ def make_volume_transform(name: str, severity: int, seed: int = 0) -> VolumeShif
     """Per-case hook for 3-D pipelines; arguments validated eagerly."""
     if not isinstance(name, str) or name not in MRI_SHIFTS:
         raise ValueError(f"name: unknown MRI shift {name!r}; available: {', '.join(MRI_SHIFTS)}")
-    return VolumeShiftTransform(name, _check_severity(severity), _check_seed(seed))
+    return VolumeShiftTransform(name, check_severity(severity), check_seed(seed))

@@ -1,0 +1,146 @@
+"""The one reader and writer of prediction files and label maps, below the folder formats.
+
+* Predictions: ``<stem>.npy`` (a ``(C, *spatial)`` float array, read memory-mapped) or
+  ``<stem>.npz`` (key ``logits`` or ``probabilities``), written atomically by
+  :func:`write_prediction`.
+* Labels: ``<stem>.png`` (8/16-bit grey or palette indices), ``<stem>.npy``, ``<stem>.nii.gz`` /
+  ``<stem>.nii`` integer maps, read by :func:`read_label` for every command (eval, fit, apply,
+  the benches). Unsigned 16/32-bit labels come back as signed integers torch can hold.
+* :func:`label_geometry` -- the shape (and, for NIfTI, the affine) of a label file from its
+  header, for the geometry checks of :mod:`segcal.io.nnunet` and :mod:`segcal.io.predictions`.
+
+Every refusal is an :class:`~segcal.errors.InputError` naming the file, what was found and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segcal.errors import InputError
+from segcal.io.files import atomic_write, list_stems, load_npy, load_npz
+from segcal.io.images import read_png_label
+from segcal.io.nifti import NIFTI_SUFFIXES, load_nifti, nifti_header
+
+PREDICTION_SUFFIXES = (".npy", ".npz")
+LABEL_SUFFIXES = (*NIFTI_SUFFIXES, ".png", ".npy")
+PREDICTION_KEYS = ("logits", "probabilities")
+
+
+def find_label_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """Map stem -> label file for every label map in ``folder``."""
+    return list_stems(Path(folder), LABEL_SUFFIXES, "labels")
+
+
+def read_prediction(path: str | os.PathLike) -> tuple[np.ndarray, str | None]:
+    """Read a ``.npy`` (memory-mapped) or ``.npz`` prediction; returns ``(array, npz_key)``.
+
+    Raises
+    ------
+    InputError
+        Unreadable file (zero-byte, truncated, corrupt), no float array, or fewer than 2 axes.
+    """
+    path = Path(path)
+    key: str | None
+    if path.suffix == ".npy":
+        arr = load_npy(path, what="pred", mmap=True)
+        key = None
+    elif path.suffix == ".npz":
+        arr, key = load_npz(path, PREDICTION_KEYS, what="pred")
+    else:
+        raise InputError(f"pred: unsupported prediction file {path.name}; expected .npy or .npz")
+    if arr.dtype.kind != "f":
+        raise InputError(f"pred: {path.name} holds {arr.dtype}, expected floating logits or probabilities")
+    if arr.ndim < 2:
+        raise InputError(f"pred: {path.name} has shape {arr.shape}, expected (C, *spatial)")
+    return arr, key
+
+
+def _as_signed(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise InputError(f"labels: {name} holds non-integer values ({arr.dtype}); expected an integer label map")
+        return arr.astype(np.int64)
+    if arr.dtype.kind not in "iub":
+        raise InputError(f"labels: {name} has dtype {arr.dtype}, expected integers")
+    if arr.dtype == np.uint16:
+        return arr.astype(np.int32)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize >= 4:
+        if arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise InputError(f"labels: {name} holds values above {np.iinfo(np.int64).max}")
+        return arr.astype(np.int64)
+    return arr
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Read a label map (``.png``, ``.npy``, ``.nii``/``.nii.gz``) as an integer array.
+
+    Float label files holding exact integers (some NIfTI label maps) are cast to int64; uint16
+    (16-bit PNG) to int32 and uint32/uint64 to int64, so every label map fits a torch tensor.
+
+    Raises
+    ------
+    InputError
+        Unsupported suffix, undecodable file, multi-channel PNG, non-integer values.
+    """
+    path = Path(path)
+    name = path.name
+    if name.lower().endswith(".png"):
+        arr = read_png_label(path)
+    elif name.endswith(".npy"):
+        arr = load_npy(path, what="labels")
+    elif name.endswith(NIFTI_SUFFIXES):
+        arr, _ = load_nifti(path, ndim=None, what="labels")
+    else:
+        raise InputError(f"labels: unsupported label file {name}; expected .png, .npy, .nii or .nii.gz")
+    return _as_signed(arr, name)
+
+
+def label_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...] | None, np.ndarray | None]:
+    """``(shape, affine)`` of a label file from its header: NIfTI gives both (3D volumes only),
+    ``.npy`` its shape and no affine, other files ``(None, None)`` (a PNG carries no geometry)."""
+    p = Path(path)
+    if p.name.endswith(NIFTI_SUFFIXES):
+        return nifti_header(p, what="labels")
+    if p.name.endswith(".npy"):
+        return tuple(load_npy(p, what="labels", mmap=True).shape), None
+    return None, None
+
+
+def write_prediction(
+    path: str | os.PathLike, array: Any, *, key: str | None = None, dtype: Any = np.float16
+) -> Path:
+    """Write one ``(C, *spatial)`` prediction atomically.
+
+    ``.npy`` stores the raw array; ``.npz`` stores it compressed under ``key`` (``logits`` by default,
+    ``probabilities`` for nnU-Net-style files). ``dtype=None`` keeps the array's dtype.
+    """
+    path = Path(path)
+    arr = np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    if path.suffix == ".npy":
+        with atomic_write(path) as fh:
+            np.save(fh, arr, allow_pickle=False)
+    elif path.suffix == ".npz":
+        with atomic_write(path) as fh:
+            np.savez_compressed(fh, **{key or "logits": arr})
+    else:
+        raise InputError(f"write_prediction: unsupported suffix {path.suffix!r}; use .npy or .npz")
+    return path
+
+
+__all__ = [
+    "LABEL_SUFFIXES",
+    "PREDICTION_KEYS",
+    "PREDICTION_SUFFIXES",
+    "find_label_files",
+    "label_geometry",
+    "read_label",
+    "read_prediction",
+    "write_prediction",
+]
