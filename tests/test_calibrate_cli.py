@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 
 import segcal
@@ -89,11 +88,15 @@ def test_apply_failure_midway_leaves_no_partial_file(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(iop.np, "save", flaky_save)
     out_dir = tmp_path / "out"
-    with pytest.raises(OSError, match="disk full"):
-        main(["apply", "--calibrator", str(cal_path), "--pred", str(pred), "--out", str(out_dir), "--no-progress"])
+    # a full disk is refused input (exit code 2, one line naming the cause), not a traceback
+    assert main(["apply", "--calibrator", str(cal_path), "--pred", str(pred), "--out", str(out_dir),
+                 "--no-progress"]) == 2
+    assert "disk full" in capsys.readouterr().err
     names = sorted(p.name for p in out_dir.iterdir())
-    assert names == ["im0.npy", "im1.npy"], names  # complete files only: no temp, no partial im2
-    for n in names:
+    # complete files only: no temp, no partial im2; the manifest (written first) says "incomplete"
+    assert names == ["im0.npy", "im1.npy", "segcal.json"], names
+    assert json.loads((out_dir / "segcal.json").read_text())["complete"] is False
+    for n in names[:2]:
         assert np.load(out_dir / n).shape == (3, 12, 10)
 
 
@@ -104,15 +107,15 @@ def test_apply_rejects_wrong_class_count_and_same_folder(tmp_path, capsys):
           "--ignore-index", "255", "--no-progress"])
     np.save(pred / "zz.npy", np.zeros((4, 12, 10), np.float16))
     assert main(["apply", "--calibrator", str(cal_path), "--pred", str(pred), "--out", str(tmp_path / "o"),
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == 2
     assert "expected 3 classes" in capsys.readouterr().err
-    assert main(["apply", "--calibrator", str(cal_path), "--pred", str(pred), "--out", str(pred)]) == 1
+    assert main(["apply", "--calibrator", str(cal_path), "--pred", str(pred), "--out", str(pred)]) == 2
 
 
 def test_fit_unknown_method_is_a_clear_error(tmp_path, capsys):
     pred, lab = make_folder(tmp_path, n=2)
     assert main(["fit", "--pred", str(pred), "--labels", str(lab), "--method", "nope",
-                 "--out", str(tmp_path / "c.pt"), "--no-progress"]) == 1
+                 "--out", str(tmp_path / "c.pt"), "--no-progress"]) == 2
     assert "unknown calibrator 'nope'" in capsys.readouterr().err
 
 

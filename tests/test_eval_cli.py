@@ -62,7 +62,7 @@ def test_eval_mismatched_stems_are_listed(tmp_path, capsys):
     pred, lab, _, _ = make_folder(tmp_path)
     (lab / "img_001.png").rename(lab / "other.png")
     rc = main(["eval", "--pred", str(pred), "--labels", str(lab), "--no-progress"])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "img_001" in err and "other" in err and "stems do not match" in err
 
@@ -71,7 +71,7 @@ def test_eval_bad_labels_name_the_file(tmp_path, capsys):
     pred, lab, _, _ = make_folder(tmp_path)
     Image.fromarray(np.full((16, 12), 9, np.uint8)).save(lab / "img_002.png")
     rc = main(["eval", "--pred", str(pred), "--labels", str(lab), "--ignore-index", "255", "--no-progress"])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "img_002" in err and "outside [0, 5)" in err
 
@@ -79,14 +79,14 @@ def test_eval_bad_labels_name_the_file(tmp_path, capsys):
 def test_eval_shape_mismatch(tmp_path, capsys):
     pred, lab, _, _ = make_folder(tmp_path)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(lab / "img_000.png")
-    assert main(["eval", "--pred", str(pred), "--labels", str(lab), "--no-progress"]) == 1
+    assert main(["eval", "--pred", str(pred), "--labels", str(lab), "--no-progress"]) == 2
     assert "spatial shape" in capsys.readouterr().err
 
 
 def test_eval_empty_folder(tmp_path, capsys):
     (tmp_path / "p").mkdir()
     (tmp_path / "l").mkdir()
-    assert main(["eval", "--pred", str(tmp_path / "p"), "--labels", str(tmp_path / "l")]) == 1
+    assert main(["eval", "--pred", str(tmp_path / "p"), "--labels", str(tmp_path / "l")]) == 2
     assert "no .npy/.npz predictions" in capsys.readouterr().err
 
 

@@ -1,0 +1,298 @@
+"""The one evaluation of a prediction folder.
+
+:func:`evaluate_folder` streams a folder of predictions against its labels (one file in memory at
+a time) into :class:`~segcal.metrics.CalibrationMetrics` -- the predictions as they are and, with
+a ``calibrator``, after calibration. ``segcal eval`` prints it, ``segcal fit`` prints the
+before/after pair on its validation images; the metric definitions are those of
+``../shared/methods.md`` §4 (implemented in :mod:`segcal.metrics`).
+
+The readers here also hold the checks every folder command shares: a folder without predictions,
+probabilities read as logits (or logits as probabilities), a channel-last ``(H, W, C)`` file, a
+class count that does not match, labels outside ``[0, C)``. Each is an
+:class:`~segcal.errors.InputError` naming the file and the argument to pass; ``names`` says how
+the caller spells the arguments (:data:`API_NAMES` for Python; the command line passes its flags,
+``segcal.cli.common.CLI_FLAGS``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from segcal.calibrators import Calibrator, FolderBatches
+from segcal.errors import InputError
+from segcal.io import (
+    PREDICTION_SUFFIXES,
+    PredictionFolder,
+    PredictionItem,
+    read_label,
+    read_prediction,
+)
+from segcal.io.predictions import list_stems
+from segcal.metrics import CalibrationMetrics
+from segcal.validation import API_FLAGS, as_tensor, check_input_kind
+
+#: how the Python API names the arguments that a message asks for
+API_NAMES: dict[str, str] = {"ignore_index": "ignore_index={value}", **API_FLAGS}
+
+
+@dataclass
+class FolderEvaluation:
+    """What :func:`evaluate_folder` measured.
+
+    Attributes
+    ----------
+    metrics
+        The metric state of the predictions as they are.
+    calibrated
+        The metric state after the calibrator (``None`` without one).
+    input_type
+        ``"logits"`` or ``"probs"``: how the predictions were read.
+    stems
+        The image ids evaluated, in order.
+    """
+
+    metrics: CalibrationMetrics
+    calibrated: CalibrationMetrics | None
+    input_type: str
+    stems: list[str]
+
+
+def _name(names: Mapping[str, str] | None, key: str, value: Any = "") -> str:
+    return (names or API_NAMES).get(key, API_NAMES[key]).format(value=value)
+
+
+def _flags(names: Mapping[str, str] | None) -> dict[str, str]:
+    """The ``flags`` of :func:`segcal.validation.check_input_kind` from ``names``."""
+    return {key: _name(names, key) for key in ("probs", "logits")}
+
+
+def open_folder(
+    pred: str | os.PathLike,
+    labels: str | os.PathLike | None = None,
+    *,
+    input_type: str | None = None,
+) -> PredictionFolder:
+    """Open a prediction folder (paired with ``labels`` when given).
+
+    Raises
+    ------
+    InputError
+        ``"pred: no .npy/.npz predictions found in DIR"`` when the folder holds no prediction (rather than a
+        stem mismatch against the labels); missing folders and stem mismatches as
+        :class:`~segcal.io.PredictionFolder` reports them.
+    """
+    if not list_stems(pred, PREDICTION_SUFFIXES, "pred"):
+        raise InputError(f"pred: no .npy/.npz predictions found in {pred}")
+    return PredictionFolder(pred, labels, input_type=input_type)
+
+
+def check_num_classes(scores: Any, num_classes: int, path: str | os.PathLike, what: str) -> None:
+    """Refuse a file whose class axis (axis 0) does not have ``num_classes`` entries.
+
+    ``what`` says where ``num_classes`` came from (``"the calibrator"``, ``"the first file"``); a
+    file whose last axis has ``num_classes`` entries gets the hint that it looks channel-last.
+    """
+    shape = tuple(scores.shape)
+    if shape[0] == num_classes:
+        return
+    hint = ""
+    if shape[-1] == num_classes:
+        hint = ("; it looks channel-last (H, W, C): segcal reads (C, *spatial), "
+                "convert with np.moveaxis(a, -1, 0)")
+    raise InputError(
+        f"pred: {Path(path).name} has shape {shape}: {shape[0]} classes on axis 0, but {what} has "
+        f"{num_classes}; expected {num_classes} classes{hint}"
+    )
+
+
+def read_item(folder: PredictionFolder, item: PredictionItem) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """``folder.read(item)``, with the channel-last hint added to a shape mismatch."""
+    try:
+        return folder.read(item)
+    except ValueError as exc:
+        if item.label_path is None or "spatial shape" not in str(exc):
+            raise
+        shape = tuple(read_prediction(item.path)[0].shape)
+        lab_shape = tuple(read_label(item.label_path).shape)
+        if shape[:-1] != lab_shape:
+            raise
+        raise InputError(
+            f"{exc}; {item.path.name} has shape {shape}: it looks channel-last (H, W, C): segcal "
+            "reads (C, *spatial), convert with np.moveaxis(a, -1, 0)"
+        ) from exc
+
+
+def label_range_error(item: PredictionItem, labels: np.ndarray, num_classes: int, ignore_index: int | None,
+                      names: Mapping[str, str] | None = None) -> InputError | None:
+    """The error for labels outside ``[0, num_classes)`` (not ``ignore_index``) in one label map, or None.
+
+    The message names the label file, the values and the argument that leaves a void value out
+    (``--ignore-index 255`` on the command line).
+    """
+    lab = np.asarray(labels)
+    if lab.dtype.kind not in "iu":
+        return None
+    bad = (lab < 0) | (lab >= num_classes)
+    if ignore_index is not None:
+        bad &= lab != ignore_index
+    if not bad.any():
+        return None
+    vals = np.unique(lab[bad])[:10].tolist()
+    label_name = item.label_path.name if item.label_path is not None else item.stem
+    flag = _name(names, "ignore_index", vals[0] if len(vals) == 1 else "V")
+    return InputError(
+        f"labels: {label_name} holds label values {vals} outside [0, {num_classes}) (the predictions "
+        f"have {num_classes} classes); pass {flag} to leave a void value out, or fix the labels"
+    )
+
+
+def find_label_error(folder: PredictionFolder, stems: Iterable[str] | None, num_classes: int,
+                     ignore_index: int | None, names: Mapping[str, str] | None = None) -> InputError | None:
+    """:func:`label_range_error` of the first label map of ``stems`` (default: all) that has one.
+
+    Reads the label maps only (a diagnosis for a failed fit: the fitting loop reports the values,
+    this finds the file and the argument to pass).
+    """
+    want = None if stems is None else set(stems)
+    for item in folder.items:
+        if item.label_path is None or (want is not None and item.stem not in want):
+            continue
+        err = label_range_error(item, read_label(item.label_path), num_classes, ignore_index, names)
+        if err is not None:
+            return err
+    return None
+
+
+def folder_input_type(folder: PredictionFolder, names: Mapping[str, str] | None = None) -> str:
+    """How the folder's files are read (``"logits"`` / ``"probs"``), checked on its first file
+    (:func:`segcal.validation.check_input_kind`: probabilities read as logits are refused, and the
+    reverse)."""
+    item = folder.items[0]
+    scores, _, itype = read_item(folder, item)
+    check_input_kind(scores, itype, f"pred: {item.path.name}", flags=_flags(names))
+    return itype
+
+
+def evaluate_folder(
+    pred: str | os.PathLike | PredictionFolder,
+    labels: str | os.PathLike | None = None,
+    *,
+    calibrator: Calibrator | None = None,
+    stems: Iterable[str] | None = None,
+    images: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    n_bins: int = 15,
+    ignore_index: int | None = None,
+    input_type: str | None = None,
+    per_image: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    names: Mapping[str, str] | None = None,
+) -> FolderEvaluation:
+    """Stream a prediction folder against its labels into calibration metrics.
+
+    Parameters
+    ----------
+    pred
+        Prediction folder (``.npy`` / ``.npz``, ``(C, *spatial)``), or an open
+        :class:`~segcal.io.PredictionFolder` with labels.
+    labels
+        Label folder with matching stems (omit when ``pred`` is an open folder).
+    calibrator
+        Optional fitted calibrator: its output is measured too (``FolderEvaluation.calibrated``).
+    stems
+        Image ids to evaluate (default: all), e.g. ``segcal fit``'s validation images.
+    images
+        Folder of input images for a calibrator with an image branch (stems matching ``pred``).
+    num_classes
+        Expected number of classes (default: the calibrator's, else the first file's).
+    n_bins, ignore_index, per_image
+        As in :class:`~segcal.metrics.CalibrationMetrics`.
+    input_type
+        ``"logits"``, ``"probs"`` or ``None`` (the folder's ``segcal.json``, then the ``.npz`` key,
+        then logits). The first file is checked against it (:func:`segcal.validation.check_input_kind`).
+    device
+        Device of the metric state (default: the CPU).
+    progress
+        Show a progress bar on stderr.
+    names
+        How the caller spells the arguments a message asks for (keys of :data:`API_NAMES`; the
+        default is :data:`API_NAMES`, the command line passes its flags).
+
+    Returns
+    -------
+    FolderEvaluation
+
+    Raises
+    ------
+    InputError
+        For every refused input; the message names the file and what to pass.
+    """
+    if isinstance(pred, PredictionFolder):
+        folder = pred
+    else:
+        if labels is None:
+            raise InputError("labels: evaluating a prediction folder needs a label folder")
+        folder = open_folder(pred, labels, input_type=input_type)
+    batches = FolderBatches(folder, stems, images=images)
+    source = "num_classes"
+    if num_classes is None and calibrator is not None and calibrator.num_classes is not None:
+        num_classes, source = int(calibrator.num_classes), "the calibrator"
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    before: CalibrationMetrics | None = None
+    after: CalibrationMetrics | None = None
+    itype = "logits"
+    for i, item in enumerate(tqdm(batches.items, desc="eval", unit="img", disable=not progress, file=sys.stderr)):
+        scores, lab, itype = read_item(folder, item)
+        if i == 0:
+            check_input_kind(scores, itype, f"pred: {item.path.name}", flags=_flags(names))
+        if num_classes is None:
+            num_classes, source = int(scores.shape[0]), "the first file"
+        check_num_classes(scores, num_classes, item.path, source)
+        if before is None:
+            before = CalibrationMetrics(num_classes, n_bins=n_bins, ignore_index=ignore_index,
+                                        input_type=itype, per_image=per_image, device=dev)
+            if calibrator is not None:
+                after = CalibrationMetrics(num_classes, n_bins=n_bins, ignore_index=ignore_index,
+                                           input_type="logits", per_image=per_image, device=dev)
+        x = as_tensor(scores, "pred").unsqueeze(0)
+        y = as_tensor(lab, "labels").unsqueeze(0)
+        try:
+            before.update(x, y)
+        except (ValueError, TypeError) as exc:
+            found = label_range_error(item, lab, num_classes, ignore_index, names)
+            raise (found or InputError(f"{item.path.name}: {exc}")) from exc
+        if calibrator is not None and after is not None:
+            with torch.no_grad():
+                xc = x.to(calibrator.device)
+                if images is not None:
+                    img = torch.from_numpy(batches.read_image(item.stem))[None].to(calibrator.device)
+                    z = calibrator(xc, image=img)
+                else:
+                    z = calibrator(xc)
+            after.update(z.to(dev), y)
+    if before is None:
+        raise InputError(f"pred: no image selected in {folder.pred_dir} (stems: [])")
+    return FolderEvaluation(before, after, itype, [it.stem for it in batches.items])
+
+
+__all__ = [
+    "API_NAMES",
+    "FolderEvaluation",
+    "check_num_classes",
+    "evaluate_folder",
+    "find_label_error",
+    "folder_input_type",
+    "label_range_error",
+    "open_folder",
+    "read_item",
+]
