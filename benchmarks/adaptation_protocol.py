@@ -47,8 +47,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from segcal.adaptation import estimate_target_ece, load_checkpoint, resolve_target_images
-from segcal.adaptation.loop import _quick_subset
+from segcal.adaptation import (
+    estimate_target_ece,
+    load_checkpoint,
+    quick_subset,
+    resolve_target_images,
+)
 from segcal.datasets import camvid_split
 from segcal.datasets.folders import load_image
 from segcal.metrics import CalibrationMetrics
@@ -86,7 +90,7 @@ def evaluate(module, preprocess, data, num_classes: int) -> dict:
 def spread(seq: list, n: int | None) -> list:
     """At most ``n`` items evenly spread over ``seq``: the subset ``segcal adapt --max-images`` takes
     (its own helper), all of ``seq`` when ``n`` is ``None``."""
-    return list(seq) if not n else _quick_subset(list(seq), n)
+    return list(seq) if not n else quick_subset(list(seq), n)
 
 
 def load_targets(log: dict, args, preprocess) -> list[torch.Tensor]:

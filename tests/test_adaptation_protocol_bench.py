@@ -83,7 +83,7 @@ def test_merge_keeps_source_and_adabn_and_checks_config(bench, tmp_path, capsys)
 
 
 def test_spread_is_the_subset_adapt_takes(bench):
-    from segcal.adaptation.loop import _quick_subset
+    from segcal.adaptation import quick_subset as _quick_subset
 
     seq = list(range(367))
     for n in (1, 4, 32, 366, 367, 400, None):

@@ -113,7 +113,7 @@ def test_predict_rejects_labels_outside_model_classes(tiny_model, synth, tmp_pat
     Image.fromarray(bad, mode="L").save(labs / "b.png")
     rc = main(["predict", "--model", tiny_model, "--images", str(imgs), "--labels", str(labs),
                "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "values [7] are outside the model's 3 classes" in err and "b.png" in err
 
@@ -125,7 +125,7 @@ def test_predict_errors(tiny_model, synth, tmp_path, capsys):
         == 1
     )
     assert "available models:" in capsys.readouterr().err
-    assert main(["predict", "--model", tiny_model]) == 1
+    assert main(["predict", "--model", tiny_model]) == 2
     assert "missing required argument(s): --images, --out" in capsys.readouterr().err
     (labs / "a.png").unlink()
     assert main(["predict", "--model", tiny_model, "--images", str(imgs), "--labels", str(labs),
@@ -147,7 +147,7 @@ def test_predict_errors(tiny_model, synth, tmp_path, capsys):
 
 def _adapt_checkpoint(path, state_dict, model_name):
     """A minimal ``segcal adapt`` epoch checkpoint (the fields ``load_adapted`` reads)."""
-    from segcal.adaptation.loop import CHECKPOINT_FORMAT
+    from segcal.adaptation import CHECKPOINT_FORMAT
 
     torch.save({"format": CHECKPOINT_FORMAT, "method": "tent", "epoch": 2, "round": 0, "phase": "tent",
                 "estimated_ece": 0.1, "config": {}, "state_dict": state_dict,
@@ -190,11 +190,11 @@ def test_predict_with_adaptation_checkpoint(tiny_model, synth, tmp_path, capsys)
     rc = main(["predict", "--model", tiny_model, "--images", str(imgs), "--out", str(tmp_path / "b"),
                "--checkpoint", str(bad), "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 1 and "adapted 'other-model' does not fit model 'tiny-predict'" in err
+    assert rc == 2 and "adapted 'other-model' does not fit model 'tiny-predict'" in err
     torch.save({"state_dict": adapted.state_dict()}, tmp_path / "plain.pt")
     rc = main(["predict", "--model", tiny_model, "--images", str(imgs), "--out", str(tmp_path / "c"),
                "--checkpoint", str(tmp_path / "plain.pt"), "--no-progress"])  # fmt: skip
-    assert rc == 1 and "not a segcal adaptation checkpoint" in capsys.readouterr().err
+    assert rc == 2 and "not a segcal adaptation checkpoint" in capsys.readouterr().err
 
 
 def test_predict_corruption_hook(tiny_model, synth, tmp_path, capsys):

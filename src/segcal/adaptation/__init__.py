@@ -3,13 +3,17 @@
 * :mod:`~segcal.adaptation.losses` -- symmetric CE with class weights, negative learning and the
   (optional) entropy term of §3.15(h);
 * :mod:`~segcal.adaptation.bn` -- BN-module train mode, BN-only parameter selection, TENT;
-* :mod:`~segcal.adaptation.loop` -- :func:`adapt` (``"calsfda"``, ``"tent"``, ``"selftrain"``),
-  per-epoch checkpoints, the JSON log and checkpoint selection;
+* :mod:`~segcal.adaptation.loop` -- :func:`adapt` (``"calsfda"``, ``"tent"``, ``"selftrain"``):
+  the training loop and the pseudo-labels of each round;
+* :mod:`~segcal.adaptation.target` -- the unlabeled target images (listing, subsets, batches);
+* :mod:`~segcal.adaptation.estimates` -- per-image ECE estimates of a model on target images;
+* :mod:`~segcal.adaptation.checkpoints` -- per-epoch checkpoints, the JSON log, checkpoint
+  selection and loading an adapted model back;
 * :mod:`~segcal.adaptation.source` -- source training with ``CE + alpha · class-level ECE``
   (§3.15(c)) and source checkpoint selection by ECE (§3.15(d)).
 
-Layered on :mod:`segcal.estimation` and :mod:`segcal.losses`; models, datasets and corruptions
-come in through arguments (the loop imports the dataset readers lazily to list image files).
+Layered on :mod:`segcal.estimation`, :mod:`segcal.models`, :mod:`segcal.losses` and the dataset
+readers; corruptions come in through arguments.
 """
 
 from segcal.adaptation.bn import (
@@ -19,16 +23,9 @@ from segcal.adaptation.bn import (
     set_trainable,
     tent_step,
 )
-from segcal.adaptation.loop import (
-    METHODS,
-    AdaptConfig,
-    AdaptResult,
-    adapt,
-    estimate_target_ece,
-    load_adapted,
-    load_checkpoint,
-    resolve_target_images,
-)
+from segcal.adaptation.checkpoints import CHECKPOINT_FORMAT, LOG_NAME, load_adapted, load_checkpoint
+from segcal.adaptation.estimates import estimate_target_ece
+from segcal.adaptation.loop import METHODS, AdaptConfig, AdaptResult, adapt
 from segcal.adaptation.losses import (
     CalSFDALoss,
     class_weights,
@@ -44,8 +41,11 @@ from segcal.adaptation.source import (
     source_loss,
     source_train_epoch,
 )
+from segcal.adaptation.target import quick_subset, resolve_target_images
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
+    "LOG_NAME",
     "METHODS",
     "AdaptConfig",
     "AdaptResult",
@@ -62,6 +62,7 @@ __all__ = [
     "mean_entropy",
     "negative_labels",
     "negative_learning_loss",
+    "quick_subset",
     "resolve_target_images",
     "reverse_ce",
     "select_source_checkpoint",

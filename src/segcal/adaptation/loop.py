@@ -44,11 +44,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,25 +55,38 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from segcal.adaptation.bn import bn_train_mode, set_trainable, tent_step
+from segcal.adaptation.checkpoints import (
+    CHECKPOINT_FORMAT,
+    LOG_NAME,
+    load_checkpoint,
+    save_checkpoint,
+    select_checkpoint,
+    write_log,
+)
+from segcal.adaptation.estimates import EstimatorGlue
 from segcal.adaptation.losses import CalSFDALoss, class_weights
+from segcal.adaptation.target import (
+    TargetImages,
+    batches,
+    load_target_images,
+    stack,
+)
+from segcal.estimation.pseudolabels import (
+    class_thresholds,
+    maxprob_pseudo_labels,
+    proportion_schedule,
+    pseudo_label,
+)
+from segcal.estimation.value_net import warmup_bn
+from segcal.io.files import to_jsonable
+from segcal.models.registry import default_preprocess
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "LOG_NAME",
-    "METHODS",
-    "AdaptConfig",
-    "AdaptResult",
-    "adapt",
-    "estimate_target_ece",
-    "load_checkpoint",
-    "resolve_target_images",
-]
+__all__ = ["IGNORE", "METHODS", "QUICK_IMAGES", "AdaptConfig", "AdaptResult", "adapt"]
 
 METHODS = ("calsfda", "tent", "selftrain")
-CHECKPOINT_FORMAT = "segcal-adapt-checkpoint"
-LOG_NAME = "adapt_log.json"
 IGNORE = 255
 QUICK_IMAGES = 4
 
@@ -112,8 +123,6 @@ class AdaptConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if self.method == "calsfda":
-            from segcal.estimation.pseudolabels import proportion_schedule
-
             proportion_schedule(self.rounds - 1)  # raises when the schedule leaves (0, 1]
         if self.method == "calsfda" and not (self.bn_stats_pass or self.warmup_affine):
             raise ValueError("bn_stats_pass=False and warmup_affine=False leave nothing for the calsfda warm-up epoch")
@@ -137,224 +146,6 @@ class AdaptResult:
     epochs: list[dict[str, Any]]
     model: nn.Module | None = field(default=None, repr=False)
     seconds: float = 0.0
-
-
-# --------------------------------------------------------------------------- target images
-def resolve_target_images(
-    target: str | os.PathLike | Sequence[str | os.PathLike], data_root: str | os.PathLike | None = None
-) -> list[Path]:
-    """Image paths of the target set: a list of paths, an image folder, or an alias (``camvid:train``).
-
-    Only image folders are listed; for an alias the split's *label* folder is never opened.
-    """
-    from segcal.datasets import IMAGE_SUFFIXES, is_alias, resolve_images
-    from segcal.datasets.folders import list_files
-
-    if isinstance(target, list | tuple):
-        paths = [Path(p) for p in target]
-        what = "the given list"
-    else:
-        folder = resolve_images(target, data_root)[0] if is_alias(target) else Path(target).expanduser()
-        if not folder.exists():
-            raise FileNotFoundError(f"target: {folder} does not exist (an image folder or an alias like camvid:train)")
-        if not folder.is_dir():
-            raise NotADirectoryError(f"target: {folder} is not a folder of images")
-        paths = list(list_files(folder, IMAGE_SUFFIXES, "target").values())
-        what = str(folder)
-    if not paths:
-        raise ValueError(f"target: no images in {what} (expected {', '.join(IMAGE_SUFFIXES)} files)")
-    return paths
-
-
-def _quick_subset(paths: list[Path], n: int) -> list[Path]:
-    if len(paths) <= n:
-        return paths
-    idx = np.linspace(0, len(paths) - 1, n).round().astype(int)
-    return [paths[i] for i in idx]
-
-
-# --------------------------------------------------------------------------- estimator glue
-class _EstimatorGlue:
-    """Per-image ECE estimates of the current model, whatever the estimator kind."""
-
-    def __init__(
-        self, estimator: Any, module: nn.Module, num_classes: int, mapping: nn.Module | None, model_name: str = ""
-    ) -> None:
-        self.estimator = estimator
-        self.mapping = mapping
-        self.kind = getattr(estimator, "input_kind", None) if estimator is not None else None
-        self._hook = None
-        self._feat: torch.Tensor | None = None
-        self.capture = False
-        if estimator is None:
-            return
-        if self.kind not in ("scores", "logits", "features"):
-            raise TypeError(f"estimator: unsupported object {type(estimator).__name__}")
-        space = mapping.num_target if mapping is not None else num_classes
-        if mapping is not None and getattr(mapping, "num_source", num_classes) != num_classes:
-            raise ValueError(
-                f"class mapping expects {mapping.num_source} source classes but the model has {num_classes} outputs"
-            )
-        if self.kind == "logits" and estimator.num_classes != space:
-            where = f"the mapping's {space} target classes" if mapping is not None else f"the model's {space} outputs"
-            raise ValueError(
-                f"estimator was trained for {estimator.num_classes} classes but it would see {where}; "
-                "use an estimator trained on this model's (mapped) logits, a class mapping, or a baseline (maxprob)"
-            )
-        if self.kind == "features":
-            meta = getattr(estimator, "meta", {}) or {}
-            trained_on = meta.get("model")
-            if trained_on and model_name and trained_on != model_name:
-                warnings.warn(
-                    f"the features estimator was trained on {trained_on!r} features, not {model_name!r}; "
-                    "its estimates may be meaningless", UserWarning, stacklevel=4,
-                )
-            layer = meta.get("layer")
-            if not layer:
-                raise ValueError("features estimator: its meta has no 'layer' (the hooked sub-module name)")
-            mods = dict(module.named_modules())
-            name = layer if layer in mods else f"model.{layer}" if f"model.{layer}" in mods else None
-            if name is None:
-                raise ValueError(f"features estimator: layer {layer!r} is not a sub-module of the model")
-            self._hook = mods[name].register_forward_hook(self._on_forward)
-
-    def _on_forward(self, _m: nn.Module, _i: Any, out: Any) -> None:
-        if self.capture:
-            self._feat = (out[0] if isinstance(out, tuple | list) else out).detach()
-
-    def forward(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
-        """``(logits, estimates)`` for batch ``x`` (no gradients; the caller sets eval mode)."""
-        self.capture = self.kind == "features"
-        try:
-            with torch.no_grad():
-                logits = module(x)
-        finally:
-            self.capture = False
-        if self.estimator is None:
-            return logits, None
-        if self.kind == "features":
-            from segcal.estimation.features import pool_map
-
-            grid = self.estimator.config.get("grid")
-            feats = pool_map(self._feat.float(), None if grid is None else tuple(grid))
-            self._feat = None
-            return logits, self.estimator.predict(feats)
-        scores = self.mapping(logits) if self.mapping is not None else logits
-        if self.kind == "scores":
-            return logits, self.estimator.predict_scores(scores, "logits")
-        return logits, self.estimator.predict(self.estimator.inputs_from_scores(scores, "logits"))
-
-    def close(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-
-def estimate_target_ece(
-    module: nn.Module,
-    images: Sequence[torch.Tensor],
-    estimator: Any,
-    *,
-    num_classes: int,
-    class_mapping: nn.Module | None = None,
-    model_name: str = "",
-) -> np.ndarray:
-    """Per-image estimated ECE of ``module`` on preprocessed target batches, in eval mode.
-
-    The yardstick :func:`adapt` logs after every epoch, usable on its own, e.g. to score the
-    checkpoints of a finished run with another estimator (``benchmarks/adaptation_protocol.py
-    --rescore-estimator``). ``images`` are ``(B, 3, H, W)`` tensors; ``estimator`` is any estimator
-    :func:`adapt` accepts (a logits, features or baseline estimator), ``class_mapping`` is applied to
-    the logits before it. Returns one estimate per image (float64). The module's train/eval mode is
-    restored afterwards.
-    """
-    if estimator is None:
-        raise ValueError("estimator: an ECE estimator is required")
-    glue = _EstimatorGlue(estimator, module, int(num_classes), class_mapping, model_name)
-    was_training = module.training
-    try:
-        module.eval()
-        out = [np.asarray(glue.forward(module, x)[1], dtype=np.float64).reshape(-1) for x in images]
-    finally:
-        glue.close()
-        module.train(was_training)
-    if not out:
-        raise ValueError("images: no target batch given")
-    return np.concatenate(out)
-
-
-# --------------------------------------------------------------------------- checkpoints
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a segcal adaptation checkpoint")
-    return ck
-
-
-def load_adapted(model: Any, path: str | os.PathLike) -> dict[str, Any]:
-    """Load the weights of an adaptation checkpoint into a registered model, in place.
-
-    Parameters
-    ----------
-    model
-        A :class:`segcal.models.LoadedModel` (``create_model(...)``). Its ``module`` receives the
-        checkpoint's ``state_dict`` when the checkpoint was made by adapting a model of the same
-        name; when ``module`` is a :class:`segcal.models.MappedModel` (e.g.
-        ``espnet-cityscapes-camvid``) the adapted weights of the un-mapped model
-        (``espnet-cityscapes``) are loaded into ``module.model``, so the adapted model predicts
-        in the mapped label space.
-    path
-        An ``epoch_XXX.pt`` written by :func:`adapt`.
-
-    Returns
-    -------
-    dict
-        ``{"model", "method", "epoch", "estimated_ece", "target"}``, with ``target`` the module
-        (``"module"`` or ``"module.model"``) that was loaded.
-
-    Raises
-    ------
-    ValueError
-        Not an adaptation checkpoint, or its weights do not fit the model (another architecture or
-        class count); the message names the adapted model.
-    """
-    from segcal.models import MappedModel
-
-    ck = load_checkpoint(path)
-    adapted = json.loads(ck["log"]).get("model") if ck.get("log") else None
-    candidates = [("module", model.module)]
-    if isinstance(model.module, MappedModel):
-        candidates.append(("module.model", model.module.model))
-    if adapted == getattr(model, "name", None):
-        candidates = candidates[:1]
-    errors = []
-    for where, mod in candidates:
-        try:
-            mod.load_state_dict(ck["state_dict"], strict=True)
-        except RuntimeError as exc:
-            errors.append(f"{where}: {str(exc).splitlines()[0]}")
-            continue
-        model.module.eval()
-        return {"model": adapted, "method": ck.get("method"), "epoch": int(ck["epoch"]),
-                "estimated_ece": ck.get("estimated_ece"), "target": where}
-    raise ValueError(
-        f"{path}: checkpoint of an adapted {adapted!r} does not fit model {getattr(model, 'name', '?')!r} "
-        f"({'; '.join(errors)})"
-    )
-
-
-def _save(path: Path, obj: Any) -> None:
-    from segcal.io import atomic_write
-
-    with atomic_write(path) as fh:
-        torch.save(obj, fh)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from segcal.io import atomic_write
-
-    with atomic_write(path, "w") as fh:
-        json.dump(obj, fh, indent=1)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -423,8 +214,6 @@ def adapt(
         if num_classes is None:
             raise ValueError("num_classes is required when model is a plain nn.Module")
         if preprocess is None:
-            from segcal.models.registry import default_preprocess
-
             preprocess = default_preprocess
         ignore_classes = tuple(cfg.ignore_classes)
     elif hasattr(model, "module") and hasattr(model, "num_classes"):
@@ -444,29 +233,13 @@ def adapt(
     device = next(iter(module.parameters())).device
 
     # ---- target images (images only; never a label)
-    if isinstance(target_images, list | tuple) and target_images and isinstance(target_images[0], np.ndarray):
-        stems = [f"img{i:05d}" for i in range(len(target_images))]
-        raw = [np.asarray(a) for a in target_images]
-        if cfg.max_images:
-            keep = _quick_subset(list(range(len(raw))), cfg.max_images)
-            stems, raw = [stems[i] for i in keep], [raw[i] for i in keep]
-    else:
-        paths = resolve_target_images(target_images, data_root)
-        if cfg.max_images:
-            paths = _quick_subset(paths, cfg.max_images)
-        from segcal.datasets.folders import load_image
-
-        stems = [p.stem for p in paths]
-        raw = [load_image(p) for p in paths]
-    if transform is not None:
-        raw = [np.asarray(transform(a, s), dtype=np.uint8) for a, s in zip(raw, stems, strict=True)]
-    inputs = _Images(raw, preprocess)  # uint8 kept in memory, preprocessed per batch
-
+    stems, inputs = load_target_images(target_images, preprocess, max_images=cfg.max_images, transform=transform,
+                                       data_root=data_root)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_name = getattr(model, "name", type(model).__name__)
-    glue = _EstimatorGlue(estimator, module, num_classes, class_mapping, model_name)
+    glue = EstimatorGlue(estimator, module, num_classes, class_mapping, model_name)
     try:
         return _run(cfg, module, inputs, stems, glue, num_classes, out, resume, progress, device, t0,
                     model_name)
@@ -474,34 +247,12 @@ def adapt(
         glue.close()
 
 
-class _Images:
-    """The (transformed) target images as uint8; ``[i]`` gives the preprocessed ``(1, 3, H, W)``."""
-
-    def __init__(self, raw: list[np.ndarray], preprocess: Callable[[np.ndarray], torch.Tensor]) -> None:
-        self.raw, self.preprocess = raw, preprocess
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.preprocess(self.raw[i])
-
-
-def _batches(idx: Sequence[int], size: int):
-    for i in range(0, len(idx), size):
-        yield list(idx[i : i + size])
-
-
-def _stack(inputs: _Images, idx: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.cat([inputs[i] for i in idx], 0).to(device)
-
-
 def _run(
     cfg: AdaptConfig,
     module: nn.Module,
-    inputs: _Images,
+    inputs: TargetImages,
     stems: list[str],
-    glue: _EstimatorGlue,
+    glue: EstimatorGlue,
     num_classes: int,
     out: Path,
     resume: str | os.PathLike | None,
@@ -510,13 +261,11 @@ def _run(
     t0: float,
     model_name: str,
 ) -> AdaptResult:
-    from tqdm import tqdm
-
     n = len(inputs)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     total_epochs = cfg.rounds * cfg.epochs_per_round
-    cfg_json = _plain(asdict(cfg))
+    cfg_json = to_jsonable(asdict(cfg))
 
     def evaluate() -> np.ndarray | None:
         """Per-image estimated ECE of the current model (eval mode)."""
@@ -524,14 +273,14 @@ def _run(
         if glue.estimator is None:
             return None
         est = []
-        for b in _batches(range(n), cfg.batch_size):
-            _, e = glue.forward(module, _stack(inputs, b, device))
+        for b in batches(range(n), cfg.batch_size):
+            _, e = glue.forward(module, stack(inputs, b, device))
             est.append(np.asarray(e, dtype=np.float64).reshape(-1))
         return np.concatenate(est)
 
     def check_output() -> None:
         module.eval()
-        logits, _ = glue.forward(module, _stack(inputs, [0], device))
+        logits, _ = glue.forward(module, stack(inputs, [0], device))
         if logits.ndim != 4 or logits.shape[1] != num_classes:
             raise ValueError(
                 f"model output has shape {tuple(logits.shape)} but num_classes={num_classes} (expected (N, C, H, W))"
@@ -541,7 +290,7 @@ def _run(
         module.eval()
         for i in range(n):
             with torch.no_grad():
-                yield module(_stack(inputs, [i], device))[0].float().cpu()
+                yield module(stack(inputs, [i], device))[0].float().cpu()
 
     # ---- state (fresh or resumed)
     log: dict[str, Any] = {"method": cfg.method, "model": model_name, "config": cfg_json, "images": stems,
@@ -596,9 +345,7 @@ def _run(
     checkpoints = [out / f"epoch_{e['epoch']:03d}.pt" for e in log["epochs"]]
 
     if cfg.method == "calsfda" and start_epoch == 0 and cfg.bn_stats_pass:
-        from segcal.estimation.value_net import warmup_bn
-
-        warmup_bn(module, (_stack(inputs, b, device) for b in _batches(range(n), cfg.batch_size)))
+        warmup_bn(module, (stack(inputs, b, device) for b in batches(range(n), cfg.batch_size)))
         last_est = None  # the BN statistics changed
 
     bar = tqdm(range(start_epoch, total_epochs), desc=f"adapt[{cfg.method}]", disable=not progress, unit="epoch")
@@ -628,9 +375,9 @@ def _run(
         batch_losses: list[float] = []
         part_sums: dict[str, float] = {}
         stats_only = phase == "warmup" and not cfg.warmup_affine  # AdaBN: no training step at all
-        for b in tqdm([] if stats_only else list(_batches(order, cfg.batch_size)), desc=f"epoch {epoch}",
+        for b in tqdm([] if stats_only else list(batches(order, cfg.batch_size)), desc=f"epoch {epoch}",
                       leave=False, disable=not progress):
-            x = _stack(inputs, b, device)
+            x = stack(inputs, b, device)
             if cfg.method == "tent":
                 batch_losses.append(tent_step(module, x, opt))
             else:
@@ -665,15 +412,15 @@ def _run(
         }
         log["epochs"].append(entry)
         path = out / f"epoch_{epoch:03d}.pt"
-        _select(cfg, log, out)
-        _save(path, {
+        select_checkpoint(cfg.method, log, out)
+        save_checkpoint(path, {
             "format": CHECKPOINT_FORMAT, "method": cfg.method, "epoch": epoch, "round": rnd, "phase": phase,
             "estimated_ece": entry["estimated_ece"], "config": cfg_json,
             "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
             "optimizer": opt.state_dict(), "rng": g.get_state(), "log": json.dumps(log),
         })
         checkpoints.append(path)
-        _write_json(out / LOG_NAME, log)
+        write_log(out / LOG_NAME, log)
         if entry["estimated_ece"] is not None:
             bar.set_postfix(est_ece=f"{entry['estimated_ece']:.4f}",
                             loss="-" if entry["loss"] is None else f"{entry['loss']:.4f}")
@@ -688,18 +435,6 @@ def _run(
     )
 
 
-def _select(cfg: AdaptConfig, log: dict[str, Any], out: Path) -> None:
-    eps = log["epochs"]
-    if cfg.method == "calsfda":
-        best = min(eps, key=lambda e: (e["estimated_ece"], e["epoch"]))
-        log["selection_rule"] = "argmin estimated target ECE"
-    else:
-        best = eps[-1]
-        log["selection_rule"] = "last epoch"
-    log["selected_epoch"] = best["epoch"]
-    log["selected_checkpoint"] = str(out / f"epoch_{best['epoch']:03d}.pt")
-
-
 def _round_labels(cfg, rnd, out, logits_iter, glue, evaluate, num_classes, n, *, fresh):
     """Pseudo-labels ``(n, H, W)`` uint8, class weights and the round's log entry."""
     path = out / f"pseudo_round{rnd}.npz"
@@ -708,13 +443,6 @@ def _round_labels(cfg, rnd, out, logits_iter, glue, evaluate, num_classes, n, *,
         info = json.loads(str(z["info"]))
         w = torch.from_numpy(z["weights"]) if z["weights"].size else None
         return z["labels"], w, info
-    from segcal.estimation.pseudolabels import (
-        class_thresholds,
-        maxprob_pseudo_labels,
-        proportion_schedule,
-        pseudo_label,
-    )
-
     info: dict[str, Any] = {"round": rnd}
     if cfg.method == "calsfda":
         est = evaluate()
@@ -738,13 +466,3 @@ def _round_labels(cfg, rnd, out, logits_iter, glue, evaluate, num_classes, n, *,
     np.savez_compressed(path, labels=labels, weights=np.zeros(0, np.float32) if w is None else w.numpy(),
                         info=np.array(json.dumps(info)))
     return labels, w, info
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from segcal.adaptation.loop import METHODS, adapt, resolve_target_images
+from segcal.adaptation import METHODS, adapt, resolve_target_images
 from segcal.cli.common import check_out_path, device_from_arg
 from segcal.errors import InputError
 from segcal.estimation import BASELINES, load_estimator
