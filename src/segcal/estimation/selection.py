@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from segcal.errors import missing_dependency
 from segcal.estimation.baselines import estimate_images
 
 __all__ = ["RankedCandidate", "rank_by_estimated_ece", "ranking_agreement"]
@@ -90,7 +91,10 @@ def ranking_agreement(
     ``spearman``, ``spearman_p``, ``kendall``, ``kendall_p``, ``n`` and whether the top choice
     agrees (``top1_agree``: the lowest estimated is also the lowest true value).
     """
-    from scipy import stats
+    try:
+        from scipy import stats
+    except ImportError as exc:
+        raise missing_dependency("scipy", "stats", "ranking_agreement (Spearman / Kendall p-values)") from exc
 
     if isinstance(estimated, Sequence) and estimated and isinstance(estimated[0], RankedCandidate):
         estimated = {c.name: c.estimated_ece for c in estimated}
