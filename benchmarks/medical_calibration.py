@@ -1,6 +1,6 @@
 """Medical calibration table: a thin wrapper around ``segcal bench --dataset hippocampus``.
 
-The protocol and code live in :mod:`segcal.pipeline.medical_bench` (see ``docs/medical.md``);
+The protocol and code live in :mod:`segcal.bench.hippocampus` (see ``docs/medical.md``);
 this script only forwards its arguments, so both commands produce the same ``results.json``,
 ``results.md`` and ``report.html``::
 

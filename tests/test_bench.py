@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segcal.bench import spec as bench_mod
+from segcal.bench.bootstrap import paired_ci, resample_weights
+from segcal.bench.cache import BenchDataError
+from segcal.bench.camvid import BenchConfig, read_split, run_bench
+from segcal.bench.protocol import split_halves
 from segcal.cli import main
 from segcal.data import data_root
-from segcal.pipeline import bench as bench_mod
-from segcal.pipeline.bench import BenchConfig, BenchDataError, _read_split, run_bench, split_halves
-from segcal.pipeline.bootstrap import ece_from_bins, paired_ci, resample_weights
-from segcal.pipeline.boundary import boundary_band
+from segcal.metrics.regions import boundary_band
+from segcal.metrics.scores import ece_from_bins
 
 ROOT = data_root(required=False)
 HAVE_REAL = (
@@ -125,8 +128,8 @@ def test_missing_data_root_error(tmp_path):
     (empty / "camvid" / "testannot").mkdir()
     with pytest.raises(BenchDataError, match="has no val/"):
         run_bench(BenchConfig(data_root=str(empty), out=str(tmp_path / "o"), report=False))
-    # through the CLI: one line, exit 1, no traceback
-    assert main(["bench", "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    # through the CLI: one line, exit 2 (refused input, issue 16), no traceback
+    assert main(["bench", "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
 
 
 def test_demo_missing_data_message(tmp_path, capsys):
@@ -155,20 +158,20 @@ def _fake_split(tmp_path: Path, *, label_hw=(8, 8), classes=12, bad_image=False)
 
 def test_reader_errors_are_clear(tmp_path):
     pred, items = _fake_split(tmp_path / "ok")
-    assert _read_split(pred, items, 12, 11)[0].labels.shape == (8, 8)
+    assert read_split(pred, items, 12, 11)[0].labels.shape == (8, 8)
     pred, items = _fake_split(tmp_path / "size", label_hw=(6, 8))
     with pytest.raises(ValueError, match=r"is 6 x 8 \(H x W\) but its image is 8 x 8"):
-        _read_split(pred, items, 12, 11)
+        read_split(pred, items, 12, 11)
     pred, items = _fake_split(tmp_path / "cls", classes=5)
     with pytest.raises(ValueError, match="5 classes, but the model has 12"):
-        _read_split(pred, items, 12, 11)
+        read_split(pred, items, 12, 11)
     pred, items = _fake_split(tmp_path / "img", bad_image=True)
     with pytest.raises(ValueError, match="cannot read"):
-        _read_split(pred, items, 12, 11)
+        read_split(pred, items, 12, 11)
     pred, items = _fake_split(tmp_path / "lab")
     Image.fromarray(np.full((8, 8), 40, np.uint8)).save(items[0].label_path)
     with pytest.raises(ValueError, match=r"values \[40\] are outside the model's 12 classes"):
-        _read_split(pred, items, 12, 11)
+        read_split(pred, items, 12, 11)
 
 
 def test_report_needs_matplotlib(tmp_path, monkeypatch):
@@ -241,15 +244,12 @@ def test_bench_quick_real(tmp_path, capsys, monkeypatch):
 def test_spatial_variants_fit_with_images_and_record_their_budget():
     """lts_image gets the RGB image of every logit map (the corrupted one under a corruption);
     selective_lts is selective scaling on an LTS base; the step / selection budgets are recorded."""
+    from functools import partial
+
     import torch
 
-    from segcal.pipeline.bench import (
-        BENCH_VARIANTS,
-        _calibrated,
-        _ImageData,
-        create_method,
-        fit_calibrators,
-    )
+    from segcal.bench.protocol import ImageData, WholeImages, calibrate_rows, fit_rows
+    from segcal.bench.spec import BENCH_VARIANTS, CAMVID, create_row
 
     class Item:
         def __init__(self, seed):
@@ -263,27 +263,29 @@ def test_spatial_variants_fit_with_images_and_record_their_budget():
     for i in range(6):
         z = rng.normal(size=(4, 16, 20)).astype(np.float16) * 3
         lab = rng.integers(0, 4, (16, 20)).astype(np.uint8)
-        val.append(_ImageData(f"im{i}", z, lab, Item(i)))
+        val.append(ImageData(f"im{i}", z, lab, Item(i)))
     assert set(BENCH_VARIANTS) >= {"lts_image", "selective_lts"}
-    assert create_method("lts_image").uses_image and create_method("selective_lts").base.name == "lts"
-    res = fit_calibrators(val, ["lts_image", "selective_lts"], (0,), 600, 3, lambda m: None,
-                          spatial_max_steps=3, spatial_selection_images=2)
-    assert not res["skipped"], res["skipped"]
-    recs = {r["method"]: r for r in res["fits"]}
+    assert create_row(CAMVID, "lts_image").uses_image and create_row(CAMVID, "selective_lts").base.name == "lts"
+    res = fit_rows(val, ["lts_image", "selective_lts"], (0,), create=partial(create_row, CAMVID),
+                   strategy=WholeImages(), total=600, ignore=3, log=lambda m: None,
+                   spatial_max_steps=3, spatial_selection_images=2)
+    assert not res.skipped, res.skipped
+    recs = {r["method"]: r for r in res.fits}
     assert recs["lts_image"]["uses_image"] and recs["lts_image"]["max_steps"] == 3
     assert recs["lts_image"]["steps"] == 3 and recs["lts_image"]["selection_images"] == 2
     assert recs["selective_lts"]["max_steps"] == 3 and "t_mispred" in recs["selective_lts"]
-    cal = res["cals"][("lts_image", 0)]
+    cal = res.cals[("lts_image", 0)]
     im = val[0]
     pick = np.arange(10)
     rows = torch.from_numpy(np.asarray(im.logits, np.float32).reshape(4, -1)[:, pick].T.copy())
-    a = _calibrated(cal, rows, im.logits, pick, im.image)
+    a = calibrate_rows(cal, rows, im, pick)
     im.transform = lambda rgb, stem: 255 - rgb  # another (corrupted) input image
-    b = _calibrated(cal, rows, im.logits, pick, im.image)
+    b = calibrate_rows(cal, rows, im, pick)
     assert a.shape == (10, 4) and not torch.equal(a, b)
     import argparse
 
-    from segcal.cli.bench_cmd import add_parser, config_from_args
+    from segcal.cli.bench_cmd import config_from_args
+    from segcal.cli.parsers.bench import add_parser
 
     p = argparse.ArgumentParser()
     add_parser(p.add_subparsers())
@@ -293,12 +295,12 @@ def test_spatial_variants_fit_with_images_and_record_their_budget():
 
 
 def test_wall_time_line_before_and_after_the_report():
-    from segcal.report.tables import _wall_time_line
+    from segcal.report.tables import wall_time_line
 
     res = {"environment": {"threads": 2},
            "timings": {"predict_s": 10.2, "fit_s": 5.0, "evaluate_s": 3.0, "total_s": 19.0}}
-    line = _wall_time_line(res)
+    line = wall_time_line(res)
     assert "19 s before the report" in line and "report 0 s" not in line and "threads 2" in line
     res["timings"].update(report_s=4.4, total_s=23.4)
-    line = _wall_time_line(res)
+    line = wall_time_line(res)
     assert "- wall time: 23 s (predict 10 s, fit 5 s, evaluate 3 s, report 4 s)" in line

@@ -10,19 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from segcal.bench.bootstrap import boot_stat
+from segcal.bench.hippocampus import MedicalBenchConfig, evaluate_cases, resolve_rows
+from segcal.bench.protocol import ImageData
+from segcal.bench.spec import MEDICAL_CI_METRICS, MEDICAL_ROWS, MEDICAL_TABLE_COLUMNS
 from segcal.cli import main
 from segcal.data import data_root
 from segcal.metrics import CalibrationMetrics
 from segcal.metrics.regions import foreground_region_mask
-from segcal.pipeline.bench import _boot_stat, _ImageData
-from segcal.pipeline.medical_bench import (
-    MEDICAL_CI_METRICS,
-    MEDICAL_ROWS,
-    MedicalBenchConfig,
-    evaluate_cases,
-    resolve_rows,
-)
-from segcal.report.tables import MEDICAL_TABLE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +50,7 @@ class _Shift(torch.nn.Module):
         return out
 
 
-def _synthetic_cases(n: int = 5, seed: int = 0) -> list[_ImageData]:
+def _synthetic_cases(n: int = 5, seed: int = 0) -> list[ImageData]:
     rng = np.random.default_rng(seed)
     cases = []
     for i in range(n):
@@ -65,7 +60,7 @@ def _synthetic_cases(n: int = 5, seed: int = 0) -> list[_ImageData]:
         lab[5:8, 3:7, 2:5] = 2
         z = rng.normal(0, 1, (3, *shape)).astype(np.float32)
         z[lab, *np.indices(shape)] += 2.5
-        cases.append(_ImageData(f"case{i}", z, lab))
+        cases.append(ImageData(f"case{i}", z, lab))
     return cases
 
 
@@ -113,7 +108,7 @@ def test_bootstrap_stats_reproduce_point_values():
               "case_dice:2": "case_dice_post", "fg_ece": "fg_ece", "flip_rate": "flip_rate"}
     assert set(expect) == set(MEDICAL_CI_METRICS)
     for metric, key in expect.items():
-        got = _boot_stat(metric, [run["_stats"]])(ones)[0]
+        got = boot_stat(metric, [run["_stats"]])(ones)[0]
         assert got == pytest.approx(run["metrics"][key], abs=1e-12), metric
 
 
@@ -133,6 +128,7 @@ def test_bench_hippocampus_quick_real(tmp_path, capsys):
     pytest.importorskip("monai")
     pytest.importorskip("matplotlib")
     d = _hippocampus_dir()
+    checkout_before = {p.name for p in ROOT.iterdir()}  # whatever is there already (e.g. segcal demo's segcal-out/)
     out, cache = tmp_path / "out", tmp_path / "cache"
     rc = main(["bench", "--dataset", "hippocampus", "--quick", "--out", str(out), "--cache", str(cache),
                "--data-root", str(d.parent), "--quiet"])
@@ -190,4 +186,6 @@ def test_bench_hippocampus_quick_real(tmp_path, capsys):
     res2 = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert res2["cache"]["predicted_volumes"] == 0 and res2["cache"]["reused_volumes"] == 12
     assert res2["conditions"]["clean"]["summary"]["ts"]["ece"] == pytest.approx(clean["summary"]["ts"]["ece"], abs=1e-12)
-    assert not any((ROOT / p).exists() for p in ("cache", "out", "segcal-out"))
+    # everything the runs wrote is under this test's own folder; nothing new appeared in the checkout
+    assert {p.name for p in tmp_path.iterdir()} == {"out", "out2", "cache"}
+    assert {p.name for p in ROOT.iterdir()} - checkout_before == set()

@@ -1,36 +1,24 @@
-"""``segcal demo``: the README's first command (the bench in quick mode, a few calibrators)."""
+"""``segcal demo``: the README's first command (the bench in quick mode, a few calibrators).
+
+Arguments in :mod:`segcal.cli.parsers.demo`. The output goes to ``--out`` (default
+``segcal-out/demo`` under the current folder).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    from segcal.cli.bench_cmd import add_common
-
-    p = subparsers.add_parser(
-        "demo",
-        help="find CamVid + ESPNet, predict, calibrate (TS, DC, CMSop, selective), print the table, write a report",
-        description=(
-            "A 1-3 minute tour: finds the data (--data-root, SEGCAL_DATA or ../shared/data), predicts a few "
-            "CamVid images with the in-domain and the Cityscapes ESPNet, fits TS, DC, CMSop (and selective "
-            "scaling when registered), prints the table and writes report.html."
-        ),
-    )
-    add_common(p)
-    p.set_defaults(func=run)
-    return p
-
+import segcal.calibrators as sc
+from segcal.bench.cache import BenchDataError
+from segcal.bench.camvid import find_camvid, run_bench
+from segcal.cli.bench_cmd import config_from_args, print_summary
+from segcal.report.outputs import prepare_outputs, write_outputs
 
 DEMO_METHODS = ("ts", "dc", "cmsop", "selective")
 
 
 def run(args: argparse.Namespace) -> int:
-    import segcal.calibrators as sc
-    from segcal.cli.bench_cmd import config_from_args, print_summary
-    from segcal.pipeline.bench import BenchDataError, find_camvid, run_bench
-
     try:
         root, _cam = find_camvid(args.data_root)
     except BenchDataError as exc:
@@ -42,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     args.out = args.out or "segcal-out/demo"
     cfg = config_from_args(args, quick=True, argv0="demo")
     cfg.methods = methods
+    prepare_outputs(cfg.out)
     print(f"segcal demo: data {root}; calibrators {', '.join(methods)}; output {cfg.out}", flush=True)
-    res = run_bench(cfg)
-    print_summary(res, cfg.out)
+    print_summary(write_outputs(run_bench(cfg)), cfg.out)
     return 0

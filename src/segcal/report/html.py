@@ -1,4 +1,8 @@
-"""Self-contained HTML report of a ``segcal bench`` run (matplotlib PNGs as base64 data URIs)."""
+"""Self-contained HTML report of a ``segcal bench`` run (matplotlib PNGs as base64 data URIs).
+
+Drawn from the results dict and the :class:`~segcal.bench.results.FigureData` of the run (fitted
+calibrators and clean test images); nothing is read from disk here.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,17 @@ import base64
 import html
 import io
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from segcal.bench.results import FigureData
+from segcal.bench.spec import IN_DOMAIN, SHIFT_MODEL
+from segcal.io.files import atomic_write
+from segcal.report.tables import markdown_report
 
 
 def _mpl():
@@ -79,39 +90,31 @@ def reliability_figure(results: dict[str, Any], tag: str, seed: int | None = Non
     return _png(fig)
 
 
-def maps_figure(ctx: dict[str, Any], methods: list[str], n_images: int) -> str | None:
+def maps_figure(fig_data: FigureData, methods: list[str], n_images: int) -> str | None:
     """Per-image RGB, error map and confidence maps (uncalibrated and each of ``methods``, seed 0)."""
-    import torch
-
-    from segcal.datasets import load_image
-    from segcal.io.predictions import read_prediction
-
     plt = _mpl()
-    items = ctx["test_items"]
+    items = fig_data.images
     if not items or n_images < 1:
         return None
     pos = np.linspace(0, len(items) - 1, min(n_images, len(items))).round().astype(int)
-    cals = ctx["cals"]
+    cals = fig_data.cals
     methods = [m for m in methods if any(k[0] == m for k in cals)]
     cols = 2 + 1 + len(methods)
     fig, axes = plt.subplots(len(pos), cols, figsize=(2.6 * cols, 2.1 * len(pos)), squeeze=False)
     im_conf = None
     for r, i in enumerate(pos):
         it = items[i]
-        z, _ = read_prediction(Path(ctx["test_folder"]) / f"{it.stem}.npy")
-        z = torch.from_numpy(np.asarray(z, dtype=np.float32))[None]
-        lab = it.load_label()
+        z = torch.from_numpy(np.asarray(it.logits, dtype=np.float32))[None]
+        lab = it.labels
         pred = z[0].argmax(0).numpy()
-        err = np.where(lab == ctx["ignore"], 0.5, (pred != lab).astype(float))
-        panels = [("image", load_image(it.image_path), None), ("error (uncal.)", err, "gray_r")]
+        err = np.where(lab == fig_data.ignore, 0.5, (pred != lab).astype(float))
+        panels = [("image", it.raw_image(), None), ("error (uncal.)", err, "gray_r")]
         panels.append(("conf. uncalibrated", torch.softmax(z, 1)[0].amax(0).numpy(), "viridis"))
         for m in methods:
             key = min(k for k in cals if k[0] == m)
             with torch.no_grad():
                 if getattr(cals[key], "uses_image", False):
-                    from segcal.datasets.folders import normalize_image
-
-                    img = torch.from_numpy(normalize_image(load_image(it.image_path)))[None]
+                    img = torch.from_numpy(it.image())[None]
                     q = torch.softmax(cals[key](z, image=img), 1)[0].amax(0).numpy()
                 else:
                     q = torch.softmax(cals[key](z), 1)[0].amax(0).numpy()
@@ -136,24 +139,20 @@ def maps_figure(ctx: dict[str, Any], methods: list[str], n_images: int) -> str |
     return _png(fig)
 
 
-def slices_figure(ctx: dict[str, Any], methods: list[str], n_cases: int) -> str | None:
+def slices_figure(fig_data: FigureData, methods: list[str], n_cases: int) -> str | None:
     """Axial slices of a few test cases: image, label, prediction, error map, confidence maps.
 
-    ``ctx``: ``cases`` (``_ImageData`` with ``(3, X, Y, Z)`` logits and labels), ``images``
-    (case id -> NIfTI path), ``cals`` ({(row, seed): calibrator}). Cases are spread over the list;
-    the slice is the axial (last-axis) slice with the most foreground voxels. Calibrators are
-    applied to the whole volume (the spatial ones need it), first seed.
+    ``fig_data.images``: the clean test cases (``(3, X, Y, Z)`` logits, labels, and the MRI volume
+    through ``raw_image()``). Cases are spread over the list; the slice is the axial (last-axis)
+    slice with the most foreground voxels. Calibrators are applied to the whole volume (the
+    spatial ones need it), first seed.
     """
-    import torch
-
-    from segcal.medical.hippocampus import load_nifti
-
     plt = _mpl()
-    cases = ctx["cases"]
+    cases = fig_data.images
     if not cases or n_cases < 1:
         return None
     pos = np.linspace(0, len(cases) - 1, min(n_cases, len(cases))).round().astype(int)
-    cals = ctx["cals"]
+    cals = fig_data.cals
     methods = [m for m in methods if any(k[0] == m for k in cals)]
     cols = 4 + 1 + len(methods)
     fig, axes = plt.subplots(len(pos), cols, figsize=(1.9 * cols, 2.2 * len(pos)), squeeze=False)
@@ -164,7 +163,7 @@ def slices_figure(ctx: dict[str, Any], methods: list[str], n_cases: int) -> str 
         z = torch.from_numpy(np.asarray(case.logits, dtype=np.float32))[None]
         lab = case.labels
         k = int(np.argmax((lab > 0).sum(axis=(0, 1))))
-        image = np.asarray(load_nifti(ctx["images"][case.stem], what="image")[0], dtype=np.float32)
+        image = np.asarray(case.raw_image(), dtype=np.float32)
         pred = z[0].argmax(0).numpy()
         err = (pred != lab).astype(float)
         panels: list[tuple[str, np.ndarray, Any]] = [
@@ -201,9 +200,7 @@ def slices_figure(ctx: dict[str, Any], methods: list[str], n_cases: int) -> str 
     return _png(fig)
 
 
-def _medical_body(results: dict[str, Any], ctx: dict[str, Any], n_images: int) -> list[str]:
-    from segcal.report.tables import markdown_report
-
+def _medical_body(results: dict[str, Any], figures: Mapping[str, FigureData], n_images: int) -> list[str]:
     body = [md_to_html(markdown_report(results))]
     body.append("<h2>Reliability diagrams</h2><p>First seed of each row; bars: accuracy per confidence bin, "
                 "orange: gap to the mean confidence, green: share of voxels per bin, dashed: perfect calibration. "
@@ -222,7 +219,7 @@ def _medical_body(results: dict[str, Any], ctx: dict[str, Any], n_images: int) -
     others = sorted((m for m in summ if m not in ("uncalibrated", "ts")),
                     key=lambda m: summ[m].get("fg_ece") if summ[m].get("fg_ece") is not None else 9)
     shown = (["ts"] if "ts" in summ else []) + others[:2]
-    uri = slices_figure(ctx, shown, n_images)
+    uri = slices_figure(next(iter(figures.values())), shown, n_images) if figures else None
     if uri:
         body.append("<h2>Axial slices (clean test cases)</h2><p>Slice with the most foreground voxels of each case. "
                     "Label / prediction: black background, orange anterior, blue posterior. Error: black = wrong. "
@@ -294,12 +291,12 @@ ul{font-size:13.5px}
 """
 
 
-def write_report(results: dict[str, Any], ctx: dict[str, Any], path: str | Path, n_images: int = 3) -> Path:
-    from segcal.pipeline.bench import IN_DOMAIN, SHIFT_MODEL
-    from segcal.report.tables import markdown_report
-
+def write_report(results: dict[str, Any], figures: Mapping[str, FigureData], path: str | Path,
+                 n_images: int = 3) -> Path:
+    """Write ``report.html``: the Markdown tables, reliability diagrams and the figures of ``figures``
+    (per model; CamVid: confidence and error maps, hippocampus: axial slices)."""
     if results.get("format") == "segcal-bench-medical":
-        return _write_doc(_medical_body(results, ctx, n_images), path, "segcal bench report (hippocampus)")
+        return _write_doc(_medical_body(results, figures, n_images), path, "segcal bench report (hippocampus)")
     body = [md_to_html(markdown_report(results))]
     body.append("<h2>Reliability diagrams</h2><p>First seed of each method; bars: accuracy per confidence bin, "
                 "orange: gap to the mean confidence, green: share of pixels per bin, dashed: perfect calibration.</p>")
@@ -310,14 +307,14 @@ def write_report(results: dict[str, Any], ctx: dict[str, Any], path: str | Path,
             uri = reliability_figure(results, tag)
             if uri:
                 body.append(f"<h3>{html.escape(tag)}</h3><img alt='reliability {html.escape(tag)}' src='{uri}'>")
-    model = IN_DOMAIN if IN_DOMAIN in ctx else (SHIFT_MODEL if SHIFT_MODEL in ctx else next(iter(ctx), None))
+    model = IN_DOMAIN if IN_DOMAIN in figures else (SHIFT_MODEL if SHIFT_MODEL in figures else next(iter(figures), None))
     if model is not None:
         clean = results["conditions"].get("clean") or {}
         summ = clean.get("summary", {})
         others = sorted((m for m in summ if m not in ("uncalibrated", "ts")),
                         key=lambda m: summ[m].get("ece") if summ[m].get("ece") is not None else 9)
         shown = (["ts"] if "ts" in summ else []) + others[:2]
-        uri = maps_figure(ctx[model], shown, n_images)
+        uri = maps_figure(figures[model], shown, n_images)
         if uri:
             body.append(f"<h2>Confidence and error maps ({html.escape(model)}, clean test)</h2>"
                         "<p>Error: white = correct, black = wrong, grey = void (ignored). Confidence = top-label "
@@ -328,8 +325,6 @@ def write_report(results: dict[str, Any], ctx: dict[str, Any], path: str | Path,
 
 
 def _write_doc(body: list[str], path: str | Path, title: str) -> Path:
-    from segcal.io.predictions import atomic_write
-
     doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
     path = Path(path)

@@ -1,4 +1,8 @@
-"""Markdown tables of a ``segcal bench`` results dict."""
+"""Markdown tables of a ``segcal bench`` results dict.
+
+The columns are the dataset's (:class:`segcal.bench.spec.DatasetSpec`, found by the results'
+``format``); the ``props`` flags come from the properties the run recorded.
+"""
 
 from __future__ import annotations
 
@@ -7,61 +11,11 @@ from typing import Any
 
 import numpy as np
 
-#: (key, header, scale, decimals)
-TABLE_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
-    ("ece", "ECE", 1.0, 4),
-    ("image_ece", "img-ECE", 1.0, 4),
-    ("image_ece_std", "img-ECE sd", 1.0, 3),
-    ("classwise_ece", "cw-ECE", 1.0, 4),
-    ("mce", "MCE", 1.0, 3),
-    ("nll", "NLL", 1.0, 4),
-    ("brier", "Brier", 1.0, 4),
-    ("miou", "mIoU", 1.0, 4),
-    ("flip_rate", "flip %", 100.0, 2),
-    ("band_ece", "band ECE", 1.0, 4),
-)
-CI_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
-    ("ece", "ΔECE", 1.0, 4),
-    ("image_ece", "Δimg-ECE", 1.0, 4),
-    ("mce", "ΔMCE", 1.0, 3),
-    ("nll", "ΔNLL", 1.0, 4),
-    ("brier", "ΔBrier", 1.0, 4),
-    ("miou", "ΔmIoU", 1.0, 4),
-    ("band_ece", "Δband ECE", 1.0, 4),
-)
-
-#: the medical table (``segcal bench --dataset hippocampus``): CamVid's columns with Dice for mIoU,
-#: a 50-bin case-wise ECE, and the foreground-region ECE in place of the boundary-band ECE
-MEDICAL_TABLE_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
-    ("ece", "ECE %", 100.0, 3),
-    ("image_ece", "case-ECE %", 100.0, 3),
-    ("image_ece_std", "case-ECE sd", 100.0, 2),
-    ("image_ece50", "case-ECE50 %", 100.0, 3),
-    ("classwise_ece", "cw-ECE %", 100.0, 3),
-    ("mce", "MCE", 1.0, 3),
-    ("nll", "NLL", 1.0, 4),
-    ("brier", "Brier", 1.0, 4),
-    ("dice_ant", "Dice ant", 1.0, 4),
-    ("dice_post", "Dice post", 1.0, 4),
-    ("case_dice_ant", "case Dice ant", 1.0, 4),
-    ("case_dice_post", "case Dice post", 1.0, 4),
-    ("flip_rate", "flip %", 100.0, 3),
-    ("fg_ece", "fg-ECE %", 100.0, 2),
-)
-MEDICAL_CI_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
-    ("ece", "ΔECE %", 100.0, 3),
-    ("image_ece", "Δcase-ECE %", 100.0, 3),
-    ("nll", "ΔNLL", 1.0, 4),
-    ("dice:1", "ΔDice ant", 1.0, 4),
-    ("dice:2", "ΔDice post", 1.0, 4),
-    ("case_dice:1", "Δcase Dice ant", 1.0, 4),
-    ("case_dice:2", "Δcase Dice post", 1.0, 4),
-    ("fg_ece", "Δfg-ECE %", 100.0, 2),
-)
+from segcal.bench.spec import HIPPOCAMPUS, property_label, spec_of
 
 
 def _is_medical(results: dict[str, Any]) -> bool:
-    return results.get("format") == "segcal-bench-medical"
+    return spec_of(results) is HIPPOCAMPUS
 
 
 def _num(v: Any, scale: float, dec: int) -> str:
@@ -80,39 +34,19 @@ def _cell(row: dict[str, Any], key: str, scale: float, dec: int) -> str:
     return s
 
 
-def _props(results: dict[str, Any]) -> dict[str, str]:
-    if _is_medical(results):  # rows (e.g. ts_dice) are not registry names: their properties are recorded
-        from segcal.pipeline.medical_bench import props_label
-
-        return {r: props_label(p) for r, p in results.get("properties", {}).items()}
-    try:
-        import segcal.calibrators as sc
-
-        out = {}
-        for a in sc.available():
-            flags = [f for f, k in (("TI", "translation_invariant"), ("AP", "argmax_preserving"),
-                                    ("OP", "order_preserving")) if a[k]]
-            out[a["name"]] = "/".join(flags) or "–"
-        from segcal.pipeline.bench import BENCH_VARIANTS, create_method
-
-        for name in BENCH_VARIANTS:
-            p = create_method(name).properties()
-            flags = [f for f, k in (("TI", "translation_invariant"), ("AP", "argmax_preserving"),
-                                    ("OP", "order_preserving")) if p[k]]
-            out[name] = "/".join(flags) or "–"
-        return out
-    except Exception:  # pragma: no cover
-        return {}
+def props(results: dict[str, Any]) -> dict[str, str]:
+    """``row -> "TI/AP/OP"`` flags of the rows of a run, from the properties it recorded."""
+    return {r: property_label(p) for r, p in (results.get("properties") or {}).items()}
 
 
 def condition_table(results: dict[str, Any], tag: str) -> list[str]:
     cond = results["conditions"][tag]
-    props = _props(results)
-    cols = MEDICAL_TABLE_COLUMNS if _is_medical(results) else TABLE_COLUMNS
+    flags = props(results)
+    cols = spec_of(results).table_columns
     head = ["method", "props", *[h for _, h, _, _ in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, row in cond["summary"].items():
-        cells = [m, props.get(m, ""), *[_cell(row, k, s, d) for k, _h, s, d in cols]]
+        cells = [m, flags.get(m, ""), *[_cell(row, k, s, d) for k, _h, s, d in cols]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -121,7 +55,7 @@ def ci_table(results: dict[str, Any], tag: str) -> list[str]:
     boot = results["conditions"][tag].get("bootstrap_vs_ts") or {}
     if not boot:
         return ["(no TS row: no bootstrap)"]
-    cols = MEDICAL_CI_COLUMNS if _is_medical(results) else CI_COLUMNS
+    cols = spec_of(results).ci_columns
     head = ["method − TS", *[h for _, h, _, _ in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, cis in boot.items():
@@ -165,7 +99,7 @@ def describe_condition(results: dict[str, Any], tag: str) -> str:
             f"model `{c['model']}`")
 
 
-def _wall_time_line(results: dict[str, Any]) -> str:
+def wall_time_line(results: dict[str, Any]) -> str:
     """The timing line of a bench summary; the HTML report is written before its own time is known."""
     t = results.get("timings", {})
     parts = f"predict {t.get('predict_s', 0):.0f} s, fit {t.get('fit_s', 0):.0f} s, evaluate {t.get('evaluate_s', 0):.0f} s"
@@ -183,7 +117,7 @@ def medical_markdown_report(results: dict[str, Any]) -> str:
     p = results["protocol"]
     out = ["# segcal bench: MSD hippocampus calibration benchmark", ""]
     out.append(f"- commit: `{results.get('commit')}`; command: `{cfg.get('command') or 'segcal bench --dataset hippocampus'}`")
-    out.append(_wall_time_line(results))
+    out.append(wall_time_line(results))
     out.append(f"- model `{results['model']}`; {p['split']}")
     out.append(f"- calibration: {p['calib_split']}; seeds {cfg['seeds']}; {p['fit_voxels']}")
     out.append(f"- evaluation: every voxel of every test case; {p['bins']} equal-width bins "
@@ -234,7 +168,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     cfg = results["config"]
     out = ["# segcal bench: CamVid calibration benchmark", ""]
     out.append(f"- commit: `{results.get('commit')}`; command: `{cfg.get('command') or 'segcal bench'}`")
-    out.append(_wall_time_line(results))
+    out.append(wall_time_line(results))
     p = results["protocol"]
     out.append(f"- calibration: {p['val_split']}; seeds {cfg['seeds']}; {p['fit_pixels']}")
     out.append(f"- evaluation: {p['eval_pixels']}; {p['bins']} equal-width bins; void (label 11) ignored")
@@ -274,4 +208,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-__all__ = ["ci_table", "condition_table", "corruption_tables", "markdown_report", "medical_markdown_report"]
+__all__ = [
+    "ci_table", "condition_table", "corruption_tables", "describe_condition", "markdown_report",
+    "medical_markdown_report", "props", "wall_time_line",
+]
