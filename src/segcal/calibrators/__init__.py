@@ -1,7 +1,9 @@
 """Calibrators: one contract, one fitting loop, one registry (``../shared/methods.md`` §1-§3).
 
 ``create("ts")`` builds a calibrator by name or alias, ``available()`` lists them with their
-declared properties, ``load(path)`` reads one saved with ``Calibrator.save``.
+declared properties, ``load(path)`` reads one saved with ``Calibrator.save``,
+``check_calibrator(cal)`` checks any calibrator (a user's own subclass too) against its declared
+properties (:mod:`segcal.calibrators.checks`).
 """
 
 from segcal.calibrators.affine import (
@@ -12,6 +14,7 @@ from segcal.calibrators.affine import (
 )
 from segcal.calibrators.base import Calibrator, NotFittedError
 from segcal.calibrators.binning import HistogramBinning, IsotonicCalibration
+from segcal.calibrators.checks import CalibratorCheckError, check_calibrator
 from segcal.calibrators.class_conditional import (
     ArgmaxPreservingCMS,
     ClassConditionalDirichlet,
@@ -35,6 +38,7 @@ __all__ = [
     "ArgmaxPreservingCMS",
     "Batch",
     "Calibrator",
+    "CalibratorCheckError",
     "ClassConditionalDirichlet",
     "DirichletCalibration",
     "EnsembleTemperatureScaling",
@@ -55,6 +59,7 @@ __all__ = [
     "VectorScaling",
     "VectorScalingTI",
     "available",
+    "check_calibrator",
     "create",
     "ece_vs_selector_accuracy",
     "get_objective",

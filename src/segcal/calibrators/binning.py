@@ -89,12 +89,13 @@ class _TopLabelMap(Calibrator):
         top = logp.argmax(1, keepdim=True)
         c = logp.gather(1, top)[:, 0].exp()
         others = logp.scatter(1, top, float("-inf"))
-        q2 = others.max(1).values.exp()
-        f = self.table.to(torch.float64)[bin_index(c, self.n_bins)]
-        f_min = q2 / (1 - c + q2)
-        f = torch.maximum(f, f_min + MARGIN * (1 - f_min)).clamp(max=1 - 1e-12)
         # log(1 − c) = logsumexp of the other classes (stable when c -> 1)
         log_rest = torch.logsumexp(others, 1, keepdim=True)
+        f = self.table.to(torch.float64)[bin_index(c, self.n_bins)]
+        # f_min = q2 / (1 − c + q2) in log space: finite even where 1 − c and q2 underflow to 0
+        # (logit gaps above ~745), where the ratio form gave 0/0 = NaN
+        f_min = torch.sigmoid(others.max(1).values - log_rest[:, 0])
+        f = torch.maximum(f, f_min + MARGIN * (1 - f_min)).clamp(max=1 - 1e-12)
         out = logp + torch.log1p(-f)[:, None] - log_rest
         out = out.scatter(1, top, torch.log(f)[:, None])
         return out.to(torch.float32)
