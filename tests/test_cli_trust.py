@@ -229,3 +229,18 @@ def test_probabilities_passed_as_logits_are_refused(tmp_path, capsys):
     assert main(["estimate", "--pred", str(pred), "--baseline", "maxprob", "--probabilities",
                  "--input-type", "logits"]) == EXIT_INPUT
     assert "contradict" in capsys.readouterr().err
+
+
+def test_predict_out_equal_to_images_or_labels(tmp_path, capsys):
+    from PIL import Image
+
+    img, lab = tmp_path / "imgs", tmp_path / "labs"
+    img.mkdir()
+    lab.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(lab / "a.png")
+    for out in (img, lab, img / "preds"):
+        assert main(["predict", "--model", "espnet-camvid", "--images", str(img), "--labels", str(lab),
+                     "--out", str(out), "--no-progress"]) == EXIT_INPUT
+        assert "--out" in capsys.readouterr().err
+    assert [p.name for p in img.iterdir()] == ["a.png"] and [p.name for p in lab.iterdir()] == ["a.png"]

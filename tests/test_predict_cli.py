@@ -122,14 +122,14 @@ def test_predict_errors(tiny_model, synth, tmp_path, capsys):
     imgs, labs, _ = synth
     assert (
         main(["predict", "--model", "nope", "--images", str(imgs), "--out", str(tmp_path / "o")])
-        == 1
+        == 2
     )
     assert "available models:" in capsys.readouterr().err
     assert main(["predict", "--model", tiny_model]) == 2
     assert "missing required argument(s): --images, --out" in capsys.readouterr().err
     (labs / "a.png").unlink()
     assert main(["predict", "--model", tiny_model, "--images", str(imgs), "--labels", str(labs),
-                 "--out", str(tmp_path / "o")]) == 1  # fmt: skip
+                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
     assert "1 image(s) without a label: a" in capsys.readouterr().err
     # a folder holding another model's predictions is not silently mixed
     out = tmp_path / "mixed"
