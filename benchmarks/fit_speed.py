@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 FIDUCIO = {"ts": "TS", "vs": "VS", "dc": "DC", "cmsop": "CMSop", "ms": "MS", "ets": "ETS", "cmsap": "CMSap"}
 
@@ -59,8 +61,6 @@ def peak_mb() -> float:
 
 
 def make_data(folder: Path, n: int, c: int, h: int, w: int) -> None:
-    import torch
-
     (folder / "pred").mkdir(parents=True, exist_ok=True)
     (folder / "labels").mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
@@ -73,8 +73,6 @@ def make_data(folder: Path, n: int, c: int, h: int, w: int) -> None:
 
 
 def load_arrays(folder: Path):
-    import torch
-
     preds = sorted((folder / "pred").glob("*.npy"))
     x = torch.stack([torch.from_numpy(np.load(p).astype(np.float32)) for p in preds])
     y = torch.stack([torch.from_numpy(np.load(folder / "labels" / p.name).astype(np.int64)) for p in preds])
@@ -82,9 +80,6 @@ def load_arrays(folder: Path):
 
 
 def nll_of(logits_fn, x, y) -> float:
-    import torch
-    import torch.nn.functional as F
-
     tot = 0.0
     with torch.no_grad():
         for i in range(x.shape[0]):
@@ -94,9 +89,8 @@ def nll_of(logits_fn, x, y) -> float:
 
 
 def worker(lib: str, method: str, folder: Path) -> dict:
-    import torch
-
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    # segcal is imported only in its own workers, so that fiducio's peak RSS does not include it
     if lib == "segcal-stream":
         import segcal.calibrators as sc
         from segcal.io import PredictionFolder
@@ -131,7 +125,7 @@ def worker(lib: str, method: str, folder: Path) -> dict:
             extra = {"optimizer": cal.fit_info["optimizer"], "mode": cal.fit_info["mode"],
                      "cached_feature_mb": cal.fit_info["stages"][-1].get("cached_feature_mb")}
         else:
-            import fiducio.calibrators as fc
+            import fiducio.calibrators as fc  # optional: only for the fiducio rows
 
             iters = os.environ.get("BENCH_FIDUCIO_ITERS")
             kw = {"max_iter": int(iters)} if iters else {}

@@ -15,6 +15,7 @@ from segcal.calibrators.data import Batch, FitData
 from segcal.calibrators.fitting import group_step
 from segcal.calibrators.objectives import get_objective
 from segcal.cli import main
+from segcal.io.images import load_image_tensor
 
 torch.set_num_threads(1)
 
@@ -253,8 +254,6 @@ def test_cli_fit_and_apply_with_images(tmp_path, capsys):
     assert "has an image branch" in capsys.readouterr().err
     assert main(["apply", "--calibrator", str(out), "--pred", str(pred), "--images", str(imgs),
                  "--out", str(tmp_path / "o2"), "--no-progress", "--dtype", "float32"]) == 0
-    from segcal.datasets.folders import load_image_tensor
-
     x = torch.from_numpy(np.load(pred / "im0.npy").astype(np.float32))[None]
     img = torch.from_numpy(load_image_tensor(imgs / "im0.png"))[None]
     with torch.no_grad():

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from segcal.datasets.folders import image_files, load_image_tensor
-from segcal.io.predictions import PredictionFolder, check_stems_match
+from segcal.io.files import check_stems_match
+from segcal.io.images import image_files, load_image_tensor
+from segcal.io.predictions import PredictionFolder
 from segcal.validation import (
     as_tensor,
     check_finite,
@@ -64,7 +65,7 @@ class FolderBatches:
     images
         Optional folder of input images (``.png``/``.jpg``/``.jpeg``, or ``.npy`` arrays
         ``(C_img, *spatial)`` used as they are) whose stems match the predictions, for calibrators
-        with an image branch; RGB files are read by :func:`segcal.datasets.folders.load_image_tensor`.
+        with an image branch; RGB files are read by :func:`segcal.io.images.load_image_tensor`.
         Every used stem needs an image (a ``ValueError`` lists the missing ones).
     """
 
