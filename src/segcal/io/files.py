@@ -20,6 +20,7 @@ import os
 import re
 import struct
 import tempfile
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -101,7 +102,8 @@ def to_jsonable(
 
 #: what reading a corrupt ``.npy`` / ``.npz`` can raise inside NumPy and zipfile
 NPY_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
-              NotImplementedError, struct.error, RuntimeError)  # fmt: skip
+              NotImplementedError, struct.error, RuntimeError, SyntaxError, TypeError,
+              OverflowError, MemoryError, tokenize.TokenError)  # fmt: skip
 
 
 def _npy_header(fh: IO[bytes]) -> tuple[tuple[int, ...], np.dtype] | None:

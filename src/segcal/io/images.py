@@ -24,6 +24,7 @@ from segcal.errors import InputError
 from segcal.io.files import list_stems, load_npy
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 #: normalisation of RGB images fed to a calibrator's image branch (LTS/IBTS ``use_image``):
 #: ``(rgb / 255 - mean) / std`` per channel, ImageNet statistics, RGB order
@@ -50,8 +51,10 @@ def list_files(folder: str | os.PathLike, suffixes: tuple[str, ...], what: str) 
 def _decode(path: Path, what: str, mode: str | None) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise InputError(f"cannot read {what} {path}: the file is empty (0 bytes); expected an image")
+    check_png_end(path, size, what)
     try:
         with Image.open(path) as im:
             if mode is None:
@@ -65,6 +68,21 @@ def _decode(path: Path, what: str, mode: str | None) -> np.ndarray:
         raise
     except DECODE_ERRORS as exc:
         raise InputError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def check_png_end(path: Path, size: int, what: str) -> None:
+    """Refuse a PNG that stops before its ``IEND`` chunk (Pillow decodes such files silently)."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(PNG_SIGNATURE))
+        if head != PNG_SIGNATURE:
+            return
+        fh.seek(max(0, size - 64))
+        tail = fh.read()
+    if b"IEND" not in tail:
+        raise InputError(
+            f"cannot read {what} {path}: the PNG is truncated ({size} bytes, no IEND chunk at the "
+            "end); expected a complete PNG file"
+        )
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:

@@ -111,6 +111,8 @@ def _plain_bytes(*args: Any) -> bytes:
 
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Callable[..., Any]:
+        if module == "__builtin__":  # protocol 0-2 pickles name the Python 2 module
+            module = "builtins"
         if module.startswith("numpy") and name == "_reconstruct":
             return _capped_reconstruct
         if module == "numpy" and name == "ndarray":
@@ -262,7 +264,7 @@ def checked_geometry(props: dict[str, Any], path: str | os.PathLike) -> NnUNetGe
         return geometry_from_properties(props)
     except NnUNetFormatError as exc:
         raise NnUNetFormatError(f"{Path(path).name}: {exc}") from exc
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise NnUNetFormatError(
             f"{Path(path).name}: malformed nnU-Net properties ({type(exc).__name__}: {exc}); expected "
             "'shape_before_cropping' and 'sitk_stuff' (spacing, origin, direction) or 'nibabel_stuff'"

@@ -85,7 +85,28 @@ def read_folder_meta(folder: str | os.PathLike) -> dict[str, Any]:
             f"{p}: not a segcal prediction folder (format={meta.get('format')!r}); expected "
             f"format {FORMAT_NAME!r}"
         )
+    check_manifest(meta, p)
     return meta
+
+
+def check_manifest(meta: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse manifest entries of the wrong type (the readers rely on these fields)."""
+
+    def bad(key: str, expected: str) -> InputError:
+        return InputError(f"{path}: {key!r} is {meta[key]!r}; expected {expected}")
+
+    if "input_type" in meta and meta["input_type"] not in ("logits", "probs"):
+        raise bad("input_type", "'logits' or 'probs'")
+    nc = meta.get("num_classes")
+    if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 1):
+        raise bad("num_classes", "a positive integer")
+    if "complete" in meta and not isinstance(meta["complete"], bool):
+        raise bad("complete", "true or false")
+    cases = meta.get("cases")
+    if cases is not None and (
+        not isinstance(cases, dict) or not all(isinstance(v, dict) for v in cases.values())
+    ):
+        raise InputError(f"{path}: 'cases' must map each case id to an object (shape, affine, source)")
 
 
 def write_folder_meta(folder: str | os.PathLike, **meta: Any) -> None:
@@ -202,11 +223,17 @@ class PredictionFolder:
 
     def _check_label_affine(self, item: PredictionItem) -> None:
         """A NIfTI label against the affine ``predict_volumes`` recorded for the case."""
-        rec = self.meta.get("cases", {}).get(item.stem) if isinstance(self.meta.get("cases"), dict) else None
+        rec = (self.meta.get("cases") or {}).get(item.stem)
         if item.label_path is None or not is_nifti(item.label_path) or not rec or rec.get("affine") is None:
             return
         _, affine = label_geometry(item.label_path)
-        paff = np.asarray(rec["affine"], dtype=np.float64)
+        try:
+            paff = np.asarray(rec["affine"], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                f"{self.pred_dir / META_NAME}: the affine recorded for {item.stem!r} is not a 4 x 4 "
+                f"matrix ({exc})"
+            ) from exc
         if affine is not None and (paff.shape != (4, 4) or not np.allclose(paff, affine, atol=1e-3)):
             raise InputError(
                 f"labels: {item.label_path.name} has affine\n{np.round(affine, 4)}\nbut prediction "
@@ -274,6 +301,7 @@ __all__ = [
     "PredictionItem",
     "begin_folder",
     "check_complete",
+    "check_manifest",
     "check_stems_match",
     "find_label_files",
     "finish_folder",
