@@ -110,3 +110,34 @@ def test_sync_with_an_empty_rank_and_twice_equals_single_process(tmp_path, shard
     assert states[0].synced and states[0].sync_ids == states[1].sync_ids
     with pytest.raises(ValueError, match="same synchronised total"):
         states[0].merge(states[1])
+
+
+def _worker_mismatch(rank: int, world: int, port: int, out: str, case: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        logits, labels = _data()
+        n_bins = 10 if (case == "config" and rank == 1) else 15
+        m = CalibrationMetrics(4, ignore_index=255, n_bins=n_bins)
+        m.update(logits[rank : rank + 1], labels[rank : rank + 1])
+        if case == "half-synced" and rank == 0:  # e.g. a state loaded from a synchronised file
+            m.sync_ids = frozenset({1})
+        try:
+            m.sync()
+            msg = "no error"
+        except (ValueError, RuntimeError) as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+        with open(f"{out}/rank{rank}.txt", "w") as fh:
+            fh.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("case", "match"), [("config", "ValueError: sync: the ranks' CalibrationMetrics have "
+                                               "different configurations"),
+                                              ("half-synced", "RuntimeError: sync: some ranks' states are already")])
+def test_sync_mismatch_raises_on_every_rank_instead_of_hanging(tmp_path, case, match):
+    mp.spawn(_worker_mismatch, args=(2, _free_port(), str(tmp_path), case), nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith(match), rank

@@ -24,8 +24,10 @@ shape and counts and raise :class:`segcal.errors.InputError` naming the file.
 
 from __future__ import annotations
 
+import json
 import secrets
 import warnings
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -418,23 +420,44 @@ class CalibrationMetrics:
         per-image rows (``O(images)``) are all-gathered in rank order. A rank that saw no image
         takes part like the others. Afterwards the state is marked synchronised (:attr:`synced`):
         calling ``sync`` again is a no-op, ``update`` is refused until :meth:`reset`, and merging
-        two ranks' copies of the total is refused. Every rank must call it (it is a collective),
-        with the same configuration; on NCCL pass ``device=`` so that a rank without batches
-        holds its state on its GPU too.
+        two ranks' copies of the total is refused. Every rank must call it (it is a collective).
+        Ranks whose configurations differ, or a mix of synchronised and local ranks, raise on every
+        rank (instead of one rank waiting forever). On NCCL pass ``device=`` so that a rank
+        without batches holds its state on its GPU too.
+
+        Raises
+        ------
+        ValueError
+            If the ranks' configurations differ.
+        RuntimeError
+            If some ranks' states are synchronised and others are not.
         """
-        if not (dist.is_available() and dist.is_initialized()) or self.synced:
+        if not (dist.is_available() and dist.is_initialized()):
             return self
         dev = self._state_device()
+        world = dist.get_world_size(group)
+        # first, one small exchange that every rank sees alike (so all raise, or none waits
+        # forever): image counts, an identifier of this synchronisation (the first rank's is
+        # used), the configuration's checksum and whether the rank is already synchronised
+        cfg_sum = zlib.crc32(json.dumps(self._config(), sort_keys=True).encode())
+        mine = torch.tensor([self.n_images, secrets.randbits(52), cfg_sum, int(self.synced)], dtype=torch.int64,
+                            device=dev)
+        infos = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(infos, mine, group=group)
+        info = torch.stack(infos).cpu()
+        if bool((info[:, 2] != info[0, 2]).any()):
+            raise ValueError("sync: the ranks' CalibrationMetrics have different configurations; create them "
+                             "with the same arguments on every rank")
+        if bool(info[:, 3].all()):
+            return self  # every rank already holds the total: a second sync is a no-op
+        if bool(info[:, 3].any()):
+            raise RuntimeError("sync: some ranks' states are already synchronised and others are not "
+                               "(sync() was called on some ranks only); reset() every rank and start again")
         sums = {f.name: getattr(self, f.name) for f in SUM_FIELDS}
         flat = pack_sums(sums)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         unpack_sums(flat, sums)
-        world = dist.get_world_size(group)
-        # image counts of every rank, and an identifier of this synchronisation drawn by the first
-        mine = torch.tensor([self.n_images, secrets.randbits(52)], dtype=torch.int64, device=dev)
-        counts = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(counts, mine, group=group)
-        counts_l = [int(c[0].item()) for c in counts]
+        counts_l = [int(c) for c in info[:, 0]]
         if self.per_image and max(counts_l) > 0:
             packed = pack_rows(self._cat_rows(), self.dims)
             buf = torch.zeros(max(counts_l), packed.shape[1], dtype=torch.float64, device=dev)
@@ -444,7 +467,7 @@ class CalibrationMetrics:
             rows = unpack_rows(torch.cat([b[:c] for b, c in zip(bufs, counts_l, strict=True)]), self.dims)
             self._rows = {name: [t] for name, t in rows.items()}
         self.n_images = sum(counts_l)
-        self.sync_ids = frozenset({int(counts[0][1].item())})
+        self.sync_ids = frozenset({int(info[0, 1])})
         return self
 
     # ---------------------------------------------------------------- compute
