@@ -220,6 +220,35 @@ def test_leftover_temporary_files_are_removed_by_the_next_run(tiny_model, images
     assert keep.exists()
 
 
+def test_interrupted_predict_volumes_is_refused(tmp_path):
+    pytest.importorskip("monai")
+    from segcal.pipeline.predict import predict_volumes
+
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    for i in range(3):
+        nib.save(nib.Nifti1Image(np.random.default_rng(i).random((5, 6, 7)).astype(np.float32),
+                                 np.eye(4)), str(vols / f"case{i}.nii.gz"))
+
+    class DiesOnTheSecond(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            DiesOnTheSecond.calls += 1
+            if DiesOnTheSecond.calls == 2:
+                raise KeyboardInterrupt("simulated interruption")
+            return torch.zeros((1, 3, *x.shape[2:]))
+
+    out = tmp_path / "pred"
+    with pytest.raises(KeyboardInterrupt):
+        predict_volumes(DiesOnTheSecond(), vols, out)
+    assert [p.name for p in out.glob("*.npy")] == ["case0.npy"]
+    _raises_naming(out, PredictionFolder, out, match="incomplete")
+    predict_volumes(DiesOnTheSecond(), vols, out)
+    meta = read_folder_meta(out)
+    assert meta["complete"] is True and sorted(meta["cases"]) == ["case0", "case1", "case2"]
+
+
 def test_begin_and_finish_folder(tmp_path):
     from segcal.io.predictions import begin_folder, finish_folder, writing_folder
 

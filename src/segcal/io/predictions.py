@@ -98,8 +98,8 @@ def check_manifest(meta: dict[str, Any], path: str | os.PathLike) -> None:
     if "input_type" in meta and meta["input_type"] not in ("logits", "probs"):
         raise bad("input_type", "'logits' or 'probs'")
     nc = meta.get("num_classes")
-    if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 1):
-        raise bad("num_classes", "a positive integer")
+    if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 0):
+        raise bad("num_classes", "a positive integer (0 or null: not recorded)")
     if "complete" in meta and not isinstance(meta["complete"], bool):
         raise bad("complete", "true or false")
     cases = meta.get("cases")
@@ -250,10 +250,8 @@ class PredictionFolder:
         label of a folder written by ``predict_volumes`` is checked against the recorded affine.
         """
         if item.path.suffix == ".npz" and is_nnunet_prediction(item.path):
-            nc = self.meta.get("num_classes")
-            probs, labels = read_nnunet_item(
-                item.path, item.label_path, num_classes=None if nc is None else int(nc)
-            )
+            nc = self.meta.get("num_classes") or None  # 0: not recorded
+            probs, labels = read_nnunet_item(item.path, item.label_path, num_classes=nc)
             return probs, labels, self._input_type or "probs"
         scores, key = read_prediction(item.path)
         labels = read_label(item.label_path) if item.label_path is not None else None
