@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from segcal.errors import InputError
+from segcal.errors import InputError, unreadable
 from segcal.io.files import atomic_write
 from segcal.metrics import kernels_numba, kernels_torch
 from segcal.metrics.chunks import Settings, iter_chunks
@@ -404,12 +404,9 @@ class CalibrationMetrics:
         except OSError:
             raise
         except Exception as exc:  # torch raises many types for a bad file
-            # torch's own message advises weights_only=False (executing the file's code): never
-            # repeat it; name the file and what it should be instead
-            raise InputError(
-                f"{path}: not a metric state written by CalibrationMetrics.save ({type(exc).__name__} while "
-                "reading it as a torch.save file of tensors; the file may be empty, truncated or another format)"
-            ) from None
+            # never repeat torch's advice to retry with weights_only=False (it would run the
+            # file's code): segcal.errors.unreadable names the file and what it should be
+            raise unreadable(path, exc, "a metric state written by CalibrationMetrics.save") from None
         return cls.from_state_dict(state, source=str(path))
 
     # ------------------------------------------------------------ distributed
