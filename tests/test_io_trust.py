@@ -429,3 +429,49 @@ def test_fuzz_corrupted_files_give_an_input_error_naming_the_file_or_a_read(tmp_
         reader(path)
     except InputError as exc:  # anything else (BadZipFile, EOFError, ...) fails the test
         assert fname in str(exc), f"{name}: {exc}"
+
+
+@st.composite
+def corrupted_folder_file(draw):
+    target = draw(st.sampled_from(["p/a.npy", "l/a.png", "p/segcal.json", "l/b.npy"]))
+    how = draw(st.sampled_from(["truncate", "flip", "random"]))
+    return target, how, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=corrupted_folder_file())
+def test_fuzz_eval_cli_on_a_corrupted_folder(tmp_path, capsys, case):
+    """``segcal eval`` on a folder with one corrupted file: exit 0, or exit 2 with one line naming it."""
+    from segcal.cli import main
+
+    target, how, seed = case
+    root = tmp_path / "cli"
+    for sub in ("p", "l"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for f in (root / sub).iterdir():
+            f.unlink()
+    write_prediction(root / "p" / "a.npy", LOGITS)
+    write_prediction(root / "p" / "b.npy", LOGITS[:, ::-1])
+    write_folder_meta(root / "p", input_type="logits", num_classes=3, complete=True)
+    (root / "l" / "a.png").write_bytes(_png_bytes(LABEL))
+    np.save(root / "l" / "b.npy", LABEL.astype(np.int64))
+    path = root / target
+    data = path.read_bytes()
+    rng = np.random.default_rng(seed)
+    if how == "truncate":
+        data = data[: int(rng.integers(0, len(data)))]
+    elif how == "flip":
+        buf = bytearray(data)
+        for i in rng.integers(0, len(buf), size=4):
+            buf[i] = int(rng.integers(0, 256))
+        data = bytes(buf)
+    else:
+        data = rng.integers(0, 256, size=int(rng.integers(0, 200)), dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    capsys.readouterr()
+    rc = main(["eval", "--pred", str(root / "p"), "--labels", str(root / "l"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc in (0, 2), err
+    if rc == 2:
+        assert err.startswith("segcal eval: error:") and "Traceback" not in err, err
+        assert path.name in err, err
