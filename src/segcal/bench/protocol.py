@@ -356,12 +356,9 @@ class Region(Protocol):
 
 
 def image_bins(acc: CalibrationMetrics) -> np.ndarray:
-    """Per-image top-label bins ``(n_images, 3, n_bins)``: count, sum of confidence, sum of correct."""
-    if hasattr(acc, "image_bins"):
-        return np.asarray(acc.image_bins(), dtype=np.float64)
-    # TODO(metrics): drop once CalibrationMetrics.image_bins() exists (agreed interface)
-    b = acc.state_dict()["img_bins"].numpy()  # (n, M, correct, (count, conf))
-    return np.stack([b[:, :, :, 0].sum(2), b[:, :, :, 1].sum(2), b[:, :, 1, 0]], axis=1)
+    """Per-image top-label bins ``(n_images, 3, n_bins)``: count, sum of confidence, sum of correct
+    (:meth:`segcal.metrics.CalibrationMetrics.image_bins`, as NumPy)."""
+    return acc.image_bins().numpy()
 
 
 @dataclass
