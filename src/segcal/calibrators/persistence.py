@@ -87,7 +87,9 @@ def read_calibrator_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     if os.path.exists(path) and os.path.getsize(path) == 0:
         raise InputError(f"{where} is empty (0 bytes); expected a calibrator file written by `segcal fit`")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle: the error below says it
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as exc:
