@@ -14,6 +14,7 @@ ENV_VAR = "SEGCAL_DATA"
 
 
 def candidate_roots() -> list[Path]:
+    """The fallback data roots, in search order (``../shared/data`` near the cwd and the checkout)."""
     here = Path(__file__).resolve()
     cands = [Path.cwd() / ".." / "shared" / "data", Path.cwd() / "shared" / "data"]
     # src/segcal/data.py -> checkout root is parents[2]

@@ -169,6 +169,7 @@ def read_properties(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def properties_path(npz_path: str | os.PathLike) -> Path:
+    """``<case>.npz`` -> ``<case>.pkl`` (where nnU-Net writes the properties)."""
     p = Path(npz_path)
     return p.with_name(p.name[: -len(".npz")] + ".pkl") if p.name.endswith(".npz") else p.with_suffix(".pkl")
 

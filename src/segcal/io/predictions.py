@@ -210,9 +210,11 @@ class PredictionFolder:
 
     @property
     def stems(self) -> list[str]:
+        """The stems of the items, sorted."""
         return [it.stem for it in self.items]
 
     def input_type_of(self, key: str | None) -> str:
+        """The input type: the argument, else the manifest, else the ``.npz`` key (default logits)."""
         if self._input_type is not None:
             return self._input_type
         if "input_type" in self.meta:

@@ -80,7 +80,7 @@ def _check_transformed(img: np.ndarray, stem: str) -> np.ndarray:
 
 
 def predict_folder(
-    model,
+    model: str | LoadedModel,
     images: str | os.PathLike | Sequence[SegItem],
     out: str | os.PathLike,
     *,
@@ -325,7 +325,10 @@ def weights_sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def logits_fingerprint(logits: np.ndarray, voxels=((0, 0, 0), (10, 20, 10), (17, 25, 17))) -> dict:
+def logits_fingerprint(
+    logits: np.ndarray,
+    voxels: Sequence[tuple[int, int, int]] = ((0, 0, 0), (10, 20, 10), (17, 25, 17)),
+) -> dict:
     """Summary statistics of ``(C, X, Y, Z)`` logits that pin a model's output down.
 
     ``sum`` and per-class ``mean`` (float64), logits at a few fixed voxels, and the histogram of

@@ -21,6 +21,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def dice_stats(pred: np.ndarray, label: np.ndarray, num_classes: int = 3) -> np.
     return out
 
 
-def summarise_dice(stats: list[np.ndarray], class_names) -> dict:
+def summarise_dice(stats: list[np.ndarray], class_names: Sequence[str]) -> dict:
     """Case-wise mean/std and pooled Dice per class, and the foreground means."""
     s = np.stack(stats)  # (N, C, 3)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -58,7 +59,7 @@ def summarise_dice(stats: list[np.ndarray], class_names) -> dict:
     return res
 
 
-def evaluate(model, cases: list[dict], class_names) -> dict:
+def evaluate(model: torch.nn.Module, cases: list[dict], class_names: Sequence[str]) -> dict:
     """Foreground Dice of ``model`` on ``cases`` through the prediction path (whole volumes)."""
     stats = []
     for c in cases:
@@ -67,7 +68,9 @@ def evaluate(model, cases: list[dict], class_names) -> dict:
     return summarise_dice(stats, class_names)
 
 
-def _random_crop(img, lab, crop, rng):
+def _random_crop(
+    img: np.ndarray, lab: np.ndarray, crop: tuple[int, ...], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     pads = [(0, max(0, c - s)) for s, c in zip(img.shape, crop, strict=True)]
     if any(b for _, b in pads):
         # place the volume at a random offset inside the padded box
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     warm = max(1, args.iters // 20)
 
-    def lr_at(it):
+    def lr_at(it: int) -> float:
         if it < warm:
             return args.lr * (it + 1) / warm
         return args.lr * 0.5 * (1 + math.cos(math.pi * (it - warm) / max(1, args.iters - warm)))
