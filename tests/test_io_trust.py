@@ -142,6 +142,26 @@ def test_16_bit_png_labels_in_eval_match_8_bit(tmp_path):
     assert outs[0]["ece"] == outs[1]["ece"] and outs[0]["accuracy"] == outs[1]["accuracy"]
 
 
+def test_a_folder_without_predictions_says_so_not_a_stem_mismatch(tmp_path):
+    pred, lab = tmp_path / "p", tmp_path / "l"
+    pred.mkdir()
+    lab.mkdir()
+    (pred / "a.png").write_bytes(_png_bytes(LABEL))
+    (lab / "a.png").write_bytes(_png_bytes(LABEL))
+    with pytest.raises(InputError, match=r"no \.npy/\.npz predictions found in"):
+        PredictionFolder(pred, lab)
+
+
+def test_channel_last_prediction_gets_a_hint(tmp_path):
+    pred, lab = tmp_path / "p", tmp_path / "l"
+    write_prediction(pred / "a.npy", np.zeros((6, 5, 3)))
+    lab.mkdir()
+    (lab / "a.png").write_bytes(_png_bytes(LABEL))
+    folder = PredictionFolder(pred, lab)
+    with pytest.raises(InputError, match="looks channel-last"):
+        folder.read(folder.items[0])
+
+
 # ------------------------------------------------------------------------- segcal.json
 def test_manifest_holding_a_list_or_invalid_json_names_the_file(tmp_path):
     write_prediction(tmp_path / "a.npy", LOGITS)

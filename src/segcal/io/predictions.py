@@ -53,6 +53,7 @@ from segcal.io.files import (
 )
 from segcal.io.nifti import is_nifti
 from segcal.io.nnunet import is_nnunet_prediction, read_nnunet_item
+from segcal.validation import channel_last_hint
 
 META_NAME = "segcal.json"
 FORMAT_NAME = "segcal-predictions"
@@ -258,9 +259,12 @@ class PredictionFolder:
         scores, key = read_prediction(item.path)
         labels = read_label(item.label_path) if item.label_path is not None else None
         if labels is not None and tuple(labels.shape) != tuple(scores.shape[1:]):
+            hint = ""
+            if tuple(scores.shape[:-1]) == tuple(labels.shape):
+                hint = channel_last_hint(tuple(scores.shape), 0, expected=int(scores.shape[-1]))
             raise InputError(
                 f"labels: {item.label_path.name} has shape {tuple(labels.shape)} but prediction "
-                f"{item.path.name} has spatial shape {tuple(scores.shape[1:])}"
+                f"{item.path.name} has spatial shape {tuple(scores.shape[1:])}{hint}"
             )
         self._check_label_affine(item)
         return scores, labels, self.input_type_of(key)

@@ -160,7 +160,7 @@ def predict_folder(
     # ---- output folder: the manifest first, marked incomplete
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"--out: {out_dir} exists and is not a folder")
+        raise InputError(f"--out: {out_dir} exists and is not a folder; expected a folder to write into")
     old = read_folder_meta(out_dir) if out_dir.is_dir() else {}
     if old and not overwrite:
         if old.get("model") != lm.name or old.get("num_classes") != lm.num_classes:
