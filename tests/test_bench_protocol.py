@@ -129,10 +129,16 @@ def test_out_that_is_a_file_is_refused_before_the_run(tmp_path, capsys):
     f.write_text("x")
     with pytest.raises(InputError, match="existing file"):
         prepare_outputs(f)
+    with pytest.raises(InputError, match="not a writable folder"):
+        prepare_outputs(f / "sub")
     assert prepare_outputs(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()  # checked, not created
-    rc = main(["bench", "--out", str(f), "--data-root", str(tmp_path), "--quiet", "--no-report"])
-    assert rc == 2 and "--out" in capsys.readouterr().err
+    for cmd in ("bench", "demo"):  # refused before any data is looked for
+        rc = main([cmd, "--out", str(f), "--data-root", str(tmp_path), "--quiet", "--no-report"])
+        assert rc == 2 and "--out" in capsys.readouterr().err
+    cache = tmp_path / "cache"
+    rc = main(["bench", "--out", str(cache / "o"), "--cache", str(cache), "--quiet", "--no-report"])
+    assert rc == 2 and "inside the --cache folder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ protocol

@@ -15,6 +15,7 @@ from typing import Any
 
 from segcal.bench.camvid import BenchConfig, run_bench
 from segcal.bench.hippocampus import MedicalBenchConfig, run_medical_bench
+from segcal.cli.common import check_out_path
 from segcal.errors import InputError
 from segcal.report.outputs import prepare_outputs, write_outputs
 from segcal.report.tables import condition_table, describe_condition
@@ -85,6 +86,14 @@ def medical_config_from_args(args: argparse.Namespace) -> MedicalBenchConfig:
     return MedicalBenchConfig(**kw)
 
 
+def check_outputs(out: str, args: argparse.Namespace) -> None:
+    """Before the run: ``--out`` is not the prediction cache (nor inside / around it), not an existing
+    file, and can be created. (A folder inside the data root is fine: the bench reads only its
+    dataset sub-folders.)"""
+    check_out_path(out, {"--cache": getattr(args, "cache", None)})
+    prepare_outputs(out)
+
+
 def print_summary(results: dict[str, Any], out: str) -> None:
     """The clean tables of a run and where its files are."""
     for tag in results["conditions"]:
@@ -100,10 +109,10 @@ def print_summary(results: dict[str, Any], out: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "dataset", "camvid") == "hippocampus":
         mcfg = medical_config_from_args(args)
-        prepare_outputs(mcfg.out)
+        check_outputs(mcfg.out, args)
         print_summary(write_outputs(run_medical_bench(mcfg)), mcfg.out)
         return 0
     cfg = config_from_args(args)
-    prepare_outputs(cfg.out)
+    check_outputs(cfg.out, args)
     print_summary(write_outputs(run_bench(cfg)), cfg.out)
     return 0

@@ -12,13 +12,15 @@ import sys
 import segcal.calibrators as sc
 from segcal.bench.cache import BenchDataError
 from segcal.bench.camvid import find_camvid, run_bench
-from segcal.cli.bench_cmd import config_from_args, print_summary
-from segcal.report.outputs import prepare_outputs, write_outputs
+from segcal.cli.bench_cmd import check_outputs, config_from_args, print_summary
+from segcal.report.outputs import write_outputs
 
 DEMO_METHODS = ("ts", "dc", "cmsop", "selective")
 
 
 def run(args: argparse.Namespace) -> int:
+    args.out = args.out or "segcal-out/demo"
+    check_outputs(args.out, args)
     try:
         root, _cam = find_camvid(args.data_root)
     except BenchDataError as exc:
@@ -27,10 +29,8 @@ def run(args: argparse.Namespace) -> int:
     names = {a["name"] for a in sc.available()}
     aliases = {al for a in sc.available() for al in a["aliases"]}
     methods = tuple(m for m in DEMO_METHODS if m in names or m in aliases)
-    args.out = args.out or "segcal-out/demo"
     cfg = config_from_args(args, quick=True, argv0="demo")
     cfg.methods = methods
-    prepare_outputs(cfg.out)
     print(f"segcal demo: data {root}; calibrators {', '.join(methods)}; output {cfg.out}", flush=True)
     print_summary(write_outputs(run_bench(cfg)), cfg.out)
     return 0

@@ -21,19 +21,20 @@ from segcal.report.tables import markdown_report
 
 
 def prepare_outputs(out: str | os.PathLike) -> Path:
-    """Check, before a (long) run, that ``out`` can become the output folder; nothing is created.
+    """Check, before a (long) run, that the folder ``out`` can be created; nothing is created.
 
-    Raises :class:`~segcal.errors.InputError` when ``out`` is an existing file or its nearest
-    existing parent is not a writable folder.
+    The command line checks first what ``out`` may not be (an input, an existing file:
+    :func:`segcal.cli.common.check_out_path`); this checks that its nearest existing parent is
+    a writable folder. Raises :class:`~segcal.errors.InputError` otherwise.
     """
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"--out {path}: is an existing file; expected a folder for results.json, results.md, report.html")
     parent = path
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if parent != path and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
         raise InputError(f"--out {path}: cannot create the output folder ({parent} is not a writable folder)")
+    if parent == path and not path.is_dir():
+        raise InputError(f"--out {path}: is an existing file; expected a folder for results.json, results.md, report.html")
     return path
 
 
