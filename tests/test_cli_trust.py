@@ -157,14 +157,16 @@ def test_cli_error_is_an_input_error():
 
 
 def test_closed_pipe_exits_quietly(folders):
-    pred, _ = folders
-    cmd = [sys.executable, "-m", "segcal", "estimate", "--pred", str(pred), "--baseline", "maxprob"]
+    """``segcal eval ... | head`` with the reader gone before the table is printed: no traceback,
+    no "Exception ignored ... BrokenPipeError" (a8985da: exit 120 with that message)."""
+    pred, lab = folders
+    cmd = [sys.executable, "-m", "segcal", "eval", "--pred", str(pred), "--labels", str(lab), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.read(1)  # read one byte, then close the pipe (like `| head -c 1`)
-    proc.stdout.close()
+    proc.stdout.close()  # the reader is gone long before the child (importing torch) writes
     err = proc.stderr.read().decode()
-    proc.wait(timeout=60)
+    rc = proc.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert rc == 1 and err == "", (rc, err)
 
 
 # --------------------------------------------------------------------------- --out never an input

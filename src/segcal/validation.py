@@ -276,18 +276,42 @@ def check_input_kind(
         )
 
 
-def channel_last_hint(shape: tuple[int, ...], class_axis: int = 0) -> str:
+def channel_last_hint(shape: tuple[int, ...], class_axis: int = 0, expected: int | None = None) -> str:
     """A hint for an error message when ``shape`` looks channel-last, else ``""``.
 
     segcal reads classes first: ``(C, H, W)`` per file, ``(N, C, H, W)`` per batch. An array
-    saved as ``(H, W, C)`` has a long "class" axis and a short last axis; more than 256 classes on
-    the class axis with at most 256 on the last one is taken as that sign.
+    saved as ``(H, W, C)`` shows it by its last axis: of the ``expected`` class count where the
+    class axis is not, or (no count known) short (at most 256) behind a class axis of more than
+    256 "classes".
     """
     if len(shape) < class_axis + 3:
         return ""
     c, last = shape[class_axis], shape[-1]
-    if c > 256 and 2 <= last <= 256:
+    if expected is not None:
+        looks = c != expected and last == expected
+    else:
+        looks = c > 256 and 2 <= last <= 256
+    if looks:
         return (f"; the shape {tuple(shape)} looks channel-last ({last} classes on the last axis): "
                 "segcal expects the classes first, (C, H, W); transpose it, e.g. "
                 "np.moveaxis(x, -1, 0)")
     return ""
+
+
+def check_class_count(scores: Any, expected: int, name: str, *, axis: int = 0) -> None:
+    """Refuse scores whose class axis does not hold ``expected`` classes (hinting at channel-last).
+
+    Parameters
+    ----------
+    scores
+        Array or tensor with the classes on ``axis``.
+    expected
+        The class count (the model's, the calibrator's, or the first file's of a folder).
+    name
+        The argument or file, for the message.
+    """
+    shape = tuple(scores.shape)
+    if len(shape) <= axis or shape[axis] != expected:
+        got = shape[axis] if len(shape) > axis else "no"
+        raise InputError(f"{name}: {got} classes on axis {axis} (shape {shape}), expected {expected}"
+                         + channel_last_hint(shape, axis, expected))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         a key, or holds NaN / infinite weights.
     """
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on foreign pickles: the error says it all
+            warnings.simplefilter("ignore", UserWarning)
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile) as exc:

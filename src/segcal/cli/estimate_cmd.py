@@ -35,6 +35,7 @@ from segcal.estimation import (
 )
 from segcal.estimation.features import iter_feature_maps
 from segcal.io import PredictionFolder, atomic_write
+from segcal.validation import check_class_count, check_finite
 
 
 def _scores(arr: np.ndarray, where: str, itype: str) -> torch.Tensor:
@@ -44,7 +45,9 @@ def _scores(arr: np.ndarray, where: str, itype: str) -> torch.Tensor:
     check_scores_kind(arr, itype, f"--pred: {where}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(arr, dtype=np.float32)).unsqueeze(0)
+        x = torch.from_numpy(np.asarray(arr, dtype=np.float32)).unsqueeze(0)
+    check_finite(x, f"--pred: {where}")
+    return x
 
 
 def _features(folder: str | None, stems: list[str]) -> Iterator[torch.Tensor] | None:
@@ -68,11 +71,14 @@ def _estimate(args: argparse.Namespace) -> int:
     folder = PredictionFolder(args.pred, input_type=input_type_from_args(args))
     feats = _features(args.features, folder.stems) if kind == "features" else None
     per_image: dict[str, float] = {}
+    first: int | None = getattr(est, "num_classes", None) if kind == "logits" else None
     for it in folder.items:
         f = next(feats).unsqueeze(0) if feats is not None else None
         scores, itype = None, "logits"
         if kind != "features":
             arr, _, itype = folder.read(it)
+            first = first or int(arr.shape[0])
+            check_class_count(arr, first, f"--pred: {it.path}")
             scores = _scores(arr, str(it.path), itype)
         try:
             per_image[it.stem] = float(estimate_images(est, scores, f, input_type=itype)[0])
@@ -103,10 +109,9 @@ def _train(args: argparse.Namespace) -> int:
     c = None
     for it in folder.items:
         arr, lab, itype = folder.read(it)
+        c = c or int(arr.shape[0])
+        check_class_count(arr, c, f"--pred: {it.path} (the first file has {c} classes)")
         x = _scores(arr, str(it.path), itype)
-        c = c or x.shape[1]
-        if x.shape[1] != c:
-            raise InputError(f"--pred: {it.path} has {x.shape[1]} classes, the first file had {c}")
         y = torch.from_numpy(np.asarray(lab).astype(np.int64)).unsqueeze(0)
         try:
             targets.append(float(ece_targets(x, y, kind=args.target, n_bins=args.bins,

@@ -37,16 +37,21 @@ from segcal.estimation import (
 from segcal.estimation.features import iter_feature_maps
 from segcal.estimation.pseudolabels import pseudo_label_precision
 from segcal.io import PredictionFolder, atomic_write, read_label
+from segcal.validation import check_class_count, check_finite
 
 
-def _read(folder: PredictionFolder, it: Any) -> tuple[torch.Tensor, str]:
+def _read(folder: PredictionFolder, it: Any, num_classes: int | None = None) -> tuple[torch.Tensor, str]:
     arr, _, itype = folder.read(it)
     if arr.ndim != 3:
         raise InputError(f"--pred: {it.path} has shape {tuple(arr.shape)}; expected (C, H, W)")
+    if num_classes is not None:
+        check_class_count(arr, num_classes, f"--pred: {it.path} (the first file has {num_classes} classes)")
     check_scores_kind(arr, itype, f"--pred: {it.path}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(arr, dtype=np.float32)), itype
+        x = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+    check_finite(x, f"--pred: {it.path}")
+    return x, itype
 
 
 def _true_labels(it: Any, shape: tuple[int, ...]) -> np.ndarray:
@@ -67,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     prop = args.prop if args.prop is not None else prop
     local = args.local_prop if args.local_prop is not None else local
     folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
+    first, itype = _read(folder, folder.items[0])
+    n_classes = int(first.shape[0])
     ece = None
     if args.estimator:
         est = load_estimator(args.estimator)
@@ -77,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         ece = []
         for it in folder.items:
             f = next(feats).unsqueeze(0) if feats is not None else None
-            s, itype = _read(folder, it) if kind != "features" else (None, "logits")
+            s, itype = _read(folder, it, n_classes) if kind != "features" else (None, "logits")
             try:
                 ece.append(float(estimate_images(est, None if s is None else s[None], f, input_type=itype)[0]))
             except ValueError as exc:
@@ -85,14 +92,13 @@ def run(args: argparse.Namespace) -> int:
 
     def scores_iter():
         for it in folder.items:
-            yield _read(folder, it)[0]
+            yield _read(folder, it, n_classes)[0]
 
-    itype = _read(folder, folder.items[0])[1]
     thr, counts = class_thresholds(scores_iter(), prop=prop, ece=ece, subsample=args.subsample, input_type=itype)
     out.mkdir(parents=True, exist_ok=True)
     stats = {"cal_sfda": [0, 0, 0], "n_pixels": 0, "labelled": 0}
     for it in folder.items:
-        s, _ = _read(folder, it)
+        s, _ = _read(folder, it, n_classes)
         lab, _ = pseudo_label(s, thr, local_prop=local, ignore_value=args.ignore_value, input_type=itype)
         _write(out / f"{it.stem}.{args.format}", lab)
         stats["n_pixels"] += lab.size
@@ -113,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         t = maxprob_threshold_for_coverage(scores_iter(), coverage, input_type=itype)
         base = [0, 0, 0]
         for it in folder.items:
-            s, _ = _read(folder, it)
+            s, _ = _read(folder, it, n_classes)
             b = maxprob_pseudo_labels(s, t, ignore_value=args.ignore_value, input_type=itype)
             r = pseudo_label_precision(b, _true_labels(it, b.shape), ignore_value=args.ignore_value,
                                        label_ignore=args.label_ignore)

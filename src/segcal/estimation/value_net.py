@@ -30,6 +30,7 @@ import copy
 import math
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Iterable
 from typing import Any
@@ -345,7 +346,9 @@ class ECEEstimator(nn.Module):
             missing key, parameters of the wrong shape, NaN or infinite parameters).
         """
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on foreign pickles: the error says it all
+                warnings.simplefilter("ignore", UserWarning)
+                payload = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, EOFError) as exc:
             if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError):
                 raise
