@@ -23,7 +23,9 @@ floor either way). Spatial calibrators (``spatial = True``; LTS/IBTS) implement
 images. Calibrators with an image branch (:attr:`Calibrator.uses_image`; LTS/IBTS with
 ``use_image=True``, selective scaling on such a base) take the input image
 ``(N, image_channels, *spatial)`` at fit (``images=``, ``val_images=``, or inside streamed batches)
-and at apply time (``forward(logits, image=...)``); without it they raise a ``ValueError``.
+and at apply time (``forward(logits, image=...)``); without it they raise a ``ValueError``. Data
+hooks receive :class:`~segcal.calibrators.data.Batch`; :func:`~segcal.calibrators.check_calibrator`
+checks a new calibrator against its declared properties.
 """
 
 from __future__ import annotations
@@ -343,7 +345,7 @@ class Calibrator(nn.Module):
         logits
             ``(N, C, *spatial)`` / ``(M, C)`` scores (numpy or torch), an iterable of
             ``(scores, labels[, mask])`` batches, a :class:`~segcal.io.PredictionFolder`,
-            :class:`~segcal.calibrators.fitting.FolderBatches`, or a prediction-folder path (then
+            :class:`~segcal.calibrators.data.FolderBatches`, or a prediction-folder path (then
             ``labels`` is the label-folder path).
         labels
             ``(N, *spatial)`` / ``(M,)`` integer labels (in-memory input only).
