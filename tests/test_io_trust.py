@@ -96,6 +96,19 @@ def test_npz_without_known_key_names_the_file(tmp_path):
     _raises_naming(p, read_prediction, p, match="'logits' or 'probabilities'")
 
 
+def test_write_prediction_refuses_float16_overflow_and_nan(tmp_path):
+    big = np.array([[1.0, -70000.0], [0.5, 2.0]], dtype=np.float32)
+    with pytest.raises(InputError, match="outside the float16 range"):
+        write_prediction(tmp_path / "a.npy", big)
+    assert not (tmp_path / "a.npy").exists()
+    write_prediction(tmp_path / "a.npy", big, dtype=np.float32)  # float32 holds it
+    with pytest.raises(InputError, match="NaN"):
+        write_prediction(tmp_path / "b.npy", np.array([[np.nan, 0.0], [0.0, 1.0]]))
+    with np.errstate(divide="ignore"):  # -inf log-probabilities (p = 0) are stored as they are
+        lp = np.log(np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32))
+    assert np.isneginf(np.load(write_prediction(tmp_path / "c.npy", lp))).sum() == 2
+
+
 # ------------------------------------------------------------------------- PNG files
 def test_zero_byte_and_truncated_png(tmp_path):
     lab, img = tmp_path / "lab.png", tmp_path / "img.png"

@@ -118,11 +118,29 @@ def write_prediction(
 
     ``.npy`` stores the raw array; ``.npz`` stores it compressed under ``key`` (``logits`` by default,
     ``probabilities`` for nnU-Net-style files). ``dtype=None`` keeps the array's dtype.
+
+    Raises
+    ------
+    InputError
+        The array holds NaN, or a finite value that the storage ``dtype`` cannot represent (a
+        float16 overflow would be written as +-inf); nothing is written then.
     """
     path = Path(path)
-    arr = np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)
-    if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
+    src = np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)
+    with np.errstate(over="ignore"):  # overflow is reported below, naming the file
+        arr = src.astype(dtype, copy=False) if dtype is not None else src
+    if src.dtype.kind == "f":
+        if np.isnan(src).any():
+            raise InputError(f"write_prediction: {path.name}: the array holds NaN; expected finite scores")
+        if arr is not src and arr.dtype.kind == "f":
+            lost = np.isfinite(src) & ~np.isfinite(arr)
+            if lost.any():
+                big = float(np.abs(src[lost]).max())
+                raise InputError(
+                    f"write_prediction: {path.name}: {int(lost.sum())} value(s) up to {big:.6g} are "
+                    f"outside the {arr.dtype} range (max {float(np.finfo(arr.dtype).max):.6g}) and "
+                    "would be stored as inf; store float32 (--dtype float32)"
+                )
     if path.suffix == ".npy":
         with atomic_write(path) as fh:
             np.save(fh, arr, allow_pickle=False)
