@@ -340,6 +340,24 @@ def test_nifti_label_affine_is_checked_against_the_prediction(tmp_path):
         folder.read(folder.items[0])
 
 
+def test_eval_refuses_a_label_volume_on_another_grid(tmp_path, capsys):
+    from segcal.cli import main
+
+    pred, labs = tmp_path / "p", tmp_path / "l"
+    labs.mkdir()
+    lab = (np.arange(60).reshape(3, 4, 5) % 3).astype(np.uint8)
+    write_prediction(pred / "c.npy", np.random.default_rng(0).normal(size=(3, 3, 4, 5)))
+    write_folder_meta(pred, input_type="logits", num_classes=3, complete=True,
+                      cases={"c": {"shape": [3, 4, 5], "affine": np.eye(4).tolist()}})
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(labs / "c.nii.gz"))
+    assert main(["eval", "--pred", str(pred), "--labels", str(labs), "--no-progress"]) == 0
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])  # a left-right flip: same shape, other voxels
+    nib.save(nib.Nifti1Image(lab, flipped), str(labs / "c.nii.gz"))
+    capsys.readouterr()
+    assert main(["eval", "--pred", str(pred), "--labels", str(labs), "--no-progress"]) == 2
+    assert "c.nii.gz has affine" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------- nnU-Net properties
 class _Reduce:
     def __init__(self, fn, args):
