@@ -199,8 +199,8 @@ def test_interrupted_apply_output_probs_is_never_read_as_logits(tmp_path, monkey
 
     monkeypatch.setattr(iop.np, "save", dies_on_third)
     out = tmp_path / "out"
-    main(["apply", "--calibrator", str(cal), "--pred", str(pred), "--out", str(out), "--output", "probs",
-          "--no-progress"])
+    assert main(["apply", "--calibrator", str(cal), "--pred", str(pred), "--out", str(out), "--output", "probs",
+                 "--no-progress"]) == 130  # interrupted
     monkeypatch.setattr(iop.np, "save", real_save)
     assert sorted(p.name for p in out.glob("*.npy")) == ["f0.npy", "f1.npy"]
     capsys.readouterr()

@@ -23,13 +23,12 @@ import numpy as np
 from segcal.calibrators import FolderBatches, create, resolve
 from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_type_from_args
 from segcal.errors import InputError
+from segcal.io import PredictionFolder
 from segcal.io.files import atomic_write
 from segcal.pipeline.evaluate import (
     evaluate_folder,
     find_label_error,
     folder_input_type,
-    open_folder,
-    read_item,
 )
 
 SUMMARY = [("nll", "NLL"), ("ece", "ECE (pooled, 15 bins)"), ("image_ece", "ECE (image-wise)"),
@@ -96,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_out_path(args.json, {**inputs, "--out": args.out}, kind="file", flag="--json")
     device = device_from_arg(args.device)
-    folder = open_folder(args.pred, args.labels, input_type=input_type_from_args(args))
+    folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
     input_type = folder_input_type(folder, names=CLI_FLAGS)
     fit_stems, val_stems = split_stems(folder.stems, args.val_fraction, args.seed)
     cal = create(args.method, **_calibrator_kwargs(args, input_type, device))
@@ -107,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                 val=FolderBatches(folder, val_stems, images=args.images) if val_stems else None,
                 progress=not args.no_progress)
     except ValueError as exc:  # labels outside the classes: name the file and --ignore-index
-        found = find_label_error(folder, None, int(read_item(folder, folder.items[0])[0].shape[0]),
+        found = find_label_error(folder, None, int(folder.read(folder.items[0])[0].shape[0]),
                                  args.ignore_index, CLI_FLAGS)
         if found is None:
             raise

@@ -34,10 +34,11 @@ from tqdm.auto import tqdm
 
 from segcal.calibrators import Calibrator
 from segcal.errors import InputError
+from segcal.io import PredictionFolder
 from segcal.io.images import image_files, load_image_tensor
 from segcal.io.nnunet import write_like_source
 from segcal.io.predictions import begin_folder, check_stems_match, finish_folder
-from segcal.pipeline.evaluate import check_num_classes, folder_input_type, open_folder
+from segcal.pipeline.evaluate import check_num_classes, folder_input_type
 from segcal.validation import as_tensor
 
 #: the dtypes a calibrated folder can be stored in
@@ -171,7 +172,7 @@ def calibrate_folder(
         raise InputError(f"output: expected 'logits' or 'probs', got {output!r}")
     if dtype is not None and dtype not in STORAGE_DTYPES:
         raise InputError(f"dtype: expected one of {STORAGE_DTYPES}, got {dtype!r}")
-    folder = open_folder(pred, input_type=input_type)
+    folder = PredictionFolder(pred, input_type=input_type)
     dev = torch.device(device) if device is not None else calibrator.device
     calibrator = calibrator.to(dev).eval()
     image_paths = None

@@ -6,9 +6,11 @@ a ``calibrator``, after calibration. ``segcal eval`` prints it, ``segcal fit`` p
 before/after pair on its validation images; the metric definitions are those of
 ``../shared/methods.md`` §4 (implemented in :mod:`segcal.metrics`).
 
-The readers here also hold the checks every folder command shares: a folder without predictions,
-probabilities read as logits (or logits as probabilities), a channel-last ``(H, W, C)`` file, a
-class count that does not match, labels outside ``[0, C)``. Each is an
+The folder-level checks every folder command shares live here too: probabilities read as logits
+(or logits as probabilities) on the first file, a class count that does not match (with the
+channel-last hint), labels outside ``[0, C)`` naming the label file. (An empty folder, a stem
+mismatch, an incomplete folder and a label of another shape are refused by
+:class:`~segcal.io.PredictionFolder` itself.) Each is an
 :class:`~segcal.errors.InputError` naming the file and the argument to pass; ``names`` says how
 the caller spells the arguments (:data:`API_NAMES` for Python; the command line passes its flags,
 ``segcal.cli.common.CLI_FLAGS``).
@@ -29,14 +31,7 @@ from tqdm.auto import tqdm
 
 from segcal.calibrators import Calibrator, FolderBatches
 from segcal.errors import InputError
-from segcal.io import (
-    PREDICTION_SUFFIXES,
-    PredictionFolder,
-    PredictionItem,
-    read_label,
-    read_prediction,
-)
-from segcal.io.predictions import list_stems
+from segcal.io import PredictionFolder, PredictionItem, read_label
 from segcal.metrics import CalibrationMetrics
 from segcal.validation import API_FLAGS, as_tensor, check_input_kind
 
@@ -75,26 +70,6 @@ def _flags(names: Mapping[str, str] | None) -> dict[str, str]:
     return {key: _name(names, key) for key in ("probs", "logits")}
 
 
-def open_folder(
-    pred: str | os.PathLike,
-    labels: str | os.PathLike | None = None,
-    *,
-    input_type: str | None = None,
-) -> PredictionFolder:
-    """Open a prediction folder (paired with ``labels`` when given).
-
-    Raises
-    ------
-    InputError
-        ``"pred: no .npy/.npz predictions found in DIR"`` when the folder holds no prediction (rather than a
-        stem mismatch against the labels); missing folders and stem mismatches as
-        :class:`~segcal.io.PredictionFolder` reports them.
-    """
-    if not list_stems(pred, PREDICTION_SUFFIXES, "pred"):
-        raise InputError(f"pred: no .npy/.npz predictions found in {pred}")
-    return PredictionFolder(pred, labels, input_type=input_type)
-
-
 def check_num_classes(scores: Any, num_classes: int, path: str | os.PathLike, what: str) -> None:
     """Refuse a file whose class axis (axis 0) does not have ``num_classes`` entries.
 
@@ -112,23 +87,6 @@ def check_num_classes(scores: Any, num_classes: int, path: str | os.PathLike, wh
         f"pred: {Path(path).name} has shape {shape}: {shape[0]} classes on axis 0, but {what} has "
         f"{num_classes}; expected {num_classes} classes{hint}"
     )
-
-
-def read_item(folder: PredictionFolder, item: PredictionItem) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """``folder.read(item)``, with the channel-last hint added to a shape mismatch."""
-    try:
-        return folder.read(item)
-    except ValueError as exc:
-        if item.label_path is None or "spatial shape" not in str(exc):
-            raise
-        shape = tuple(read_prediction(item.path)[0].shape)
-        lab_shape = tuple(read_label(item.label_path).shape)
-        if shape[:-1] != lab_shape:
-            raise
-        raise InputError(
-            f"{exc}; {item.path.name} has shape {shape}: it looks channel-last (H, W, C): segcal "
-            "reads (C, *spatial), convert with np.moveaxis(a, -1, 0)"
-        ) from exc
 
 
 def label_range_error(item: PredictionItem, labels: np.ndarray, num_classes: int, ignore_index: int | None,
@@ -177,7 +135,7 @@ def folder_input_type(folder: PredictionFolder, names: Mapping[str, str] | None 
     (:func:`segcal.validation.check_input_kind`: probabilities read as logits are refused, and the
     reverse)."""
     item = folder.items[0]
-    scores, _, itype = read_item(folder, item)
+    scores, _, itype = folder.read(item)
     check_input_kind(scores, itype, f"pred: {item.path.name}", flags=_flags(names))
     return itype
 
@@ -242,7 +200,7 @@ def evaluate_folder(
     else:
         if labels is None:
             raise InputError("labels: evaluating a prediction folder needs a label folder")
-        folder = open_folder(pred, labels, input_type=input_type)
+        folder = PredictionFolder(pred, labels, input_type=input_type)
     batches = FolderBatches(folder, stems, images=images)
     source = "num_classes"
     if num_classes is None and calibrator is not None and calibrator.num_classes is not None:
@@ -252,7 +210,7 @@ def evaluate_folder(
     after: CalibrationMetrics | None = None
     itype = "logits"
     for i, item in enumerate(tqdm(batches.items, desc="eval", unit="img", disable=not progress, file=sys.stderr)):
-        scores, lab, itype = read_item(folder, item)
+        scores, lab, itype = folder.read(item)
         if i == 0:
             check_input_kind(scores, itype, f"pred: {item.path.name}", flags=_flags(names))
         if num_classes is None:
@@ -293,6 +251,4 @@ __all__ = [
     "find_label_error",
     "folder_input_type",
     "label_range_error",
-    "open_folder",
-    "read_item",
 ]
