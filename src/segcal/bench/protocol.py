@@ -368,7 +368,7 @@ class BandRegion:
     name: str = "band"
     n_bins: int | None = None
     validate: bool = True
-    _band: torch.Tensor | None = None
+    _band: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def start(self, im: ImageData, scored: Scored, pred0: torch.Tensor) -> None:
         band = boundary_band(im.labels).reshape(-1)[scored.index]
@@ -398,8 +398,8 @@ class ForegroundRegion:
     name: str = "fg"
     n_bins: int | None = None
     validate: bool = False
-    _labels: np.ndarray | None = None
-    _region0: torch.Tensor | None = None
+    _labels: np.ndarray | None = field(default=None, init=False, repr=False)
+    _region0: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def start(self, im: ImageData, scored: Scored, pred0: torch.Tensor) -> None:
         self._labels = im.labels[None]
