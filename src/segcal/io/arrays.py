@@ -64,6 +64,8 @@ def _as_signed(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             raise InputError(f"labels: {name} holds non-integer values ({arr.dtype}); expected an integer label map")
+        if arr.size and float(np.abs(arr).max()) > 2.0**62:
+            raise InputError(f"labels: {name} holds values up to {float(np.abs(arr).max()):.3g}; expected class indices")
         return arr.astype(np.int64)
     if arr.dtype.kind not in "iub":
         raise InputError(f"labels: {name} has dtype {arr.dtype}, expected integers")

@@ -116,7 +116,8 @@ def load_nifti(
     img = _open(path, what)
     shape = _check_ndim(tuple(int(s) for s in img.shape), ndim, path, what)
     try:
-        arr = np.asanyarray(img.dataobj)
+        with np.errstate(all="ignore"):  # a corrupt scale factor: the values are checked by callers
+            arr = np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated or corrupt voxel data
         raise InputError(f"{what}: cannot read NIfTI file {path}: {exc}") from exc
     arr = np.asarray(arr).reshape(shape)
