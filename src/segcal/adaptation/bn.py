@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcal.errors import InputError
+
 __all__ = [
     "BN_TYPES",
     "bn_modules",
@@ -57,14 +59,14 @@ def set_trainable(model: nn.Module, which: str = "all", freeze: Iterable[str] = 
     if which == "bn":
         params = bn_parameters(model)
         if not params:
-            raise ValueError(f"{type(model).__name__} has no BatchNorm affine parameters to train")
+            raise InputError(f"{type(model).__name__} has no BatchNorm affine parameters to train")
     elif which == "all":
         frozen = set(freeze)
         params = [p for n, p in model.named_parameters() if not frozen.intersection(n.split("."))]
         if not params:
-            raise ValueError(f"no trainable parameters left after freezing {sorted(frozen)}")
+            raise InputError(f"no trainable parameters left after freezing {sorted(frozen)}")
     else:
-        raise ValueError(f"which: expected 'bn' or 'all', got {which!r}")
+        raise InputError(f"which: expected 'bn' or 'all', got {which!r}")
     for p in params:
         p.requires_grad_(True)
     return params
@@ -78,7 +80,7 @@ def bn_train_mode(model: nn.Module, *, momentum: float | str | None = "keep", re
     """
     bns = bn_modules(model)
     if not bns:
-        raise ValueError(f"{type(model).__name__} has no BatchNorm layers")
+        raise InputError(f"{type(model).__name__} has no BatchNorm layers")
     model.eval()
     for m in bns:
         m.train()

@@ -74,6 +74,7 @@ from segcal.adaptation.target import (
     load_target_images,
     stack,
 )
+from segcal.errors import InputError
 from segcal.estimation.pseudolabels import (
     class_thresholds,
     maxprob_pseudo_labels,
@@ -118,18 +119,18 @@ class AdaptConfig:
 
     def check(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+            raise InputError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("rounds", "epochs_per_round", "batch_size", "subsample"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+                raise InputError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if self.method == "calsfda":
             proportion_schedule(self.rounds - 1)  # raises when the schedule leaves (0, 1]
         if self.method == "calsfda" and not (self.bn_stats_pass or self.warmup_affine):
-            raise ValueError("bn_stats_pass=False and warmup_affine=False leave nothing for the calsfda warm-up epoch")
+            raise InputError("bn_stats_pass=False and warmup_affine=False leave nothing for the calsfda warm-up epoch")
         if not self.lr > 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
+            raise InputError(f"lr: expected > 0, got {self.lr}")
         if not 0 < self.selftrain_threshold <= 1:
-            raise ValueError(f"selftrain_threshold: expected a value in (0, 1], got {self.selftrain_threshold}")
+            raise InputError(f"selftrain_threshold: expected a value in (0, 1], got {self.selftrain_threshold}")
 
 
 @dataclass
@@ -206,20 +207,20 @@ def adapt(
         cfg.max_images = min(cfg.max_images or QUICK_IMAGES, QUICK_IMAGES)
     cfg.check()
     if cfg.method == "calsfda" and estimator is None:
-        raise ValueError("method 'calsfda' needs an ECE estimator (a trained estimator file or a baseline: maxprob)")
+        raise InputError("method 'calsfda' needs an ECE estimator (a trained estimator file or a baseline: maxprob)")
 
     # ---- model
     if isinstance(model, nn.Module):
         module = copy.deepcopy(model)
         if num_classes is None:
-            raise ValueError("num_classes is required when model is a plain nn.Module")
+            raise InputError("num_classes is required when model is a plain nn.Module")
         if preprocess is None:
             preprocess = default_preprocess
         ignore_classes = tuple(cfg.ignore_classes)
     elif hasattr(model, "module") and hasattr(model, "num_classes"):
         module = copy.deepcopy(model.module)
         if num_classes is not None and num_classes != model.num_classes:
-            raise ValueError(f"num_classes={num_classes} but model {model.name!r} has {model.num_classes} outputs")
+            raise InputError(f"num_classes={num_classes} but model {model.name!r} has {model.num_classes} outputs")
         num_classes = model.num_classes
         preprocess = preprocess or model.preprocess
         ii = getattr(model, "ignore_index", None)
@@ -229,7 +230,7 @@ def adapt(
     cfg.ignore_classes = tuple(int(c) for c in ignore_classes)
     num_classes = int(num_classes)
     if num_classes < 2 or num_classes >= IGNORE:
-        raise ValueError(f"num_classes: expected 2..{IGNORE - 1}, got {num_classes}")
+        raise InputError(f"num_classes: expected 2..{IGNORE - 1}, got {num_classes}")
     device = next(iter(module.parameters())).device
 
     # ---- target images (images only; never a label)
@@ -282,7 +283,7 @@ def _run(
         module.eval()
         logits, _ = glue.forward(module, stack(inputs, [0], device))
         if logits.ndim != 4 or logits.shape[1] != num_classes:
-            raise ValueError(
+            raise InputError(
                 f"model output has shape {tuple(logits.shape)} but num_classes={num_classes} (expected (N, C, H, W))"
             )
 
@@ -301,17 +302,17 @@ def _run(
     if resume is not None:
         ck = load_checkpoint(resume)
         if ck["method"] != cfg.method:
-            raise ValueError(f"resume: checkpoint was made with method {ck['method']!r}, not {cfg.method!r}")
+            raise InputError(f"resume: checkpoint was made with method {ck['method']!r}, not {cfg.method!r}")
         module.load_state_dict(ck["state_dict"])
         log = json.loads(ck["log"])
         if log.get("images") != stems:
-            raise ValueError("resume: the checkpoint was made on a different set of target images")
+            raise InputError("resume: the checkpoint was made on a different set of target images")
         log["config"] = cfg_json
         start_epoch = int(ck["epoch"]) + 1
         g.set_state(ck["rng"])
         opt_state, opt_phase_saved = ck.get("optimizer"), ck.get("phase")
         if start_epoch >= total_epochs:
-            raise ValueError(f"resume: checkpoint is at epoch {ck['epoch']}; nothing left of {total_epochs} epochs")
+            raise InputError(f"resume: checkpoint is at epoch {ck['epoch']}; nothing left of {total_epochs} epochs")
         log["epochs"] = [e for e in log["epochs"] if e["epoch"] < start_epoch]
     else:
         check_output()

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcal.errors import InputError
+
 __all__ = [
     "CalSFDALoss",
     "class_weights",
@@ -48,9 +50,9 @@ def class_weights(thresholds: Any) -> torch.Tensor:
     """``softmax_c(1 / thr_c)`` with ``thr_c = 0`` replaced by ``0.01`` (§3.15(h))."""
     thr = torch.as_tensor(np.asarray(thresholds, dtype=np.float64)).clone()
     if thr.ndim != 1 or thr.numel() < 1:
-        raise ValueError(f"thresholds: expected a 1-D array of per-class values, got shape {tuple(thr.shape)}")
+        raise InputError(f"thresholds: expected a 1-D array of per-class values, got shape {tuple(thr.shape)}")
     if (thr < 0).any() or not torch.isfinite(thr).all():
-        raise ValueError("thresholds: expected finite values >= 0")
+        raise InputError("thresholds: expected finite values >= 0")
     thr[thr == 0] = 0.01
     return torch.softmax(1.0 / thr, dim=0).float()
 
@@ -83,7 +85,7 @@ def symmetric_ce(
 ) -> torch.Tensor:
     """``alpha · CE_w + beta · RCE`` over the pseudo-labelled pixels (§3.15(h); 0 if none)."""
     if logits.ndim < 2 or tuple(target.shape) != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(f"target: shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
+        raise InputError(f"target: shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
     target = target.long()
     valid = _valid(target, ignore_index)
     if not bool(valid.any()):
@@ -91,7 +93,7 @@ def symmetric_ce(
     if weights is not None:
         weights = torch.as_tensor(weights, dtype=logits.dtype, device=logits.device)
         if weights.shape != (logits.shape[1],):
-            raise ValueError(f"weights: expected {logits.shape[1]} class weights, got {tuple(weights.shape)}")
+            raise InputError(f"weights: expected {logits.shape[1]} class weights, got {tuple(weights.shape)}")
     ce = F.cross_entropy(logits, target, weight=weights, ignore_index=ignore_index)
     return alpha * ce + beta * reverse_ce(logits, target, ignore_index=ignore_index)
 
@@ -104,7 +106,7 @@ def negative_labels(probs: torch.Tensor, generator: torch.Generator | None = Non
     """
     c = probs.shape[1]
     if c < 2:
-        raise ValueError("negative learning needs at least 2 classes")
+        raise InputError("negative learning needs at least 2 classes")
     order = probs.detach().argsort(dim=1, descending=True)
     shape = (probs.shape[0], 1, *probs.shape[2:])
     off = torch.randint(-spread, spread + 1, shape, generator=generator, device="cpu").to(probs.device)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcal.errors import InputError
 from segcal.losses import ClassLevelECE, DifferentiableECE
 
 __all__ = ["evaluate_source_ece", "select_source_checkpoint", "source_loss", "source_train_epoch"]
@@ -64,7 +65,7 @@ def source_train_epoch(
             sums[k] = sums.get(k, 0.0) + v
         nb += 1
     if nb == 0:
-        raise ValueError("source_train_epoch: no batches")
+        raise InputError("source_train_epoch: no batches")
     return {k: v / nb for k, v in sums.items()}
 
 
@@ -84,10 +85,10 @@ def evaluate_source_ece(
     elif kind == "class_level":
         metric = ClassLevelECE(n_bins, input_type="logits", ignore_index=ignore_index, reduction="none")
     else:
-        raise ValueError(f"kind: expected 'image' or 'class_level', got {kind!r}")
+        raise InputError(f"kind: expected 'image' or 'class_level', got {kind!r}")
     vals = [metric(model(x), y.long()) for x, y in batches]
     if not vals:
-        raise ValueError("evaluate_source_ece: no batches")
+        raise InputError("evaluate_source_ece: no batches")
     return float(torch.cat(vals).mean())
 
 
@@ -106,7 +107,7 @@ def select_source_checkpoint(
     a callable returning them.
     """
     if not checkpoints:
-        raise ValueError("select_source_checkpoint: no checkpoints")
+        raise InputError("select_source_checkpoint: no checkpoints")
     eces = []
     for ck in checkpoints:
         sd = ck if isinstance(ck, dict) else torch.load(ck, map_location="cpu", weights_only=True)

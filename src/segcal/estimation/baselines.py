@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from segcal.errors import InputError
 from segcal.estimation.features import image_confidence_stats
 
 __all__ = ["BASELINES", "ConfidenceBaseline", "estimate_images"]
@@ -31,7 +32,7 @@ class ConfidenceBaseline:
 
     def __init__(self, kind: str = "maxprob") -> None:
         if kind not in BASELINES:
-            raise ValueError(f"baseline: expected one of {', '.join(BASELINES)}, got {kind!r}")
+            raise InputError(f"baseline: expected one of {', '.join(BASELINES)}, got {kind!r}")
         self.kind = kind
 
     def __repr__(self) -> str:
@@ -53,14 +54,14 @@ def estimate_images(
     kind = getattr(estimator, "input_kind", None)
     if kind == "scores":
         if scores is None:
-            raise ValueError(f"{estimator!r} needs the predictions (scores)")
+            raise InputError(f"{estimator!r} needs the predictions (scores)")
         return estimator.predict_scores(scores, input_type)
     if kind == "features":
         if features is None:
-            raise ValueError("this estimator was trained on features: pass the feature maps (--features DIR)")
+            raise InputError("this estimator was trained on features: pass the feature maps (--features DIR)")
         return estimator.predict(features)
     if kind == "logits":
         if scores is None:
-            raise ValueError("this estimator needs the predictions (scores)")
+            raise InputError("this estimator needs the predictions (scores)")
         return estimator.predict(estimator.inputs_from_scores(scores, input_type))
     raise TypeError(f"estimator: unsupported object {type(estimator).__name__}")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcal.errors import InputError
 from segcal.io import atomic_write
 
 __all__ = [
@@ -59,7 +60,7 @@ def _as_batch(scores: Any) -> torch.Tensor:
     if x.ndim == 3:
         x = x.unsqueeze(0)
     if x.ndim != 4:
-        raise ValueError(f"expected scores (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
+        raise InputError(f"expected scores (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
     return x.float()
 
 
@@ -75,13 +76,13 @@ def confidence_maps(scores: Any, input_type: str = "logits") -> torch.Tensor:
     x = _as_batch(scores)
     c = x.shape[1]
     if c < 2:
-        raise ValueError(f"expected at least 2 classes, got {c}")
+        raise InputError(f"expected at least 2 classes, got {c}")
     if input_type == "logits":
         logp = F.log_softmax(x, dim=1)
     elif input_type == "probs":
         logp = torch.log(x.clamp_min(1e-12))
     else:
-        raise ValueError(f"input_type: expected 'logits' or 'probs', got {input_type!r}")
+        raise InputError(f"input_type: expected 'logits' or 'probs', got {input_type!r}")
     p = logp.exp()
     top2 = p.topk(2, dim=1).values
     ent = -(p * logp).sum(1) / math.log(c)
@@ -102,7 +103,7 @@ def logit_features(
     elif input_type == "probs":
         logp = torch.log(x.clamp_min(1e-12))
     else:
-        raise ValueError(f"input_type: expected 'logits' or 'probs', got {input_type!r}")
+        raise InputError(f"input_type: expected 'logits' or 'probs', got {input_type!r}")
     maps = torch.cat([logp.clamp_min(-LOGP_FLOOR), confidence_maps(x, input_type)], dim=1)
     return pool_map(maps, grid)
 
@@ -146,7 +147,7 @@ class FeatureExtractor:
         if layer_name not in layers or layer_name == "":
             names = [n for n in layers if n]
             hint = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
-            raise ValueError(f"layer_name: {layer_name!r} is not a sub-module of {type(module).__name__} ({hint})")
+            raise InputError(f"layer_name: {layer_name!r} is not a sub-module of {type(module).__name__} ({hint})")
         self.module = module
         self.layer_name = layer_name
         self.grid = grid
@@ -195,7 +196,7 @@ def write_feature_map(path: str | os.PathLike, feats: Any) -> Path:
     """Write one ``(C_f, h, w)`` feature map as float16 ``.npy`` (atomically)."""
     arr = feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
     if arr.ndim != 3:
-        raise ValueError(f"feature map: expected (C_f, h, w), got shape {arr.shape}")
+        raise InputError(f"feature map: expected (C_f, h, w), got shape {arr.shape}")
     path = Path(path)
     with atomic_write(path) as fh:
         np.save(fh, arr.astype(np.float16), allow_pickle=False)
@@ -213,7 +214,7 @@ def find_feature_files(folder: str | os.PathLike) -> dict[str, Path]:
 def read_feature_map(path: str | os.PathLike) -> torch.Tensor:
     arr = np.load(path, allow_pickle=False)
     if arr.ndim != 3 or arr.dtype.kind != "f":
-        raise ValueError(f"features: {Path(path).name} holds {arr.dtype} {arr.shape}; expected float (C_f, h, w)")
+        raise InputError(f"features: {Path(path).name} holds {arr.dtype} {arr.shape}; expected float (C_f, h, w)")
     return torch.from_numpy(arr.astype(np.float32))
 
 
@@ -221,7 +222,7 @@ def iter_feature_maps(folder: str | os.PathLike, stems: list[str]) -> Iterator[t
     files = find_feature_files(folder)
     missing = [s for s in stems if s not in files]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"features: {len(missing)} prediction(s) have no feature map in {folder}: {', '.join(missing[:5])}"
         )
     for s in stems:

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segcal.errors import InputError
+
 __all__ = [
     "class_thresholds",
     "maxprob_pseudo_labels",
@@ -46,22 +48,22 @@ UNPREDICTED_THRESHOLD = 0.5
 def proportion_schedule(round: int = 0, prop: float = 0.15, local_prop: float = 0.1, step: float = 0.05) -> tuple[float, float]:
     """``(prop, local_prop)`` of round ``round``: ``prop + step·round``, ``local_prop + step·round``."""
     if round < 0:
-        raise ValueError(f"round: expected >= 0, got {round}")
+        raise InputError(f"round: expected >= 0, got {round}")
     p, lp = prop + step * round, local_prop + step * round
     if not (0 < p <= 1 and 0 <= lp <= 1):
-        raise ValueError(f"round {round}: proportions ({p:.2f}, {lp:.2f}) leave (0, 1]")
+        raise InputError(f"round {round}: proportions ({p:.2f}, {lp:.2f}) leave (0, 1]")
     return p, lp
 
 
 def _probs(scores: Any, input_type: str) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(scores) if not isinstance(scores, torch.Tensor) else scores).float()
     if x.ndim < 2:
-        raise ValueError(f"scores: expected (C, *spatial), got {tuple(x.shape)}")
+        raise InputError(f"scores: expected (C, *spatial), got {tuple(x.shape)}")
     if input_type == "logits":
         return F.softmax(x, dim=0)
     if input_type == "probs":
         return x
-    raise ValueError(f"input_type: expected 'logits' or 'probs', got {input_type!r}")
+    raise InputError(f"input_type: expected 'logits' or 'probs', got {input_type!r}")
 
 
 def class_thresholds(
@@ -79,9 +81,9 @@ def class_thresholds(
     (same order; ``None``: no weighting).
     """
     if not 0 < prop <= 1:
-        raise ValueError(f"prop: expected a value in (0, 1], got {prop}")
+        raise InputError(f"prop: expected a value in (0, 1], got {prop}")
     if subsample < 1:
-        raise ValueError(f"subsample: expected >= 1, got {subsample}")
+        raise InputError(f"subsample: expected >= 1, got {subsample}")
     pooled: dict[int, list[np.ndarray]] = {}
     c_seen = None
     n_img = 0
@@ -91,9 +93,9 @@ def class_thresholds(
         if c_seen is None:
             c_seen = c
         elif c != c_seen:
-            raise ValueError(f"image {i}: {c} classes, the first image had {c_seen}")
+            raise InputError(f"image {i}: {c} classes, the first image had {c_seen}")
         if ece is not None and i >= len(ece):
-            raise ValueError(f"ece: {len(ece)} values for more images")
+            raise InputError(f"ece: {len(ece)} values for more images")
         w = 1.0 - float(ece[i]) if ece is not None else 1.0
         maxp, pred = p.reshape(c, -1).max(dim=0)
         conf = (w * maxp).numpy()
@@ -103,12 +105,12 @@ def class_thresholds(
             pooled.setdefault(int(k), []).append(v)
         n_img += 1
     if n_img == 0:
-        raise ValueError("class_thresholds: no images")
+        raise InputError("class_thresholds: no images")
     if ece is not None and len(ece) != n_img:
-        raise ValueError(f"ece: {len(ece)} values for {n_img} images")
+        raise InputError(f"ece: {len(ece)} values for {n_img} images")
     c = num_classes if num_classes is not None else c_seen
     if c_seen != c:
-        raise ValueError(f"num_classes={num_classes} but the scores have {c_seen} classes")
+        raise InputError(f"num_classes={num_classes} but the scores have {c_seen} classes")
     thr = np.full(c, UNPREDICTED_THRESHOLD, dtype=np.float64)
     counts = np.zeros(c, dtype=np.int64)
     for k, parts in pooled.items():
@@ -132,11 +134,11 @@ def pseudo_label(
     c = p.shape[0]
     thr = torch.as_tensor(np.asarray(thresholds, dtype=np.float64)).float()
     if thr.shape != (c,):
-        raise ValueError(f"thresholds: expected {c} values, got {tuple(thr.shape)}")
+        raise InputError(f"thresholds: expected {c} values, got {tuple(thr.shape)}")
     if not 0 <= local_prop <= 1:
-        raise ValueError(f"local_prop: expected a value in [0, 1], got {local_prop}")
+        raise InputError(f"local_prop: expected a value in [0, 1], got {local_prop}")
     if not 0 <= ignore_value <= 65535 or ignore_value < c:
-        raise ValueError(f"ignore_value: {ignore_value} must be >= the number of classes ({c}) and <= 65535")
+        raise InputError(f"ignore_value: {ignore_value} must be >= the number of classes ({c}) and <= 65535")
     spatial = p.shape[1:]
     flat = p.reshape(c, -1)
     maxp, pred = flat.max(dim=0)
@@ -159,10 +161,10 @@ def pseudo_label(
 def maxprob_threshold_for_coverage(images: Iterable[Any], coverage: float, *, input_type: str = "logits") -> float:
     """The global max-probability threshold whose coverage over ``images`` is ``coverage``."""
     if not 0 < coverage <= 1:
-        raise ValueError(f"coverage: expected a value in (0, 1], got {coverage}")
+        raise InputError(f"coverage: expected a value in (0, 1], got {coverage}")
     vals = np.concatenate([_probs(s, input_type).max(dim=0).values.reshape(-1).numpy() for s in images])
     if vals.size == 0:
-        raise ValueError("maxprob_threshold_for_coverage: no images")
+        raise InputError("maxprob_threshold_for_coverage: no images")
     k = max(round(coverage * vals.size), 1)
     return float(np.partition(vals, vals.size - k)[vals.size - k])
 
@@ -183,7 +185,7 @@ def pseudo_label_precision(
     pseudo = np.asarray(pseudo)
     labels = np.asarray(labels)
     if pseudo.shape != labels.shape:
-        raise ValueError(f"pseudo/labels: shapes differ {pseudo.shape} vs {labels.shape}")
+        raise InputError(f"pseudo/labels: shapes differ {pseudo.shape} vs {labels.shape}")
     valid = np.ones(labels.shape, dtype=bool) if label_ignore is None else labels != label_ignore
     sel = valid & (pseudo != ignore_value)
     return int((sel & (pseudo == labels)).sum()), int(sel.sum()), int(valid.sum())

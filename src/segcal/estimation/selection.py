@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from segcal.errors import missing_dependency
+from segcal.errors import InputError, missing_dependency
 from segcal.estimation.baselines import estimate_images
 
 __all__ = ["RankedCandidate", "rank_by_estimated_ece", "ranking_agreement"]
@@ -31,7 +31,7 @@ class RankedCandidate:
 def _split(out: Any) -> tuple[Any, Any]:
     if isinstance(out, tuple):
         if len(out) != 2:
-            raise ValueError("a candidate must return scores or (scores, features)")
+            raise InputError("a candidate must return scores or (scores, features)")
         return out
     return out, None
 
@@ -58,7 +58,7 @@ def rank_by_estimated_ece(
         :class:`~segcal.estimation.baselines.ConfidenceBaseline`.
     """
     if not candidates:
-        raise ValueError("candidates: nothing to rank")
+        raise InputError("candidates: nothing to rank")
     data = list(unlabeled_data) if unlabeled_data is not None else None
     scored: list[tuple[str, np.ndarray]] = []
     for name, cand in candidates.items():
@@ -75,7 +75,7 @@ def rank_by_estimated_ece(
             s, f = _split(out)
             vals.append(np.atleast_1d(estimate_images(estimator, s, f, input_type=input_type)))
         if not vals:
-            raise ValueError(f"candidate {name!r}: no unlabeled data")
+            raise InputError(f"candidate {name!r}: no unlabeled data")
         scored.append((name, np.concatenate(vals)))
     order = sorted(scored, key=lambda t: (float(np.mean(t[1])), t[0]))
     return [RankedCandidate(n, float(np.mean(v)), i + 1, v) for i, (n, v) in enumerate(order)]
@@ -102,7 +102,7 @@ def ranking_agreement(
         raise TypeError("estimated and true: pass two mappings or two sequences")
     if isinstance(estimated, Mapping):
         if set(estimated) != set(true):
-            raise ValueError(f"estimated/true: keys differ: {sorted(set(estimated) ^ set(true))}")
+            raise InputError(f"estimated/true: keys differ: {sorted(set(estimated) ^ set(true))}")
         keys = sorted(estimated)
         e = np.array([float(estimated[k]) for k in keys])
         t = np.array([float(true[k]) for k in keys])
@@ -110,9 +110,9 @@ def ranking_agreement(
         e = np.asarray(estimated, dtype=float)
         t = np.asarray(true, dtype=float)
     if e.shape != t.shape or e.ndim != 1:
-        raise ValueError(f"estimated/true: shapes differ {e.shape} vs {t.shape}")
+        raise InputError(f"estimated/true: shapes differ {e.shape} vs {t.shape}")
     if e.size < 2:
-        raise ValueError("ranking_agreement: need at least 2 candidates")
+        raise InputError("ranking_agreement: need at least 2 candidates")
     rho = stats.spearmanr(e, t)
     tau = stats.kendalltau(e, t)
     return {

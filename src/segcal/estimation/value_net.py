@@ -83,7 +83,7 @@ def ece_targets(
     elif kind == "image":
         vals = DifferentiableECE(n_bins, t, input_type=input_type, ignore_index=ignore_index, reduction="none")(x, y)
     else:
-        raise ValueError(f"kind: expected 'image' or 'class_level', got {kind!r}")
+        raise InputError(f"kind: expected 'image' or 'class_level', got {kind!r}")
     return vals.detach()
 
 
@@ -112,7 +112,7 @@ def warmup_bn(
     """
     bns = [m for m in module.modules() if isinstance(m, _BN)]
     if not bns:
-        raise ValueError(f"warmup_bn: {type(module).__name__} has no BatchNorm layers")
+        raise InputError(f"warmup_bn: {type(module).__name__} has no BatchNorm layers")
     modes = {m: m.training for m in module.modules()}
     saved = [(m.momentum, m.track_running_stats) for m in bns]
     n = 0
@@ -134,7 +134,7 @@ def warmup_bn(
         for m, mode in modes.items():
             m.training = mode
     if n == 0:
-        raise ValueError("warmup_bn: no batches given")
+        raise InputError("warmup_bn: no batches given")
     return n
 
 
@@ -172,14 +172,14 @@ class ECEEstimator(nn.Module):
     ) -> None:
         super().__init__()
         if input_kind not in ("features", "logits"):
-            raise ValueError(f"input_kind: expected 'features' or 'logits', got {input_kind!r}")
+            raise InputError(f"input_kind: expected 'features' or 'logits', got {input_kind!r}")
         if input_kind == "logits":
             if num_classes is None:
-                raise ValueError("num_classes is required when input_kind='logits'")
+                raise InputError("num_classes is required when input_kind='logits'")
             if in_channels != num_classes + 3:
-                raise ValueError(f"in_channels: logits input has num_classes + 3 = {num_classes + 3} channels")
+                raise InputError(f"in_channels: logits input has num_classes + 3 = {num_classes + 3} channels")
         if resize not in ("adaptive", "bilinear"):
-            raise ValueError(f"resize: expected 'adaptive' or 'bilinear', got {resize!r}")
+            raise InputError(f"resize: expected 'adaptive' or 'bilinear', got {resize!r}")
         self.config = {
             "in_channels": int(in_channels), "input_kind": input_kind,
             "num_classes": None if num_classes is None else int(num_classes), "hidden": int(hidden),
@@ -212,10 +212,10 @@ class ECEEstimator(nn.Module):
         if x.ndim == 3:
             x = x.unsqueeze(0)
         if x.ndim != 4:
-            raise ValueError(f"estimator input: expected (N, C_in, h, w), got {tuple(x.shape)}")
+            raise InputError(f"estimator input: expected (N, C_in, h, w), got {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             what = f"{self.num_classes} classes (+3 channels)" if self.input_kind == "logits" else "feature channels"
-            raise ValueError(
+            raise InputError(
                 f"estimator input has {x.shape[1]} channels but the estimator expects {self.in_channels} ({what})"
             )
         return x.float()
@@ -233,11 +233,11 @@ class ECEEstimator(nn.Module):
     def inputs_from_scores(self, scores: Any, input_type: str = "logits") -> torch.Tensor:
         """Estimator input from scores ``(C, H, W)``/``(N, C, H, W)`` (``input_kind="logits"`` only)."""
         if self.input_kind != "logits":
-            raise ValueError("this estimator was trained on features: pass feature maps (--features), not logits")
+            raise InputError("this estimator was trained on features: pass feature maps (--features), not logits")
         x = torch.as_tensor(np.asarray(scores)) if not isinstance(scores, torch.Tensor) else scores
         c = x.shape[0] if x.ndim == 3 else x.shape[1]
         if c != self.num_classes:
-            raise ValueError(f"predictions have {c} classes but the estimator was trained for {self.num_classes}")
+            raise InputError(f"predictions have {c} classes but the estimator was trained for {self.num_classes}")
         grid = self.config["grid"]
         return logit_features(x, input_type, None if grid is None else tuple(grid))
 
@@ -259,11 +259,11 @@ class ECEEstimator(nn.Module):
         x = self.check_input(torch.as_tensor(inputs))
         y = torch.as_tensor(targets, dtype=torch.float32).detach().reshape(-1)
         if y.shape[0] != x.shape[0]:
-            raise ValueError(f"targets: {y.shape[0]} values for {x.shape[0]} inputs")
+            raise InputError(f"targets: {y.shape[0]} values for {x.shape[0]} inputs")
         if x.shape[0] < 2:
-            raise ValueError("fit: need at least 2 images")
+            raise InputError("fit: need at least 2 images")
         if not torch.isfinite(y).all() or (y < 0).any() or (y > 1).any():
-            raise ValueError("targets: expected finite ECE values in [0, 1]")
+            raise InputError("targets: expected finite ECE values in [0, 1]")
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         nn.init.xavier_uniform_(self.conv.weight, generator=g)
