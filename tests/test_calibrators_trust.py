@@ -8,13 +8,15 @@ import sys
 import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
 import segcal
 import segcal.calibrators as sc
-from segcal.calibrators.data import Batch, FitData
+from segcal.calibrators.data import Batch, FitData, FolderBatches
 from segcal.errors import InputError, MissingDependencyError
+from segcal.io import PredictionFolder
 
 torch.set_num_threads(1)
 
@@ -196,3 +198,38 @@ def test_batch_is_the_public_type_of_the_data_hooks():
 
     Spy(max_iter=2).fit(x, y)
     assert seen and all(t is Batch for t in seen)
+
+
+# ----------------------------------------------------------------------------- folders
+def _folder(root, n=3, c=3):
+    pred, lab = root / "pred", root / "labels"
+    pred.mkdir()
+    lab.mkdir()
+    for i in range(n):
+        x, y = image_problem(n=1, c=c, seed=i)
+        np.save(pred / f"im{i}.npy", x[0].numpy())
+        np.save(lab / f"im{i}.npy", y[0].numpy().astype(np.uint8))
+    return pred, lab
+
+
+@pytest.mark.parametrize("case", ["nan", "classes"])
+def test_a_bad_file_in_a_fitting_folder_is_named(tmp_path, case):
+    pred, lab = _folder(tmp_path)
+    x = np.load(pred / "im1.npy")
+    if case == "nan":
+        x[0, 2, 3] = np.nan
+    else:
+        x = np.concatenate([x, x[:1]], 0)  # 4 classes where the others have 3
+    np.save(pred / "im1.npy", x)
+    with pytest.raises(InputError) as info:
+        sc.create("ts").fit(FolderBatches(PredictionFolder(pred, lab)))
+    msg = str(info.value)
+    assert str(pred / "im1.npy") in msg
+    assert ("non-finite" in msg) if case == "nan" else ("expected 3 classes on axis 1, got 4" in msg)
+
+
+def test_batches_with_another_class_count_are_refused():
+    a, ya = problem(100, c=3)
+    b, yb = problem(100, c=4)
+    with pytest.raises(ValueError, match="expected 3 classes on axis 1, got 4"):
+        sc.create("ts").fit([(a, ya), (b, yb)])

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from segcal.errors import InputError
 from segcal.io.files import check_stems_match
 from segcal.io.images import image_files, load_image_tensor
 from segcal.io.predictions import PredictionFolder
@@ -101,12 +102,12 @@ class FolderBatches:
         return load_image_tensor(self.image_paths[stem])
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        """``(scores[None], labels[None], None, input_type, image[None] or None, file)``: the
+        prediction file's path last, so that a refused batch is named by its file."""
         for it in self.items:
             scores, labels, itype = self.folder.read(it)
-            if self.image_dir is None:
-                yield scores[None], labels[None], None, itype
-            else:
-                yield scores[None], labels[None], None, itype, self.read_image(it.stem)[None]
+            image = None if self.image_dir is None else self.read_image(it.stem)[None]
+            yield scores[None], labels[None], None, itype, image, str(it.path)
 
 
 @dataclass
@@ -290,12 +291,12 @@ def _normalise_source(data: Any, labels: Any, mask: Any, what: str,
     )
 
 
-def _unpack(item: Any, what: str) -> tuple[Any, Any, Any, str | None, Any]:
-    """``(scores, labels, mask, input_type, image)`` of one batch.
+def _unpack(item: Any, what: str) -> tuple[Any, Any, Any, str | None, Any, str | None]:
+    """``(scores, labels, mask, input_type, image, source file)`` of one batch.
 
     A batch is ``(scores, labels)``, ``(scores, labels, mask)`` (internally also
-    ``(..., input_type[, image])``) or a mapping with keys ``scores`` (or ``logits``), ``labels``
-    and optionally ``mask``, ``image``, ``input_type``.
+    ``(..., input_type[, image[, source file]])``) or a mapping with keys ``scores`` (or
+    ``logits``), ``labels`` and optionally ``mask``, ``image``, ``input_type``.
     """
     if isinstance(item, Mapping):
         unknown = set(item) - {"scores", "logits", "labels", "mask", "image", "input_type"}
@@ -305,15 +306,16 @@ def _unpack(item: Any, what: str) -> tuple[Any, Any, Any, str | None, Any]:
                 f"'mask', 'image', 'input_type'; got keys {sorted(item)}"
             )
         scores = item["scores"] if "scores" in item else item["logits"]
-        return scores, item["labels"], item.get("mask"), item.get("input_type"), item.get("image")
-    if not isinstance(item, list | tuple) or len(item) not in (2, 3, 4, 5):
+        return scores, item["labels"], item.get("mask"), item.get("input_type"), item.get("image"), None
+    if not isinstance(item, list | tuple) or len(item) not in (2, 3, 4, 5, 6):
         raise TypeError(f"{what}: each batch must be (scores, labels), (scores, labels, mask) or a "
                         "mapping {'scores', 'labels', 'mask', 'image'}")
     scores, labels = item[0], item[1]
     mask = item[2] if len(item) > 2 else None
     itype = item[3] if len(item) > 3 else None
     image = item[4] if len(item) > 4 else None
-    return scores, labels, mask, itype, image
+    source = item[5] if len(item) > 5 else None
+    return scores, labels, mask, itype, image, source
 
 
 def check_image(image: Any, scores: torch.Tensor, image_channels: int, name: str) -> torch.Tensor:
@@ -446,14 +448,20 @@ def prepare_data(
 
     def batches(nc: int | None, g: torch.Generator, bar: Any = None) -> Iterator[tuple[Batch, int]]:
         for item in factory():
-            sc, la, ma, itype, im = _unpack(item, what)
+            sc, la, ma, itype, im, source = _unpack(item, what)
             if itype is not None and itype != input_type:
                 raise ValueError(
                     f"{what}: the prediction folder holds {itype} but the calibrator has "
                     f"input_type={input_type!r}; pass input_type={itype!r}"
                 )
             sc_shape_c = sc.shape[1] if hasattr(sc, "shape") and len(sc.shape) > 1 else None
-            got = _prepare_batch(sc, la, ma, num_classes=nc, gen=g, image=im, **kw)  # type: ignore[arg-type]
+            try:
+                got = _prepare_batch(sc, la, ma, num_classes=nc, gen=g, image=im, **kw)  # type: ignore[arg-type]
+            except ValueError as exc:
+                if source is None:
+                    raise
+                raise InputError(f"{source}: {exc}") from None  # a folder's batch: name its file
+            nc = int(sc_shape_c) if nc is None else nc  # every later batch must have these classes
             if bar is not None:
                 bar.update(1)
             for b in got or []:
