@@ -224,3 +224,18 @@ def test_unsigned_label_tensors_are_accepted(dtype):
     ref = calibration_metrics(x, y, ignore_index=255)
     got = calibration_metrics(x, y.to(dtype), ignore_index=255)
     assert got["ece"] == ref["ece"] and got["n_pixels"] == ref["n_pixels"] == 39
+
+
+# ------------------------------------------------------------------ probabilities in float16
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_float16_probabilities_are_checked_with_float16_tolerance(backend):
+    """What ``segcal apply --output probs`` writes (float16 rows summing to one within float16
+    rounding) is accepted; the same deviation in float32 is still refused."""
+    rng = np.random.default_rng(0)
+    p = torch.softmax(torch.from_numpy(rng.normal(size=(2, 12, 32, 32)) * 3), 1).to(torch.float16)
+    y = torch.from_numpy(rng.integers(0, 12, size=(2, 32, 32)))
+    assert float((p.double().sum(1) - 1).abs().max()) > 1e-4 * 12**0.5  # beyond float32's tolerance
+    r = calibration_metrics(p, y, input_type="probs", backend=backend)
+    assert r["n_pixels"] == 2 * 32 * 32
+    with pytest.raises(ValueError, match="do not sum to 1"):
+        calibration_metrics(p.float(), y, input_type="probs", backend=backend)

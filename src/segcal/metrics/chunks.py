@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from segcal.validation import check_probabilities
+
 #: ``u = -log(1 - c) / FINE_LOG_SPAN`` maps confidences to [0, 1] for the fine histogram;
 #: 36.84 = -log(1e-16), beyond float64 resolution of 1 - c.
 FINE_LOG_SPAN = 36.841361487904734
@@ -32,6 +34,9 @@ class Settings(NamedTuple):
     nll_floor: float
     validate: bool
     chunk_pixels: int
+    #: dtype of the scores as given (a chunk is processed in float32 / float64): the tolerance
+    #: of the sum-to-one check of probabilities is the stored dtype's
+    score_dtype: torch.dtype = torch.float32
 
 
 #: one chunk: (image index, or a per-pixel image index tensor for packed small images;
@@ -109,6 +114,12 @@ def iter_chunks(
             yield img, z, lab, m
 
 
+def check_chunk_probabilities(cfg: Settings, q: torch.Tensor) -> None:
+    """The sum-to-one check of probability scores, with the tolerance of the dtype they were
+    stored in (a float16 file's rows sum to one only within float16 rounding)."""
+    check_probabilities(q if q.dtype == cfg.score_dtype else q.to(cfg.score_dtype), "preds", dim=0)
+
+
 def valid_pixels(lab: torch.Tensor, m: torch.Tensor | None, ignore_index: int | None) -> torch.Tensor | None:
     """The mask of counted pixels (not ``ignore_index``, mask True); ``None`` when all count."""
     valid = m
@@ -122,6 +133,7 @@ __all__ = [
     "FINE_LOG_SPAN",
     "Chunk",
     "Settings",
+    "check_chunk_probabilities",
     "chunk_width",
     "compute_dtype",
     "count_chunks",

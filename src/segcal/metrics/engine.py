@@ -263,7 +263,7 @@ class CalibrationMetrics:
         # accumulate into fresh tensors and add them only on success: a batch that fails
         # validation half-way leaves the state untouched
         acc = zeros(self.dims, dev, n, ACCUMULATED)
-        cfg = self._settings()
+        cfg = self._settings()._replace(score_dtype=x.dtype)
         if self.backend != "torch" and HAVE_NUMBA and dev.type == "cpu":
             kernels_numba.update(cfg, x, y, mk, acc)
         else:

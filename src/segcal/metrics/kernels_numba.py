@@ -35,6 +35,7 @@ import torch
 from segcal.metrics.chunks import (
     FINE_LOG_SPAN,
     Settings,
+    check_chunk_probabilities,
     chunk_width,
     compute_dtype,
     count_chunks,
@@ -43,7 +44,7 @@ from segcal.metrics.chunks import (
     valid_pixels,
 )
 from segcal.metrics.state import ACCUMULATED
-from segcal.validation import check_finite, check_label_range, check_probabilities
+from segcal.validation import check_finite, check_label_range
 
 try:  # pragma: no cover - import guard
     import numba as nb  # optional dependency: segcal[fast]
@@ -346,7 +347,7 @@ def accumulate(
         q = torch.softmax(z, dim=0, out=scratch["q"][: C * P].view(C, P))
     else:
         if cfg.validate and bool(valid.any()):
-            check_probabilities(z[:, valid], "preds", dim=0)
+            check_chunk_probabilities(cfg, z[:, valid])
         q = z
     work = scratch["work"][: 4 * P].reshape(4, P)
     pred = scratch["pred"][:P]

@@ -11,8 +11,14 @@ from __future__ import annotations
 import torch
 
 from segcal.metrics.binning import bin_index
-from segcal.metrics.chunks import FINE_LOG_SPAN, Settings, single_thread, valid_pixels
-from segcal.validation import check_finite, check_label_range, check_probabilities
+from segcal.metrics.chunks import (
+    FINE_LOG_SPAN,
+    Settings,
+    check_chunk_probabilities,
+    single_thread,
+    valid_pixels,
+)
+from segcal.validation import check_finite, check_label_range
 
 
 def softmax(z: torch.Tensor) -> torch.Tensor:
@@ -65,7 +71,7 @@ def accumulate(
         q = softmax(z)
     else:
         if cfg.validate:
-            check_probabilities(z if idx is None else z.index_select(1, idx), "preds", dim=0)
+            check_chunk_probabilities(cfg, z if idx is None else z.index_select(1, idx))
         q = z
     zmax = z.amax(dim=0)
     # first index of the maximum (torch.argmax over a non-contiguous dim is slow on CPU)
