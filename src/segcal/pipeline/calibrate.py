@@ -190,7 +190,8 @@ def calibrate_folder(
     # probabilities read as logits (or the reverse) are refused here, before anything is written
     output = output or folder_input_type(folder, names)
     # the manifest first, marked incomplete: an interrupted run never reads as a finished folder
-    out = begin_folder(out, input_type=output, num_classes=int(calibrator.num_classes or 0),
+    out = begin_folder(out, input_type=output,
+                       num_classes=None if calibrator.num_classes is None else int(calibrator.num_classes),
                        calibrator=calibrator.name, source=str(pred), dtype=dtype or "as input", **dict(meta or {}))
     props = calibrator.properties()
     result = CalibratedFolder(out, output)
