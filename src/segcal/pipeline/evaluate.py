@@ -33,7 +33,7 @@ from segcal.calibrators import Calibrator, FolderBatches
 from segcal.errors import InputError
 from segcal.io import PredictionFolder, PredictionItem, read_label
 from segcal.metrics import CalibrationMetrics
-from segcal.validation import API_FLAGS, as_tensor, check_input_kind
+from segcal.validation import API_FLAGS, as_tensor, channel_last_hint, check_input_kind
 
 #: how the Python API names the arguments that a message asks for
 API_NAMES: dict[str, str] = {"ignore_index": "ignore_index={value}", **API_FLAGS}
@@ -74,18 +74,15 @@ def check_num_classes(scores: Any, num_classes: int, path: str | os.PathLike, wh
     """Refuse a file whose class axis (axis 0) does not have ``num_classes`` entries.
 
     ``what`` says where ``num_classes`` came from (``"the calibrator"``, ``"the first file"``); a
-    file whose last axis has ``num_classes`` entries gets the hint that it looks channel-last.
+    file whose last axis has ``num_classes`` entries gets the channel-last hint of
+    :func:`segcal.validation.channel_last_hint`.
     """
     shape = tuple(scores.shape)
     if shape[0] == num_classes:
         return
-    hint = ""
-    if shape[-1] == num_classes:
-        hint = ("; it looks channel-last (H, W, C): segcal reads (C, *spatial), "
-                "convert with np.moveaxis(a, -1, 0)")
     raise InputError(
         f"pred: {Path(path).name} has shape {shape}: {shape[0]} classes on axis 0, but {what} has "
-        f"{num_classes}; expected {num_classes} classes{hint}"
+        f"{num_classes}; expected {num_classes} classes{channel_last_hint(shape, 0, num_classes)}"
     )
 
 
