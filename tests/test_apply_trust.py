@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+import segcal.io.predictions as iop
 from segcal.calibrators import TemperatureScaling
 from segcal.cli import main
+from segcal.errors import InputError
+from segcal.pipeline.calibrate import storable
 
 torch.set_num_threads(1)
 
@@ -179,8 +182,6 @@ def test_apply_writes_meta_that_records_float32_fallback(tmp_path, capsys):
 
 
 def test_interrupted_apply_output_probs_is_never_read_as_logits(tmp_path, monkeypatch, capsys):
-    import segcal.io.predictions as iop
-
     pred = tmp_path / "pred"
     pred.mkdir()
     rng = np.random.default_rng(2)
@@ -215,3 +216,21 @@ def test_interrupted_apply_output_probs_is_never_read_as_logits(tmp_path, monkey
     assert main(["eval", "--pred", str(out), "--labels", str(lab), "--json", str(tmp_path / "m.json"),
                  "--no-progress"]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["config"]["input_type"] == "probs"
+
+
+def test_storable_checks_only_the_declared_property():
+    # class 1 beats class 0 by 2e-5 (a float16 tie), class 2 and 3 tie in float16 only far below
+    v = np.array([[-0.69316], [-0.69314], [-70000.0], [-70001.0]], dtype=np.float32)
+    plain, why = storable(v, np.float16)  # no property declared: float16, clamped to its range
+    assert why is None and plain.dtype == np.float16 and np.isfinite(plain).all()
+    assert plain.min() == np.finfo(np.float16).min
+    ap, why = storable(v, np.float16, argmax_preserving=True)  # the argmax (class 1) needs float32
+    assert ap.dtype == np.float32 and "argmax-preserving" in why and ap.argmax(0)[0] == 1
+    v2 = v.copy()
+    v2[1] = -0.5  # a clear argmax: AP holds in float16 although classes 2 and 3 tie there
+    ap2, why = storable(v2, np.float16, argmax_preserving=True)
+    assert why is None and ap2.dtype == np.float16
+    op2, why = storable(v2, np.float16, order_preserving=True)  # the order of 2 and 3 needs float32
+    assert op2.dtype == np.float32 and "order-preserving" in why
+    with pytest.raises(InputError, match="NaN"):
+        storable(np.array([[np.nan], [0.0]], np.float32), np.float16)

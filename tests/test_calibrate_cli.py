@@ -8,7 +8,9 @@ import numpy as np
 import torch
 
 import segcal
+import segcal.io.predictions as iop
 from segcal.cli import main
+from segcal.cli.fit_cmd import split_stems
 
 torch.set_num_threads(1)
 
@@ -60,8 +62,6 @@ def test_fit_then_apply_end_to_end(tmp_path, capsys):
 
 
 def test_fit_split_is_seeded_and_reproducible(tmp_path):
-    from segcal.cli.fit_cmd import split_stems
-
     stems = [f"s{i}" for i in range(10)]
     a = split_stems(stems, 0.3, 0)
     assert a == split_stems(stems, 0.3, 0) and len(a[1]) == 3
@@ -74,8 +74,6 @@ def test_apply_failure_midway_leaves_no_partial_file(tmp_path, monkeypatch, caps
     cal_path = tmp_path / "cal.pt"
     assert main(["fit", "--pred", str(pred), "--labels", str(lab), "--method", "dc", "--out", str(cal_path),
                  "--ignore-index", "255", "--no-progress"]) == 0
-    import segcal.io.predictions as iop
-
     real_save = np.save
     calls = {"n": 0}
 
