@@ -246,3 +246,15 @@ def test_predict_out_equal_to_images_or_labels(tmp_path, capsys):
                      "--out", str(out), "--no-progress"]) == EXIT_INPUT
         assert "--out" in capsys.readouterr().err
     assert [p.name for p in img.iterdir()] == ["a.png"] and [p.name for p in lab.iterdir()] == ["a.png"]
+
+
+def test_json_summary_never_overwrites_an_input(folders, capsys):
+    pred, _ = folders
+    (pred / "segcal.json").write_text('{"format": "segcal-predictions", "version": 1, "input_type": "logits"}')
+    before = _snapshot(pred)
+    for argv in (["estimate", "--pred", str(pred), "--baseline", "maxprob", "--json", str(pred / "segcal.json")],
+                 ["pseudolabel", "--pred", str(pred), "--out", str(pred.parent / "pl"), "--json",
+                  str(pred / "segcal.json")]):
+        assert main(argv) == EXIT_INPUT
+        assert "--json" in capsys.readouterr().err
+    assert _snapshot(pred) == before

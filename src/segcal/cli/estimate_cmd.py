@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
 def _estimate(args: argparse.Namespace) -> int:
     if args.estimator is None and args.baseline is None:
         raise InputError("give --estimator FILE or --baseline maxprob|entropy (or --train to fit one)")
+    if args.json:
+        check_out_path(args.json, {"--pred": args.pred, "--features": args.features,
+                                   "--estimator": args.estimator}, kind="file", flag="--json")
     est = ConfidenceBaseline(args.baseline) if args.baseline else ECEEstimator.load(args.estimator)
     kind = getattr(est, "input_kind", "scores")
     if kind == "features" and args.features is None:

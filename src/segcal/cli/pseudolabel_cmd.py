@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.estimator is not None and args.estimator not in BASELINES:
         inputs["--estimator"] = args.estimator
     out = check_out_path(args.out, inputs)
+    if args.json:
+        check_out_path(args.json, inputs, kind="file", flag="--json")
     prop, local = proportion_schedule(args.round)
     prop = args.prop if args.prop is not None else prop
     local = args.local_prop if args.local_prop is not None else local
