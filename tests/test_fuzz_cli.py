@@ -198,10 +198,7 @@ def _snapshot(*folders: Path) -> dict[str, bytes]:
 
 
 #: (case, command) pairs still open, each reported to the area's owner (strict: a fix shows as XPASS)
-OPEN: dict[tuple[str, str], str] = {
-    ("NaN in a prediction", "fit"): "fit names no file for a NaN in a prediction",
-    ("one prediction with another class count", "fit"): "fit accepts a file with another class count",
-}
+OPEN: dict[tuple[str, str], str] = {}
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
