@@ -258,3 +258,41 @@ def test_json_summary_never_overwrites_an_input(folders, capsys):
         assert main(argv) == EXIT_INPUT
         assert "--json" in capsys.readouterr().err
     assert _snapshot(pred) == before
+
+
+def test_estimator_with_nan_parameters_is_refused_at_load(tmp_path, capsys):
+    import torch
+
+    from segcal.estimation import ECEEstimator
+
+    est = ECEEstimator(6, input_kind="logits", num_classes=3)
+    with torch.no_grad():
+        next(iter(est.parameters())).fill_(float("nan"))
+    path = tmp_path / "nan_est.pt"
+    est.save(path)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        ECEEstimator.load(path)
+    pred = tmp_path / "pred"
+    write_prediction(pred / "a.npy", np.random.default_rng(0).normal(size=(3, 4, 4)))
+    assert main(["estimate", "--pred", str(pred), "--estimator", str(path)]) == EXIT_INPUT
+    assert "nan_est.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing_key", "nan_weight"])
+def test_damaged_adaptation_checkpoint_is_refused(tmp_path, damage):
+    import torch
+
+    from segcal.adaptation import CHECKPOINT_FORMAT, load_checkpoint
+
+    payload = {"format": CHECKPOINT_FORMAT, "method": "tent", "epoch": 0,
+               "state_dict": {"w": torch.ones(2)}}
+    path = tmp_path / "epoch_000.pt"
+    if damage == "missing_key":
+        del payload["state_dict"]
+    if damage == "nan_weight":
+        payload["state_dict"]["w"][0] = float("nan")
+    torch.save(payload, path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(InputError, match=r"epoch_000\.pt"):
+        load_checkpoint(path)
