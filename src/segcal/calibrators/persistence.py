@@ -159,7 +159,7 @@ def export_torchscript(cal: Any, path: str | os.PathLike | None = None) -> torch
         p.requires_grad_(False)
     with torch.no_grad(), warnings.catch_warnings():
         # shape-dependent Python values are traced as dynamic size ops; the export is
-        # checked on other ranks and sizes in tests/test_calibrator_checks.py
+        # checked on other ranks and sizes in tests/calibrators/test_calibrator_checks.py
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(module, args, check_trace=False, strict=False)

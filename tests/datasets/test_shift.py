@@ -36,7 +36,7 @@ from segcal.shift.filters import (
 
 NAMES = available_corruptions()
 SEVS = (1, 2, 3, 4, 5)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # ----------------------------------------------------------------------------- fixtures
 

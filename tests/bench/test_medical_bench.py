@@ -19,7 +19,7 @@ from segcal.data import data_root
 from segcal.metrics import CalibrationMetrics
 from segcal.metrics.regions import foreground_region_mask
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _hippocampus_dir() -> Path:
