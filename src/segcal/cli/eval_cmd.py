@@ -1,7 +1,9 @@
 """``segcal eval``: stream a prediction folder against labels and report calibration metrics.
 
 The evaluation is :func:`segcal.pipeline.evaluate.evaluate_folder`; this module checks the output
-paths, calls it and prints the table (arguments: :mod:`segcal.cli.parsers.eval`).
+paths, calls it and prints the table (arguments: :mod:`segcal.cli.parsers.eval`). Under
+``torchrun --nproc-per-node N`` every rank evaluates its block of the sorted stems, the states are
+synchronised, and rank 0 alone prints and writes the files (``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_type_from_args
 from segcal.errors import InputError
 from segcal.io.files import atomic_write, to_jsonable
+from segcal.metrics import CalibrationMetrics
+from segcal.pipeline.distributed import rank_device, world
 from segcal.pipeline.evaluate import evaluate_folder
 
 #: (key, label) pairs printed in the summary table, in order
@@ -60,17 +64,26 @@ def run(args: argparse.Namespace) -> int:
         out = getattr(args, flag[2:].replace("-", "_"))
         if out:
             check_out_path(out, inputs, kind="file", flag=flag)
-    evaluation = evaluate_folder(
-        args.pred,
-        args.labels,
-        ignore_index=args.ignore_index,
-        n_bins=args.bins,
-        input_type=input_type_from_args(args),
-        device=device_from_arg(args.device),
-        progress=not args.no_progress,
-        names=CLI_FLAGS,
-    )
-    metrics = evaluation.metrics
+    device = device_from_arg(args.device)
+    with world(device) as w:
+        evaluation = evaluate_folder(
+            args.pred,
+            args.labels,
+            ignore_index=args.ignore_index,
+            n_bins=args.bins,
+            input_type=input_type_from_args(args),
+            device=rank_device(device, w),
+            progress=not args.no_progress and w.is_main,
+            names=CLI_FLAGS,
+            distributed=w.distributed,
+        )
+        if w.is_main:
+            report(args, evaluation.metrics)
+    return 0
+
+
+def report(args: argparse.Namespace, metrics: CalibrationMetrics) -> None:
+    """Print the table and write ``--json`` / ``--save-state`` (rank 0 alone under torchrun)."""
     results = metrics.compute()
     print(format_table(results))
     if args.json:
@@ -86,4 +99,3 @@ def run(args: argparse.Namespace) -> int:
             json.dump(payload, fh, indent=2)
     if args.save_state:
         metrics.save(args.save_state)
-    return 0

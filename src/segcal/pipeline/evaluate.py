@@ -27,12 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from segcal.calibrators import Calibrator, FolderBatches
 from segcal.errors import InputError
 from segcal.io import PredictionFolder, PredictionItem, read_label
 from segcal.metrics import CalibrationMetrics
+from segcal.pipeline.distributed import agree, current, shard
 from segcal.validation import API_FLAGS, as_tensor, channel_last_hint, check_input_kind
 
 #: how the Python API names the arguments that a message asks for
@@ -152,6 +154,7 @@ def evaluate_folder(
     device: str | torch.device | None = None,
     progress: bool = False,
     names: Mapping[str, str] | None = None,
+    distributed: bool = False,
 ) -> FolderEvaluation:
     """Stream a prediction folder against its labels into calibration metrics.
 
@@ -182,6 +185,15 @@ def evaluate_folder(
     names
         How the caller spells the arguments a message asks for (keys of :data:`API_NAMES`; the
         default is :data:`API_NAMES`, the command line passes its flags).
+    distributed
+        Share the work among the ranks of the initialised ``torch.distributed`` process group
+        (``torchrun``, or :func:`segcal.pipeline.distributed.world`): each rank reads only its
+        contiguous block of the stems (:func:`segcal.pipeline.distributed.shard`), then the metric
+        states are synchronised (:meth:`~segcal.metrics.CalibrationMetrics.sync`), so every rank
+        returns the total -- equal to one process's, per-image values in the same order. Every
+        rank must call it; a rank with no image takes part, and an error on one rank is raised on
+        every rank (:func:`segcal.pipeline.distributed.agree`) instead of leaving the others
+        waiting.
 
     Returns
     -------
@@ -203,41 +215,93 @@ def evaluate_folder(
     if num_classes is None and calibrator is not None and calibrator.num_classes is not None:
         num_classes, source = int(calibrator.num_classes), "the calibrator"
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    before: CalibrationMetrics | None = None
-    after: CalibrationMetrics | None = None
-    itype = "logits"
-    for i, item in enumerate(tqdm(batches.items, desc="eval", unit="img", disable=not progress, file=sys.stderr)):
-        scores, lab, itype = folder.read(item)
-        if i == 0:
-            check_input_kind(scores, itype, f"pred: {item.path.name}", flags=_flags(names))
-        if num_classes is None:
-            num_classes, source = int(scores.shape[0]), "the first file"
-        check_num_classes(scores, num_classes, item.path, source)
-        if before is None:
-            before = CalibrationMetrics(num_classes, n_bins=n_bins, ignore_index=ignore_index,
-                                        input_type=itype, per_image=per_image, device=dev)
-            if calibrator is not None:
-                after = CalibrationMetrics(num_classes, n_bins=n_bins, ignore_index=ignore_index,
-                                           input_type="logits", per_image=per_image, device=dev)
-        x = as_tensor(scores, "pred").unsqueeze(0)
-        y = as_tensor(lab, "labels").unsqueeze(0)
-        try:
-            before.update(x, y)
-        except (ValueError, TypeError) as exc:
-            found = label_range_error(item, lab, num_classes, ignore_index, names)
-            raise (found or InputError(f"{item.path.name}: {exc}")) from exc
-        if calibrator is not None and after is not None:
-            with torch.no_grad():
-                xc = x.to(calibrator.device)
-                if images is not None:
-                    img = torch.from_numpy(batches.read_image(item.stem))[None].to(calibrator.device)
-                    z = calibrator(xc, image=img)
-                else:
-                    z = calibrator(xc)
-            after.update(z.to(dev), y)
-    if before is None:
+    settings = {"n_bins": n_bins, "ignore_index": ignore_index, "per_image": per_image, "device": dev}
+    all_stems = [it.stem for it in batches.items]
+    if not distributed:
+        acc = _Accumulator(folder, batches, calibrator, images, num_classes, source, settings, names)
+        acc.run(batches.items, progress)
+        if acc.before is None:
+            raise InputError(f"pred: no image selected in {folder.pred_dir} (stems: [])")
+        return FolderEvaluation(acc.before, acc.after, acc.itype, all_stems)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InputError("distributed=True: no torch.distributed process group is initialised (start the job "
+                         "with torchrun, or open segcal.pipeline.distributed.world() around the call)")
+    w = current()
+    mine = shard(batches.items, w.rank, w.size)
+    acc = _Accumulator(folder, batches, calibrator, images, num_classes, source, settings, names)
+    failure: BaseException | None = None
+    try:
+        acc.run(mine, progress and w.is_main)
+    except Exception as exc:  # shared with every rank by agree() below, then raised
+        failure = exc
+    infos = agree(failure, (acc.num_classes, acc.itype, mine[0].path.name if mine else None))
+    seen = [(c, t, f) for c, t, f in infos if f is not None]
+    if not seen:
         raise InputError(f"pred: no image selected in {folder.pred_dir} (stems: [])")
-    return FolderEvaluation(before, after, itype, [it.stem for it in batches.items])
+    for c, t, f in seen[1:]:
+        if c != seen[0][0]:
+            raise InputError(f"pred: {f} has {c} classes on axis 0, but {seen[0][2]} has {seen[0][0]}; "
+                             f"expected {seen[0][0]} classes")
+        if t != seen[0][1]:
+            raise InputError(f"pred: {f} is read as {t}, but {seen[0][2]} as {seen[0][1]}; every file of a "
+                             f"folder holds the same kind of scores")
+    if acc.before is None:  # a rank without images takes part in the synchronisation all the same
+        acc.num_classes, acc.itype = seen[0][0], seen[0][1]
+        acc.create()
+    assert acc.before is not None
+    acc.before.sync()
+    if acc.after is not None:
+        acc.after.sync()
+    return FolderEvaluation(acc.before, acc.after, acc.itype, all_stems)
+
+
+class _Accumulator:
+    """The metric states of one process's share of a folder, and the loop that fills them."""
+
+    def __init__(self, folder: PredictionFolder, batches: FolderBatches, calibrator: Calibrator | None,
+                 images: str | os.PathLike | None, num_classes: int | None, source: str,
+                 settings: dict[str, Any], names: Mapping[str, str] | None) -> None:
+        self.folder, self.batches, self.calibrator, self.images = folder, batches, calibrator, images
+        self.num_classes, self.source, self.settings, self.names = num_classes, source, settings, names
+        self.before: CalibrationMetrics | None = None
+        self.after: CalibrationMetrics | None = None
+        self.itype = "logits"
+
+    def create(self) -> None:
+        """The metric states (before, and after the calibrator) for ``num_classes`` / ``itype``."""
+        assert self.num_classes is not None
+        self.before = CalibrationMetrics(self.num_classes, input_type=self.itype, **self.settings)
+        if self.calibrator is not None:
+            self.after = CalibrationMetrics(self.num_classes, input_type="logits", **self.settings)
+
+    def run(self, items: list[PredictionItem], progress: bool) -> None:
+        folder, calibrator, names = self.folder, self.calibrator, self.names
+        for i, item in enumerate(tqdm(items, desc="eval", unit="img", disable=not progress, file=sys.stderr)):
+            scores, lab, self.itype = folder.read(item)
+            if i == 0:
+                check_input_kind(scores, self.itype, f"pred: {item.path.name}", flags=_flags(names))
+            if self.num_classes is None:
+                self.num_classes, self.source = int(scores.shape[0]), "the first file"
+            check_num_classes(scores, self.num_classes, item.path, self.source)
+            if self.before is None:
+                self.create()
+            assert self.before is not None
+            x = as_tensor(scores, "pred").unsqueeze(0)
+            y = as_tensor(lab, "labels").unsqueeze(0)
+            try:
+                self.before.update(x, y)
+            except (ValueError, TypeError) as exc:
+                found = label_range_error(item, lab, self.num_classes, self.settings["ignore_index"], names)
+                raise (found or InputError(f"{item.path.name}: {exc}")) from exc
+            if calibrator is not None and self.after is not None:
+                with torch.no_grad():
+                    xc = x.to(calibrator.device)
+                    if self.images is not None:
+                        img = torch.from_numpy(self.batches.read_image(item.stem))[None].to(calibrator.device)
+                        z = calibrator(xc, image=img)
+                    else:
+                        z = calibrator(xc)
+                self.after.update(z.to(self.settings["device"]), y)
 
 
 __all__ = [

@@ -14,7 +14,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="measure calibration of a prediction folder against labels",
         description="Stream a folder of predictions (.npy logits (C, *spatial), .npz with 'logits' or "
         "'probabilities') against label maps (.png, .npy, .nii.gz) with matching stems, and report "
-        "calibration and segmentation metrics.",
+        "calibration and segmentation metrics. Runs unchanged under 'torchrun --nproc-per-node N segcal "
+        "eval ...' (each process reads its block of the sorted stems; rank 0 prints and writes; "
+        "docs/scaling.md).",
     )
     p.add_argument("--pred", required=True, help="prediction folder")
     p.add_argument("--labels", required=True, help="label folder (same stems)")

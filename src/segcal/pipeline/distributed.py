@@ -1,0 +1,217 @@
+"""Running a folder job on several ``torch.distributed`` processes (``torchrun``).
+
+A command started by ``torchrun --nproc-per-node N segcal ...`` finds the launcher's ``env://``
+variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``);
+:func:`world` then opens the process group (gloo on the CPU, NCCL for a CUDA device) for the
+command's lifetime and says which rank this process is. Without them it is one process, exactly
+as before, and nothing is initialised.
+
+Work is split by :func:`shard`: **contiguous** blocks of the (sorted) item list, the first
+``n % world_size`` ranks taking one item more (5 items on 2 ranks: 3 and 2; 1 item: 1 and 0).
+Contiguous blocks matter: :meth:`segcal.metrics.CalibrationMetrics.sync` concatenates the
+per-image rows in rank order, so rank 0's rows then rank 1's reproduce the single-process order
+of per-image values (image-wise ECE, ...).
+
+A rank that fails must not leave the others waiting forever in a collective: :func:`agree` is the
+first collective after the local work; every rank passes its exception (or ``None``) and a small
+picklable value, and every rank raises when any rank failed -- the failing rank its own exception,
+the others :class:`RankError` (an :class:`~segcal.errors.InputError`, so the command line exits
+with code 2 on every rank) naming the failing rank and its message, or a ``RuntimeError`` when
+the failure was not refused input (a bug: a traceback and exit code 1 on every rank).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from segcal.errors import InputError, reason
+
+T = TypeVar("T")
+
+#: the exceptions that count as refused input (the command line's exit code 2) when one rank
+#: raises them; any other exception on a rank is a bug
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, EOFError, ImportError,
+                                                  zipfile.BadZipFile, pickle.UnpicklingError)
+
+
+class RankError(InputError):
+    """Another rank refused its input (raised on the ranks that did not fail themselves)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job.
+
+    Attributes
+    ----------
+    rank, size
+        The global rank and the number of processes (``0`` and ``1`` for a single process).
+    local_rank
+        The rank on this machine (selects the GPU under NCCL).
+    backend
+        ``"gloo"``, ``"nccl"``, ... or ``None`` when no process group is initialised.
+    """
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that prints and writes summaries."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.size > 1
+
+
+def launched() -> bool:
+    """True when this process was started by ``torchrun`` (or any ``env://`` launcher that sets
+    ``RANK`` and ``WORLD_SIZE``)."""
+    if not dist.is_available():
+        return False
+    return bool(dist.is_torchelastic_launched()) or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def current() -> World:
+    """The :class:`World` of the initialised default process group (one process without one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                 str(dist.get_backend()))
+
+
+def backend_for(device: str | torch.device | None) -> str:
+    """``"nccl"`` for a CUDA device, ``"gloo"`` otherwise."""
+    return "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
+
+
+def rank_device(device: str | torch.device | None, w: World) -> torch.device:
+    """The device this rank computes on: ``cuda`` without an index becomes ``cuda:<local rank>``
+    under several processes; any other device is used as it is."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None and w.distributed:
+        return torch.device("cuda", w.local_rank)
+    return dev
+
+
+@contextmanager
+def world(device: str | torch.device | None = None, timeout: timedelta | None = None) -> Iterator[World]:
+    """The job's :class:`World` for the duration of a command.
+
+    Under ``torchrun`` (:func:`launched`) the default process group is initialised from
+    ``env://`` with the backend of :func:`backend_for` (``device``) and destroyed on exit; an
+    already initialised group is used as it is (and left open); otherwise one process,
+    ``World()``, and nothing is initialised.
+
+    Parameters
+    ----------
+    device
+        The command's device (NCCL for CUDA, gloo otherwise).
+    timeout
+        Timeout of the collectives (default: torch's). :func:`agree` keeps a failing rank from
+        blocking the others; the timeout only bounds a rank that dies without raising.
+    """
+    if dist.is_available() and dist.is_initialized():
+        yield current()
+        return
+    if not launched():
+        yield World()
+        return
+    backend = backend_for(device)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group(backend, init_method="env://", **kwargs)
+    try:
+        yield current()
+    finally:
+        dist.destroy_process_group()
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s contiguous block of ``n`` items (see :func:`shard`)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard: rank {rank} outside a world of {world_size} process(es)")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Rank ``rank``'s share of ``items``: a contiguous block, in order.
+
+    The blocks of ranks ``0 .. world_size - 1`` concatenated are ``items``; their sizes differ
+    by at most one (the first ``len(items) % world_size`` ranks take one more), and a rank may get
+    none (fewer items than ranks).
+    """
+    start, stop = shard_bounds(len(items), rank, world_size)
+    return list(items[start:stop])
+
+
+def agree(error: BaseException | None, info: Any = None) -> list[Any]:
+    """Collective: every rank reports whether its local work failed; all raise if any did.
+
+    Parameters
+    ----------
+    error
+        This rank's exception, or ``None`` when its work succeeded.
+    info
+        A small picklable value to share (e.g. the class count this rank read).
+
+    Returns
+    -------
+    list
+        Every rank's ``info``, in rank order (``[info]`` without a process group).
+
+    Raises
+    ------
+    BaseException
+        ``error`` itself on a failing rank; on the others :class:`RankError` naming the lowest
+        failing rank and its message when it refused input (:data:`INPUT_ERRORS`), else a
+        ``RuntimeError``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return [info]
+    w = current()
+    kind = None if error is None else ("input" if isinstance(error, INPUT_ERRORS) else "bug")
+    mine = (kind, "" if error is None else reason(error), info)
+    everyone: list[Any] = [None] * w.size
+    dist.all_gather_object(everyone, mine)
+    if error is not None:
+        raise error
+    for r, (k, message, _) in enumerate(everyone):
+        if k is not None:
+            text = f"rank {r} of {w.size} stopped: {message}"
+            raise RankError(text) if k == "input" else RuntimeError(text)
+    return [e[2] for e in everyone]
+
+
+__all__ = [
+    "INPUT_ERRORS",
+    "RankError",
+    "World",
+    "agree",
+    "backend_for",
+    "current",
+    "launched",
+    "rank_device",
+    "shard",
+    "shard_bounds",
+    "world",
+]

@@ -1,0 +1,169 @@
+"""``segcal eval`` with two local gloo processes equals one process (issue 20).
+
+The two processes are started the way ``torchrun`` starts them: either ``torchrun`` itself
+(``python -m torch.distributed.run``) or two ``python -m segcal eval`` with the ``env://``
+variables it sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
+which gives each process's own exit code and stderr. Loopback address and a free port only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segcal.cli import main
+from segcal.errors import InputError
+from segcal.pipeline.distributed import World, agree, rank_device, shard, shard_bounds
+from segcal.pipeline.evaluate import evaluate_folder
+
+TIMEOUT = 90  # seconds: a hang fails the test instead of blocking the suite
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _folder(tmp_path, n: int, c: int = 4, shape=(18, 14), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    pred, lab = tmp_path / "pred", tmp_path / "labels"
+    pred.mkdir()
+    lab.mkdir()
+    for i in range(n):
+        z = (rng.normal(size=(c, *shape)) * 3).astype(np.float16)
+        y = np.where(rng.random(shape) < 0.6, z.argmax(0), rng.integers(0, c, shape)).astype(np.uint8)
+        y[rng.random(shape) < 0.05] = 255
+        np.save(pred / f"img_{i:03d}.npy", z)
+        Image.fromarray(y).save(lab / f"img_{i:03d}.png")
+    return pred, lab
+
+
+def _eval_args(pred, lab, out) -> list[str]:
+    return ["eval", "--pred", str(pred), "--labels", str(lab), "--ignore-index", "255", "--bins", "10",
+            "--json", str(out), "--no-progress"]
+
+
+def _env(rank: int, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "GROUP_RANK")}
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    return env
+
+
+def _two_ranks(args: list[str]) -> list[subprocess.CompletedProcess]:
+    """Run ``python -m segcal <args>`` as ranks 0 and 1 of an env:// job; both must end in TIMEOUT."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "segcal", *args], env=_env(r, port), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=TIMEOUT)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return done
+
+
+def _assert_same_json(got_path, ref_path) -> None:
+    got, ref = json.loads(got_path.read_text()), json.loads(ref_path.read_text())
+    assert got.keys() == ref.keys()
+    assert got["config"] == ref["config"]
+    assert got["n_images"] == ref["n_images"] and got["n_pixels"] == ref["n_pixels"]
+    for key, want in ref.items():
+        if isinstance(want, float):
+            assert got[key] == pytest.approx(want, abs=1e-12, nan_ok=True), key
+        elif isinstance(want, list) and want and isinstance(np.ravel(want)[0], float | int):
+            # per-image values (image_ece_values, ...) in the single-process order
+            np.testing.assert_allclose(np.asarray(got[key], float), np.asarray(want, float), rtol=0, atol=1e-12,
+                                       err_msg=key)
+        else:
+            assert got[key] == want, key
+
+
+def _single(tmp_path, pred, lab):
+    ref = tmp_path / "one.json"
+    assert main(_eval_args(pred, lab, ref)) == 0
+    return ref
+
+
+# ---------------------------------------------------------------- sharding (no processes)
+@pytest.mark.parametrize("n,world", [(5, 2), (1, 2), (0, 3), (7, 3), (4, 4), (2, 5)])
+def test_shard_is_contiguous_covers_in_order_and_balanced(n, world):
+    items = [f"s{i}" for i in range(n)]
+    parts = [shard(items, r, world) for r in range(world)]
+    assert [s for part in parts for s in part] == items  # rank-order concatenation == the single-process order
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert [shard_bounds(n, r, world)[1] - shard_bounds(n, r, world)[0] for r in range(world)] == sizes
+
+
+def test_shard_sizes_of_the_issue_cases():
+    assert [len(shard(range(5), r, 2)) for r in range(2)] == [3, 2]
+    assert [len(shard(range(1), r, 2)) for r in range(2)] == [1, 0]
+    with pytest.raises(ValueError, match="rank 2 outside"):
+        shard(range(3), 2, 2)
+
+
+def test_without_a_process_group_one_process_and_a_clear_refusal(tmp_path):
+    pred, lab = _folder(tmp_path, 2)
+    assert agree(None, 7) == [7]
+    with pytest.raises(KeyError):
+        agree(KeyError("x"))
+    assert rank_device("cuda", World(1, 2, 1)).index == 1 and rank_device("cpu", World(1, 2, 1)).type == "cpu"
+    with pytest.raises(InputError, match=r"no torch\.distributed process group"):
+        evaluate_folder(pred, lab, distributed=True)
+
+
+# ---------------------------------------------------------------- two gloo processes
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_with_unequal_shards(tmp_path):
+    """5 images on 2 ranks (3 + 2), started by torchrun itself: rank 0's JSON == one process's."""
+    pred, lab = _folder(tmp_path, 5)
+    ref = _single(tmp_path, pred, lab)
+    out = tmp_path / "two.json"
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "segcal", *_eval_args(pred, lab, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("ECE (pooled, top-label)") == 1  # rank 0 alone prints
+    assert "5 / " in res.stdout
+    _assert_same_json(out, ref)
+
+
+@pytest.mark.slow
+def test_a_rank_with_zero_images_takes_part(tmp_path):
+    """1 image on 2 ranks: rank 1 reads nothing, syncs all the same; rank 0 alone writes the JSON."""
+    pred, lab = _folder(tmp_path, 1)
+    ref = _single(tmp_path, pred, lab)
+    out = tmp_path / "two.json"
+    ranks = _two_ranks(_eval_args(pred, lab, out))
+    assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
+    assert "ECE (pooled, top-label)" in ranks[0].stdout and ranks[1].stdout == ""
+    _assert_same_json(out, ref)
+
+
+@pytest.mark.slow
+def test_a_corrupted_file_on_one_rank_stops_both_with_exit_2(tmp_path):
+    """img_004 is on rank 1's shard (3 + 2): both ranks exit 2 in time, rank 1 names the file, rank 0
+    names rank 1; no JSON is written."""
+    pred, lab = _folder(tmp_path, 5)
+    (pred / "img_004.npy").write_bytes(b"not a numpy file")
+    out = tmp_path / "two.json"
+    ranks = _two_ranks(_eval_args(pred, lab, out))
+    assert [r.returncode for r in ranks] == [2, 2], [r.stderr for r in ranks]
+    assert "img_004.npy" in ranks[1].stderr and "Traceback" not in ranks[1].stderr
+    assert "rank 1 of 2 stopped" in ranks[0].stderr and "img_004.npy" in ranks[0].stderr
+    assert not out.exists()
