@@ -100,21 +100,21 @@ class FitSettings:
     tqdm bar on stderr labelled ``progress_label``.
     """
 
-    optimizer: str = "auto"
-    lr: float | None = None
-    max_iter: int = 100
-    max_steps: int = 500
-    batch_size: int = 2**20
-    chunk_size: int = 2**20
-    patience: int | None = None
-    lr_patience: int | None = None
-    lr_factor: float = 0.1
-    min_delta: float = 0.0
-    eval_every: int = 10
-    seed: int = 0
+    optimizer: str
+    lr: float | None
+    max_iter: int
+    max_steps: int
+    batch_size: int
+    chunk_size: int
+    patience: int | None
+    lr_patience: int | None
+    lr_factor: float
+    min_delta: float
+    eval_every: int
+    seed: int
+    monitor: str  # validation score: "nll" or "objective" (the fitting objective)
     tol: float = 1e-7
     weight_decay: float = 0.0  # AdamW only
-    monitor: str = "nll"  # validation score: "nll" or "objective" (the fitting objective)
     images_per_step: int | None = None  # spatial data: whole images per Adam step (None: batch_size)
     progress: bool = False
     progress_label: str = "fit"
@@ -131,27 +131,28 @@ class FitSettings:
 
 def fit_config(
     *,
-    objective: str = "nll",
-    optimizer: str = "auto",
-    lr: float | None = None,
-    max_iter: int = 100,
-    max_steps: int = 500,
-    batch_size: int = 2**20,
-    chunk_size: int = 2**20,
-    memory_budget: float = 2 * 2**30,
-    patience: int | None = None,
-    min_delta: float = 0.0,
-    lr_patience: int | None = None,
-    lr_factor: float = 0.1,
-    eval_every: int = 10,
-    seed: int = 0,
-    subsample: float | None = None,
-    monitor: str = "nll",
+    objective: str,
+    optimizer: str,
+    lr: float | None,
+    max_iter: int,
+    max_steps: int,
+    batch_size: int,
+    chunk_size: int,
+    memory_budget: float,
+    patience: int | None,
+    min_delta: float,
+    lr_patience: int | None,
+    lr_factor: float,
+    eval_every: int,
+    seed: int,
+    subsample: float | None,
+    monitor: str,
 ) -> dict[str, Any]:
     """The validated fit settings of a calibrator, as plain values (``Calibrator.fit_settings``).
 
-    The arguments are the fitting keyword arguments of :class:`~segcal.calibrators.base.Calibrator`
-    (documented there); a ``ValueError`` names the first invalid one.
+    The arguments are the fitting keyword arguments of :class:`~segcal.calibrators.base.Calibrator`,
+    whose signature is the one place their defaults are declared (documented there); a
+    ``ValueError`` names the first invalid one.
     """
     get_objective(objective)  # validate early
     if optimizer not in ("auto", "lbfgs", "adam"):
