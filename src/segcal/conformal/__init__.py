@@ -1,0 +1,37 @@
+"""Conformal risk control for segmentation, with the image (or volume) as the exchangeable unit.
+
+Build a per-image loss table over a λ grid in one streaming pass (:func:`loss_table`,
+:func:`folder_loss_table`; memory ``O(images × grid)``, 2D and 3D, ``ignore_index``, optionally
+through a segcal calibrator), choose λ̂ by conformal risk control in expectation or by
+Learn-then-Test with probability 1 − δ (:func:`fit_threshold`; ``../shared/methods.md`` §9.3–9.4),
+save it with its guarantee in words (:class:`ConformalResult`), and turn one image's
+probabilities into bit-packed pixel sets and a set-size map (:func:`apply_sets`). Pixels are
+never treated as exchangeable: the API only takes whole images. See ``docs/conformal.md``.
+"""
+
+from segcal.conformal.bounds import crc_index, hb_pvalues, ltt_index
+from segcal.conformal.result import ConformalResult, PixelSets, apply_sets, fit_threshold
+from segcal.conformal.tables import (
+    RISKS,
+    LossTable,
+    default_grid,
+    folder_loss_table,
+    image_row,
+    loss_table,
+)
+
+__all__ = [
+    "RISKS",
+    "ConformalResult",
+    "LossTable",
+    "PixelSets",
+    "apply_sets",
+    "crc_index",
+    "default_grid",
+    "fit_threshold",
+    "folder_loss_table",
+    "hb_pvalues",
+    "image_row",
+    "loss_table",
+    "ltt_index",
+]

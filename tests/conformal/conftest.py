@@ -1,0 +1,6 @@
+"""The conformal tests share ``conformal_synthetic`` (synthetic exchangeable images)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
