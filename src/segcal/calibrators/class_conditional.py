@@ -105,6 +105,12 @@ class _ClassConditional(Calibrator):
                 idx = torch.nonzero(top == c).squeeze(1)
                 out = out.index_copy(0, idx, fn(rows.index_select(0, idx), c))
             return out
+        if torch.compiler.is_compiling():  # torch.export / ONNX: no data-dependent sizes; every
+            # expert runs on every row and the row's own expert is selected (C times the work)
+            out = rows.new_zeros((rows.shape[0], self._out_dim()))
+            for c in range(int(self.num_classes or rows.shape[1])):
+                out = torch.where((top == c).unsqueeze(1), fn(rows, c), out)
+            return out
         return self._apply_groups(*self._group(rows, top), fn)
 
     def _group(self, rows: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Calibrator files: saving, reading back safely, and the TorchScript export.
+"""Calibrator files: saving, reading back safely, the TorchScript export and the pure-tensor
+forward that ``torch.export`` traces (:class:`TensorCalibrator`).
 
 A calibrator file (format ``segcal-calibrator``, version 1) is a ``torch.save`` of a dict with
 ``format``, ``version``, ``name`` (the registered calibrator), ``config`` (constructor keyword
@@ -27,6 +28,7 @@ __all__ = [
     "FORMAT",
     "REQUIRED_KEYS",
     "VERSION",
+    "TensorCalibrator",
     "check_finite_state",
     "export_torchscript",
     "nonfinite_entries",
@@ -120,9 +122,11 @@ def read_calibrator_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     return payload
 
 
-class _Exported(nn.Module):
-    """Pure-tensor forward of a fitted calibrator, for tracing (through its subclass hooks
-    ``_canonical``, ``_map`` / ``_apply_image_map``; no input validation)."""
+class TensorCalibrator(nn.Module):
+    """Pure-tensor forward of a fitted calibrator, for tracing and ``torch.export`` (through its
+    subclass hooks ``_canonical``, ``_map`` / ``_apply_image_map``; no input validation, no
+    chunking, no data-dependent Python branch): ``forward(scores, image=None)`` equals
+    ``Calibrator.forward`` on valid input."""
 
     def __init__(self, cal: Any) -> None:
         super().__init__()
@@ -141,7 +145,7 @@ class _Exported(nn.Module):
 
 def export_torchscript(cal: Any, path: str | os.PathLike | None = None) -> torch.jit.ScriptModule:
     """Trace a fitted calibrator to TorchScript (see ``Calibrator.to_torchscript``)."""
-    module = _Exported(copy.deepcopy(cal).cpu().eval()).eval()
+    module = TensorCalibrator(copy.deepcopy(cal).cpu().eval()).eval()
     c = int(cal.num_classes or 2)
     gen = torch.Generator().manual_seed(0)
     if cal.spatial:  # traced on an image of the calibrator's rank, large enough for reflect
