@@ -38,6 +38,7 @@ from segcal.cli.parsers import (
     apply,
     bench,
     calibrators,
+    conformal,
     demo,
     estimate,
     fit,
@@ -60,6 +61,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "estimate": (estimate, "segcal.cli.estimate_cmd"),
     "pseudolabel": (pseudolabel, "segcal.cli.pseudolabel_cmd"),
     "adapt": (adapt, "segcal.cli.adapt_cmd"),
+    "conformal": (conformal, "segcal.cli.conformal_cmd"),
 }
 
 #: optional import name -> the segcal extra that installs it (for a bare ModuleNotFoundError)

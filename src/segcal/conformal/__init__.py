@@ -14,6 +14,7 @@ from segcal.conformal.result import ConformalResult, PixelSets, apply_sets, fit_
 from segcal.conformal.tables import (
     RISKS,
     LossTable,
+    as_probabilities,
     default_grid,
     folder_loss_table,
     image_row,
@@ -26,6 +27,7 @@ __all__ = [
     "LossTable",
     "PixelSets",
     "apply_sets",
+    "as_probabilities",
     "crc_index",
     "default_grid",
     "fit_threshold",

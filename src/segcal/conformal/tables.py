@@ -124,7 +124,8 @@ def image_row(
     if y.min() < 0 or y.max() >= num_classes:
         bad = np.unique(y[(y < 0) | (y >= num_classes)])[:10].tolist()
         raise InputError(f"labels: values {bad} are outside [0, {num_classes}) and are not the "
-                         "ignore_index; pass ignore_index=<void value> to leave them out")
+                         f"ignore_index; pass ignore_index={bad[-1]} (command line: --ignore-index {bad[-1]}) "
+                         "to leave them out, or fix the labels")
     if risk == "fnr":
         k = int(class_index)  # type: ignore[arg-type]
         if not 0 <= k < num_classes:
@@ -193,8 +194,9 @@ class LossTable:
                          self.tau, self.ignore_index, self.bound)
 
 
-def _as_probs(scores: Any, input_type: str, calibrator: Calibrator | None, name: str) -> np.ndarray:
-    """Probabilities ``(C, *spatial)`` of one image: through the calibrator, else as given / softmax."""
+def as_probabilities(scores: Any, input_type: str, calibrator: Calibrator | None, name: str) -> np.ndarray:
+    """Probabilities ``(C, *spatial)`` float64 of one image's scores: the calibrator's output when one
+    is given, else the scores themselves (``"probs"``, checked) or their softmax (``"logits"``)."""
     t = as_tensor(scores, name)
     if t.ndim < 2:
         raise InputError(f"{name}: expected scores (C, *spatial), found shape {tuple(t.shape)}")
@@ -257,7 +259,7 @@ def loss_table(
         Memory ``O(n_images × len(grid))``, independent of the image size.
     """
     check_risk(risk, class_index, tau)
-    probs = ((stem, _as_probs(x, input_type, calibrator, f"scores[{stem}]"), y) for stem, x, y in _items(images))
+    probs = ((stem, as_probabilities(x, input_type, calibrator, f"scores[{stem}]"), y) for stem, x, y in _items(images))
     return _build(probs, risk, default_grid() if grid is None else check_grid(grid), class_index, tau,
                   ignore_index)
 
@@ -315,7 +317,7 @@ def folder_loss_table(
             raise InputError("labels: a conformal loss table needs a label folder")
         folder = PredictionFolder(pred, labels, input_type=input_type)
     check_risk(risk, class_index, tau)
-    probs = ((stem, _as_probs(x, kind, calibrator, f"pred: {stem}"), _need_label(stem, y))
+    probs = ((stem, as_probabilities(x, kind, calibrator, f"pred: {stem}"), _need_label(stem, y))
              for stem, x, y, kind in folder)
     return _build(probs, risk, default_grid() if grid is None else check_grid(grid), class_index, tau,
                   ignore_index)
@@ -327,5 +329,5 @@ def _need_label(stem: str, labels: np.ndarray | None) -> np.ndarray:
     return labels
 
 
-__all__ = ["RISKS", "LossTable", "check_grid", "check_risk", "default_grid", "folder_loss_table",
+__all__ = ["RISKS", "LossTable", "as_probabilities", "check_grid", "check_risk", "default_grid", "folder_loss_table",
            "image_row", "loss_table"]
