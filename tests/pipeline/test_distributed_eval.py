@@ -16,12 +16,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from segcal.cli import main
 from segcal.errors import InputError
 from segcal.pipeline.distributed import World, agree, rank_device, shard, shard_bounds
-from segcal.pipeline.evaluate import evaluate_folder
+from segcal.pipeline.evaluate import evaluate_folder, prefetched
 
 TIMEOUT = 90  # seconds: a hang fails the test instead of blocking the suite
 
@@ -167,3 +168,35 @@ def test_a_corrupted_file_on_one_rank_stops_both_with_exit_2(tmp_path):
     assert "img_004.npy" in ranks[1].stderr and "Traceback" not in ranks[1].stderr
     assert "rank 1 of 2 stopped" in ranks[0].stderr and "img_004.npy" in ranks[0].stderr
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- the overlapped input pipeline
+def test_prefetched_keeps_order_bounds_look_ahead_and_raises_at_the_item():
+    consumed: list[int] = []
+    ahead: list[int] = []
+
+    def read(i: int) -> int:
+        ahead.append(i - len(consumed))  # how far the reader is ahead of the consumer
+        if i == 6:
+            raise OSError("bad file 6")
+        return i * i
+
+    got = []
+    with pytest.raises(OSError, match="bad file 6"):
+        for i, v in prefetched(read, range(10), depth=2):
+            got.append((i, v))
+            consumed.append(i)
+    assert got == [(i, i * i) for i in range(6)]  # everything before the bad item, in order
+    assert max(ahead) <= 3  # the current item plus at most depth=2 read ahead
+    assert list(prefetched(lambda i: -i, range(4), depth=0)) == [(0, 0), (1, -1), (2, -2), (3, -3)]
+
+
+def test_evaluate_folder_with_and_without_prefetch_is_identical(tmp_path):
+    pred, lab = _folder(tmp_path, 6)
+    states = [evaluate_folder(pred, lab, ignore_index=255, prefetch=d).metrics for d in (0, 1, 2)]
+    ref = states[0].state_dict()
+    for m in states[1:]:
+        for key, value in m.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, ref[key]), key
+    np.testing.assert_array_equal(states[2].compute()["image_ece_values"], states[0].compute()["image_ece_values"])

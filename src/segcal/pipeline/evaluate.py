@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +39,9 @@ from segcal.io import PredictionFolder, PredictionItem, read_label
 from segcal.metrics import CalibrationMetrics
 from segcal.pipeline.distributed import agree, current, shard
 from segcal.validation import API_FLAGS, as_tensor, channel_last_hint, check_input_kind
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: how the Python API names the arguments that a message asks for
 API_NAMES: dict[str, str] = {"ignore_index": "ignore_index={value}", **API_FLAGS}
@@ -155,6 +161,7 @@ def evaluate_folder(
     progress: bool = False,
     names: Mapping[str, str] | None = None,
     distributed: bool = False,
+    prefetch: int = 2,
 ) -> FolderEvaluation:
     """Stream a prediction folder against its labels into calibration metrics.
 
@@ -194,6 +201,9 @@ def evaluate_folder(
         rank must call it; a rank with no image takes part, and an error on one rank is raised on
         every rank (:func:`segcal.pipeline.distributed.agree`) instead of leaving the others
         waiting.
+    prefetch
+        How many files a reader thread reads ahead while the current one is accumulated
+        (:func:`prefetched`; ``0``: read in this thread). The results do not depend on it.
 
     Returns
     -------
@@ -219,7 +229,7 @@ def evaluate_folder(
     all_stems = [it.stem for it in batches.items]
     if not distributed:
         acc = _Accumulator(folder, batches, calibrator, images, num_classes, source, settings, names)
-        acc.run(batches.items, progress)
+        acc.run(batches.items, progress, prefetch)
         if acc.before is None:
             raise InputError(f"pred: no image selected in {folder.pred_dir} (stems: [])")
         return FolderEvaluation(acc.before, acc.after, acc.itype, all_stems)
@@ -231,7 +241,7 @@ def evaluate_folder(
     acc = _Accumulator(folder, batches, calibrator, images, num_classes, source, settings, names)
     failure: BaseException | None = None
     try:
-        acc.run(mine, progress and w.is_main)
+        acc.run(mine, progress and w.is_main, prefetch)
     except Exception as exc:  # shared with every rank by agree() below, then raised
         failure = exc
     infos = agree(failure, (acc.num_classes, acc.itype, mine[0].path.name if mine else None))
@@ -274,34 +284,71 @@ class _Accumulator:
         if self.calibrator is not None:
             self.after = CalibrationMetrics(self.num_classes, input_type="logits", **self.settings)
 
-    def run(self, items: list[PredictionItem], progress: bool) -> None:
-        folder, calibrator, names = self.folder, self.calibrator, self.names
-        for i, item in enumerate(tqdm(items, desc="eval", unit="img", disable=not progress, file=sys.stderr)):
-            scores, lab, self.itype = folder.read(item)
-            if i == 0:
-                check_input_kind(scores, self.itype, f"pred: {item.path.name}", flags=_flags(names))
-            if self.num_classes is None:
-                self.num_classes, self.source = int(scores.shape[0]), "the first file"
-            check_num_classes(scores, self.num_classes, item.path, self.source)
-            if self.before is None:
-                self.create()
-            assert self.before is not None
-            x = as_tensor(scores, "pred").unsqueeze(0)
-            y = as_tensor(lab, "labels").unsqueeze(0)
-            try:
-                self.before.update(x, y)
-            except (ValueError, TypeError) as exc:
-                found = label_range_error(item, lab, self.num_classes, self.settings["ignore_index"], names)
-                raise (found or InputError(f"{item.path.name}: {exc}")) from exc
-            if calibrator is not None and self.after is not None:
-                with torch.no_grad():
-                    xc = x.to(calibrator.device)
-                    if self.images is not None:
-                        img = torch.from_numpy(self.batches.read_image(item.stem))[None].to(calibrator.device)
-                        z = calibrator(xc, image=img)
-                    else:
-                        z = calibrator(xc)
-                self.after.update(z.to(self.settings["device"]), y)
+    def run(self, items: list[PredictionItem], progress: bool, depth: int) -> None:
+        bar = tqdm(total=len(items), desc="eval", unit="img", disable=not progress, file=sys.stderr)
+        with closing(prefetched(self.folder.read, items, depth)) as stream:
+            for i, (item, (scores, lab, self.itype)) in enumerate(stream):
+                bar.update(1)
+                self.add(i, item, scores, lab)
+        bar.close()
+
+    def add(self, i: int, item: PredictionItem, scores: np.ndarray, lab: Any) -> None:
+        """Check and accumulate the ``i``-th file of this process."""
+        calibrator, names = self.calibrator, self.names
+        if i == 0:
+            check_input_kind(scores, self.itype, f"pred: {item.path.name}", flags=_flags(names))
+        if self.num_classes is None:
+            self.num_classes, self.source = int(scores.shape[0]), "the first file"
+        check_num_classes(scores, self.num_classes, item.path, self.source)
+        if self.before is None:
+            self.create()
+        assert self.before is not None
+        x = as_tensor(scores, "pred").unsqueeze(0)
+        y = as_tensor(lab, "labels").unsqueeze(0)
+        try:
+            self.before.update(x, y)
+        except (ValueError, TypeError) as exc:
+            found = label_range_error(item, lab, self.num_classes, self.settings["ignore_index"], names)
+            raise (found or InputError(f"{item.path.name}: {exc}")) from exc
+        if calibrator is not None and self.after is not None:
+            with torch.no_grad():
+                xc = x.to(calibrator.device)
+                if self.images is not None:
+                    img = torch.from_numpy(self.batches.read_image(item.stem))[None].to(calibrator.device)
+                    z = calibrator(xc, image=img)
+                else:
+                    z = calibrator(xc)
+            self.after.update(z.to(self.settings["device"]), y)
+
+
+def prefetched(read: Callable[[T], R], items: Iterable[T], depth: int = 2) -> Iterator[tuple[T, R]]:
+    """``(item, read(item))`` in order, reading up to ``depth`` items ahead in one thread.
+
+    The overlapped input pipeline of the folder evaluation: while the caller accumulates one file,
+    the next ones are read and decoded (NumPy and Pillow release the GIL while they do), so at
+    most ``depth + 1`` files are in memory. ``depth=0`` reads in the caller's thread. A reader's
+    exception is raised when its item is reached, as without prefetching; stopping early cancels
+    what was not started.
+    """
+    if depth <= 0:
+        for item in items:
+            yield item, read(item)
+        return
+    pending: deque[tuple[T, Future[R]]] = deque()
+    source = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segcal-read") as pool:
+        try:
+            for item in source:
+                pending.append((item, pool.submit(read, item)))
+                if len(pending) > depth:
+                    head, fut = pending.popleft()
+                    yield head, fut.result()
+            while pending:
+                head, fut = pending.popleft()
+                yield head, fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
 
 
 __all__ = [
@@ -312,4 +359,5 @@ __all__ = [
     "find_label_error",
     "folder_input_type",
     "label_range_error",
+    "prefetched",
 ]

@@ -1,0 +1,145 @@
+"""``segcal eval`` end to end vs the in-memory metric engine, on the same data, in one run (issue 20).
+
+Workload: a synthetic CamVid-shaped prediction folder (default 50 images x 12 classes x 360 x 480,
+float16 peaked logits ``.npy``, uint8 PNG labels with 5 % void = 255), written to a temporary
+folder (so the files are in the page cache: this measures decoding and compute, not the disk).
+
+Timed, each the median of ``--repeats`` runs:
+
+1. ``engine``: the arrays already in memory (float16 tensors), ``CalibrationMetrics.update`` per
+   image + ``compute`` -- the in-memory engine time;
+2. ``evaluate_folder(prefetch=0)`` and ``evaluate_folder(prefetch=2)``: the folder evaluation in
+   this process, reading in the caller's thread vs the bounded prefetch thread;
+3. ``segcal eval`` as a subprocess, process start included (``--json``), one process;
+4. ``torchrun --nproc-per-node 2 ... segcal eval`` (``--procs 2``; skipped with ``--procs 1``).
+
+Also timed: reading alone (``PredictionFolder.read`` of every file) and the process start
+(``python -c "import segcal.cli.eval_cmd"``), the two parts of the gap between (3) and (1).
+The ``/ engine`` column of (3) is the issue's "end to end within 1.25x of the in-memory engine".
+
+Usage: ``python benchmarks/eval_pipeline.py [--images 50] [--repeats 3] [--procs 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segcal.io import PredictionFolder
+from segcal.metrics import CalibrationMetrics
+from segcal.pipeline.evaluate import evaluate_folder
+from segcal.validation import as_tensor
+
+
+def write_folder(root: Path, n: int, c: int, h: int, w: int, seed: int = 0) -> tuple[Path, Path]:
+    """A prediction folder of peaked float16 logits and PNG labels (about 70 % accuracy)."""
+    rng = np.random.default_rng(seed)
+    pred, lab = root / "pred", root / "labels"
+    pred.mkdir(parents=True)
+    lab.mkdir(parents=True)
+    for i in range(n):
+        truth = rng.integers(0, c, size=(h // 8, w // 8)).repeat(8, 0).repeat(8, 1)
+        z = rng.normal(size=(c, h, w)).astype(np.float32)
+        hit = rng.random((h, w)) < 0.7
+        guess = np.where(hit, truth, rng.integers(0, c, size=(h, w)))
+        np.put_along_axis(z, guess[None], 4.0 + rng.random((1, h, w)).astype(np.float32) * 2, axis=0)
+        y = truth.astype(np.uint8)
+        y[rng.random((h, w)) < 0.05] = 255
+        np.save(pred / f"img_{i:04d}.npy", z.astype(np.float16))
+        Image.fromarray(y).save(lab / f"img_{i:04d}.png")
+    return pred, lab
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=50)
+    ap.add_argument("--classes", type=int, default=12)
+    ap.add_argument("--height", type=int, default=360)
+    ap.add_argument("--width", type=int, default=480)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--procs", type=int, default=2, help="also time torchrun with this many processes (1: skip)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="segcal-evalbench-") as tmp:
+        t0 = time.perf_counter()
+        pred, lab = write_folder(Path(tmp), args.images, args.classes, args.height, args.width)
+        print(f"wrote {args.images} x {args.classes} x {args.height} x {args.width} float16 in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        folder = PredictionFolder(pred, lab)
+        data = [folder.read(it)[:2] for it in folder.items]
+        # the same tensors evaluate_folder hands to the engine (float16 scores, uint8 labels)
+        xs = [as_tensor(np.array(s), "pred").unsqueeze(0) for s, _ in data]
+        ys = [as_tensor(np.array(y), "labels").unsqueeze(0) for _, y in data]
+
+        def engine() -> None:
+            m = CalibrationMetrics(args.classes, ignore_index=255)
+            for x, y in zip(xs, ys, strict=True):
+                m.update(x, y)
+            m.compute()
+
+        def folder_eval(depth: int) -> None:
+            evaluate_folder(pred, lab, ignore_index=255, prefetch=depth).metrics.compute()
+
+        cli = [sys.executable, "-m", "segcal", "eval", "--pred", str(pred), "--labels", str(lab),
+               "--ignore-index", "255", "--no-progress", "--json", str(Path(tmp) / "m.json")]
+
+        def end_to_end() -> None:
+            subprocess.run(cli, check=True, stdout=subprocess.DEVNULL)
+
+        def torchrun() -> None:
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.procs),
+                            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *cli[1:]],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def read_only() -> None:
+            for it in folder.items:
+                folder.read(it)
+
+        def start_up() -> None:
+            subprocess.run([sys.executable, "-c", "import segcal.cli.eval_cmd"], check=True)
+
+        engine()  # warm-up (kernels, allocator)
+        rows = [("in-memory engine (update + compute)", median_time(engine, args.repeats)),
+                ("reading only (folder.read of every file)", median_time(read_only, args.repeats)),
+                ("process start (python -c 'import segcal.cli.eval_cmd')", median_time(start_up, args.repeats)),
+                ("evaluate_folder, prefetch=0", median_time(lambda: folder_eval(0), args.repeats)),
+                ("evaluate_folder, prefetch=2", median_time(lambda: folder_eval(2), args.repeats)),
+                ("segcal eval, 1 process, end to end", median_time(end_to_end, args.repeats))]
+        if args.procs > 1:
+            rows.append((f"torchrun {args.procs} processes segcal eval, end to end",
+                         median_time(torchrun, args.repeats)))
+    base = rows[0][1]
+    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+          f"median of {args.repeats}")
+    print("| run | wall s | / engine |\n|---|---:|---:|")
+    for name, t in rows:
+        print(f"| {name} | {t:.2f} | {t / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
