@@ -55,6 +55,21 @@ def test_crc_mean_realised_risk_at_most_alpha(pool_table, alpha):
     assert mean >= alpha - 2 / (n_cal + 1) - 0.02
 
 
+@pytest.mark.parametrize("risk,kw", [("fnr", {"class_index": 2}), ("coverage", {"tau": 0.8})])
+def test_crc_other_risks(risk, kw):
+    """Class-2 false-negative rate (images without class 2: loss 0) and the COSE loss, 2D + 3D."""
+    L = loss_table(pool(np.random.default_rng(19), 600), risk, grid=GRID, ignore_index=IGNORE, **kw).losses
+    rng = np.random.default_rng(2)
+    alpha, n_cal = 0.1, 100
+    realised = np.empty(N_SPLITS)
+    for s in range(N_SPLITS):
+        perm = rng.permutation(L.shape[0])
+        realised[s] = L[perm[n_cal:], crc_index(L[perm[:n_cal]], alpha)].mean()
+    mean, se = realised.mean(), realised.std(ddof=1) / math.sqrt(N_SPLITS)
+    print(f"CRC {risk} alpha={alpha}: mean realised risk {mean:.4f} (MC s.e. {se:.4f})")
+    assert alpha / 2 < mean <= alpha + 3 * se
+
+
 @pytest.mark.parametrize("alpha,delta", [(0.1, 0.1), (0.2, 0.05)])
 def test_ltt_violation_frequency_at_most_delta(pool_table, alpha, delta):
     """Calibration sets drawn iid (with replacement) from the pool, whose mean is the true risk."""

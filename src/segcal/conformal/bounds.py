@@ -74,8 +74,11 @@ def crc_index(losses: np.ndarray, alpha: float, bound: float = 1.0) -> int:
     a = check_losses(losses, bound)
     alpha = check_level(alpha, "alpha")
     n = a.shape[0]
-    adjusted = n / (n + 1) * a.mean(axis=0) + bound / (n + 1)
-    ok = np.flatnonzero(adjusted <= alpha)
+    # (n/(n+1)) R̂ + B/(n+1) <= alpha  <=>  Σ_i L_i + B <= alpha (n+1): the same inequality with one
+    # rounding less, so that a tie (e.g. binary losses with alpha (n+1) an integer) counts as <=
+    total = a.sum(axis=0) + bound
+    ok = np.flatnonzero(total <= alpha * (n + 1))
+    adjusted = total / (n + 1)
     if ok.size == 0:
         need = max(math.ceil(bound / alpha - 1), 1)
         raise InputError(
