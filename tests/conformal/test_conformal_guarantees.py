@@ -87,6 +87,21 @@ def test_ltt_violation_frequency_at_most_delta(pool_table, alpha, delta):
     assert risks.mean() > alpha / 2  # not vacuous (lambda = 1 would give risk 0)
 
 
+def test_ltt_binary_cose_violation_frequency_at_most_delta():
+    """The binary COSE loss uses the exact binomial p-value (no factor e): still at most delta."""
+    L = loss_table(pool(np.random.default_rng(19), 600), "coverage", tau=0.8, grid=GRID, ignore_index=IGNORE).losses
+    true_risk = L.mean(axis=0)
+    rng = np.random.default_rng(8)
+    alpha, delta, n_cal = 0.2, 0.1, 150
+    risks = np.array([true_risk[ltt_index(L[rng.integers(0, L.shape[0], n_cal)], alpha, delta, binary=True)]
+                      for _ in range(N_SPLITS)])
+    freq = float((risks > alpha).mean())
+    print(f"LTT coverage (binary) alpha={alpha} delta={delta}: violation frequency {freq:.4f}, "
+          f"mean true risk {risks.mean():.4f}")
+    assert freq <= delta + 3 * math.sqrt(delta * (1 - delta) / N_SPLITS)
+    assert risks.mean() > alpha / 2
+
+
 def test_pixel_pooled_threshold_breaks_the_image_guarantee():
     """The documented pitfall: pooling pixels (as if exchangeable) lets the many pixels of large
     easy images set the threshold; the small hard images then miss far more than alpha."""

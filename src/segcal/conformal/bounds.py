@@ -20,6 +20,10 @@ Learn-then-Test with Hoeffding–Bentkus p-values (§9.4, Angelopoulos, Bates, C
     p_B(λ)  = e · P(Binomial(n, α) ≤ ⌈n R̂_n(λ)⌉)
     p_HB(λ) = min(p_H(λ), p_B(λ))
 
+For a binary loss (COSE, ``"coverage"``) ``n R̂_n(λ)`` is Binomial(n, R(λ)), so
+``P(Binomial(n, α) ≤ n R̂_n(λ))`` is itself a valid p-value and the factor e is dropped
+(``binary=True``; LTT paper §3.2 [paper], as MAPIE's ``binary`` option) [inferred from §9.4].
+
 Fixed-sequence testing from the most conservative λ (the largest) downwards rejects while
 ``p_HB ≤ δ`` and stops at the first failure; λ̂ is the smallest rejected λ. The family-wise error
 is at most δ, so with probability at least 1 − δ over the calibration images
@@ -97,10 +101,11 @@ def _log_binom_cdf(n: int, p: float) -> np.ndarray:
     return np.logaddexp.accumulate(logpmf)
 
 
-def hb_pvalues(risk_hat: np.ndarray, n: int, alpha: float) -> np.ndarray:
+def hb_pvalues(risk_hat: np.ndarray, n: int, alpha: float, binary: bool = False) -> np.ndarray:
     """Hoeffding–Bentkus p-values of ``H : R > α`` for empirical risks ``risk_hat`` of ``n`` units (§9.4).
 
     ``p = min(exp(−n h(min(R̂, α), α)), e · P(Bin(n, α) ≤ ⌈n R̂⌉))`` for losses in [0, 1]; capped at 1.
+    ``binary=True`` (losses in {0, 1}) drops the factor e (module docstring).
     """
     r = np.asarray(risk_hat, dtype=np.float64)
     alpha = check_level(alpha, "alpha")
@@ -110,13 +115,14 @@ def hb_pvalues(risk_hat: np.ndarray, n: int, alpha: float) -> np.ndarray:
         t2 = np.where(a < 1, (1 - a) * np.log((1 - a) / (1 - alpha)), 0.0)
     p_h = np.exp(-n * (t1 + t2))
     kk = np.clip(np.ceil(n * r), 0, n).astype(np.int64)  # rounding can only raise it: conservative
-    p_b = math.e * np.exp(_log_binom_cdf(n, alpha)[kk])
+    p_b = (1.0 if binary else math.e) * np.exp(_log_binom_cdf(n, alpha)[kk])
     return np.minimum(np.minimum(p_h, p_b), 1.0)
 
 
-def ltt_index(losses: np.ndarray, alpha: float, delta: float) -> int:
+def ltt_index(losses: np.ndarray, alpha: float, delta: float, binary: bool = False) -> int:
     """Index of the Learn-then-Test threshold (Hoeffding–Bentkus p-values, fixed-sequence testing
-    from the largest λ down; §9.4, formulas in the module docstring).
+    from the largest λ down; §9.4, formulas in the module docstring). ``binary=True`` for losses
+    in {0, 1} (refused otherwise): the exact binomial p-value without the factor e.
 
     Raises
     ------
@@ -126,7 +132,9 @@ def ltt_index(losses: np.ndarray, alpha: float, delta: float) -> int:
     a = check_losses(losses, 1.0)
     delta = check_level(delta, "delta")
     n = a.shape[0]
-    p = hb_pvalues(a.mean(axis=0), n, alpha)
+    if binary and not np.isin(a, (0.0, 1.0)).all():
+        raise InputError("losses: binary=True needs losses in {0, 1}")
+    p = hb_pvalues(a.mean(axis=0), n, alpha, binary)
     idx = None
     for j in range(p.size - 1, -1, -1):
         if p[j] > delta:

@@ -153,7 +153,8 @@ def fit_threshold(
     method
         ``"crc"``: ``λ̂ = inf{λ : (n/(n+1)) R̂_n(λ) + B/(n+1) ≤ α}`` (§9.3), guarantee
         ``E[L_{n+1}(λ̂)] ≤ α``. ``"ltt"``: Learn-then-Test with Hoeffding–Bentkus p-values and
-        fixed-sequence testing (§9.4), guarantee ``P(R(λ̂) ≤ α) ≥ 1 − δ``. Default: ``"ltt"`` when
+        fixed-sequence testing (§9.4; for the binary ``"coverage"`` loss the exact binomial
+        p-value), guarantee ``P(R(λ̂) ≤ α) ≥ 1 − δ``. Default: ``"ltt"`` when
         ``delta`` is given, else ``"crc"``.
     meta
         Provenance stored with the result.
@@ -170,7 +171,7 @@ def fit_threshold(
         if delta is None:
             raise InputError("delta: method 'ltt' needs delta (the probability that the risk exceeds alpha)")
         delta = check_level(delta, "delta")
-        j = ltt_index(table.losses, alpha, delta)
+        j = ltt_index(table.losses, alpha, delta, binary=table.risk == "coverage")
     else:
         if delta is not None:
             raise InputError("delta: method 'crc' controls the risk in expectation and takes no delta; "
