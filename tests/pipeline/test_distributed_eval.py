@@ -17,11 +17,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 
+from segcal.calibrators import create
+from segcal.calibrators import load as load_calibrator
 from segcal.cli import main
 from segcal.errors import InputError
-from segcal.pipeline.distributed import World, agree, rank_device, shard, shard_bounds
+from segcal.metrics import CalibrationMetrics
+from segcal.pipeline.distributed import World, agree, rank_device, shard, shard_bounds, world
 from segcal.pipeline.evaluate import evaluate_folder, prefetched
 
 TIMEOUT = 90  # seconds: a hang fails the test instead of blocking the suite
@@ -200,3 +204,57 @@ def test_evaluate_folder_with_and_without_prefetch_is_identical(tmp_path):
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, ref[key]), key
     np.testing.assert_array_equal(states[2].compute()["image_ece_values"], states[0].compute()["image_ece_values"])
+
+
+@pytest.mark.slow
+def test_ranks_whose_files_disagree_on_the_class_count_are_refused_alike(tmp_path):
+    """img_003/img_004 (rank 1's whole shard) have 5 classes, the others 4: each rank alone is
+    consistent, the agreement refuses it on both ranks (exit 2) naming both files."""
+    pred, lab = _folder(tmp_path, 5)
+    rng = np.random.default_rng(1)
+    for stem in ("img_003", "img_004"):
+        np.save(pred / f"{stem}.npy", rng.normal(size=(5, 18, 14)).astype(np.float16))
+    ranks = _two_ranks(_eval_args(pred, lab, tmp_path / "two.json"))
+    assert [r.returncode for r in ranks] == [2, 2], [r.stderr for r in ranks]
+    for r in ranks:
+        assert "img_003.npy has 5 classes" in r.stderr and "img_000.npy has 4" in r.stderr, r.stderr
+
+
+def _fitted(seed: int = 3):
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.normal(size=(2, 4, 12, 10)) * 3)
+    return create("ts", num_classes=4).fit(x, x.argmax(1))  # over-confident labels: T != 1
+
+
+def _api_worker(rank: int, port: int, pred: str, lab: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cal = load_calibrator(f"{out}/ts.pt")
+    with world() as w:
+        assert w.distributed and w.backend == "gloo"
+        ev = evaluate_folder(pred, lab, calibrator=cal, ignore_index=255, distributed=True)
+        assert ev.calibrated is not None
+        torch.save({"before": ev.metrics.state_dict(), "after": ev.calibrated.state_dict(), "stems": ev.stems},
+                   f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_api_world_and_a_calibrator_equal_one_process(tmp_path):
+    """evaluate_folder(distributed=True, calibrator=...) inside world(): before and after states of
+    both ranks equal one process's (3 + 2 images)."""
+    pred, lab = _folder(tmp_path, 5)
+    cal = _fitted()
+    cal.save(tmp_path / "ts.pt")
+    mp.spawn(_api_worker, args=(_free_port(), str(pred), str(lab), str(tmp_path)), nprocs=2, join=True)
+    one = evaluate_folder(pred, lab, calibrator=cal, ignore_index=255)
+    assert one.calibrated is not None
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["stems"] == one.stems
+        for key, ref in (("before", one.metrics), ("after", one.calibrated)):
+            res = CalibrationMetrics.from_state_dict(got[key]).compute()
+            want = ref.compute()
+            for k in ("ece", "image_ece", "nll", "brier", "miou", "classwise_ece"):
+                assert res[k] == pytest.approx(want[k], abs=1e-12), (rank, key, k)
+            np.testing.assert_allclose(res["image_ece_values"], want["image_ece_values"], rtol=0, atol=1e-12)
+    assert one.calibrated.compute()["ece"] != pytest.approx(one.metrics.compute()["ece"], abs=1e-6)
