@@ -216,3 +216,14 @@ def test_refused_inputs(fitted, data):
         model.export_program(torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="classes"):
         CalibratedModel(nn.Conv2d(3, 5, 1), fitted("ts"))(data[0][:2])
+
+
+def test_the_example_of_docs_integrations_runs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "integrations.md").read_text()
+    section = text.split("## Export", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/integrations.md", "exec"), {})
+    assert (tmp_path / "model.pt2").is_file()

@@ -41,6 +41,7 @@ from segcal.cli.parsers import (
     conformal,
     demo,
     estimate,
+    export,
     fit,
     predict,
     pseudolabel,
@@ -62,11 +63,13 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "pseudolabel": (pseudolabel, "segcal.cli.pseudolabel_cmd"),
     "adapt": (adapt, "segcal.cli.adapt_cmd"),
     "conformal": (conformal, "segcal.cli.conformal_cmd"),
+    "export": (export, "segcal.cli.export_cmd"),
 }
 
 #: optional import name -> the segcal extra that installs it (for a bare ModuleNotFoundError)
 EXTRAS = {"sklearn": "isotonic", "scipy": "shift", "matplotlib": "plot", "nibabel": "nifti", "monai": "medical",
-          "numba": "fast", "torchmetrics": "bench", "SimpleITK": "test", "fiducio": "bench"}
+          "numba": "fast", "torchmetrics": "bench", "SimpleITK": "test", "fiducio": "bench",
+          "onnx": "export", "onnxscript": "export"}
 
 #: exit code of a run stopped by Ctrl-C (128 + SIGINT)
 EXIT_INTERRUPTED = 130

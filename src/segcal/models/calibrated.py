@@ -14,6 +14,7 @@ Which calibrators export, and why the others do not: ``docs/integrations.md``.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -31,6 +32,8 @@ from segcal.io.files import atomic_write
 __all__ = ["NOT_EXPORTABLE", "NOT_ONNX_EXPORTABLE", "OUTPUTS", "CalibratedModel", "model_logits"]
 
 OUTPUTS = ("probs", "logits")
+#: the ``dynamic`` modes of :meth:`CalibratedModel.export`: batch and spatial sizes, batch only, none
+DYNAMIC = (True, "batch", False)
 
 #: registered calibrators that ``CalibratedModel.export`` refuses, with the reason (none today:
 #: every registered calibrator exports; tests/models/test_calibrated_export.py asserts this list)
@@ -145,39 +148,58 @@ class CalibratedModel(nn.Module):
         return out.softmax(1) if self.output == "probs" else out
 
     # ----------------------------------------------------------------- export
-    def _check_exportable(self, example: Any) -> torch.Tensor:
+    def _check_exportable(self, example: Any, dynamic: bool | str) -> torch.Tensor:
         name = self.calibrator.name
         if name in NOT_EXPORTABLE:
             raise InputError(f"calibrator: {name!r} does not export: {NOT_EXPORTABLE[name]}")
         if not isinstance(example, torch.Tensor) or example.ndim not in (4, 5):
             raise InputError("example: expected a tensor (N, C_in, H, W) or (N, C_in, D, H, W), got "
                              f"{getattr(example, 'shape', type(example).__name__)}")
-        if example.shape[0] < 2 or min(example.shape[2:]) < 2:
+        if dynamic is not False and (example.shape[0] < 2 or min(example.shape[2:]) < 2):
             raise InputError(f"example: shape {tuple(example.shape)}; dynamic export needs a batch "
                              "size and spatial sizes >= 2 (a size of 1 is specialised by torch.export)")
         return example
 
-    def dynamic_shapes(self, example: torch.Tensor) -> tuple[dict[int, Any]]:
-        """``torch.export`` dynamic shapes of ``example``: batch and every spatial dimension."""
+    def dynamic_shapes(self, example: torch.Tensor, dynamic: bool | str = True) -> tuple[dict[int, Any]] | None:
+        """``torch.export`` dynamic shapes of ``example``: ``True`` batch and every spatial
+        dimension, ``"batch"`` the batch only (for networks whose code fixes the image size, e.g.
+        ESPNet), ``False`` none (the example's shape only)."""
+        if dynamic not in DYNAMIC:
+            raise InputError(f"dynamic: expected one of {list(DYNAMIC)}, got {dynamic!r}")
+        if dynamic is False:
+            return None
         dyn = torch.export.Dim.DYNAMIC
-        return ({0: dyn, **{d: dyn for d in range(2, example.ndim)}},)
+        spatial = range(2, example.ndim) if dynamic is True else ()
+        return ({0: dyn, **{d: dyn for d in spatial}},)
 
-    def export_program(self, example: torch.Tensor, dynamic: bool = True) -> torch.export.ExportedProgram:
-        """The ``torch.export`` program of this module traced on ``example`` (dynamic batch and
-        spatial sizes when ``dynamic``); the sizes the model or calibrator need (e.g. LTS: every
-        spatial size > 4) become the program's range constraints."""
-        example = self._check_exportable(example)
+    def export_program(self, example: torch.Tensor,
+                       dynamic: bool | str = True) -> torch.export.ExportedProgram:
+        """The ``torch.export`` program of this module traced on ``example`` (dynamic sizes as in
+        :meth:`dynamic_shapes`); the sizes the model or calibrator need (e.g. LTS: every spatial
+        size > 4) become the program's range constraints. A network whose code fixes a size
+        marked dynamic raises an :class:`~segcal.errors.InputError` that says so."""
+        example = self._check_exportable(example, dynamic)
+        shapes = self.dynamic_shapes(example, dynamic)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return torch.export.export(self, (example,),
-                                       dynamic_shapes=self.dynamic_shapes(example) if dynamic else None)
+            try:
+                return torch.export.export(self, (example,), dynamic_shapes=shapes)
+            except RuntimeError as exc:  # torch's constraint violation (a UserError)
+                if "specialized it to be a constant" not in str(exc) or dynamic is not True:
+                    raise
+                raise InputError(
+                    "export: the model's code fixes the image size (torch.export specialised a "
+                    f"spatial dimension to the example's {tuple(example.shape[2:])}); export with "
+                    "dynamic='batch' (segcal export --dynamic batch) for that image size, or "
+                    "dynamic=False") from None
 
     def export(self, path: str | os.PathLike, example: torch.Tensor,
-               dynamic: bool = True) -> torch.export.ExportedProgram:
+               dynamic: bool | str = True) -> torch.export.ExportedProgram:
         """Export with ``torch.export`` and save the program to ``path`` (``.pt2``, atomically).
 
         Load it with ``torch.export.load(path).module()``: it needs only torch, takes ``x`` of any
-        batch and spatial size (when ``dynamic``) and returns what :meth:`forward` returns.
+        batch and spatial size (``dynamic=True``; ``"batch"``: any batch size; see
+        :meth:`dynamic_shapes`) and returns what :meth:`forward` returns.
         ``example``: an input of the model (batch and spatial sizes >= 2). Returns the program.
         """
         program = self.export_program(example, dynamic)
@@ -185,24 +207,31 @@ class CalibratedModel(nn.Module):
             torch.export.save(program, fh)
         return program
 
-    def to_onnx(self, path: str | os.PathLike, example: torch.Tensor, dynamic: bool = True) -> None:
+    def to_onnx(self, path: str | os.PathLike, example: torch.Tensor,
+                dynamic: bool | str = True) -> None:
         """Export to an ONNX file (``torch.onnx.export`` through ``torch.export``; input ``"x"``,
-        output ``"out"``, dynamic batch and spatial sizes when ``dynamic``). Needs the optional
+        output ``"out"``, dynamic sizes as in :meth:`dynamic_shapes`). Needs the optional
         dependencies ``onnx`` and ``onnxscript`` (``pip install 'segcal[export]'``); run the file
         with onnxruntime."""
-        for module in ("onnx", "onnxscript"):
-            try:
-                __import__(module)
-            except ImportError:
-                raise missing_dependency(module, "export", "ONNX export") from None
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as exc:
+            raise missing_dependency(exc.name or "onnx", "export", "ONNX export") from None
         name = self.calibrator.name
         if name in NOT_ONNX_EXPORTABLE:
             raise InputError(f"calibrator: {name!r} does not export to ONNX: {NOT_ONNX_EXPORTABLE[name]}; "
                              "export it with torch.export (.pt2) instead")
         program = self.export_program(example, dynamic)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            onnx_program = torch.onnx.export(program, (example,), input_names=["x"],
-                                             output_names=["out"], dynamo=True, verbose=False)
+        log = logging.getLogger("torch.onnx")  # its notes on absent torchvision ops
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                onnx_program = torch.onnx.export(program, (example,), input_names=["x"],
+                                                 output_names=["out"], dynamo=True, verbose=False)
+        finally:
+            log.setLevel(level)
         with atomic_write(path) as fh:
             fh.write(onnx_program.model_proto.SerializeToString())
