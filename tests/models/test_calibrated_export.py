@@ -118,6 +118,20 @@ def test_exported_program_equals_eager(name, fitted, tmp_path):
         torch.testing.assert_close(ref, direct, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_calibrator_itself_exports(name, fitted):
+    """``torch.export.export(cal, ...)`` (issue 19: data-dependent guards for ts, cmsop, lts,
+    selective): under torch.export ``Calibrator.forward`` runs the map without validation."""
+    cal = fitted(name).eval()
+    dyn = torch.export.Dim.DYNAMIC
+    program = torch.export.export(cal, (torch.randn(2, C, 16, 16),),
+                                  dynamic_shapes=({0: dyn, 2: dyn, 3: dyn},)).module()
+    for n, h, w in SIZES:
+        z = 3 * torch.randn(n, C, h, w)
+        with torch.no_grad():
+            torch.testing.assert_close(program(z), cal(z), atol=1e-5, rtol=1e-5)
+
+
 @needs_onnx
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in NOT_ONNX_EXPORTABLE])
 def test_onnxruntime_equals_eager(name, fitted, tmp_path):
@@ -180,6 +194,29 @@ def test_quarter_resolution_logits_are_resized_bilinear(fitted, tmp_path):
         x2 = torch.randn(n, 3, h, w)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x2), model(x2), atol=ATOL, rtol=0)
+
+
+class HFStyle(nn.Module):
+    """Returns a mapping with quarter-resolution ``logits``, as transformers' SegFormer does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny(stride=4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+
+def test_hugging_face_style_output_mapping_exports(fitted, tmp_path):
+    hf = HFStyle()
+    model = CalibratedModel(hf, fitted("dc"))
+    model.export(tmp_path / "hf.pt2", torch.randn(2, 3, 16, 16))
+    loaded = torch.export.load(tmp_path / "hf.pt2").module()
+    x = torch.randn(3, 3, 24, 20)
+    with torch.no_grad():
+        ref = fitted("dc").predict_proba(F.interpolate(hf.net(x), size=(24, 20), mode="bilinear",
+                                                       align_corners=False))
+        torch.testing.assert_close(loaded(x), ref, atol=ATOL, rtol=0)
 
 
 def test_3d_model_is_resized_trilinear(fitted):

@@ -451,6 +451,8 @@ class Calibrator(nn.Module):
         calibrators with an image branch (:attr:`uses_image`) and rejected by the others.
         """
         self._check_ready()
+        if torch.compiler.is_compiling():  # torch.export: the map, without validation or chunks
+            return self._apply_image_map(self._canonical(torch.as_tensor(logits), dim=1), image)
         is_np = isinstance(logits, np.ndarray)
         t = check_scores(logits, "logits", num_classes=self.num_classes)
         img = None
