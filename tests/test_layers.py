@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("segcal.report",),
     ("segcal.cli",),
     ("segcal.integrations",),
-    ("segcal", "segcal.__main__"),  # the package face (re-exports only) and `python -m segcal`
+    ("segcal", "segcal.__main__", "segcal.plot"),  # the package face (re-exports only) and `python -m segcal`
 ]
 
 #: (module, function) pairs allowed to import segcal modules inside a function, and why
