@@ -211,6 +211,15 @@ class CalibrationMetrics:
         """Every declared field, on the state's device (no copy)."""
         return {**{f.name: getattr(self, f.name) for f in SUM_FIELDS}, **self._cat_rows()}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every field of :data:`segcal.metrics.state.FIELDS` on the state's device, without a
+        copy (``"cat"`` fields as ``(n_images, *row)``; 0 rows without ``per_image``).
+
+        Read-only: for adapters that add one batch's statistics into a state of their own
+        (:mod:`segcal.integrations.torchmetrics`); :meth:`state_dict` is the copy on the CPU.
+        """
+        return self._tensors()
+
     def image_bins(self) -> torch.Tensor:
         """Per-image top-label bins: float64 ``(n_images, 3, n_bins)`` = count, sum of confidences,
         sum of correctness per bin and image (the statistics behind ``image_ece``).
