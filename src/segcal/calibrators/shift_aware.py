@@ -1,0 +1,291 @@
+"""Shift-conditioned temperature scaling: one temperature per image from label-free statistics.
+
+``../shared/methods.md`` §9.1 (Tomani et al., CVPR 2021, "Post-hoc Uncertainty Calibration for
+Domain Drift Scenarios") and §3.1 (TS). A calibrator fitted on clean validation data is tuned to
+one accuracy level; under covariate shift the model's accuracy falls faster than its confidence
+and a fixed temperature stays over-confident. Tomani et al. fit on the validation set plus
+perturbed copies of it, so that the calibrator sees many confidence-accuracy relations. Here the
+temperature is in addition made a function of how the model's own output looks on the image:
+
+``T(x) = exp(clamp(a + Σ_j w_j·φ_j(s(x)), log t_min, log t_max))``, output ``z / T(x)``,
+
+where ``s(x)`` are statistics of the softmax output over **all** pixels (voxels) of the image --
+never the labels, so nothing extra is needed at test time -- and ``φ`` is a fixed basis of them:
+
+* ``uncertainty``: ``1 - mean max-prob``; ``entropy``: mean normalised entropy ``H / log C``;
+* ``low_conf_50`` / ``low_conf_90``: the fraction of pixels whose max-prob is below 0.5 / 0.9,
+  smoothed (``mean σ((τ − max-prob)/0.05)``; points of the confidence CDF, i.e. the information of
+  its quantiles, but continuous in the logits and free of data-dependent sizes for export);
+* ``logit_norm``: ``−mean log std_c(z)`` (the spread of the logits across classes, a
+  translation-invariant logit-norm statistic: small logits, more uncertainty).
+
+Every feature is oriented so that larger means less confident; they are standardised with the
+mean / standard deviation over the training images (buffers, set at ``fit``). With
+``monotone=True`` (default) ``w_j = softplus(r_j) ≥ 0``: the temperature can only grow as the
+image looks less confident, which keeps the map sane far outside the range it was fitted on
+(a shift nobody labelled). ``knots > 0`` adds hinge terms ``relu(φ_j − k_jm)`` at training
+quantiles: an additive piecewise-linear monotone (convex) ``g`` instead of a linear one.
+
+Fitted by the one loop (``Calibrator.fit``; full-batch L-BFGS when the data fit in memory) on
+whole images (``spatial = True``); the statistics are parameter-free and cached once per image
+during L-BFGS. Fit it on clean **and perturbed** validation predictions (Tomani et al.; segcal's
+``fit_from_model(..., perturb=...)`` / ``segcal fit --perturb`` / ``--extra-pred``): on clean data
+alone the statistics hardly vary and the map reduces to TS.
+
+Guarantees: one positive scalar per image, so argmax- and order-preserving; translation
+invariant (the statistics are functions of ``S(z)`` and of the centred logits, and
+``(z + c·1)/T = z/T + (c/T)·1``). An ``(M, C)`` table has no image: every row is an isolated
+1-pixel image (as IBTS), its statistics those of the row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcal.calibrators.base import Calibrator, inverse_softplus
+from segcal.calibrators.data import Batch, FitData
+from segcal.calibrators.registry import register
+from segcal.validation import as_tensor
+
+__all__ = ["FEATURES", "ShiftConditionedTemperature", "image_statistics"]
+
+#: the label-free per-image statistics, each oriented "larger = less confident"
+FEATURES: tuple[str, ...] = ("uncertainty", "entropy", "low_conf_50", "low_conf_90", "logit_norm")
+_SOFT = 0.05  # width of the smoothed CDF steps
+_STD_FLOOR = 1e-6
+
+
+def image_statistics(x: torch.Tensor, features: Sequence[str] = FEATURES) -> torch.Tensor:
+    """Per-image statistics ``(n, len(features))`` of canonical scores (logits or log-probs).
+
+    ``x`` is ``(n, C, *spatial)`` (one row per image, pooled over every pixel) or ``(M, C)``
+    (every row an isolated pixel). Computed in float32 from ``log_softmax`` and the centred
+    logits only: translation invariant, finite for finite input.
+    """
+    x = x.to(torch.float32)
+    c = x.shape[1]
+    logp = F.log_softmax(x, dim=1)
+    p = logp.exp()
+    maxp = p.amax(dim=1)
+    dims = tuple(range(1, maxp.ndim))
+
+    def mean(v: torch.Tensor) -> torch.Tensor:
+        return v.mean(dim=dims) if dims else v
+
+    out = []
+    for name in features:
+        if name == "uncertainty":
+            out.append(1.0 - mean(maxp))
+        elif name == "entropy":
+            out.append(mean(-(p * logp).sum(dim=1)) / math.log(c))
+        elif name == "low_conf_50":
+            out.append(mean(torch.sigmoid((0.5 - maxp) / _SOFT)))
+        elif name == "low_conf_90":
+            out.append(mean(torch.sigmoid((0.9 - maxp) / _SOFT)))
+        elif name == "logit_norm":
+            out.append(-mean(torch.log(x.std(dim=1, unbiased=False) + _STD_FLOOR)))
+        else:  # validated in the constructor
+            raise ValueError(f"features: unknown {name!r}; available: {list(FEATURES)}")
+    return torch.stack(out, dim=1)
+
+
+def _check_features(features: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(features, str):
+        features = (features,)
+    feats = tuple(str(f) for f in features)
+    bad = [f for f in feats if f not in FEATURES]
+    if not feats or bad or len(set(feats)) != len(feats):
+        raise ValueError(f"features: expected distinct names from {list(FEATURES)}, got {list(features)}")
+    return feats
+
+
+@register
+class ShiftConditionedTemperature(Calibrator):
+    """Shift-conditioned TS (``sts``): ``z / T(x)``, ``T(x) = g(s(x))`` per image (module docstring).
+
+    Parameters
+    ----------
+    features
+        Names from :data:`FEATURES` (default all five).
+    monotone
+        Constrain every weight to be ``≥ 0`` (``softplus``): ``T`` non-decreasing in every
+        uncertainty feature. ``False``: free weights.
+    knots
+        Hinge knots per feature at training quantiles (0 = linear ``g``, the default).
+    init_temperature
+        Initial ``T`` at the average training image (``a = log init_temperature``).
+    t_bounds
+        ``(t_min, t_max)``: ``log T`` is clamped to this range (default ``(0.05, 50)``).
+    l2
+        Ridge penalty on the weights (added to the mean loss; default 0).
+    spatial_dims
+        2 or 3 (only used to trace :meth:`to_torchscript`; the map itself takes any rank);
+        ``None`` = from the fit data.
+    **kw
+        Common :class:`Calibrator` arguments (``optimizer="auto"``: full-batch L-BFGS in memory).
+
+    Attributes (after fit): ``fit_info["feature_mean"]`` / ``["feature_scale"]`` (the
+    standardisation), :attr:`weights`, :attr:`bias`; :meth:`temperatures` gives ``T`` per image.
+    """
+
+    name = "sts"
+    aliases = ("shift_ts", "shift_conditioned_temperature", "shift_aware_ts")
+    description = "shift-conditioned TS z/T(x), log T monotone in label-free image statistics"
+    section = "§9.1 + §3.1"
+    translation_invariant = True
+    argmax_preserving = True
+    order_preserving = True
+    spatial = True
+    default_adam_lr = 0.05
+
+    def __init__(self, num_classes: int | None = None, *, features: Sequence[str] = FEATURES,
+                 monotone: bool = True, knots: int = 0, init_temperature: float = 1.0,
+                 t_bounds: Sequence[float] = (0.05, 50.0), l2: float = 0.0,
+                 spatial_dims: int | None = None, **kw: Any) -> None:
+        self.features = _check_features(features)
+        self.monotone = bool(monotone)
+        if int(knots) < 0 or int(knots) > 16:
+            raise ValueError(f"knots: expected an integer in [0, 16], got {knots}")
+        self.knots = int(knots)
+        if not (init_temperature > 0 and math.isfinite(init_temperature)):
+            raise ValueError(f"init_temperature: expected a finite value > 0, got {init_temperature}")
+        self.init_temperature = float(init_temperature)
+        try:
+            lo, hi = (float(b) for b in t_bounds)
+        except (TypeError, ValueError):
+            raise ValueError(f"t_bounds: expected (t_min, t_max), got {t_bounds!r}") from None
+        if not (0 < lo < self.init_temperature < hi < math.inf):
+            raise ValueError(f"t_bounds: expected 0 < t_min < init_temperature < t_max < inf, got {t_bounds!r}")
+        self.t_bounds = (lo, hi)
+        if not (l2 >= 0 and math.isfinite(l2)):
+            raise ValueError(f"l2: expected a finite value >= 0, got {l2}")
+        self.l2 = float(l2)
+        if spatial_dims not in (None, 2, 3):
+            raise ValueError(f"spatial_dims: expected 2, 3 or None, got {spatial_dims}")
+        self.spatial_dims = spatial_dims
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        super().__init__(num_classes, **kw)
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {"features": list(self.features), "monotone": self.monotone, "knots": self.knots,
+                "init_temperature": self.init_temperature, "t_bounds": list(self.t_bounds),
+                "l2": self.l2, "spatial_dims": self.spatial_dims}
+
+    # ----------------------------------------------------------------- parameters
+    def _build(self, num_classes: int) -> None:
+        j = len(self.features)
+        mean, scale, knots = self._pending or (torch.zeros(j), torch.ones(j), torch.zeros(j, self.knots))
+        self.register_buffer("feature_mean", mean.clone().float())
+        self.register_buffer("feature_scale", scale.clone().float())
+        self.register_buffer("knot_values", knots.clone().float())
+        self.bias = nn.Parameter(torch.tensor(math.log(self.init_temperature), dtype=torch.float32))
+        n = j * (1 + self.knots)
+        init = inverse_softplus(0.01) if self.monotone else 0.0
+        self.raw_weights = nn.Parameter(torch.full((n,), init, dtype=torch.float32))
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The weights of the basis (features, then hinge terms feature by feature), detached."""
+        return self._weights().detach().clone()
+
+    def _weights(self) -> torch.Tensor:
+        return F.softplus(self.raw_weights) if self.monotone else self.raw_weights
+
+    def _regularizer(self) -> torch.Tensor | None:
+        return self.l2 * (self._weights() ** 2).sum() if self.l2 > 0 else None
+
+    def _basis(self, stats: torch.Tensor) -> torch.Tensor:
+        z = (stats - self.feature_mean) / self.feature_scale
+        if self.knots == 0:
+            return z
+        hinge = F.relu(z[:, :, None] - self.knot_values[None])  # (n, J, K)
+        return torch.cat([z, hinge.flatten(1)], dim=1)
+
+    def _log_t(self, stats: torch.Tensor) -> torch.Tensor:
+        lo, hi = (math.log(b) for b in self.t_bounds)
+        return (self.bias + self._basis(stats) @ self._weights()).clamp(lo, hi)
+
+    # ----------------------------------------------------------------- fitting data
+    def _prepare(self, data: Any, labels: Any, mask: Any, ignore_index: int | None, what: str,
+                 progress: bool = False, images: Any = None) -> FitData:
+        fd = super()._prepare(data, labels, mask, ignore_index, what, progress, images)
+        if what != "logits":
+            return fd
+        stats = []
+        for b in fd.iter_batches():
+            if self.spatial_dims is None and b.x.ndim > 2:
+                self.spatial_dims = b.x.ndim - 2
+            stats.append(image_statistics(self._canonical(b.x, dim=1), self.features))
+        s = torch.cat(stats, 0).double()
+        mean = s.mean(0)
+        scale = s.std(0, unbiased=False) if s.shape[0] > 1 else torch.ones_like(mean)
+        scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))
+        z = (s - mean) / scale
+        if self.knots:
+            qs = torch.linspace(0, 1, self.knots + 2, dtype=torch.float64)[1:-1]
+            knots = torch.quantile(z, qs, dim=0).t() if z.shape[0] <= 2**24 else torch.zeros(z.shape[1], self.knots)
+        else:
+            knots = torch.zeros(z.shape[1], 0)
+        self._pending = (mean.float(), scale.float(), knots.float())
+        if self.num_classes is not None:  # a refit without rebuild: update the buffers in place
+            with torch.no_grad():
+                self.feature_mean.copy_(mean)
+                self.feature_scale.copy_(scale)
+                self.knot_values.copy_(knots)
+        return fd
+
+    def _post_fit(self, train: FitData, val: FitData | None) -> dict[str, Any] | None:
+        self._pending = None
+        return {"feature_mean": self.feature_mean.tolist(), "feature_scale": self.feature_scale.tolist(),
+                "n_images": None if train.batches is None else sum(
+                    1 if b.x.ndim > 2 else int(b.x.shape[0]) for b in train.batches),
+                "weights": self.weights.tolist(), "bias": float(self.bias.detach())}
+
+    # the statistics are parameter-free: cached per image for full-batch L-BFGS
+    def _features(self, rows: torch.Tensor) -> tuple[Any, ...] | None:
+        return (image_statistics(rows, self.features),)
+
+    def _precompute_batch(self, batch: Batch) -> tuple[Any, ...] | None:
+        x = self._canonical(batch.x.to(self.device, non_blocking=True), dim=1)
+        return (image_statistics(x, self.features),)
+
+    def _stats_fn(self, batch: Batch, objective: Any) -> torch.Tensor:
+        if batch.pre is None or batch.valid is None:
+            return super()._stats_fn(batch, objective)
+        dev = self.device
+        x = self._canonical(batch.x.to(dev), dim=1)
+        logits = self._scale(x, self._log_t(batch.pre[0].to(dev)))
+        valid = batch.valid.to(dev)
+        return objective.stats(logits.movedim(1, -1)[valid], batch.y.to(dev)[valid])
+
+    # ----------------------------------------------------------------- the map
+    @staticmethod
+    def _scale(x: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+        t = torch.exp(log_t).reshape(x.shape[0], *([1] * (x.ndim - 1)))
+        return x / t
+
+    def _map_image(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        return self._scale(x, self._log_t(image_statistics(x, self.features)))
+
+    def _map(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._map_image(rows)
+
+    def temperatures(self, logits: Any) -> torch.Tensor:
+        """``T(x)`` per image ``(N,)`` of scores ``(N, C, *spatial)`` (per row of an ``(M, C)``
+        table), without gradients."""
+        self._check_ready()
+        x = as_tensor(logits, "logits").to(self.device, torch.float32)
+        with torch.no_grad():
+            return torch.exp(self._log_t(image_statistics(self._canonical(x, dim=1), self.features)))
+
+    def statistics(self, logits: Any) -> torch.Tensor:
+        """The raw label-free statistics ``(N, len(features))`` of scores (before standardising)."""
+        x = as_tensor(logits, "logits").to(torch.float32)
+        with torch.no_grad():
+            return image_statistics(self._canonical(x, dim=1), self.features)

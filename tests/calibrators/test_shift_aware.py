@@ -1,0 +1,164 @@
+"""Shift-conditioned temperature scaling (``sts``; issue 17, methods.md §9.1 + §3.1).
+
+Synthetic images whose model is over-confident by an amount that grows with a hidden "shift"
+level ``s`` (accuracy falls faster than confidence, as under a real corruption): the per-image
+optimal temperature is ``(3 - s) / (3 - 2.5 s)``, known in closed form. ``sts`` must learn it
+from the logits alone (no shift label), beat one global temperature on held-out shifted images,
+reduce to TS when fitted on unshifted images only, and keep the contract (declared TI / AP / OP,
+save / load, TorchScript, torch.export).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segcal
+from segcal.calibrators import ShiftConditionedTemperature, check_calibrator, create
+from segcal.calibrators.shift_aware import FEATURES, image_statistics
+
+torch.set_num_threads(1)
+C = 4
+
+
+def shifted_images(levels, hw=(12, 12), seed=0):
+    """One image per shift level: true logits ``m u`` (labels drawn from them), model logits ``β u``
+    with ``m = 3 - 2.5 s`` and ``β = 3 - s``; returns logits, labels and the optimal T ``β / m``."""
+    g = torch.Generator().manual_seed(seed)
+    zs, ys, t_opt = [], [], []
+    for s in levels:
+        u = torch.randn(C, *hw, generator=g)
+        m, beta = 3 - 2.5 * s, 3 - s
+        gumbel = -torch.log(-torch.log(torch.rand(C, *hw, generator=g).clamp_min(1e-20)))
+        ys.append((m * u + gumbel).argmax(0))
+        zs.append(beta * u)
+        t_opt.append(beta / m)
+    return torch.stack(zs), torch.stack(ys), np.array(t_opt)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    z, y, _ = shifted_images(np.linspace(0, 1, 40), seed=1)
+    return create("sts").fit(z, y), create("ts").fit(z, y)
+
+
+def nll(logits, y):
+    return float(F.cross_entropy(logits, y))
+
+
+def test_the_contract_holds_exactly_as_declared():
+    results = check_calibrator("sts", exact=True, on_fail=None)
+    assert all(r.passed for r in results), [r.message for r in results if not r.passed]
+    a = next(a for a in segcal.calibrators.available() if a["name"] == "sts")
+    assert a["translation_invariant"] and a["argmax_preserving"] and a["order_preserving"] and a["spatial"]
+    assert segcal.calibrators.resolve("shift-ts") is ShiftConditionedTemperature
+
+
+def test_statistics_match_a_float64_numpy_reference():
+    z = 2 * torch.randn(3, C, 5, 6, generator=torch.Generator().manual_seed(3))
+    got = image_statistics(z).double().numpy()
+    x = z.double().numpy()
+    e = np.exp(x - x.max(1, keepdims=True))
+    p = e / e.sum(1, keepdims=True)
+    maxp = p.max(1)
+    ref = np.stack([
+        1 - maxp.mean((1, 2)),
+        (-(p * np.log(p)).sum(1) / math.log(C)).mean((1, 2)),
+        (1 / (1 + np.exp(-(0.5 - maxp) / 0.05))).mean((1, 2)),
+        (1 / (1 + np.exp(-(0.9 - maxp) / 0.05))).mean((1, 2)),
+        -np.log(x.std(1) + 1e-6).mean((1, 2)),
+    ], 1)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    assert list(FEATURES) == ["uncertainty", "entropy", "low_conf_50", "low_conf_90", "logit_norm"]
+    # translation invariant: a per-pixel constant changes nothing
+    np.testing.assert_allclose(image_statistics(z + 7 * torch.randn(3, 1, 5, 6)).numpy(), got, atol=2e-5)
+
+
+def test_it_learns_the_shift_dependent_temperature(fitted):
+    sts, ts = fitted
+    z, y, t_opt = shifted_images(np.linspace(0, 1, 30), seed=2)  # held out
+    t = sts.temperatures(z).numpy()
+    # the temperature rises with the (hidden) shift, tracking the optimum; TS has one value
+    assert np.corrcoef(np.log(t), np.log(t_opt))[0, 1] > 0.85
+    assert t[-5:].mean() > 2.0 * t[:5].mean()
+    assert np.all(sts.weights.numpy() >= 0)
+    with torch.no_grad():
+        assert nll(sts(z), y) < nll(ts(z), y) - 0.02
+        oracle = nll(z / torch.tensor(t_opt, dtype=torch.float32).reshape(-1, 1, 1, 1), y)
+        assert nll(sts(z), y) < oracle + 0.01  # within 0.01 nats of the per-image optimum
+        # on the most shifted third the gain is larger; argmax is kept exactly
+        k = slice(20, 30)
+        assert nll(sts(z[k]), y[k]) < nll(ts(z[k]), y[k]) - 0.03
+        assert torch.equal(sts(z).argmax(1), z.argmax(1))
+    assert sts.fit_info["n_images"] == 40 and len(sts.fit_info["feature_mean"]) == len(FEATURES)
+
+
+def test_fitted_on_clean_images_only_it_is_ts():
+    z, y, _ = shifted_images([0.0] * 30, seed=4)
+    sts, ts = create("sts").fit(z, y), create("ts").fit(z, y)
+    t = sts.temperatures(z).numpy()
+    assert abs(float(np.median(t)) - ts.temperature) < 0.05 * ts.temperature
+    with torch.no_grad():
+        assert abs(nll(sts(z), y) - nll(ts(z), y)) < 0.01
+
+
+@pytest.mark.parametrize("kw", [{"knots": 3}, {"monotone": False}, {"features": ["entropy"]}])
+def test_variants_fit_and_keep_argmax(kw):
+    z, y, t_opt = shifted_images(np.linspace(0, 1, 24), seed=5)
+    cal = create("sts", **kw).fit(z, y)
+    n_basis = len(kw.get("features", FEATURES)) * (1 + kw.get("knots", 0))
+    assert cal.weights.shape == (n_basis,)
+    t = cal.temperatures(z).numpy()
+    assert np.corrcoef(np.log(t), np.log(t_opt))[0, 1] > 0.6
+    with torch.no_grad():
+        assert torch.equal(cal(z).argmax(1), z.argmax(1))
+
+
+def test_streamed_batches_of_different_sizes_volumes_and_a_mask():
+    g = torch.Generator().manual_seed(6)
+    batches = [(2 * torch.randn(1, C, 5, 6, 7, generator=g), torch.randint(0, C, (1, 5, 6, 7), generator=g)),
+               (3 * torch.randn(1, C, 4, 8, 5, generator=g), torch.randint(0, C, (1, 4, 8, 5), generator=g))]
+    cal = create("sts", max_iter=20).fit(batches)
+    assert cal.spatial_dims == 3
+    z = batches[0][0]
+    out = cal(z)
+    t = cal.temperatures(z)
+    torch.testing.assert_close(out, z / t.reshape(1, 1, 1, 1, 1))
+    # the statistics use every pixel, the loss only the valid ones: a mask changes the fit, not T's inputs
+    z2, y2, _ = shifted_images(np.linspace(0, 1, 8), seed=7)
+    mask = torch.ones_like(y2, dtype=torch.bool)
+    mask[:, :6] = False
+    a = create("sts", max_iter=30).fit(z2, y2, mask=mask)
+    np.testing.assert_allclose(a.statistics(z2).numpy(), image_statistics(z2).numpy())
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="features"):
+        create("sts", features=["nope"])
+    with pytest.raises(ValueError, match="t_bounds"):
+        create("sts", t_bounds=(2.0, 5.0))
+    with pytest.raises(ValueError, match="knots"):
+        create("sts", knots=-1)
+    with pytest.raises(ValueError, match="l2"):
+        create("sts", l2=-1.0)
+
+
+def test_save_load_and_torch_export(fitted, tmp_path):
+    sts, _ = fitted
+    sts.save(tmp_path / "sts.pt")
+    back = segcal.load(tmp_path / "sts.pt")
+    z, _, _ = shifted_images([0.2, 0.9], seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(back(z), sts(z))
+    assert back.get_config() == sts.get_config()
+    dyn = torch.export.Dim.DYNAMIC
+    program = torch.export.export(sts.eval(), (torch.randn(2, C, 16, 16),),
+                                  dynamic_shapes=({0: dyn, 2: dyn, 3: dyn},)).module()
+    for n, h, w in [(1, 12, 12), (3, 20, 9)]:
+        x = 3 * torch.randn(n, C, h, w)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), sts(x), atol=1e-5, rtol=1e-5)
