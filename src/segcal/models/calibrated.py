@@ -29,7 +29,8 @@ from segcal.calibrators.persistence import TensorCalibrator
 from segcal.errors import InputError, missing_dependency
 from segcal.io.files import atomic_write
 
-__all__ = ["NOT_EXPORTABLE", "NOT_ONNX_EXPORTABLE", "OUTPUTS", "CalibratedModel", "model_logits"]
+__all__ = ["NOT_EXPORTABLE", "NOT_ONNX_EXPORTABLE", "OUTPUTS", "CalibratedModel", "model_logits",
+           "resize_logits"]
 
 OUTPUTS = ("probs", "logits")
 #: the ``dynamic`` modes of :meth:`CalibratedModel.export`: batch and spatial sizes, batch only, none
@@ -60,6 +61,18 @@ def model_logits(out: Any) -> torch.Tensor:
         return logits
     raise TypeError(f"model output: expected a logits tensor, a mapping with 'logits' or 'out', or "
                     f"an object with .logits; got {type(out).__name__}")
+
+
+def resize_logits(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """``(N, C, *spatial)`` logits brought to the spatial ``size`` (float32): unchanged when they
+    have it already, else bilinear (2D) / trilinear (3D) with ``align_corners=False`` (the
+    convention of ``transformers``' post-processing)."""
+    logits = logits.to(torch.float32)
+    size = tuple(size)
+    if tuple(logits.shape[2:]) == size:
+        return logits
+    mode = "bilinear" if logits.ndim == 4 else "trilinear"
+    return F.interpolate(logits, size=size, mode=mode, align_corners=False)
 
 
 class CalibratedModel(nn.Module):
@@ -132,10 +145,7 @@ class CalibratedModel(nn.Module):
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"model output: {logits.shape[1]} classes, but the calibrator has "
                              f"{self.num_classes}")
-        logits = logits.to(torch.float32)
-        if tuple(logits.shape[2:]) != tuple(x.shape[2:]):
-            mode = "bilinear" if x.ndim == 4 else "trilinear"
-            logits = F.interpolate(logits, size=tuple(x.shape[2:]), mode=mode, align_corners=False)
+        logits = resize_logits(logits, tuple(x.shape[2:]))
         scores = logits.softmax(1) if self.calibrator.input_type == "probs" else logits
         image = None
         if self.calibrator.uses_image:
