@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from segcal.calibrators.collective import FitGroup, active, agree
+from segcal.calibrators.folder_data import FolderBatches
 from segcal.errors import InputError
-from segcal.io.files import check_stems_match
-from segcal.io.images import image_files, load_image_tensor
 from segcal.io.predictions import PredictionFolder
 from segcal.validation import (
     as_tensor,
@@ -51,63 +51,6 @@ from segcal.validation import (
 )
 
 __all__ = ["Batch", "FitData", "FolderBatches", "check_image", "iter_row_chunks", "prepare_data", "split_val"]
-
-
-class FolderBatches:
-    """Re-iterable ``(scores[None], labels[None], None, input_type[, image[None]])`` batches from
-    (a subset of) a folder.
-
-    Parameters
-    ----------
-    folder
-        A :class:`~segcal.io.PredictionFolder` with labels.
-    stems
-        The image ids to use (default: all), in this order.
-    images
-        Optional folder of input images (``.png``/``.jpg``/``.jpeg``, or ``.npy`` arrays
-        ``(C_img, *spatial)`` used as they are) whose stems match the predictions, for calibrators
-        with an image branch; RGB files are read by :func:`segcal.io.images.load_image_tensor`.
-        Every used stem needs an image (a ``ValueError`` lists the missing ones).
-    """
-
-    def __init__(self, folder: PredictionFolder, stems: Iterable[str] | None = None,
-                 images: str | os.PathLike | None = None) -> None:
-        self.folder = folder
-        by_stem = {it.stem: it for it in folder.items}
-        if stems is None:
-            self.items = list(folder.items)
-        else:
-            missing = [s for s in stems if s not in by_stem]
-            if missing:
-                raise ValueError(f"stems not in {folder.pred_dir}: {missing[:5]}")
-            self.items = [by_stem[s] for s in stems]
-        if any(it.label_path is None for it in self.items):
-            raise ValueError("labels: fitting from a prediction folder needs a label folder")
-        self.image_dir = None if images is None else os.fspath(images)
-        self.image_paths: dict[str, Any] = {}
-        if images is not None:
-            found = image_files(images)
-            want = {it.stem for it in self.items}
-            # extra images are fine (e.g. a whole dataset split for a subset of predictions)
-            check_stems_match(want, set(found) & want,
-                              f"images: file stems do not match ({folder.pred_dir} vs {images})",
-                              "prediction(s) without an image", "")
-            self.image_paths = {s: found[s] for s in want}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def read_image(self, stem: str) -> np.ndarray:
-        """The image of ``stem`` as ``(C_img, *spatial)`` float32 (requires ``images``)."""
-        return load_image_tensor(self.image_paths[stem])
-
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        """``(scores[None], labels[None], None, input_type, image[None] or None, file)``: the
-        prediction file's path last, so that a refused batch is named by its file."""
-        for it in self.items:
-            scores, labels, itype = self.folder.read(it)
-            image = None if self.image_dir is None else self.read_image(it.stem)[None]
-            yield scores[None], labels[None], None, itype, image, str(it.path)
 
 
 @dataclass
@@ -158,6 +101,19 @@ class FitData:
     stream: Callable[[], Iterator[Batch]] | None = None  # streaming
     info: dict[str, Any] = field(default_factory=dict)
     cached: tuple[int, list[Batch]] | None = None  # (chunk_size, chunks with .pre): see precompute
+    #: distributed fit (:func:`segcal.calibrators.collective.sharded`): the group, and the valid
+    #: pixels of every batch of every rank (``layout[r][i]``); ``n`` is then the global count
+    group: FitGroup | None = None
+    layout: list[list[int]] | None = None
+
+    @property
+    def local_n(self) -> int:
+        """Valid pixels held (or streamed) by this rank (``n`` in one process)."""
+        return self.n if self.layout is None or self.group is None else sum(self.layout[self.group.rank])
+
+    def empty_batch(self) -> Batch:
+        """A batch without pixels (the statistics of a rank without data: zeros of the right shape)."""
+        return Batch(torch.zeros(0, self.num_classes), torch.zeros(0, dtype=torch.int64))
 
     @property
     def in_memory(self) -> bool:
@@ -435,6 +391,13 @@ def prepare_data(
         raise ValueError(f"subsample: expected a fraction in (0, 1], got {subsample}")
     if image_channels is not None and not spatial:
         raise ValueError("image_channels: the image branch needs spatial (whole-image) data")
+    fg = active()
+    if fg is not None and spatial:
+        raise ValueError(f"{what}: a distributed fit of a spatial calibrator (LTS / IBTS) is not "
+                         "supported yet; fit it in one process")
+    if fg is not None and subsample is not None:
+        raise ValueError("subsample: not supported by a distributed fit (the pixels kept would "
+                         "depend on the sharding); fit on all pixels, or in one process")
     factory, reiterable = _normalise_source(data, labels, mask, what, images)
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     kw = dict(
@@ -475,20 +438,42 @@ def prepare_data(
     n = 0
     nc = num_classes
     n_batches = 0
+    sizes: list[int] = []
+    failure: BaseException | None = None
     try:
         for b, c in batches(nc, gen, bar):
             nc = c if nc is None else nc
             n += b.n
             n_batches += 1
+            sizes.append(b.n)
             if kept is not None:
                 nbytes += b.nbytes
                 if nbytes > memory_budget:
                     kept = None  # too large: stream instead (keep counting)
                 else:
                     kept.append(b)
+    except Exception as exc:
+        if fg is None:
+            raise
+        failure = exc  # shared with every rank by agree() below, then raised
     finally:
         if bar is not None:
             bar.close()
+    layout = None
+    if fg is not None:
+        infos = agree(failure, (n, nbytes, nc, n_batches, sizes), fg.group)
+        layout = [info[4] for info in infos]
+        n, nbytes, n_batches = (sum(info[k] for info in infos) for k in (0, 1, 3))
+        seen = [(r, info[2]) for r, info in enumerate(infos) if info[2] is not None]
+        for r, c in seen[1:]:
+            if c != seen[0][1]:
+                raise ValueError(f"{what}: rank {r} read {c} classes, rank {seen[0][0]} read {seen[0][1]}; "
+                                 f"expected {seen[0][1]} classes on every rank")
+        nc = seen[0][1] if seen else nc
+        if nbytes > memory_budget:
+            kept = None  # the decision of one process on the whole data, on every rank
+        elif kept is None:
+            kept = []
     if n == 0 or nc is None:
         raise ValueError(
             f"{what}: no valid pixels to fit on (empty input, or every pixel is masked or equals "
@@ -496,7 +481,7 @@ def prepare_data(
         )
     info = {"n_pixels": n, "n_batches": n_batches, "nbytes": nbytes}
     if kept is not None:
-        return FitData(nc, n, batches=kept, info={**info, "mode": "in-memory"})
+        return FitData(nc, n, batches=kept, info={**info, "mode": "in-memory"}, group=fg, layout=layout)
     if not reiterable:
         raise ValueError(
             f"{what}: the data exceed memory_budget={memory_budget:.3g} bytes and the source can only "
@@ -509,7 +494,7 @@ def prepare_data(
         for b, _ in batches(nc, g):
             yield b
 
-    return FitData(nc, n, stream=stream, info={**info, "mode": "streaming"})
+    return FitData(nc, n, stream=stream, info={**info, "mode": "streaming"}, group=fg, layout=layout)
 
 
 def split_val(val: Any) -> tuple[Any, Any, Any]:

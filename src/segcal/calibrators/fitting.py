@@ -22,6 +22,11 @@ module holds the settings and the optimisation loops.
 * Spatial calibrators take Adam steps on groups of ``batch_size`` whole images (the mean loss over
   their valid pixels; accumulated image by image for linear objectives).
 * ``progress=True`` shows a tqdm bar over the optimiser steps on stderr (loss in the postfix).
+* Distributed (data prepared inside :func:`segcal.calibrators.collective.sharded`, so
+  ``FitData.group`` is set): every full-batch value, statistic and gradient is all-reduced, Adam
+  replays the single-process step sequence over the shards, the stop / convergence decisions
+  are rank 0's, and the final parameters are broadcast from rank 0 (see
+  :mod:`segcal.calibrators.collective`).
 """
 
 from __future__ import annotations
@@ -30,14 +35,16 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from segcal.calibrators.collective import FitGroup, all_sum, broadcast_tensors, decide, ordered_sum
 from segcal.calibrators.data import Batch, FitData
-from segcal.calibrators.objectives import NLL, get_objective
+from segcal.calibrators.objectives import NLL
+from segcal.calibrators.settings import FitSettings, fit_config
+from segcal.calibrators.shards import owned_steps
 
 __all__ = ["FitSettings", "StatsFn", "check_finite_loss", "evaluate", "fit_config", "fit_summary",
            "group_step", "minimize", "value_and_grad"]
@@ -90,101 +97,6 @@ def group_step(stats_fn: StatsFn, group: list[Batch], objective: Any,
     return float(loss.detach())
 
 
-@dataclass
-class FitSettings:
-    """Settings of one run of :func:`minimize` (the calibrator's fit keyword arguments).
-
-    ``max_iter`` bounds L-BFGS iterations, ``max_steps`` Adam steps; ``batch_size`` is the pixels
-    per Adam step, ``chunk_size`` the rows per chunk of a full-batch evaluation; ``images_per_step``
-    the whole images per Adam step for spatial data (None: ``batch_size``). ``progress`` shows a
-    tqdm bar on stderr labelled ``progress_label``.
-    """
-
-    optimizer: str
-    lr: float | None
-    max_iter: int
-    max_steps: int
-    batch_size: int
-    chunk_size: int
-    patience: int | None
-    lr_patience: int | None
-    lr_factor: float
-    min_delta: float
-    eval_every: int
-    seed: int
-    monitor: str  # validation score: "nll" or "objective" (the fitting objective)
-    tol: float = 1e-7
-    weight_decay: float = 0.0  # AdamW only
-    images_per_step: int | None = None  # spatial data: whole images per Adam step (None: batch_size)
-    progress: bool = False
-    progress_label: str = "fit"
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], **overrides: Any) -> FitSettings:
-        """The settings named in ``config`` (a calibrator's fit settings; other keys are
-        ignored), updated with ``overrides``."""
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in config.items() if k in names}
-        kw.update(overrides)
-        return cls(**kw)
-
-
-def fit_config(
-    *,
-    objective: str,
-    optimizer: str,
-    lr: float | None,
-    max_iter: int,
-    max_steps: int,
-    batch_size: int,
-    chunk_size: int,
-    memory_budget: float,
-    patience: int | None,
-    min_delta: float,
-    lr_patience: int | None,
-    lr_factor: float,
-    eval_every: int,
-    seed: int,
-    subsample: float | None,
-    monitor: str,
-) -> dict[str, Any]:
-    """The validated fit settings of a calibrator, as plain values (``Calibrator.fit_settings``).
-
-    The arguments are the fitting keyword arguments of :class:`~segcal.calibrators.base.Calibrator`,
-    whose signature is the one place their defaults are declared (documented there); a
-    ``ValueError`` names the first invalid one.
-    """
-    get_objective(objective)  # validate early
-    if optimizer not in ("auto", "lbfgs", "adam"):
-        raise ValueError(f"optimizer: expected 'auto', 'lbfgs' or 'adam', got {optimizer!r}")
-    if monitor not in ("nll", "objective"):
-        raise ValueError(f"monitor: expected 'nll' or 'objective', got {monitor!r}")
-    if subsample is not None and not (0 < float(subsample) <= 1):
-        raise ValueError(f"subsample: expected a fraction in (0, 1], got {subsample}")
-    for k, v in (("max_iter", max_iter), ("max_steps", max_steps), ("batch_size", batch_size),
-                 ("chunk_size", chunk_size), ("eval_every", eval_every)):
-        if int(v) < 1:
-            raise ValueError(f"{k}: expected a positive integer, got {v}")
-    return dict(
-        objective=str(objective),
-        optimizer=optimizer,
-        lr=lr,
-        max_iter=int(max_iter),
-        max_steps=int(max_steps),
-        batch_size=int(batch_size),
-        chunk_size=int(chunk_size),
-        memory_budget=float(memory_budget),
-        patience=patience,
-        min_delta=float(min_delta),
-        lr_patience=lr_patience,
-        lr_factor=float(lr_factor),
-        eval_every=int(eval_every),
-        seed=int(seed),
-        subsample=None if subsample is None else float(subsample),
-        monitor=monitor,
-    )
-
-
 def check_finite_loss(v: torch.Tensor | float, what: str) -> None:
     """Raise a ``ValueError`` naming ``what`` when the loss value ``v`` is NaN or infinite."""
     if not math.isfinite(float(v)):
@@ -194,6 +106,10 @@ def check_finite_loss(v: torch.Tensor | float, what: str) -> None:
 def evaluate(stats_fn: StatsFn, data: FitData, objective: Any, chunk: int) -> float:
     """Objective value on all the data, without gradients."""
     with torch.no_grad():
+        if data.group is not None:  # the sum over every rank's chunks, in the single-process order
+            total = ordered_sum(data.group, [stats_fn(b, objective) for b in data.iter_chunks(chunk)],
+                                stats_fn(data.empty_batch(), objective))
+            return float(objective.finalize(total, data.n))
         total = None
         for b in data.iter_chunks(chunk):
             s = stats_fn(b, objective)
@@ -213,7 +129,16 @@ def value_and_grad(
     """Exact full-batch objective + regulariser, gradients accumulated chunk by chunk."""
     for p in params:
         p.grad = None
-    if objective.linear:
+    fg = data.group
+    if objective.linear and fg is not None:
+        gparts, vparts = [], []
+        for b in data.iter_chunks(chunk):
+            s = stats_fn(b, objective) / data.n
+            gparts.append(_chunk_grad(params, s))
+            vparts.append(torch.tensor([float(s.detach())], dtype=torch.float64))
+        _set_grads(params, ordered_sum(fg, gparts, _flat_zeros(params)))
+        value = torch.tensor(float(ordered_sum(fg, vparts, torch.zeros(1, dtype=torch.float64))))
+    elif objective.linear:
         total = 0.0
         for b in data.iter_chunks(chunk):
             s = stats_fn(b, objective) / data.n
@@ -223,17 +148,25 @@ def value_and_grad(
     else:
         with torch.no_grad():
             acc = None
-            for b in data.iter_chunks(chunk):
+            if fg is not None:  # the global statistics, then the same gradient on every rank
+                acc = ordered_sum(fg, [stats_fn(b, objective) for b in data.iter_chunks(chunk)],
+                                  stats_fn(data.empty_batch(), objective))
+            for b in ([] if fg is not None else data.iter_chunks(chunk)):
                 s = stats_fn(b, objective)
                 acc = s if acc is None else acc + s
         assert acc is not None
         acc = acc.detach().requires_grad_(True)
         v = objective.finalize(acc, data.n)
         (g,) = torch.autograd.grad(v, acc)
+        gparts = []
         for b in data.iter_chunks(chunk):
             s = stats_fn(b, objective)
-            if s.requires_grad:
+            if s.requires_grad and fg is not None:
+                gparts.append(_chunk_grad(params, (s * g).sum()))
+            elif s.requires_grad:
                 (s * g).sum().backward()
+        if fg is not None:
+            _set_grads(params, ordered_sum(fg, gparts, _flat_zeros(params)))
         value = v.detach()
     reg = regularizer()
     if reg is not None and reg.requires_grad:
@@ -246,6 +179,56 @@ def value_and_grad(
             raise ValueError("fit: non-finite gradients; check the inputs or lower lr")
     check_finite_loss(value, "training loss")
     return value
+
+
+def _flat_zeros(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    return torch.cat([torch.zeros_like(p).reshape(-1) for p in params]) if params else torch.zeros(0)
+
+
+def _chunk_grad(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
+    """The gradient of one chunk's ``loss``, flattened (zeros for parameters it does not reach)."""
+    for p in params:
+        p.grad = None
+    loss.backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return torch.cat([t.reshape(-1) for t in grads]) if grads else torch.zeros(0)
+
+
+def _set_grads(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def _sum_grads(fg: FitGroup, params: list[torch.nn.Parameter], *values: torch.Tensor) -> None:
+    """All-reduce (sum) the gradients of ``params`` (zeros where a rank has none) and ``values``."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_sum(fg, [p.grad for p in params] + list(values))  # type: ignore[misc]
+
+
+def _shard_step(fg: FitGroup, params: list[torch.nn.Parameter], stats_fn: StatsFn, part: Batch | None,
+                objective: Any, regularizer: Callable[[], torch.Tensor | None]) -> float:
+    """One distributed Adam step: the rank holding the step's chunk computes its loss and
+    gradients (:func:`group_step`), the others zeros; both are summed over the ranks."""
+    loss = torch.zeros((), dtype=torch.float64)
+    failure: ValueError | None = None
+    if part is not None:
+        try:
+            loss += group_step(stats_fn, [part], objective, regularizer)
+        except ValueError as exc:  # e.g. a non-finite loss: every rank stops below, none waits
+            failure, loss = exc, torch.full((), math.nan, dtype=torch.float64)
+            for p in params:
+                p.grad = None
+    _sum_grads(fg, params, loss)
+    if failure is not None:
+        raise failure
+    check_finite_loss(loss, "training loss")
+    return float(loss)
 
 
 class _BestIterate:
@@ -261,6 +244,7 @@ class _BestIterate:
         self.stop_best = math.inf
         self.stale = 0
         self.scheduler: Any = None  # ReduceLROnPlateau, stepped on every monitored value
+        self.group: FitGroup | None = None  # distributed: stop decisions are rank 0's
         self.keep_current()
 
     def keep_current(self) -> None:
@@ -282,7 +266,7 @@ class _BestIterate:
             self.stale += 1
         if self.scheduler is not None:
             self.scheduler.step(m)
-        return self.patience is not None and self.stale >= self.patience
+        return decide(self.group, self.patience is not None and self.stale >= self.patience)
 
     def restore(self) -> None:
         """Copy the best iterate back into the parameters and buffers."""
@@ -331,7 +315,7 @@ def _lbfgs(params: list[torch.nn.Parameter], stats_fn: StatsFn, train: FitData, 
         else:
             track.history.append({"step": steps, "train": value, "monitor": value})
         moved = max(float((p.detach() - q).abs().max()) for p, q in zip(params, before, strict=True))
-        if moved < 1e-9 or prev - value < settings.tol * max(1.0, abs(value)):
+        if decide(train.group, moved < 1e-9 or prev - value < settings.tol * max(1.0, abs(value))):
             break  # converged: no movement, or no decrease over a whole outer step
         prev = value
     if val is None:  # strong-Wolfe L-BFGS decreases monotonically: the last iterate is best
@@ -358,10 +342,16 @@ def _adam(params: list[torch.nn.Parameter], stats_fn: StatsFn, train: FitData, o
     track.record(steps, evaluate(stats_fn, train, objective, settings.chunk_size) if val is None else math.nan)
     window: list[float] = []
     per_step = settings.batch_size if settings.images_per_step is None else settings.images_per_step
+    fg = train.group
     while True:
-        for group in train.iter_steps(settings.batch_size, gen, images=per_step):
+        steps_iter = (train.iter_steps(settings.batch_size, gen, images=per_step) if fg is None
+                      else ([b] for b in owned_steps(train, settings.batch_size, gen)))
+        for group in steps_iter:
             opt.zero_grad()
-            loss_value = group_step(stats_fn, group, objective, regularizer)
+            if fg is None:
+                loss_value = group_step(stats_fn, group, objective, regularizer)
+            else:
+                loss_value = _shard_step(fg, params, stats_fn, group[0], objective, regularizer)
             opt.step()
             steps += 1
             window.append(loss_value)
@@ -431,7 +421,11 @@ def minimize(
         check_finite_loss(v, f"validation {val_objective.name}")
         return v
 
-    track = _BestIterate(params, list(buffers), settings, monitor)
+    buffers = list(buffers)
+    if train.group is not None:  # one starting point on every rank: rank 0's
+        broadcast_tensors(train.group, params + buffers)
+    track = _BestIterate(params, buffers, settings, monitor)
+    track.group = train.group
     steps, stopped_early, cached = 0, False, 0
     bar = None
     if params and settings.progress:
@@ -461,6 +455,8 @@ def minimize(
         if val is not None:
             val.cached = None
     track.restore()
+    if train.group is not None:  # the same calibrator on every rank: rank 0's best iterate
+        broadcast_tensors(train.group, params + buffers)
     return {
         "optimizer": opt_name,
         "mode": train.info.get("mode"),

@@ -18,14 +18,15 @@ picklable value, and every rank raises when any rank failed -- the failing rank 
 the others :class:`RankError` (an :class:`~segcal.errors.InputError`, so the command line exits
 with code 2 on every rank) naming the failing rank and its message, or a ``RuntimeError`` when
 the failure was not refused input (a bug: a traceback and exit code 1 on every rank).
+:func:`agree`, :class:`RankError` and :data:`INPUT_ERRORS` live in
+:mod:`segcal.calibrators.collective` (the distributed fitting loop needs them below this floor)
+and are re-exported here.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,19 +35,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from segcal.errors import InputError, reason
+from segcal.calibrators.collective import INPUT_ERRORS, RankError, agree
 
 T = TypeVar("T")
-
-#: the exceptions that count as refused input (the command line's exit code 2) when one rank
-#: raises them; any other exception on a rank is a bug
-INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, EOFError, ImportError,
-                                                  zipfile.BadZipFile, pickle.UnpicklingError)
-
-
-class RankError(InputError):
-    """Another rank refused its input (raised on the ranks that did not fail themselves)."""
-
 
 @dataclass(frozen=True)
 class World:
@@ -162,44 +153,36 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(items[start:stop])
 
 
-def agree(error: BaseException | None, info: Any = None) -> list[Any]:
-    """Collective: every rank reports whether its local work failed; all raise if any did.
-
-    Parameters
-    ----------
-    error
-        This rank's exception, or ``None`` when its work succeeded.
-    info
-        A small picklable value to share (e.g. the class count this rank read).
-
-    Returns
-    -------
-    list
-        Every rank's ``info``, in rank order (``[info]`` without a process group).
-
-    Raises
-    ------
-    BaseException
-        ``error`` itself on a failing rank; on the others :class:`RankError` naming the lowest
-        failing rank and its message when it refused input (:data:`INPUT_ERRORS`), else a
-        ``RuntimeError``.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        if error is not None:
-            raise error
-        return [info]
+def on_main(fn: Callable[[], T]) -> T:
+    """Collective: rank 0 alone runs ``fn`` (open or finalise an output folder's manifest, write a
+    summary) while the others wait; every rank raises if it failed (:func:`agree`), and every
+    rank gets rank 0's (picklable) result. One process: ``fn()``."""
     w = current()
-    kind = None if error is None else ("input" if isinstance(error, INPUT_ERRORS) else "bug")
-    mine = (kind, "" if error is None else reason(error), info)
-    everyone: list[Any] = [None] * w.size
-    dist.all_gather_object(everyone, mine)
-    if error is not None:
-        raise error
-    for r, (k, message, _) in enumerate(everyone):
-        if k is not None:
-            text = f"rank {r} of {w.size} stopped: {message}"
-            raise RankError(text) if k == "input" else RuntimeError(text)
-    return [e[2] for e in everyone]
+    if not w.distributed:
+        return fn()
+    failure: BaseException | None = None
+    result: Any = None
+    if w.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # shared with every rank, then raised
+            failure = exc
+    return agree(failure, result)[0]
+
+
+def on_each(fn: Callable[[], T]) -> list[T]:
+    """Collective: every rank runs ``fn`` (its share of the work); all raise if any failed
+    (:func:`agree`); the (picklable) results of every rank, in rank order. One process:
+    ``[fn()]``."""
+    if not current().distributed:
+        return [fn()]
+    failure: BaseException | None = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as exc:  # shared with every rank, then raised
+        failure = exc
+    return agree(failure, result)
 
 
 __all__ = [
@@ -210,6 +193,8 @@ __all__ = [
     "backend_for",
     "current",
     "launched",
+    "on_each",
+    "on_main",
     "rank_device",
     "shard",
     "shard_bounds",

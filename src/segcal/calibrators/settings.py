@@ -1,0 +1,106 @@
+"""The settings of the fitting loop: :class:`FitSettings` and :func:`fit_config` (re-exported by
+:mod:`segcal.calibrators.fitting`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from segcal.calibrators.objectives import get_objective
+
+__all__ = ["FitSettings", "fit_config"]
+
+
+@dataclass
+class FitSettings:
+    """Settings of one run of :func:`minimize` (the calibrator's fit keyword arguments).
+
+    ``max_iter`` bounds L-BFGS iterations, ``max_steps`` Adam steps; ``batch_size`` is the pixels
+    per Adam step, ``chunk_size`` the rows per chunk of a full-batch evaluation; ``images_per_step``
+    the whole images per Adam step for spatial data (None: ``batch_size``). ``progress`` shows a
+    tqdm bar on stderr labelled ``progress_label``.
+    """
+
+    optimizer: str
+    lr: float | None
+    max_iter: int
+    max_steps: int
+    batch_size: int
+    chunk_size: int
+    patience: int | None
+    lr_patience: int | None
+    lr_factor: float
+    min_delta: float
+    eval_every: int
+    seed: int
+    monitor: str  # validation score: "nll" or "objective" (the fitting objective)
+    tol: float = 1e-7
+    weight_decay: float = 0.0  # AdamW only
+    images_per_step: int | None = None  # spatial data: whole images per Adam step (None: batch_size)
+    progress: bool = False
+    progress_label: str = "fit"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **overrides: Any) -> FitSettings:
+        """The settings named in ``config`` (a calibrator's fit settings; other keys are
+        ignored), updated with ``overrides``."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in config.items() if k in names}
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def fit_config(
+    *,
+    objective: str,
+    optimizer: str,
+    lr: float | None,
+    max_iter: int,
+    max_steps: int,
+    batch_size: int,
+    chunk_size: int,
+    memory_budget: float,
+    patience: int | None,
+    min_delta: float,
+    lr_patience: int | None,
+    lr_factor: float,
+    eval_every: int,
+    seed: int,
+    subsample: float | None,
+    monitor: str,
+) -> dict[str, Any]:
+    """The validated fit settings of a calibrator, as plain values (``Calibrator.fit_settings``).
+
+    The arguments are the fitting keyword arguments of :class:`~segcal.calibrators.base.Calibrator`,
+    whose signature is the one place their defaults are declared (documented there); a
+    ``ValueError`` names the first invalid one.
+    """
+    get_objective(objective)  # validate early
+    if optimizer not in ("auto", "lbfgs", "adam"):
+        raise ValueError(f"optimizer: expected 'auto', 'lbfgs' or 'adam', got {optimizer!r}")
+    if monitor not in ("nll", "objective"):
+        raise ValueError(f"monitor: expected 'nll' or 'objective', got {monitor!r}")
+    if subsample is not None and not (0 < float(subsample) <= 1):
+        raise ValueError(f"subsample: expected a fraction in (0, 1], got {subsample}")
+    for k, v in (("max_iter", max_iter), ("max_steps", max_steps), ("batch_size", batch_size),
+                 ("chunk_size", chunk_size), ("eval_every", eval_every)):
+        if int(v) < 1:
+            raise ValueError(f"{k}: expected a positive integer, got {v}")
+    return dict(
+        objective=str(objective),
+        optimizer=optimizer,
+        lr=lr,
+        max_iter=int(max_iter),
+        max_steps=int(max_steps),
+        batch_size=int(batch_size),
+        chunk_size=int(chunk_size),
+        memory_budget=float(memory_budget),
+        patience=patience,
+        min_delta=float(min_delta),
+        lr_patience=lr_patience,
+        lr_factor=float(lr_factor),
+        eval_every=int(eval_every),
+        seed=int(seed),
+        subsample=None if subsample is None else float(subsample),
+        monitor=monitor,
+    )
