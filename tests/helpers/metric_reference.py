@@ -123,3 +123,30 @@ def reference_metrics(
     out["miou"] = float(np.nanmean(iou[average_classes]))
     out["mdice"] = float(np.nanmean(dice[average_classes]))
     return out
+
+
+def risk_coverage_reference(conf: np.ndarray, risk: np.ndarray, coverages=(50, 80, 90, 95)) -> dict:
+    """Exact sort-based failure-detection values: units sorted by decreasing ``conf`` (a stable sort,
+    so equal confidences keep their input order), ``risk`` per unit; AUROC / AUPR with the errors
+    (``risk > 0``) as positives and ``-conf`` as the detector, by scikit-learn."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    conf = np.asarray(conf, dtype=np.float64)
+    risk = np.asarray(risk, dtype=np.float64)
+    order = np.argsort(-conf, kind="stable")
+    x = risk[order]
+    n = len(x)
+    k = np.arange(1, n + 1)
+    cum = np.cumsum(x)
+    sel_risk = cum / k
+    out = {"aurc": float(sel_risk.mean()), "augrc": float((cum / n).mean())}
+    best = np.cumsum(np.sort(risk)) / k
+    out["eaurc"] = out["aurc"] - float(best.mean())
+    for p in coverages:
+        m = max(int(np.ceil(p * n / 100 - 1e-9)), 1)
+        out[f"risk_at_coverage_{p}"] = float(cum[m - 1] / m)
+    fail = risk > 0
+    if fail.any() and not fail.all():
+        out["failure_auroc"] = float(roc_auc_score(fail, -conf))
+        out["failure_aupr"] = float(average_precision_score(fail, -conf))
+    return out

@@ -72,6 +72,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from segcal.metrics.failure import histogram_failure, image_failure
+from segcal.metrics.smooth import histogram_smooth_ece
+
 
 def _np(x: Any) -> np.ndarray:
     """A NumPy view of ``x`` for a torch tensor or array-like (no copy when possible)."""
@@ -190,6 +193,9 @@ def compute_from_state(state: Mapping[str, Any], config: Mapping[str, Any] | Non
     ace, bound = _adaptive_ece(_np(state["fine"]), M)
     out["ace_adaptive"] = ace
     out["ace_adaptive_error_bound"] = bound
+    # failure detection and smECE from the same fine histogram (segcal.metrics.failure / .smooth)
+    out.update(histogram_failure(_np(state["fine"])))
+    out["smece"], out["smece_sigma"] = histogram_smooth_ece(_np(state["fine"]))
     # correct / mispredicted split
     n_c, n_w = pb[:, 1, 0].sum(), pb[:, 0, 0].sum()
     out["ece_correct"] = float(np.abs(pb[:, 1, 0] - pb[:, 1, 1]).sum() / n_c) if n_c > 0 else float("nan")
@@ -262,6 +268,7 @@ def compute_from_state(state: Mapping[str, Any], config: Mapping[str, Any] | Non
             den = lc + pc
             out["image_dice_per_class"] = np.where(den > 0, 2 * tpi / np.maximum(den, 1), np.nan)
             out["image_iou_per_class"] = np.where(den - tpi > 0, tpi / np.maximum(den - tpi, 1), np.nan)
+        out.update(image_failure(ib, ic, avg))
     return out
 
 
