@@ -220,6 +220,16 @@ class CalibrationMetrics:
         """
         return self._tensors()
 
+    def copy(self, device: torch.device | str | None = None) -> CalibrationMetrics:
+        """An independent copy (configuration, statistics, synchronisation marks) on ``device``
+        (default: the state's device); e.g. to :meth:`sync` a total while this state goes on
+        accumulating (the MONAI and Ignite adapters of :mod:`segcal.integrations` do so)."""
+        out = CalibrationMetrics.from_state_dict(self.state_dict())
+        out.backend, out.chunk_pixels, out.validate = self.backend, self.chunk_pixels, self.validate
+        out.device = torch.device(device) if device is not None else self._state_device()
+        out._to(out.device)
+        return out
+
     def image_bins(self) -> torch.Tensor:
         """Per-image top-label bins: float64 ``(n_images, 3, n_bins)`` = count, sum of confidences,
         sum of correctness per bin and image (the statistics behind ``image_ece``).
