@@ -3,18 +3,16 @@
 Each action calls :mod:`segcal.conformal` (arguments: :mod:`segcal.cli.parsers.conformal`):
 ``fit`` builds the per-image loss table of the calibration folder and saves the threshold with its
 guarantee (:func:`~segcal.conformal.fit_threshold`), ``eval`` measures the realised per-image risk
-of a saved threshold on a test folder, ``apply`` writes each file's bit-packed pixel sets and
-set-size map (:func:`~segcal.conformal.apply_sets`). The unit is the file (image or volume).
+of a saved threshold on a test folder, ``apply`` writes each file's pixel sets and set-size map
+(or, for ``fnr``, the guaranteed-recall mask; :func:`~segcal.conformal.apply_sets`) as .npz, PNG, NIfTI
+or nnU-Net files with the guarantee in each (:mod:`segcal.conformal.writers`), all or nothing. The unit is the file (image or volume).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from segcal.calibrators import Calibrator, load
 from segcal.cli.common import check_out_path, input_type_from_args
@@ -25,6 +23,13 @@ from segcal.conformal import (
     default_grid,
     fit_threshold,
     folder_loss_table,
+)
+from segcal.conformal.writers import (
+    MANIFEST,
+    SetWriter,
+    reference_files,
+    staged_folder,
+    write_manifest,
 )
 from segcal.errors import InputError
 from segcal.io import PredictionFolder, atomic_write, to_jsonable
@@ -84,19 +89,23 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def apply(args: argparse.Namespace) -> int:
     res = ConformalResult.load(args.result)
-    out = check_out_path(args.out, {"--pred": args.pred, "--result": args.result, "--calibrator": args.calibrator})
+    out = check_out_path(args.out, {"--pred": args.pred, "--result": args.result, "--calibrator": args.calibrator,
+                                    "--reference": args.reference})
+    if args.reference is not None and args.format != "nifti":
+        raise InputError(f"--reference: only --format nifti reads reference headers (got --format {args.format})")
     cal = _calibrator(args)
     folder = PredictionFolder(args.pred, None, input_type=input_type_from_args(args))
-    n = 0
-    for stem, scores, _, kind in folder:
-        sets = apply_sets(res, as_probabilities(scores, kind, cal, f"pred: {stem}"))
-        with atomic_write(Path(out) / f"{stem}.npz") as fh:
-            np.savez_compressed(fh, packed=sets.packed, num_masks=np.int64(sets.num_masks), sizes=sets.sizes)
-        n += 1
-    with atomic_write(Path(out) / "conformal.json", "w") as fh:
-        json.dump(res.to_dict(), fh, indent=2)
-        fh.write("\n")
-    print(f"wrote the pixel sets of {n} files to {out} (lambda = {res.lam:.6g}; guarantee in conformal.json)")
+    reference = reference_files(args.reference)
+    with staged_folder(out) as root:
+        writer = SetWriter(res, args.format, root, reference, folder.meta)
+        for item in folder.items:
+            scores, _, kind = folder.read(item)
+            writer.write(item.stem, apply_sets(res, as_probabilities(scores, kind, cal, f"pred: {item.stem}")),
+                         item.path)
+        write_manifest(root, writer)
+    print(f"wrote the {'recall masks' if res.risk == 'fnr' else 'pixel sets and set sizes'} of "
+          f"{len(writer.files)} files to {out} as {args.format} (lambda = {res.lam:.6g}; the guarantee is in "
+          f"every file and in {MANIFEST})")
     return 0
 
 

@@ -8,6 +8,8 @@ from typing import Any
 from segcal.cli.options import HelpFormatter, add_input_type_args
 
 RISK_CHOICES = ("miscoverage", "fnr", "coverage")
+#: the formats of 'apply' (kept equal to segcal.conformal.writers.OUTPUT_FORMATS by a test; no import here)
+OUTPUT_FORMATS = ("npz", "png", "nifti", "nnunet")
 
 
 def _common(p: argparse.ArgumentParser, labels: bool = True) -> None:
@@ -49,8 +51,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     e.add_argument("--result", required=True, help="file written by 'segcal conformal fit'")
     e.add_argument("--ignore-index", type=int, default=None, help="label value to ignore (default: the fit's)")
     e.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    a = acts.add_parser("apply", help="write each image's bit-packed pixel sets and set-size map (.npz)")
+    a = acts.add_parser("apply", help="write each image's pixel sets and set-size map, or the guaranteed-recall "
+                        "mask of --risk fnr, with the guarantee in every file")
     _common(a, labels=False)
     a.add_argument("--result", required=True, help="file written by 'segcal conformal fit'")
-    a.add_argument("--out", required=True, help="output folder: <stem>.npz (packed, sizes) + conformal.json")
+    a.add_argument("--format", choices=OUTPUT_FORMATS, default="npz",
+                   help="npz: <stem>.npz (bit-packed sets, sizes); png (2D): sets/ (class bit codes, 8/16-bit), "
+                   "sizes/, recall/; nifti (3D): the same as .nii.gz with the source's affine; nnunet: sets/<case>.npz"
+                   "+.pkl, sizes/ and recall/ NIfTI on the case's grid (docs/conformal.md)")
+    a.add_argument("--reference", default=None,
+                   help="--format nifti: folder of the source NIfTI volumes (<stem>.nii.gz) whose header is copied")
+    a.add_argument("--out", required=True, help="output folder, written all at once (+ conformal.json manifest)")
     return p
