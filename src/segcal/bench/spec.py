@@ -192,6 +192,42 @@ HIPPOCAMPUS = DatasetSpec(
     cache_name="bench-hippocampus",
 )
 
+
+# ---------------------------------------------------------------------------------- shift-aware calibration
+#: the ImageNet-C families (Hendrycks & Dietterich, ICLR 2019, Fig. 1) of :mod:`segcal.shift`'s
+#: corruptions; ImageNet-C's extra corruptions go to the family of their kind (speckle noise: noise,
+#: Gaussian blur: blur, saturate: digital). ImageNet-C has frost and glass blur too; segcal.shift does not.
+SHIFT_FAMILIES: dict[str, tuple[str, ...]] = {
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"),
+    "blur": ("defocus_blur", "motion_blur", "zoom_blur", "gaussian_blur"),
+    "weather": ("snow", "fog", "brightness"),
+    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression", "saturate"),
+}
+#: the data a shift-calibration row is fitted on: ``clean`` (CamVid val) or ``augmented`` (CamVid val
+#: plus perturbed copies from the families not held out; :mod:`segcal.bench.shift_calibration`)
+SHIFT_ROWS: dict[str, Row] = {
+    "ts_clean": Row("ts"),
+    "ts_aug": Row("ts"),
+    "cmsop_aug": Row("cmsop"),
+}
+SHIFT_ROW_DATA: dict[str, str] = {"ts_clean": "clean", "ts_aug": "augmented", "cmsop_aug": "augmented"}
+#: the reference row of every paired CI of the shift-calibration bench
+SHIFT_REFERENCE = "ts_clean"
+SHIFT_CI_METRICS = ("ece", "image_ece", "nll", "brier", "miou", "flip_rate")
+SHIFT_CALIBRATION = DatasetSpec(
+    name="camvid-shift", format="segcal-shift-calibration", models=(IN_DOMAIN, SHIFT_MODEL), rows=SHIFT_ROWS,
+    spatial_rows=(), ci_metrics=SHIFT_CI_METRICS,
+    table_columns=(
+        ("ece", "ECE", 1.0, 4), ("image_ece", "img-ECE", 1.0, 4), ("nll", "NLL", 1.0, 4),
+        ("brier", "Brier", 1.0, 4), ("miou", "mIoU", 1.0, 4), ("flip_rate", "flip %", 100.0, 2),
+    ),
+    ci_columns=(
+        ("ece", "ΔECE", 1.0, 4), ("image_ece", "Δimg-ECE", 1.0, 4), ("nll", "ΔNLL", 1.0, 4),
+        ("miou", "ΔmIoU", 1.0, 4),
+    ),
+    cache_name="bench",
+)
+
 SPECS: dict[str, DatasetSpec] = {s.format: s for s in (CAMVID, HIPPOCAMPUS)}
 
 
@@ -206,6 +242,7 @@ def spec_of(results: Mapping[str, Any]) -> DatasetSpec:
 __all__ = [
     "BENCH_VARIANTS", "CAMVID", "CAMVID_IGNORE", "CI_METRICS", "DEFAULT_CORRUPTIONS", "FG_CLASSES", "FG_NAMES",
     "HIPPOCAMPUS", "IN_DOMAIN", "MEDICAL_CI_METRICS", "MEDICAL_ROWS", "MEDICAL_TABLE_COLUMNS", "MODEL",
-    "MRI_SHIFTS", "NUM_CLASSES", "README_T", "SHIFT_MODEL", "SPATIAL_ROWS", "SPATIAL_VARIANTS", "SPECS",
+    "MRI_SHIFTS", "NUM_CLASSES", "README_T", "SHIFT_CALIBRATION", "SHIFT_CI_METRICS", "SHIFT_FAMILIES",
+    "SHIFT_MODEL", "SHIFT_REFERENCE", "SHIFT_ROWS", "SHIFT_ROW_DATA", "SPATIAL_ROWS", "SPATIAL_VARIANTS", "SPECS",
     "Column", "DatasetSpec", "Row", "create_row", "property_label", "row_properties", "spec_of",
 ]

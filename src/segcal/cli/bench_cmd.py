@@ -15,9 +15,11 @@ from typing import Any
 
 from segcal.bench.camvid import BenchConfig, run_bench
 from segcal.bench.hippocampus import MedicalBenchConfig, run_medical_bench
+from segcal.bench.shift_calibration import ShiftCalConfig, run_shift_calibration
 from segcal.cli.common import check_out_path
 from segcal.errors import InputError
 from segcal.report.outputs import prepare_outputs, write_outputs
+from segcal.report.shift_tables import summary_table, targets_table, write_shift_outputs
 from segcal.report.tables import condition_table, describe_condition
 
 
@@ -86,6 +88,35 @@ def medical_config_from_args(args: argparse.Namespace) -> MedicalBenchConfig:
     return MedicalBenchConfig(**kw)
 
 
+def shift_config_from_args(args: argparse.Namespace) -> ShiftCalConfig:
+    """:class:`~segcal.bench.shift_calibration.ShiftCalConfig` from the ``--shift-calibration`` options."""
+    if getattr(args, "dataset", "camvid") != "camvid":
+        raise InputError("--shift-calibration: runs on CamVid only (--dataset camvid)")
+    for opt in ("models", "corruptions", "spatial_max_steps", "spatial_selection_images"):
+        if getattr(args, opt, None):
+            raise InputError(f"--{opt.replace('_', '-')}: not an option of --shift-calibration "
+                             "(it uses espnet-camvid and the Cityscapes ESPNet, and --families)")
+    if getattr(args, "full", False) or getattr(args, "spatial", False):
+        raise InputError("--full / --spatial: not options of --shift-calibration")
+    if getattr(args, "eval_fraction", None) is not None and not (0 < args.eval_fraction <= 1):
+        raise InputError(f"--eval-fraction: expected a value in (0, 1], got {args.eval_fraction}")
+    if getattr(args, "fit_pixels", None) is not None and args.fit_pixels < 100:
+        raise InputError(f"--fit-pixels: expected at least 100, got {args.fit_pixels}")
+    kw: dict[str, Any] = {}
+    for src, dst in (("methods", "methods"), ("seeds", "seeds"), ("fit_pixels", "fit_pixels"),
+                     ("eval_fraction", "eval_fraction"), ("severities", "severities"),
+                     ("corruption_images", "test_images"), ("test_limit", "test_limit"), ("val_limit", "val_limit"),
+                     ("n_boot", "n_boot"), ("families", "families")):
+        v = getattr(args, src, None)
+        if v is not None:
+            kw[dst] = tuple(v) if isinstance(v, list) else v
+    kw.update(data_root=args.data_root, cache=args.cache, threads=args.threads, progress=not args.quiet,
+              command=_command("segcal bench --shift-calibration"))
+    if args.out:
+        kw["out"] = args.out
+    return ShiftCalConfig.quick_config(**kw) if getattr(args, "quick", False) else ShiftCalConfig(**kw)
+
+
 def check_outputs(out: str, args: argparse.Namespace) -> None:
     """Before the run: ``--out`` is not the prediction cache (nor inside / around it), not an existing
     file, and can be created. (A folder inside the data root is fine: the bench reads only its
@@ -107,6 +138,13 @@ def print_summary(results: dict[str, Any], out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "shift_calibration", False):
+        scfg = shift_config_from_args(args)
+        check_outputs(scfg.out, args)
+        res = write_shift_outputs(run_shift_calibration(scfg))
+        print("\n".join(["pooled ECE, held-out families:", *summary_table(res, "ece"), "", *targets_table(res)]))
+        print(f"\nwall time {res['timings']['total_s']:.0f} s; results: {scfg.out}/results.json, {scfg.out}/results.md")
+        return 0
     if getattr(args, "dataset", "camvid") == "hippocampus":
         mcfg = medical_config_from_args(args)
         check_outputs(mcfg.out, args)

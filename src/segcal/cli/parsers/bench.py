@@ -63,4 +63,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--test-limit", type=int, help="only the first N test images")
     p.add_argument("--val-limit", type=int, help="only the first N val images")
     p.add_argument("--n-boot", type=int, help="bootstrap replicates (1000)")
+    p.add_argument("--shift-calibration", action="store_true",
+                   help="leave-one-family-out evaluation of shift-aware calibration (issue 17; docs/shift_calibration.md): "
+                        "fit on clean CamVid val + perturbed val of the other corruption families, test on the held-out "
+                        "family at severities 3 and 5, clean, model shift, and the label-free estimator; --methods "
+                        "then names its rows (ts_clean, ts_aug, cmsop_aug, ...), --corruption-images the test images "
+                        "per held-out set")
+    p.add_argument("--families", type=csv_arg,
+                   help="with --shift-calibration: corruption families (default noise,blur,weather,digital)")
     return p

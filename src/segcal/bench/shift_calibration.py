@@ -1,0 +1,484 @@
+"""``segcal bench --shift-calibration``: calibration under shifts nobody labelled (issue 17).
+
+Leave-one-family-out (LOFO) protocol over the corruption families of
+:data:`~segcal.bench.spec.SHIFT_FAMILIES` (noise, blur, weather, digital; ImageNet-C's grouping),
+in-domain model ``espnet-camvid``:
+
+1. **Perturbed validation copies.** For every family, each CamVid val image gets one perturbed copy:
+   a corruption of the family and a severity in 1-5, both drawn per image from
+   ``SeedSequence([val_seed, crc32(stem)])`` (:class:`FamilyMix`; a spread of strengths, Tomani et
+   al., CVPR 2021). Predicted by the model and cached (:class:`~segcal.bench.cache.PredictionCache`).
+2. **Fits per held-out family F.** ``*_clean`` rows are fitted on clean val only; ``*_aug`` rows on
+   clean val plus the perturbed copies of the families other than F (perturbation-augmented
+   fitting). The one fit loop (:func:`segcal.bench.protocol.fit_rows`): per seed a fit / selection
+   split, ``fit_pixels`` seeded image-stratified pixels per half. The split is over image copies
+   (a perturbed copy of a val image may fall in the other half than its clean copy); it only
+   chooses the early-stopping data, the test images are never seen.
+3. **Test per held-out family F and severity s in ``severities``.** A seeded subset of
+   ``test_images`` CamVid test images (the same for every set), each corrupted by one corruption of F
+   (drawn per image as above) at severity s. Every row against TS fitted on clean val
+   (``ts_clean``), paired bootstrap CIs over images (:mod:`segcal.bench.bootstrap`); rows that
+   declare argmax preservation must keep the argmax on every evaluated pixel and the mIoU exactly
+   (checked, a violation raises).
+4. **Clean and model-shift rows.** CamVid test clean (all test images) for the in-domain model and
+   under the model shift (``espnet-cityscapes-camvid``, fitted on its own val predictions), with the
+   ``*_aug`` rows fitted on clean val plus the perturbed copies of all families (nothing is held out
+   there: no corruption is tested).
+5. **Label-free estimator.** The logits-input value net (:class:`~segcal.estimation.ECEEstimator`)
+   trained on clean val only vs on clean val plus the perturbed copies of the other families, and the
+   max-prob / entropy baselines: MAE and Spearman correlation of estimated vs true per-image ECE
+   (top-label, 15 bins, void excluded; :func:`~segcal.estimation.ece_targets` on every valid pixel)
+   of the uncalibrated model on each held-out set.
+
+:func:`run_shift_calibration` returns a :class:`~segcal.bench.results.BenchRun`;
+:func:`segcal.report.shift_tables.write_shift_outputs` writes ``results.md`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import segcal.calibrators as sc
+from segcal.bench.bootstrap import bootstrap_condition, summarize
+from segcal.bench.cache import (
+    PredictionCache,
+    default_cache_dir,
+    environment,
+    git_commit,
+    prepare_run,
+)
+from segcal.bench.camvid import find_camvid, miou_columns, read_split
+from segcal.bench.protocol import (
+    FitResult,
+    ImageData,
+    WholeImages,
+    evaluate,
+    fit_rows,
+    pixel_sample,
+)
+from segcal.bench.results import BenchRun
+from segcal.bench.spec import (
+    CAMVID_IGNORE,
+    IN_DOMAIN,
+    SHIFT_CALIBRATION,
+    SHIFT_FAMILIES,
+    SHIFT_MODEL,
+    SHIFT_REFERENCE,
+    SHIFT_ROW_DATA,
+    create_row,
+    row_properties,
+)
+from segcal.datasets.camvid import camvid_split
+from segcal.errors import InputError
+from segcal.estimation import (
+    ConfidenceBaseline,
+    ECEEstimator,
+    ece_targets,
+    logit_features,
+    ranking_agreement,
+)
+from segcal.io.files import to_jsonable
+from segcal.models import get_spec
+from segcal.shift import corrupt, derive_seed
+
+#: rows of the default run (F1's shift-conditioned / target-adaptive rows join when registered)
+DEFAULT_ROWS = ("ts_clean", "ts_aug", "cmsop_aug")
+
+
+@dataclass(frozen=True)
+class FamilyMix:
+    """Per-image hook ``(image, stem) -> image``: one corruption of a family per image.
+
+    The corruption (and, with ``severity=None``, a severity in 1-5) is drawn per image from
+    ``SeedSequence([seed, crc32(stem)])``, so an image gets the same perturbation whatever the
+    subset or order; the corruption's own noise uses :func:`segcal.shift.derive_seed` ``(seed + 1,
+    stem)``. A stem ``"<stem>@<tag>"`` (a perturbed copy in a fit set) is perturbed as ``<stem>``.
+    """
+
+    family: str
+    corruptions: tuple[str, ...]
+    severity: int | None = None
+    seed: int = 0
+
+    def assign(self, stem: str) -> tuple[str, int]:
+        """``(corruption, severity)`` of the image ``stem``."""
+        rng = np.random.default_rng(derive_seed(self.seed, stem.split("@", 1)[0]))
+        name = self.corruptions[int(rng.integers(len(self.corruptions)))]
+        sev = int(rng.integers(1, 6)) if self.severity is None else int(self.severity)
+        return name, sev
+
+    def __call__(self, image: np.ndarray, stem: str) -> np.ndarray:
+        base = stem.split("@", 1)[0]
+        name, sev = self.assign(base)
+        return corrupt(image, name, sev, seed=derive_seed(self.seed + 1, base))
+
+    def describe(self) -> dict[str, Any]:
+        return {"family": self.family, "corruptions": list(self.corruptions),
+                "severity": "uniform 1-5 per image" if self.severity is None else self.severity,
+                "seed": self.seed, "per_image": "corruption (and severity) from SeedSequence([seed, crc32(stem)])"}
+
+
+@dataclass
+class ShiftCalConfig:
+    """Everything that defines a shift-calibration run (recorded in ``results.json``)."""
+
+    out: str = "segcal-out/shift-calibration"
+    cache: str | None = None
+    data_root: str | None = None
+    families: tuple[str, ...] = tuple(SHIFT_FAMILIES)
+    severities: tuple[int, ...] = (3, 5)
+    methods: tuple[str, ...] = DEFAULT_ROWS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    fit_pixels: int = 60_000
+    eval_fraction: float = 0.0625
+    eval_seed: int = 0
+    test_images: int | None = 96  # per held-out set (seeded subset of the test split; None: all)
+    test_seed: int = 0
+    val_seed: int = 1
+    val_limit: int | None = None
+    test_limit: int | None = None
+    model_shift: bool = True
+    estimator: bool = True
+    n_bins: int = 15
+    n_boot: int = 1000
+    boot_seed: int = 0
+    threads: int = 1
+    quick: bool = False
+    progress: bool = False
+    command: str | None = None
+
+    @classmethod
+    def quick_config(cls, **kw: Any) -> ShiftCalConfig:
+        """CI size: 2 families, severity 3, 6 val / 4 test images, one seed, no model shift."""
+        base = dict(families=("noise", "blur"), severities=(3,), seeds=(0,), fit_pixels=4_000, eval_fraction=0.25,
+                    test_images=4, test_limit=4, val_limit=6, model_shift=False, n_boot=100, quick=True)
+        base.update(kw)
+        return cls(**base)
+
+
+def check_config(cfg: ShiftCalConfig) -> None:
+    """Refuse unknown families, rows, severities before any work."""
+    bad = [f for f in cfg.families if f not in SHIFT_FAMILIES]
+    if bad or not cfg.families:
+        raise InputError(f"families: {bad or 'none given'}; expected some of {', '.join(SHIFT_FAMILIES)}")
+    rows = [m for m in cfg.methods if m not in SHIFT_ROW_DATA]
+    if rows:
+        raise InputError(f"methods: {rows} are not shift-calibration rows; expected some of {', '.join(SHIFT_ROW_DATA)}")
+    if SHIFT_REFERENCE not in cfg.methods:
+        raise InputError(f"methods: the reference row {SHIFT_REFERENCE} is required (every CI is against it)")
+    if any(s not in (1, 2, 3, 4, 5) for s in cfg.severities) or not cfg.severities:
+        raise InputError(f"severities: expected values in 1-5, got {list(cfg.severities)}")
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[shift-calibration] {msg}", flush=True)
+
+
+def copies(imgs: Sequence[ImageData], tag: str) -> list[ImageData]:
+    """Perturbed val copies under unique stems ``<stem>@<tag>`` (one fit set holds several copies)."""
+    return [ImageData(f"{im.stem}@{tag}", im.logits, im.labels, im.item, im.transform) for im in imgs]
+
+
+def fit_group(data: Sequence[ImageData], rows: Sequence[str], cfg: ShiftCalConfig,
+              log: Callable[[str], None]) -> FitResult:
+    """The one fit loop on one fit set (``rows`` may be empty)."""
+    if not rows:
+        return FitResult()
+    return fit_rows(data, list(rows), cfg.seeds, create=partial(create_row, SHIFT_CALIBRATION),
+                    strategy=WholeImages(), total=cfg.fit_pixels, ignore=CAMVID_IGNORE, log=log)
+
+
+def argmax_check(res: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """For every argmax-preserving row: flip rate 0 and the uncalibrated mIoU exactly, per seed."""
+    base = next(r for r in res["runs"].values() if r["method"] == "uncalibrated")["metrics"]
+    out: dict[str, Any] = {}
+    for m in methods:
+        if not row_properties(SHIFT_CALIBRATION, m)["argmax_preserving"]:
+            continue
+        runs = [r["metrics"] for r in res["runs"].values() if r["method"] == m]
+        ok = all(r["flip_rate"] == 0.0 and r["miou"] == base["miou"] for r in runs)
+        out[m] = {"argmax_kept": ok, "miou": [r["miou"] for r in runs], "uncalibrated_miou": base["miou"]}
+        if not ok:
+            raise AssertionError(f"{m} declares argmax preservation but changed the argmax: {out[m]}")
+    return out
+
+
+def score(imgs: Sequence[ImageData], cals: Mapping[tuple[str, int], Any], methods: Sequence[str],
+          cfg: ShiftCalConfig, num_classes: int) -> dict[str, Any]:
+    """The one evaluation of one condition, its seed summary, CIs against ``ts_clean``, argmax check."""
+    res = evaluate(imgs, cals, num_classes=num_classes, n_bins=cfg.n_bins,
+                   view=pixel_sample(cfg.eval_fraction, cfg.eval_seed, CAMVID_IGNORE),
+                   metrics_kw={"ignore_index": CAMVID_IGNORE}, extras=miou_columns)
+    present = [m for m in methods if any(k[0] == m for k in cals)]
+    res["summary"] = summarize(res, present)
+    res["bootstrap_vs_ts_clean"] = bootstrap_condition(res, present, n_boot=cfg.n_boot, seed=cfg.boot_seed,
+                                                       metrics=SHIFT_CALIBRATION.ci_metrics,
+                                                       reference=SHIFT_REFERENCE)
+    res["argmax_check"] = argmax_check(res, present)
+    res["stems"] = [im.stem for im in imgs]
+    return res
+
+
+# ---------------------------------------------------------------------------------- estimator
+def estimator_data(imgs: Sequence[ImageData]) -> tuple[torch.Tensor, np.ndarray]:
+    """Logits-input features ``(N, C + 3, 15, 20)`` and the true per-image ECE (15 bins, void excluded)."""
+    xs, ys = [], []
+    for im in imgs:
+        z = torch.from_numpy(np.asarray(im.logits, dtype=np.float32))[None]
+        xs.append(logit_features(z))
+        ys.append(float(ece_targets(z, torch.from_numpy(im.labels.astype(np.int64))[None], kind="image",
+                                    n_bins=15, ignore_index=CAMVID_IGNORE)[0]))
+    return torch.cat(xs), np.asarray(ys)
+
+
+def agreement(est: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """MAE, bias and Spearman rank correlation of estimated vs true per-image ECE."""
+    rank = ranking_agreement(est, true) if len(true) > 2 else {"spearman": float("nan")}
+    return {"mae": float(np.mean(np.abs(est - true))), "bias": float(np.mean(est - true)),
+            "spearman": float(rank["spearman"]), "mean_estimate": float(np.mean(est)),
+            "mean_true": float(np.mean(true)), "n_images": len(true)}
+
+
+def fit_estimator(x: torch.Tensor, y: np.ndarray, num_classes: int, seed: int = 0) -> ECEEstimator:
+    est = ECEEstimator(num_classes + 3, input_kind="logits", num_classes=num_classes,
+                       meta={"model": IN_DOMAIN, "target": "image ECE (15 bins)"})
+    return est.fit(x, torch.from_numpy(y).float(), seed=seed)
+
+
+def estimate_all(ests: Mapping[str, Any], x: torch.Tensor, z_imgs: Sequence[ImageData],
+                 y: np.ndarray) -> dict[str, Any]:
+    """Every estimator and baseline on one held-out set."""
+    out = {name: agreement(e.predict(x), y) for name, e in ests.items()}
+    for b in ("maxprob", "entropy"):
+        est = np.concatenate([ConfidenceBaseline(b).predict_scores(np.asarray(im.logits, dtype=np.float32)[None])
+                              for im in z_imgs])
+        out[b] = agreement(est, y)
+    return out
+
+
+# ---------------------------------------------------------------------------------- driver
+def run_shift_calibration(cfg: ShiftCalConfig) -> BenchRun:
+    """Run the LOFO protocol; :func:`segcal.report.shift_tables.write_shift_outputs` writes its files."""
+    check_config(cfg)
+    # ESPNet on CPU spends most of its time on denormal floats: flushing them gives bitwise the same
+    # float16 logits here, 3-7x faster (measured: docs/shift_calibration.md); restored at the end
+    torch.set_flush_denormal(True)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _run(cfg: ShiftCalConfig) -> BenchRun:
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    prepare_run(False, cfg.threads)
+    root, _cam = find_camvid(cfg.data_root)
+    cache = PredictionCache(cfg.cache or default_cache_dir(SHIFT_CALIBRATION.cache_name))
+    log = partial(_log, cfg.progress)
+    methods = list(cfg.methods)
+    clean_rows = [m for m in methods if SHIFT_ROW_DATA[m] == "clean"]
+    aug_rows = [m for m in methods if SHIFT_ROW_DATA[m] == "augmented"]
+    val_items = camvid_split(root, "val")[: cfg.val_limit]
+    test_items = camvid_split(root, "test")[: cfg.test_limit]
+    if cfg.test_images is None or cfg.test_images >= len(test_items):
+        shift_items = list(test_items)
+    else:
+        pick = np.sort(np.random.default_rng(cfg.test_seed).choice(len(test_items), cfg.test_images, replace=False))
+        shift_items = [test_items[i] for i in pick]
+    families = list(cfg.families)
+    val_mix = {f: FamilyMix(f, SHIFT_FAMILIES[f], None, cfg.val_seed) for f in families}
+    test_mix = {(f, s): FamilyMix(f, SHIFT_FAMILIES[f], s, cfg.test_seed) for f in families for s in cfg.severities}
+    models = [IN_DOMAIN] + ([SHIFT_MODEL] if cfg.model_shift else [])
+
+    # ------------------------------------------------------------ predictions (cached)
+    t0 = time.perf_counter()
+    loaded: dict[str, Any] = {}
+    folders: dict[str, Any] = {}
+
+    def ensure(key: str, model: str, items: Sequence[Any], tr: Any) -> None:
+        log(f"predictions {key} ({len(items)} images)")
+        folders[key] = cache.ensure(key, model, items, tr, root, loaded, False)
+
+    for model in models:
+        ensure(cache.key(model, "val"), model, val_items, None)
+        ensure(cache.key(model, "test"), model, test_items, None)
+        for f in families:
+            ensure(cache.key(model, "val", f"mix-{f}", 0, cfg.val_seed), model, val_items, val_mix[f])
+    for (f, s), tr in test_mix.items():
+        ensure(cache.key(IN_DOMAIN, "test", f"mix-{f}", s, cfg.test_seed), IN_DOMAIN, shift_items, tr)
+    timings["predict_s"] = time.perf_counter() - t0
+
+    def read(model: str, split: str, items: Sequence[Any], fam: str | None = None, sev: int = 0,
+             seed: int = 0, tr: Any = None) -> list[ImageData]:
+        key = cache.key(model, split, None if fam is None else f"mix-{fam}", sev, seed)
+        return read_split(folders[key], items, get_spec(model).num_classes, CAMVID_IGNORE, tr)
+
+    conditions: dict[str, Any] = {}
+    fits: dict[str, Any] = {}
+    skipped: dict[str, Any] = {}
+    estimator: dict[str, Any] = {"conditions": {}, "fits": {}}
+    t_fit = t_eval = t_est = 0.0
+    C = get_spec(IN_DOMAIN).num_classes
+    clean_val = read(IN_DOMAIN, "val", val_items)
+    pert_val = {f: copies(read(IN_DOMAIN, "val", val_items, f, 0, cfg.val_seed, val_mix[f]), f) for f in families}
+
+    t0 = time.perf_counter()
+    clean_fit = fit_group(clean_val, clean_rows, cfg, log)
+    t_fit += time.perf_counter() - t0
+    fits["clean"], skipped["clean"] = clean_fit.fits, clean_fit.skipped
+    if cfg.estimator:
+        t0 = time.perf_counter()
+        ex = {f: estimator_data(pert_val[f]) for f in families}
+        x_clean, y_clean = estimator_data(clean_val)
+        est_clean = fit_estimator(x_clean, y_clean, C)
+        estimator["fits"]["clean"] = est_clean.fit_info
+        t_est += time.perf_counter() - t0
+
+    for fam in families:
+        others = [f for f in families if f != fam]
+        t0 = time.perf_counter()
+        fold = fit_group(clean_val + [im for f in others for im in pert_val[f]], aug_rows, cfg, log)
+        t_fit += time.perf_counter() - t0
+        fits[f"no-{fam}"], skipped[f"no-{fam}"] = fold.fits, fold.skipped
+        cals = {**clean_fit.cals, **fold.cals}
+        ests: dict[str, Any] = {}
+        if cfg.estimator:
+            t0 = time.perf_counter()
+            xa = torch.cat([x_clean, *[ex[f][0] for f in others]])
+            ya = np.concatenate([y_clean, *[ex[f][1] for f in others]])
+            ests = {"value-net (clean val)": est_clean, "value-net (clean + perturbed val)": fit_estimator(xa, ya, C)}
+            estimator["fits"][f"no-{fam}"] = ests["value-net (clean + perturbed val)"].fit_info
+            t_est += time.perf_counter() - t0
+        for sev in cfg.severities:
+            tag = f"{fam}-{sev}"
+            imgs = read(IN_DOMAIN, "test", shift_items, fam, sev, cfg.test_seed, test_mix[(fam, sev)])
+            log(f"evaluate {tag} ({len(imgs)} images)")
+            t0 = time.perf_counter()
+            res = score(imgs, cals, methods, cfg, C)
+            res.update(model=IN_DOMAIN, family=fam, severity=sev, held_out=fam, fitted_with=others,
+                       assignment=_counts(test_mix[(fam, sev)], imgs))
+            conditions[tag] = res
+            t_eval += time.perf_counter() - t0
+            if cfg.estimator:
+                t0 = time.perf_counter()
+                x, y = estimator_data(imgs)
+                estimator["conditions"][tag] = estimate_all(ests, x, imgs, y)
+                t_est += time.perf_counter() - t0
+
+    for model in models:
+        Cm = get_spec(model).num_classes
+        tag = "clean" if model == IN_DOMAIN else "model-shift"
+        t0 = time.perf_counter()
+        if model == IN_DOMAIN:
+            base = clean_fit
+            all_val = clean_val + [im for f in families for im in pert_val[f]]
+        else:
+            sval = read(model, "val", val_items)
+            base = fit_group(sval, clean_rows, cfg, log)
+            all_val = sval + [im for f in families
+                              for im in copies(read(model, "val", val_items, f, 0, cfg.val_seed, val_mix[f]), f)]
+        full = fit_group(all_val, aug_rows, cfg, log)
+        t_fit += time.perf_counter() - t0
+        fits[f"all:{model}"], skipped[f"all:{model}"] = base.fits + full.fits, {**base.skipped, **full.skipped}
+        t0 = time.perf_counter()
+        imgs = read(model, "test", test_items)
+        log(f"evaluate {tag} ({len(imgs)} images)")
+        res = score(imgs, {**base.cals, **full.cals}, methods, cfg, Cm)
+        res.update(model=model, family=None, severity=None, held_out=None, fitted_with=families)
+        conditions[tag] = res
+        t_eval += time.perf_counter() - t0
+        if cfg.estimator and model == IN_DOMAIN:
+            t0 = time.perf_counter()
+            x, y = estimator_data(imgs)
+            estimator["conditions"]["clean"] = estimate_all({"value-net (clean val)": est_clean}, x, imgs, y)
+            t_est += time.perf_counter() - t0
+    timings.update(fit_s=t_fit, evaluate_s=t_eval, estimator_s=t_est)
+
+    results = {
+        "format": SHIFT_CALIBRATION.format, "version": 1, "commit": git_commit(),
+        "config": asdict(cfg) | {"cache": str(cache.root)}, "environment": environment(),
+        "families": {f: list(SHIFT_FAMILIES[f]) for f in families},
+        "protocol": {
+            "perturbed_val": {f: m.describe() for f, m in val_mix.items()},
+            "test": {"images": [it.stem for it in shift_items], "per_set": "each image: one corruption of the "
+                     "held-out family (drawn per image), at the set's severity", "seed": cfg.test_seed},
+            "fit": f"per seed a fit / selection split of the fit set's image copies, {cfg.fit_pixels} valid pixels "
+                   "per half (seeded, the same number per image); *_aug rows: clean val + the perturbed copies "
+                   "of every family except the held-out one (clean / model-shift rows: of every family)",
+            "eval_pixels": f"a seeded {cfg.eval_fraction:g} fraction of the valid pixels of every test image",
+            "bootstrap": f"paired over test images, {cfg.n_boot} replicates, seed {cfg.boot_seed}, 95 % percentile "
+                         f"CI of method - {SHIFT_REFERENCE} (values = mean over seeds)",
+            "bins": cfg.n_bins, "ignore_label": CAMVID_IGNORE,
+            "estimator_truth": "per-image top-label ECE, 15 bins, void excluded, every valid pixel "
+                               "(segcal.estimation.ece_targets, kind='image')",
+        },
+        "properties": {m: row_properties(SHIFT_CALIBRATION, m) | {"data": SHIFT_ROW_DATA[m]} for m in methods},
+        "fits": fits, "skipped": skipped,
+        "conditions": to_jsonable(conditions, drop_private=True),
+        "estimator": to_jsonable(estimator),
+        "registered_calibrators": [a["name"] for a in sc.available()],
+        "cache": {"root": str(cache.root), "predicted_images": cache.predicted_images,
+                  "reused_images": cache.reused_images, "predict_seconds": round(cache.predict_seconds, 3)},
+    }
+    results["lofo"] = lofo_summary(results, methods)
+    timings["total_s"] = time.perf_counter() - t_start
+    results["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    return BenchRun(SHIFT_CALIBRATION, results, Path(cfg.out), {}, timings, t_start, False, 0)
+
+
+def _counts(mix: FamilyMix, imgs: Sequence[ImageData]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for im in imgs:
+        name = mix.assign(im.stem)[0]
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+def lofo_summary(results: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """Means over the held-out sets and the issue's targets, per row (numbers; the report words them)."""
+    conds = results["conditions"]
+    lofo = [t for t, c in conds.items() if c.get("held_out")]
+    out: dict[str, Any] = {"sets": lofo, "rows": {}}
+    if not lofo:
+        return out
+    ref = np.mean([conds[t]["summary"][SHIFT_REFERENCE]["ece"] for t in lofo])
+    clean = conds.get("clean", {}).get("summary", {})
+    for m in methods:
+        if not all(m in conds[t]["summary"] for t in lofo):
+            continue
+        ece = float(np.mean([conds[t]["summary"][m]["ece"] for t in lofo]))
+        per_sev = {str(s): float(np.mean([conds[t]["summary"][m]["ece"] for t in lofo if conds[t]["severity"] == s]))
+                   for s in sorted({conds[t]["severity"] for t in lofo})}
+        dn = [conds[t]["bootstrap_vs_ts_clean"].get(m, {}).get("nll") for t in lofo]
+        worse = [t for t, ci in zip(lofo, dn, strict=True) if ci and ci["significant"] and ci["diff"] > 0]
+        row: dict[str, Any] = {
+            "mean_ece": ece, "mean_ece_by_severity": per_sev, "ratio_to_ts_clean": float(ece / ref),
+            "mean_image_ece": float(np.mean([conds[t]["summary"][m]["image_ece"] for t in lofo])),
+            "mean_nll": float(np.mean([conds[t]["summary"][m]["nll"] for t in lofo])),
+            "nll_significantly_worse_than_ts_clean": worse,
+            "target_half_ece": bool(ece <= 0.5 * ref),
+            "target_nll_not_worse": not worse,
+        }
+        if m in clean and SHIFT_REFERENCE in clean:
+            row["clean_ece_minus_ts_clean"] = float(clean[m]["ece"] - clean[SHIFT_REFERENCE]["ece"])
+            row["target_clean_within_0.005"] = bool(row["clean_ece_minus_ts_clean"] <= 0.005)
+        ap = [conds[t]["argmax_check"][m]["argmax_kept"] for t in conds if m in conds[t].get("argmax_check", {})]
+        row["argmax_preserving"] = bool(row_properties(SHIFT_CALIBRATION, m)["argmax_preserving"])
+        row["miou_kept_everywhere"] = bool(ap and all(ap)) if row["argmax_preserving"] else None
+        out["rows"][m] = row
+    out["ts_clean_mean_ece"] = float(ref)
+    return out
+
+
+__all__ = ["DEFAULT_ROWS", "FamilyMix", "ShiftCalConfig", "argmax_check", "check_config", "copies",
+           "estimator_data", "fit_group", "lofo_summary", "run_shift_calibration", "score"]
