@@ -162,3 +162,35 @@ def test_save_load_and_torch_export(fitted, tmp_path):
         x = 3 * torch.randn(n, C, h, w)
         with torch.no_grad():
             torch.testing.assert_close(program(x), sts(x), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- TargetCorrected
+@pytest.mark.parametrize("base", ["ts", "sts", "dc"])
+def test_target_corrected_keeps_the_contract_of_its_base(base):
+    """``base(z) / c``: declared properties are the base's (exactly: dc is neither AP nor OP)."""
+    from segcal.calibrators import TargetCorrected
+
+    template = TargetCorrected(base=base, max_iter=30)
+    results = check_calibrator(template, exact=True, on_fail=None)
+    assert all(r.passed for r in results), [r.message for r in results if not r.passed]
+    assert template.argmax_preserving == (base != "dc") and template.spatial == (base == "sts")
+
+
+def test_target_corrected_wraps_a_fitted_calibrator(fitted):
+    from segcal.calibrators import TargetCorrected
+
+    sts, ts = fitted
+    z, y, _ = shifted_images([0.1, 0.8], seed=9)
+    for cal in (sts, ts):
+        wrapped = TargetCorrected.wrap(cal, correction=1.7)
+        with torch.no_grad():
+            torch.testing.assert_close(wrapped(z), cal(z) / 1.7, rtol=1e-5, atol=1e-5)
+        assert TargetCorrected.wrap(wrapped, 2.0).correction == pytest.approx(3.4)
+        # fitting the correction on labelled data is TS on the base's outputs
+        refit = TargetCorrected.wrap(cal).fit(z, y)
+        with torch.no_grad():
+            t_on_top = create("ts").fit(cal(z), y).temperature
+        assert refit.correction == pytest.approx(t_on_top, rel=1e-3)
+        torch.testing.assert_close(refit.base(z), cal(z))  # the base stayed frozen
+    with pytest.raises(ValueError, match="own base"):
+        TargetCorrected(base="corrected")

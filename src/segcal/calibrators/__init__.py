@@ -31,7 +31,7 @@ from segcal.calibrators.metacal import MetaCalScaling
 from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.registry import available, create, load, register, resolve
 from segcal.calibrators.selective import SelectiveScaling, ece_vs_selector_accuracy
-from segcal.calibrators.shift_aware import ShiftConditionedTemperature
+from segcal.calibrators.shift_aware import ShiftConditionedTemperature, TargetCorrected
 from segcal.calibrators.temperature import TemperatureScaling
 from segcal.calibrators.wrappers import MatrixScalingTI, VectorScalingTI, translation_invariant
 
@@ -57,6 +57,7 @@ __all__ = [
     "SelectiveScaling",
     "ShiftConditionedTemperature",
     "TIMatrixScaling",
+    "TargetCorrected",
     "TemperatureScaling",
     "VectorScaling",
     "VectorScalingTI",
