@@ -78,8 +78,19 @@ def check_risk(risk: str, class_index: int | None, tau: float | None) -> None:
 
 
 def _below_counts(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """How many ``values`` are strictly below each threshold (any threshold order)."""
-    return np.searchsorted(np.sort(values, kind="stable"), thresholds, side="left").astype(np.int64)
+    """How many ``values`` are strictly below each threshold (any threshold order).
+
+    Each value is located among the sorted thresholds (``O(N log G)``, no sort of the N values):
+    with ``j(v)`` = the number of thresholds ``<= v``, ``v < t_k`` exactly when ``k >= j(v)``, so the
+    count at ``t_k`` is the number of values with ``j(v) <= k``; the comparisons are the float64
+    ``v < t`` of a direct count.
+    """
+    t = np.asarray(thresholds, dtype=np.float64)
+    order = np.argsort(t, kind="stable")
+    j = np.searchsorted(t[order], np.asarray(values, dtype=np.float64).reshape(-1), side="right")
+    out = np.empty(t.size, dtype=np.int64)
+    out[order] = np.cumsum(np.bincount(j, minlength=t.size + 1))[: t.size]
+    return out
 
 
 def image_row(
