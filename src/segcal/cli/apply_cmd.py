@@ -6,6 +6,9 @@ key convention: ``logits`` or ``probabilities``), each atomically, by
 unless ``--dtype`` is given, no value is written outside its range, and a file where float16 would
 break the calibrator's argmax / order guarantee is stored as float32 (said once on stderr). A
 calibrator fitted with an image branch (``segcal fit --images``) needs ``--images DIR`` here too.
+
+Under ``torchrun`` every rank writes its contiguous block of the sorted files, rank 0 opens and
+finalises the manifest and alone prints (``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from segcal.calibrators import load
 from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_type_from_args
 from segcal.pipeline.calibrate import calibrate_folder
+from segcal.pipeline.distributed import rank_device, world
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,10 +27,13 @@ def run(args: argparse.Namespace) -> int:
                          kind="dir")
     device = device_from_arg(args.device)
     cal = load(args.calibrator)
-    result = calibrate_folder(cal, args.pred, out, output=args.output, dtype=args.dtype, images=args.images,
-                              input_type=input_type_from_args(args), device=device,
-                              progress=not args.no_progress, names=CLI_FLAGS,
-                              meta={"calibrator_file": str(args.calibrator)})
+    with world(device) as w:
+        result = calibrate_folder(cal, args.pred, out, output=args.output, dtype=args.dtype, images=args.images,
+                                  input_type=input_type_from_args(args), device=rank_device(device, w),
+                                  progress=not args.no_progress and w.is_main, names=CLI_FLAGS,
+                                  meta={"calibrator_file": str(args.calibrator)}, distributed=w.distributed)
+        if not w.is_main:
+            return 0
     if result.float32_files:
         n, total = len(result.float32_files), len(result.files)
         print(f"segcal apply: note: {result.reason} in {n} of {total} file(s); those are stored as float32 "

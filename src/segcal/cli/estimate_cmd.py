@@ -11,6 +11,10 @@ Train (labels needed, e.g. on clean calibration images)::
                     [--target image|class_level] [--ignore-index K]
 
 The arguments are declared in :mod:`segcal.cli.parsers.estimate`.
+
+Under ``torchrun`` every rank reads (and estimates, or computes the training targets of) its
+contiguous block of the sorted images; the per-image values are gathered in rank order, and rank
+0 alone fits the estimator, prints and writes (``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +40,7 @@ from segcal.estimation import (
 )
 from segcal.estimation.features import iter_feature_maps
 from segcal.io import PredictionFolder, atomic_write
+from segcal.pipeline.distributed import on_each, on_main, shard, world
 from segcal.validation import check_class_count, check_finite
 
 
@@ -72,21 +78,19 @@ def _estimate(args: argparse.Namespace) -> int:
     if kind == "features" and args.features is None:
         raise InputError(f"--estimator {args.estimator} was trained on features: pass --features DIR")
     folder = PredictionFolder(args.pred, input_type=input_type_from_args(args))
-    feats = _features(args.features, folder.stems) if kind == "features" else None
+    with world() as w:
+        items = shard(folder.items, w.rank, w.size) if w.distributed else folder.items
+        parts = on_each(lambda: _estimate_items(est, kind, folder, items, args.features))
     per_image: dict[str, float] = {}
-    first: int | None = getattr(est, "num_classes", None) if kind == "logits" else None
-    for it in folder.items:
-        f = next(feats).unsqueeze(0) if feats is not None else None
-        scores, itype = None, "logits"
-        if kind != "features":
-            arr, _, itype = folder.read(it)
-            first = first or int(arr.shape[0])
-            check_class_count(arr, first, f"--pred: {it.path}")
-            scores = _scores(arr, str(it.path), itype)
-        try:
-            per_image[it.stem] = float(estimate_images(est, scores, f, input_type=itype)[0])
-        except ValueError as exc:
-            raise InputError(f"{it.stem}: {exc}") from exc
+    seen = [(c, where) for _, c, where in parts if where is not None]
+    for c, where in seen[1:]:
+        if c != seen[0][0]:
+            raise InputError(f"--pred: {where} has {c} classes, but {seen[0][1]} has {seen[0][0]}; expected "
+                             f"{seen[0][0]} classes")
+    for part, _, _ in parts:  # rank order: the sorted order of the images
+        per_image.update(part)
+    if not w.is_main:
+        return 0
     vals = np.array(list(per_image.values()))
     name = f"baseline:{args.baseline}" if args.baseline else str(args.estimator)
     print(f"{'image':<32} {'estimated ECE':>14}")
@@ -101,17 +105,77 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate_items(est: Any, kind: str, folder: PredictionFolder, items: list[Any],
+                    features: str | None) -> tuple[dict[str, float], int | None, str | None]:
+    """The estimates of ``items`` (this rank's share), the class count and the first file read."""
+    feats = _features(features, [it.stem for it in items]) if kind == "features" else None
+    per_image: dict[str, float] = {}
+    first: int | None = getattr(est, "num_classes", None) if kind == "logits" else None
+    where = None
+    for it in items:
+        f = next(feats).unsqueeze(0) if feats is not None else None
+        scores, itype = None, "logits"
+        if kind != "features":
+            arr, _, itype = folder.read(it)
+            where = where or str(it.path)
+            first = first or int(arr.shape[0])
+            check_class_count(arr, first, f"--pred: {it.path}")
+            scores = _scores(arr, str(it.path), itype)
+        try:
+            per_image[it.stem] = float(estimate_images(est, scores, f, input_type=itype)[0])
+        except ValueError as exc:
+            raise InputError(f"{it.stem}: {exc}") from exc
+    return per_image, first, where
+
+
 def _train(args: argparse.Namespace) -> int:
     if args.labels is None or args.out is None:
         raise InputError("--train needs --labels DIR and --out FILE")
     check_out_path(args.out, {"--pred": args.pred, "--labels": args.labels, "--features": args.features},
                    kind="file")
     folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
-    feats = _features(args.features, folder.stems)
+    with world() as w:
+        items = shard(folder.items, w.rank, w.size) if w.distributed else folder.items
+        parts = on_each(lambda: _train_items(folder, items, args))
+        seen = [(c, where) for _, _, c, where in parts if where is not None]
+        for c, where in seen[1:]:
+            if c != seen[0][0]:
+                raise InputError(f"--pred: {where} has {c} classes, but {seen[0][1]} has {seen[0][0]}; "
+                                 f"expected {seen[0][0]} classes")
+        inputs = [x for part in parts for x in part[0]]  # rank order: the sorted order of the images
+        targets = [t for part in parts for t in part[1]]
+        c = seen[0][0] if seen else None
+        x = torch.stack(inputs)
+        meta = {"target": args.target, "n_bins": args.bins, "ignore_index": args.ignore_index,
+                "pred": str(args.pred)}
+
+        def fit() -> ECEEstimator:
+            if args.features is not None:
+                est = ECEEstimator(x.shape[1], meta=meta)
+            else:
+                est = ECEEstimator(x.shape[1], input_kind="logits", num_classes=c, meta=meta)
+            est.fit(x, torch.tensor(targets), epochs=args.epochs, lr=args.lr, seed=args.seed)
+            est.save(args.out)
+            return est
+
+        est = on_main(fit)  # rank 0 alone fits and saves; the others wait for it
+    if not w.is_main:
+        return 0
+    print(f"fitted an ECE estimator ({est.input_kind}, target={args.target}) on {len(targets)} images: "
+          f"best held-out MSE {est.fit_info['best_val_mse']:.5f} at epoch {est.fit_info['best_epoch']}; "
+          f"saved to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _train_items(folder: PredictionFolder, items: list[Any],
+                 args: argparse.Namespace) -> tuple[list[torch.Tensor], list[float], int | None, str | None]:
+    """Estimator inputs and ECE targets of ``items`` (this rank's share), class count, first file."""
+    feats = _features(args.features, [it.stem for it in items])
     inputs, targets = [], []
-    c = None
-    for it in folder.items:
+    c, where = None, None
+    for it in items:
         arr, lab, itype = folder.read(it)
+        where = where or str(it.path)
         c = c or int(arr.shape[0])
         check_class_count(arr, c, f"--pred: {it.path} (the first file has {c} classes)")
         x = _scores(arr, str(it.path), itype)
@@ -122,15 +186,4 @@ def _train(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise InputError(f"{it.stem}: {exc}") from exc
         inputs.append(next(feats) if feats is not None else logit_features(x, itype)[0])
-    x = torch.stack(inputs)
-    meta = {"target": args.target, "n_bins": args.bins, "ignore_index": args.ignore_index, "pred": str(args.pred)}
-    if feats is not None:
-        est = ECEEstimator(x.shape[1], meta=meta)
-    else:
-        est = ECEEstimator(x.shape[1], input_kind="logits", num_classes=c, meta=meta)
-    est.fit(x, torch.tensor(targets), epochs=args.epochs, lr=args.lr, seed=args.seed)
-    est.save(args.out)
-    print(f"fitted an ECE estimator ({est.input_kind}, target={args.target}) on {len(targets)} images: "
-          f"best held-out MSE {est.fit_info['best_val_mse']:.5f} at epoch {est.fit_info['best_epoch']}; "
-          f"saved to {args.out}", file=sys.stderr)
-    return 0
+    return inputs, targets, c, where

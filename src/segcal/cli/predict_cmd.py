@@ -4,6 +4,10 @@
 the 3D U-Net (``unet3d-hippocampus``) predicts whole NIfTI volumes
 (:func:`segcal.pipeline.predict.predict_volumes`). ``--out`` may be neither the image or label
 folder nor inside or around one. The arguments are declared in :mod:`segcal.cli.parsers.predict`.
+
+Under ``torchrun`` (2D models) every rank predicts and writes its contiguous block of the sorted
+images (``--device cuda``: rank *r* on ``cuda:<LOCAL_RANK>``), rank 0 opens and finalises the
+manifest and alone prints (``docs/scaling.md``); 3D volumes are predicted in one process.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import time
 import numpy as np
 
 from segcal.adaptation import load_adapted
-from segcal.cli.common import check_out_path
+from segcal.cli.common import check_out_path, device_from_arg
 from segcal.datasets import resolve_images
 from segcal.errors import InputError
 from segcal.models import UNET3D_MODEL_NAME, available_models, create_model, get_spec
+from segcal.pipeline.distributed import launched, rank_device, world
 from segcal.pipeline.predict import predict_folder, predict_volumes
 from segcal.shift import make_transform
 
@@ -56,13 +61,25 @@ def run(args: argparse.Namespace) -> int:
     check_out_path(args.out, {"--images": images, "--labels": args.labels or alias_labels,
                               "--checkpoint": args.checkpoint})
     if args.model == UNET3D_MODEL_NAME:
+        if launched():
+            raise InputError(f"--model {UNET3D_MODEL_NAME}: volume prediction is not distributed; run it "
+                             "in one process (without torchrun)")
         return _predict_volumes(args)
+    if not launched():
+        return _predict(args, args.device, True)
+    with world(device_from_arg(args.device)) as w:
+        return _predict(args, str(rank_device(device_from_arg(args.device), w)), w.is_main, w.distributed)
+
+
+def _predict(args: argparse.Namespace, device: str, main: bool, distributed: bool = False) -> int:
+    """Predict a 2D image folder (on this rank's share of it under ``torchrun``)."""
     model = args.model
     if args.checkpoint:
-        model = create_model(args.model, data_root=args.data_root, device=args.device)
+        model = create_model(args.model, data_root=args.data_root, device=device)
         info = load_adapted(model, args.checkpoint)
-        print(f"loaded {info['method']} checkpoint (epoch {info['epoch']}) of adapted {info['model']} "
-              f"into {args.model} ({info['target']})", file=sys.stderr)
+        if main:
+            print(f"loaded {info['method']} checkpoint (epoch {info['epoch']}) of adapted {info['model']} "
+                  f"into {args.model} ({info['target']})", file=sys.stderr)
     transform = make_transform(args.corruption, args.severity, args.seed) if args.corruption else None
     res = predict_folder(
         model,
@@ -70,14 +87,17 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         labels=args.labels,
         batch_size=args.batch_size,
-        device=args.device,
+        device=device,
         data_root=args.data_root,
         limit=args.limit,
         progress=not args.no_progress,
         dtype=args.dtype,
         overwrite=args.overwrite,
         transform=transform,
+        distributed=distributed,
     )
+    if not main:
+        return 0
     print(
         f"wrote {len(res.stems)} predictions ({res.num_classes} classes, {args.dtype}) of "
         f"{res.model} to {res.out_dir} in {res.seconds:.1f} s ({res.images_per_s:.2f} images/s)",

@@ -8,6 +8,11 @@ folder nor inside or around one (an ``--out`` equal to ``--pred`` would replace 
 one equal to ``--labels`` the true labels). With ``--labels`` (analysis only) it also reports the
 precision and coverage of the pseudo-labels and of max-probability thresholding at the same
 coverage. The arguments are declared in :mod:`segcal.cli.parsers.pseudolabel`.
+
+Under ``torchrun`` every rank estimates the ECE of, labels, writes and scores its contiguous block
+of the sorted images, and rank 0 alone prints and writes ``--json``; the class thresholds (and the
+max-probability baseline's threshold) are exact quantiles over every image, so each rank still
+reads every prediction once for them (``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from segcal.estimation import (
 from segcal.estimation.features import iter_feature_maps
 from segcal.estimation.pseudolabels import pseudo_label_precision
 from segcal.io import PredictionFolder, atomic_write, read_label
+from segcal.pipeline.distributed import on_each, shard, world
 from segcal.validation import check_class_count, check_finite
 
 
@@ -74,6 +80,14 @@ def run(args: argparse.Namespace) -> int:
     prop = args.prop if args.prop is not None else prop
     local = args.local_prop if args.local_prop is not None else local
     folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
+    with world() as w:
+        mine = shard(folder.items, w.rank, w.size) if w.distributed else folder.items
+        return _run(args, out, folder, mine, prop, local, w.is_main)
+
+
+def _run(args: argparse.Namespace, out: Path, folder: PredictionFolder, mine: list[Any], prop: float,
+         local: float, main: bool) -> int:
+    """The command on this rank's images ``mine`` (all of them in one process)."""
     first, itype = _read(folder, folder.items[0])
     n_classes = int(first.shape[0])
     ece = None
@@ -82,15 +96,22 @@ def run(args: argparse.Namespace) -> int:
         kind = getattr(est, "input_kind", "scores")
         if kind == "features" and args.features is None:
             raise InputError(f"--estimator {args.estimator} was trained on features: pass --features DIR")
-        feats = iter_feature_maps(args.features, folder.stems) if kind == "features" else None
-        ece = []
-        for it in folder.items:
-            f = next(feats).unsqueeze(0) if feats is not None else None
-            s, itype = _read(folder, it, n_classes) if kind != "features" else (None, "logits")
-            try:
-                ece.append(float(estimate_images(est, None if s is None else s[None], f, input_type=itype)[0]))
-            except ValueError as exc:
-                raise InputError(f"--pred: {it.path}: {exc}") from exc
+
+        def estimate() -> list[float]:
+            feats = iter_feature_maps(args.features, [it.stem for it in mine]) if kind == "features" else None
+            values = []
+            for it in mine:
+                f = next(feats).unsqueeze(0) if feats is not None else None
+                s, _ = _read(folder, it, n_classes) if kind != "features" else (None, "logits")
+                try:
+                    values.append(float(estimate_images(est, None if s is None else s[None], f, input_type=itype)[0]))
+                except ValueError as exc:
+                    raise InputError(f"--pred: {it.path}: {exc}") from exc
+            return values
+
+        ece = [v for part in on_each(estimate) for v in part]  # rank order: the sorted order
+        if kind == "features":
+            itype = "logits"  # as before: a feature estimator's run reads the scores as logits
 
     def scores_iter():
         for it in folder.items:
@@ -98,40 +119,54 @@ def run(args: argparse.Namespace) -> int:
 
     thr, counts = class_thresholds(scores_iter(), prop=prop, ece=ece, subsample=args.subsample, input_type=itype)
     out.mkdir(parents=True, exist_ok=True)
-    stats = {"cal_sfda": [0, 0, 0], "n_pixels": 0, "labelled": 0}
-    for it in folder.items:
-        s, _ = _read(folder, it, n_classes)
-        lab, _ = pseudo_label(s, thr, local_prop=local, ignore_value=args.ignore_value, input_type=itype)
-        _write(out / f"{it.stem}.{args.format}", lab)
-        stats["n_pixels"] += lab.size
-        stats["labelled"] += int((lab != args.ignore_value).sum())
-        if it.label_path is not None:
-            c, sel, v = pseudo_label_precision(lab, _true_labels(it, lab.shape), ignore_value=args.ignore_value,
-                                               label_ignore=args.label_ignore)
-            stats["cal_sfda"] = [a + b for a, b in zip(stats["cal_sfda"], (c, sel, v), strict=True)]
+
+    def write() -> dict[str, Any]:
+        stats: dict[str, Any] = {"cal_sfda": [0, 0, 0], "n_pixels": 0, "labelled": 0}
+        for it in mine:
+            s, _ = _read(folder, it, n_classes)
+            lab, _ = pseudo_label(s, thr, local_prop=local, ignore_value=args.ignore_value, input_type=itype)
+            _write(out / f"{it.stem}.{args.format}", lab)
+            stats["n_pixels"] += lab.size
+            stats["labelled"] += int((lab != args.ignore_value).sum())
+            if it.label_path is not None:
+                c, sel, v = pseudo_label_precision(lab, _true_labels(it, lab.shape), ignore_value=args.ignore_value,
+                                                   label_ignore=args.label_ignore)
+                stats["cal_sfda"] = [a + b for a, b in zip(stats["cal_sfda"], (c, sel, v), strict=True)]
+        return stats
+
+    parts = on_each(write)
+    stats = {"n_pixels": sum(p["n_pixels"] for p in parts), "labelled": sum(p["labelled"] for p in parts),
+             "cal_sfda": [sum(p["cal_sfda"][k] for p in parts) for k in range(3)]}
     coverage = stats["labelled"] / max(stats["n_pixels"], 1)
     report = {"prop": prop, "local_prop": local, "thresholds": thr.tolist(), "counts": counts.tolist(),
               "coverage": coverage, "n_images": len(folder), "ece_weighted": ece is not None,
               "mean_estimated_ece": None if ece is None else float(np.mean(ece))}
-    print(f"wrote {len(folder)} pseudo-label maps to {args.out} (prop {prop:.2f}, local {local:.2f}); "
-          f"coverage {coverage:.4f}")
-    print("class thresholds: " + "  ".join(f"{k}:{t:.4f}" for k, t in enumerate(thr)))
+    if main:
+        print(f"wrote {len(folder)} pseudo-label maps to {args.out} (prop {prop:.2f}, local {local:.2f}); "
+              f"coverage {coverage:.4f}")
+        print("class thresholds: " + "  ".join(f"{k}:{t:.4f}" for k, t in enumerate(thr)))
     if args.labels is not None:
-        c, sel, v = stats["cal_sfda"]
+        c, sel, _ = stats["cal_sfda"]
         t = maxprob_threshold_for_coverage(scores_iter(), coverage, input_type=itype)
-        base = [0, 0, 0]
-        for it in folder.items:
-            s, _ = _read(folder, it, n_classes)
-            b = maxprob_pseudo_labels(s, t, ignore_value=args.ignore_value, input_type=itype)
-            r = pseudo_label_precision(b, _true_labels(it, b.shape), ignore_value=args.ignore_value,
-                                       label_ignore=args.label_ignore)
-            base = [a + x for a, x in zip(base, r, strict=True)]
+
+        def baseline() -> list[int]:
+            base = [0, 0, 0]
+            for it in mine:
+                s, _ = _read(folder, it, n_classes)
+                b = maxprob_pseudo_labels(s, t, ignore_value=args.ignore_value, input_type=itype)
+                r = pseudo_label_precision(b, _true_labels(it, b.shape), ignore_value=args.ignore_value,
+                                           label_ignore=args.label_ignore)
+                base = [a + x for a, x in zip(base, r, strict=True)]
+            return base
+
+        base = [sum(col) for col in zip(*on_each(baseline), strict=True)]
         report["precision"] = c / max(sel, 1)
         report["maxprob_precision"] = base[0] / max(base[1], 1)
         report["maxprob_threshold"] = t
-        print(f"precision {report['precision']:.4f} vs max-prob thresholding at the same coverage "
-              f"{report['maxprob_precision']:.4f} (threshold {t:.4f})")
-    if args.json:
+        if main:
+            print(f"precision {report['precision']:.4f} vs max-prob thresholding at the same coverage "
+                  f"{report['maxprob_precision']:.4f} (threshold {t:.4f})")
+    if args.json and main:
         with atomic_write(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
     return 0

@@ -38,6 +38,7 @@ from segcal.io import PredictionFolder
 from segcal.io.images import image_files, load_image_tensor
 from segcal.io.nnunet import write_like_source
 from segcal.io.predictions import begin_folder, check_stems_match, finish_folder
+from segcal.pipeline.distributed import current, on_each, on_main, shard
 from segcal.pipeline.evaluate import check_num_classes, folder_input_type
 from segcal.validation import as_tensor
 
@@ -144,6 +145,7 @@ def calibrate_folder(
     progress: bool = False,
     names: Mapping[str, str] | None = None,
     meta: Mapping[str, Any] | None = None,
+    distributed: bool = False,
 ) -> CalibratedFolder:
     """Calibrate every prediction of ``pred`` and write it to ``out`` in the same format.
 
@@ -167,6 +169,13 @@ def calibrate_folder(
         How the caller spells arguments in messages (see :mod:`segcal.pipeline.evaluate`).
     meta
         Extra entries for the output folder's ``segcal.json``.
+    distributed
+        Share the files among the ranks of the initialised process group (``torchrun``): rank 0
+        opens the manifest (marked incomplete) while the others wait, each rank writes its
+        contiguous block of the sorted files (:func:`segcal.pipeline.distributed.shard`), and
+        rank 0 marks the folder complete after every rank has finished; a failure on any rank
+        stops every rank (:func:`segcal.pipeline.distributed.agree`) and leaves the folder
+        incomplete. Every rank returns the whole folder's result (files in the sorted order).
     """
     if output not in (None, "logits", "probs"):
         raise InputError(f"output: expected 'logits' or 'probs', got {output!r}")
@@ -190,12 +199,39 @@ def calibrate_folder(
     # probabilities read as logits (or the reverse) are refused here, before anything is written
     output = output or folder_input_type(folder, names)
     # the manifest first, marked incomplete: an interrupted run never reads as a finished folder
-    out = begin_folder(out, input_type=output,
-                       num_classes=None if calibrator.num_classes is None else int(calibrator.num_classes),
-                       calibrator=calibrator.name, source=str(pred), dtype=dtype or "as input", **dict(meta or {}))
+    w = current()
+    if distributed and not w.distributed:
+        distributed = False  # one process (no group, or a group of one): the plain run
+    begin = dict(input_type=output,
+                 num_classes=None if calibrator.num_classes is None else int(calibrator.num_classes),
+                 calibrator=calibrator.name, source=str(pred), dtype=dtype or "as input", **dict(meta or {}))
+    out = on_main(lambda: begin_folder(out, **begin)) if distributed else begin_folder(out, **begin)
+    items = shard(folder.items, w.rank, w.size) if distributed else folder.items
+
+    def work() -> CalibratedFolder:
+        return _calibrate_items(calibrator, folder, items, out, output, dtype, image_paths, dev,
+                                progress and w.is_main)
+
+    if not distributed:
+        result = work()
+        finish_folder(out, float32_files=list(result.float32_files))
+        return result
+    result = CalibratedFolder(out, output)
+    for part in on_each(work):  # in rank order: the sorted order of the files
+        result.files += part.files
+        result.float32_files += part.float32_files
+        result.reason = result.reason or part.reason
+    on_main(lambda: finish_folder(out, float32_files=list(result.float32_files)))
+    return result
+
+
+def _calibrate_items(calibrator: Calibrator, folder: PredictionFolder, items: list[Any], out: Path,
+                     output: str, dtype: str | None, image_paths: dict[str, Any] | None,
+                     dev: torch.device, progress: bool) -> CalibratedFolder:
+    """Calibrate and write ``items`` of ``folder`` into ``out`` (the loop of :func:`calibrate_folder`)."""
     props = calibrator.properties()
     result = CalibratedFolder(out, output)
-    for it in tqdm(folder.items, desc="calibrating", unit="file", disable=not progress, file=sys.stderr):
+    for it in tqdm(items, desc="calibrating", unit="file", disable=not progress, file=sys.stderr):
         scores, _, itype = folder.read(it)
         if itype != calibrator.input_type:
             raise InputError(f"pred: {it.path.name} holds {itype} but the calibrator expects "
@@ -224,7 +260,6 @@ def calibrate_folder(
             key = "probabilities" if output == "probs" else "logits"
         write_like_source(out / it.path.name, arr, it.path, key=key, dtype=None)
         result.files.append(it.path.name)
-    finish_folder(out, float32_files=list(result.float32_files))
     return result
 
 

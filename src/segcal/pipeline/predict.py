@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from segcal.io.predictions import begin_folder, finish_folder, read_folder_meta,
 from segcal.models import LoadedModel, create_model
 from segcal.models.unet3d import MODEL_NAME as UNET3D_NAME
 from segcal.models.unet3d import load_unet3d_hippocampus
+from segcal.pipeline.distributed import current, on_each, on_main, shard
 
 #: ``transform(image_uint8 (H, W, 3), stem) -> image_uint8 (H, W, 3)``, applied before preprocessing
 Transform = Callable[[np.ndarray, str], np.ndarray]
@@ -93,6 +95,7 @@ def predict_folder(
     progress: bool = True,
     dtype: str = "float16",
     overwrite: bool = False,
+    distributed: bool = False,
 ) -> PredictResult:
     """Predict logits for every image of ``images`` into the prediction folder ``out``.
 
@@ -121,6 +124,12 @@ def predict_folder(
         Storage dtype of the logits: ``"float16"`` (default) or ``"float32"``.
     overwrite
         Allow writing into a folder whose ``segcal.json`` names a different model / class count.
+    distributed
+        Share the images among the ranks of the initialised process group (``torchrun``): rank 0
+        checks and opens the folder (manifest marked incomplete) while the others wait, each rank
+        predicts and writes its contiguous block of the sorted images, and rank 0 marks the folder
+        complete once every rank has finished; a failure on any rank stops every rank and leaves
+        the folder incomplete. Every rank returns the whole folder's stems.
 
     Returns
     -------
@@ -159,28 +168,38 @@ def predict_folder(
 
     # ---- output folder: the manifest first, marked incomplete
     out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out: {out_dir} exists and is not a folder; expected a folder to write into")
-    old = read_folder_meta(out_dir) if out_dir.is_dir() else {}
-    if old and not overwrite:
-        if old.get("model") != lm.name or old.get("num_classes") != lm.num_classes:
-            raise InputError(
-                f"--out: {out_dir} already holds predictions of model {old.get('model')!r} "
-                f"({old.get('num_classes')} classes); use a new folder or --overwrite"
-            )
-    begin_folder(
-        out_dir,
-        input_type="logits",
-        num_classes=lm.num_classes,
-        class_names=list(lm.class_names),
-        ignore_index=lm.ignore_index,
-        model=lm.name,
-        model_description=lm.description,
-        images=source if source != "items" else None,
-        labels=os.fspath(labels) if labels is not None else None,
-        transform=None if transform is None else getattr(transform, "__name__", repr(transform)),
-        dtype=dtype,
-    )
+    w = current()
+    distributed = distributed and w.distributed
+
+    def open_folder() -> None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(f"--out: {out_dir} exists and is not a folder; expected a folder to write into")
+        old = read_folder_meta(out_dir) if out_dir.is_dir() else {}
+        if old and not overwrite:
+            if old.get("model") != lm.name or old.get("num_classes") != lm.num_classes:
+                raise InputError(
+                    f"--out: {out_dir} already holds predictions of model {old.get('model')!r} "
+                    f"({old.get('num_classes')} classes); use a new folder or --overwrite"
+                )
+        begin_folder(
+            out_dir,
+            input_type="logits",
+            num_classes=lm.num_classes,
+            class_names=list(lm.class_names),
+            ignore_index=lm.ignore_index,
+            model=lm.name,
+            model_description=lm.description,
+            images=source if source != "items" else None,
+            labels=os.fspath(labels) if labels is not None else None,
+            transform=None if transform is None else getattr(transform, "__name__", repr(transform)),
+            dtype=dtype,
+        )
+
+    if distributed:
+        on_main(open_folder)
+        items = shard(items, w.rank, w.size)
+    else:
+        open_folder()
 
     # ---- run
     res = PredictResult(out_dir=out_dir, model=lm.name, num_classes=lm.num_classes)
@@ -206,29 +225,45 @@ def predict_folder(
             res.stems.append(stem)
         batch.clear()
 
-    with tqdm(total=len(items), unit="img", desc=f"predict {lm.name}", disable=not progress) as bar:
-        for it in items:
-            img = load_image(it.image_path)
-            if transform is not None:
-                img = _check_transformed(transform(img, it.stem), it.stem)
-            if it.label_path is not None:
-                lab = load_label(it.label_path, expected_hw=img.shape[:2])
-                check_label_values(lab, lm.num_classes, lm.ignore_index, str(it.label_path))
-            if batch and batch[0][1].shape != img.shape:
-                n = len(batch)
-                flush()
-                bar.update(n)
-            batch.append((it.stem, img))
-            if len(batch) >= batch_size:
-                n = len(batch)
-                flush()
-                bar.update(n)
-        n = len(batch)
-        flush()
-        bar.update(n)
+    def run_items() -> list[str]:
+        with tqdm(total=len(items), unit="img", desc=f"predict {lm.name}",
+                  disable=not progress or not w.is_main) as bar:
+            _predict_items(items, lm, transform, batch_size, flush, batch, bar)
+        return res.stems
+
+    if distributed:
+        res.stems = [stem for part in on_each(run_items) for stem in part]  # rank order = sorted order
+        res.seconds = time.perf_counter() - t0
+        on_main(lambda: finish_folder(out_dir, n_images=len(res.stems)))
+        return res
+    run_items()
     res.seconds = time.perf_counter() - t0
     finish_folder(out_dir, n_images=len(res.stems))
     return res
+
+
+def _predict_items(items: Sequence[SegItem], lm: LoadedModel, transform: Transform | None, batch_size: int,
+                   flush: Callable[[], None], batch: list[tuple[str, np.ndarray]], bar: Any) -> None:
+    """The reading loop of :func:`predict_folder`: consecutive images of one size in batches."""
+    for it in items:
+        img = load_image(it.image_path)
+        if transform is not None:
+            img = _check_transformed(transform(img, it.stem), it.stem)
+        if it.label_path is not None:
+            lab = load_label(it.label_path, expected_hw=img.shape[:2])
+            check_label_values(lab, lm.num_classes, lm.ignore_index, str(it.label_path))
+        if batch and batch[0][1].shape != img.shape:
+            n = len(batch)
+            flush()
+            bar.update(n)
+        batch.append((it.stem, img))
+        if len(batch) >= batch_size:
+            n = len(batch)
+            flush()
+            bar.update(n)
+    n = len(batch)
+    flush()
+    bar.update(n)
 
 
 # --------------------------------------------------------------------------- 3D volumes
