@@ -59,6 +59,15 @@ convention of :func:`segcal.metrics.binning.bin_index` (confidence 1.0 in the la
 ``image_dice_per_class`` / ``image_iou_per_class``
     Per image (case) and class; NaN where the class is absent from both label and prediction.
 
+``aurc``, ``eaurc``, ``augrc``, ``risk_at_coverage_P``, ``failure_auroc``, ``failure_aupr`` (and a
+``*_tie_bound`` for each), ``risk_coverage``
+    Pixel failure detection from the fine histogram: :mod:`segcal.metrics.failure`.
+``image_failure``, ``image_error_rate_values``, ``image_dice_values``, ``image_mean_confidence_values``,
+``image_low_confidence_fraction_values``, ``image_low_confidence_threshold``
+    Image-level failure detection from the per-image rows: :func:`segcal.metrics.failure.image_failure`.
+``smece``, ``smece_sigma``
+    Smooth ECE at its automatic bandwidth (Błasiok & Nakkiran 2023): :mod:`segcal.metrics.smooth`.
+
 Averaged classes: ``range(C)`` minus ``ignore_index`` when the ignore index is a channel index
 (e.g. CamVid's 12-output ESPNet with void = 11), unless ``average_classes`` is given.
 """
