@@ -8,27 +8,50 @@ when there is no validation set) by :func:`segcal.pipeline.evaluate.evaluate_fol
 ``--images DIR`` (input images whose stems match the predictions) fits a calibrator with an image
 branch: LTS / IBTS / LTS(log S) get ``use_image=True``; selective scaling passes it to its base
 (``--method selective --base lts --images DIR``). RGB files are normalised like the models'
-inputs (ImageNet mean/std); ``.npy`` images are used as they are.
+inputs (ImageNet mean/std); ``.npy`` images are used as they are. ``--extra-pred DIR``
+(repeatable) adds prediction folders fitted together with ``--pred`` (e.g. of perturbed copies of
+the images); their images follow ``--pred``'s split.
+
+``--model NAME --images DIR|ALIAS [--labels DIR]`` fits on the model's outputs instead
+(:func:`segcal.pipeline.fit_model.fit_from_model`; no logits are written), optionally with
+``--perturb SPEC`` (perturbation-augmented fitting, :func:`segcal.pipeline.fit_model.parse_perturb`);
+the before/after metrics are then measured on the clean validation images by
+:func:`segcal.pipeline.fit_model.evaluate_model`.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from segcal.calibrators import FolderBatches, create, resolve
+from segcal.adaptation import load_adapted
+from segcal.calibrators import Calibrator, FolderBatches, create, resolve
 from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_type_from_args
+from segcal.datasets import check_label_values, load_label
 from segcal.errors import InputError
 from segcal.io import PredictionFolder
 from segcal.io.files import atomic_write
+from segcal.metrics import CalibrationMetrics
+from segcal.models import UNET3D_MODEL_NAME, create_model
 from segcal.pipeline.evaluate import (
     evaluate_folder,
     find_label_error,
     folder_input_type,
+)
+from segcal.pipeline.fit_model import (
+    batch_preprocess,
+    evaluate_model,
+    fit_from_model,
+    folder_items,
+    folder_loader,
+    parse_perturb,
 )
 
 SUMMARY = [("nll", "NLL"), ("ece", "ECE (pooled, 15 bins)"), ("image_ece", "ECE (image-wise)"),
@@ -89,22 +112,95 @@ def _print_fit_info(info: dict[str, Any], out: str) -> None:
               f"t_mispred = {info['t_mispred']:g} (by {info.get('t_mispred_selected_by')})")
 
 
+def _summary(args: argparse.Namespace, cal: Calibrator, before: CalibrationMetrics,
+             after: CalibrationMetrics, where: str, n_images: int) -> None:
+    """Print the before/after table (and write ``--json``)."""
+    b_all, a_all = before.compute(), after.compute()
+    print(f"\nmetrics on the {where} images ({n_images}):")
+    print(f"  {'metric':24s} {'before':>10s} {'after':>10s}")
+    summary = {}
+    for key, label in SUMMARY:
+        b, a = b_all.get(key), a_all.get(key)
+        if b is None or a is None:
+            continue
+        summary[key] = {"before": float(b), "after": float(a)}
+        print(f"  {label:24s} {float(b):10.4f} {float(a):10.4f}")
+    if args.json:
+        with atomic_write(args.json, "w") as fh:
+            json.dump({"method": cal.name, "fit_info": cal.fit_info, "metrics": summary,
+                       "evaluated_on": where}, fh, indent=2, default=str)
+
+
+def _check_mode(args: argparse.Namespace) -> None:
+    """One of --pred / --model, and only the flags of that mode."""
+    if args.pred is not None and args.model is not None:
+        raise InputError("--pred and --model: pass one of them (a prediction folder, or a model to run "
+                         "over --images)")
+    if args.pred is None and args.model is None:
+        raise InputError("missing required argument: --pred (a prediction folder) or --model (a "
+                         "registered model, with --images)")
+    if args.pred is not None:
+        for flag, val in (("--perturb", args.perturb), ("--perturb-sample", args.perturb_sample),
+                          ("--checkpoint", args.checkpoint)):
+            if val is not None:
+                raise InputError(f"{flag}: goes with --model (running the model on the images); with "
+                                 "--pred, pass prediction folders of perturbed images as --extra-pred")
+        if args.labels is None:
+            raise InputError("missing required argument: --labels (the label folder of --pred)")
+    elif args.extra_pred:
+        raise InputError("--extra-pred: goes with --pred (prediction folders); with --model use --perturb")
+
+
 def run(args: argparse.Namespace) -> int:
-    inputs = {"--pred": args.pred, "--labels": args.labels, "--images": args.images}
+    _check_mode(args)
+    if args.model is not None:
+        return _run_model(args)
+    return _run_pred(args)
+
+
+def _extra_folders(args: argparse.Namespace, input_type: str | None) -> list[PredictionFolder]:
+    extras = []
+    for d in args.extra_pred or []:
+        try:
+            extra = PredictionFolder(d, args.labels, input_type=input_type)
+        except (InputError, ValueError) as exc:  # e.g. stems that do not match the labels
+            raise InputError(f"--extra-pred {d}: {exc}") from None
+        extras.append(extra)
+    if extras and args.images is not None:
+        raise InputError("--images with --extra-pred: the image branch would need the perturbed images "
+                         "too; fit the image branch without --extra-pred")
+    return extras
+
+
+def _run_pred(args: argparse.Namespace) -> int:
+    inputs = {"--pred": args.pred, "--labels": args.labels, "--images": args.images,
+              **{f"--extra-pred {d}": d for d in args.extra_pred or []}}
     check_out_path(args.out, inputs, kind="file", flag="--out")
     if args.json:
         check_out_path(args.json, {**inputs, "--out": args.out}, kind="file", flag="--json")
     device = device_from_arg(args.device)
     folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
     input_type = folder_input_type(folder, names=CLI_FLAGS)
+    extras = _extra_folders(args, input_type_from_args(args))
     fit_stems, val_stems = split_stems(folder.stems, args.val_fraction, args.seed)
+
+    def batches(stems: list[str]) -> FolderBatches | Any:
+        main = FolderBatches(folder, stems, images=args.images)
+        if not extras:
+            return main
+        parts = [main] + [FolderBatches(e, [s for s in stems if s in set(e.stems)]) for e in extras]
+
+        def chained() -> Iterator[Any]:
+            return itertools.chain.from_iterable(parts)
+        return chained
+
     cal = create(args.method, **_calibrator_kwargs(args, input_type, device))
-    print(f"fitting {cal.name} on {len(fit_stems)} image(s), validating on {len(val_stems)} "
+    more = f" (+ {len(extras)} extra folder(s))" if extras else ""
+    print(f"fitting {cal.name} on {len(fit_stems)} image(s){more}, validating on {len(val_stems)} "
           f"(seed {args.seed}, objective {args.objective})")
     try:
-        cal.fit(FolderBatches(folder, fit_stems, images=args.images), ignore_index=args.ignore_index,
-                val=FolderBatches(folder, val_stems, images=args.images) if val_stems else None,
-                progress=not args.no_progress)
+        cal.fit(batches(fit_stems), ignore_index=args.ignore_index,
+                val=batches(val_stems) if val_stems else None, progress=not args.no_progress)
     except ValueError as exc:  # labels outside the classes: name the file and --ignore-index
         found = find_label_error(folder, None, int(folder.read(folder.items[0])[0].shape[0]),
                                  args.ignore_index, CLI_FLAGS)
@@ -112,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise found from exc
     cal.fit_info["split"] = {"fit": fit_stems, "val": val_stems, "seed": args.seed}
+    if extras:
+        cal.fit_info["extra_pred"] = [str(d) for d in args.extra_pred]
     if args.images is not None:
         cal.fit_info["images"] = {"folder": str(args.images),
                                   "preprocessing": "RGB/255, ImageNet mean/std; .npy as is"}
@@ -121,19 +219,70 @@ def run(args: argparse.Namespace) -> int:
     evaluation = evaluate_folder(folder, calibrator=cal, stems=eval_stems, images=args.images,
                                  ignore_index=args.ignore_index, n_bins=15, names=CLI_FLAGS)
     assert evaluation.calibrated is not None
-    before, after = evaluation.metrics.compute(), evaluation.calibrated.compute()
     where = "validation" if val_stems else "fit (no validation images)"
-    print(f"\nmetrics on the {where} images ({len(eval_stems)}):")
-    print(f"  {'metric':24s} {'before':>10s} {'after':>10s}")
-    summary = {}
-    for key, label in SUMMARY:
-        b, a = before.get(key), after.get(key)
-        if b is None or a is None:
-            continue
-        summary[key] = {"before": float(b), "after": float(a)}
-        print(f"  {label:24s} {float(b):10.4f} {float(a):10.4f}")
+    _summary(args, cal, evaluation.metrics, evaluation.calibrated, where, len(eval_stems))
+    return 0
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    if args.images is None:
+        raise InputError("missing required argument: --images (the images to run --model on)")
+    if args.model == UNET3D_MODEL_NAME:
+        raise InputError(f"--model {UNET3D_MODEL_NAME}: fitting from 3D volumes runs through its "
+                         "prediction folder: segcal predict, then segcal fit --pred")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    spec = parse_perturb(args.perturb, sample=args.perturb_sample, seed=args.perturb_seed, name="--perturb")
+    items = folder_items(args.images, args.labels, data_root=args.data_root)
+    inputs = {"--images": items[0].image_path.parent, "--labels": items[0].label_path.parent,  # type: ignore[union-attr]
+              "--checkpoint": args.checkpoint}
+    check_out_path(args.out, inputs, kind="file", flag="--out")
     if args.json:
-        with atomic_write(args.json, "w") as fh:
-            json.dump({"method": cal.name, "fit_info": cal.fit_info, "metrics": summary,
-                       "evaluated_on": where}, fh, indent=2, default=str)
+        check_out_path(args.json, {**inputs, "--out": args.out}, kind="file", flag="--json")
+    device = device_from_arg(args.device)
+    try:
+        loaded = create_model(args.model, data_root=args.data_root, device=device)
+    except ValueError as exc:  # an unknown name: the registry lists the known ones
+        raise InputError(f"--model: {exc}") from None
+    if args.checkpoint:
+        info = load_adapted(loaded, args.checkpoint)
+        print(f"loaded {info['method']} checkpoint (epoch {info['epoch']}) into {args.model}", file=sys.stderr)
+    input_type = input_type_from_args(args) or "logits"
+    by_stem = {it.stem: it for it in items}
+    fit_stems, val_stems = split_stems(sorted(by_stem), args.val_fraction, args.seed)
+    kw = vars(args).copy()
+    kw["images"] = None  # --images are the model's inputs here, not an image branch
+    cal = create(args.method, **_calibrator_kwargs(argparse.Namespace(**kw), input_type, device))
+    prep = batch_preprocess(loaded.preprocess)
+
+    def loader(stems: list[str]) -> Any:
+        return folder_loader([by_stem[s] for s in stems], loaded.preprocess, batch_size=args.batch_size)
+
+    copies = f", each clean and under {spec.copies - 1} perturbation(s)" if spec else ""
+    print(f"fitting {cal.name} on {args.model}'s outputs for {len(fit_stems)} image(s){copies}, validating "
+          f"on {len(val_stems)} (seed {args.seed}, objective {args.objective})")
+    try:
+        fit_from_model(loaded.module, loader(fit_stems), calibrator=cal,
+                       val_loader=loader(val_stems) if val_stems else None, device=device,
+                       ignore_index=args.ignore_index, preprocess=prep, perturb=spec,
+                       progress=not args.no_progress)
+    except ValueError as exc:  # labels outside the classes: name the file and --ignore-index
+        for it in items:
+            try:
+                check_label_values(load_label(it.label_path), loaded.num_classes, args.ignore_index,  # type: ignore[arg-type]
+                                   str(it.label_path))
+            except InputError as bad:
+                raise InputError(f"{bad}; pass --ignore-index V if V marks pixels to ignore") from exc
+        raise
+    cal.fit_info["split"] = {"fit": fit_stems, "val": val_stems, "seed": args.seed}
+    cal.fit_info["model"] = {"name": args.model, "checkpoint": args.checkpoint, "images": str(args.images),
+                             "labels": str(inputs["--labels"])}
+    cal.save(args.out)
+    _print_fit_info(cal.fit_info, args.out)
+    eval_stems = val_stems or fit_stems
+    before, after = evaluate_model(loaded.module, loader(eval_stems), cal, num_classes=loaded.num_classes,
+                                   ignore_index=args.ignore_index, device=device, preprocess=prep)
+    assert after is not None
+    where = "validation" if val_stems else "fit (no validation images)"
+    _summary(args, cal, before, after, where, len(eval_stems))
     return 0

@@ -9,11 +9,14 @@ from segcal.cli.options import add_device_arg, add_input_type_args, add_progress
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("fit", help="fit a calibrator on a prediction folder",
-                       description="Fit a calibrator on held-out predictions and labels; save it "
-                       "for `segcal apply` / segcal.load.")
-    p.add_argument("--pred", required=True, help="prediction folder (.npy/.npz, (C, *spatial))")
-    p.add_argument("--labels", required=True, help="label folder (same stems)")
+    p = sub.add_parser("fit", help="fit a calibrator on a prediction folder or a model's outputs",
+                       description="Fit a calibrator on held-out predictions and labels (--pred), or "
+                       "on the outputs of a registered model run over images (--model, no logits "
+                       "written); save it for `segcal apply` / segcal.load.")
+    p.add_argument("--pred", default=None,
+                   help="prediction folder (.npy/.npz, (C, *spatial)); or pass --model")
+    p.add_argument("--labels", default=None,
+                   help="label folder (same stems); with --model and a dataset alias, its labels")
     p.add_argument("--method", required=True, help="calibrator name or alias (see `segcal calibrators`)")
     p.add_argument("--out", required=True, help="where to save the fitted calibrator (.pt)")
     p.add_argument("--ignore-index", type=int, default=None, help="label value to ignore (e.g. 255)")
@@ -23,8 +26,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--base", default=None,
                    help="base calibrator of a composed method (e.g. --method selective --base ts)")
     p.add_argument("--images", default=None,
-                   help="folder of input images (stems matching --pred): fits the image branch of "
-                        "LTS/IBTS (use_image=True; also as the base of selective scaling)")
+                   help="with --pred: folder of input images (stems matching --pred) that fits the image "
+                        "branch of LTS/IBTS (use_image=True; also as the base of selective scaling); "
+                        "with --model: the images to run the model on (a folder or a dataset alias "
+                        "such as camvid:val, as `segcal predict --images`)")
     p.add_argument("--objective", choices=("nll", "brier", "dice", "dece"), default="nll")
     p.add_argument("--optimizer", choices=("auto", "lbfgs", "adam"), default="auto",
                    help="auto: the calibrator's default (L-BFGS in memory, else Adam; Adam for LTS/IBTS)")
@@ -34,5 +39,26 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--subsample", type=float, default=None, help="fraction of valid pixels kept (seeded)")
     add_device_arg(p, "cpu")
     p.add_argument("--json", default=None, help="also write the summary as JSON")
+    m = p.add_argument_group("fitting from a model (instead of --pred)")
+    m.add_argument("--model", default=None, help="registered model to run over --images (see "
+                   "`segcal predict --list-models`); its logits go to the fit without being written")
+    m.add_argument("--checkpoint", default=None, help="weights of a segcal adapt checkpoint for --model")
+    m.add_argument("--data-root", default=None, help="folder holding camvid/ and espnet/ (default: "
+                   "SEGCAL_DATA or ../shared/data)")
+    m.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    m.add_argument("--perturb", default=None, metavar="SPEC",
+                   help="perturbation-augmented fitting: also fit on each image under segcal.shift "
+                        "corruptions, e.g. gaussian_noise:1-5,contrast:3 (NAME, NAME:S or NAME:A-B; "
+                        "all = every corruption); the validation images are perturbed alike")
+    m.add_argument("--perturb-sample", type=int, default=None, metavar="K",
+                   help="draw K of the --perturb perturbations per image (seeded by the image's "
+                        "stem) instead of all of them")
+    m.add_argument("--perturb-seed", type=int, default=0,
+                   help="seed of the corruptions (per image: from seed and stem, as `segcal predict "
+                        "--corruption --seed`) and of --perturb-sample")
+    p.add_argument("--extra-pred", action="append", default=None, metavar="DIR",
+                   help="with --pred: another prediction folder fitted together with it, e.g. "
+                        "predictions of perturbed copies of the images made by yourself (the same stems "
+                        "and --labels as --pred; they follow --pred's fit/validation split); repeatable")
     add_progress_arg(p)
     return p
