@@ -10,44 +10,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_type_from_args
-from segcal.errors import InputError
-from segcal.io.files import atomic_write, to_jsonable
-from segcal.metrics import CalibrationMetrics
+from segcal.datasets.camvid import CAMVID_CLASSES
+from segcal.errors import InputError, missing_dependency
+from segcal.io.files import atomic_write
 from segcal.pipeline.distributed import rank_device, world
-from segcal.pipeline.evaluate import evaluate_folder
+from segcal.pipeline.evaluate import FolderEvaluation, evaluate_folder
+from segcal.report.folder_report import (
+    FAILURE,
+    SUMMARY,
+    folder_report_html,
+    folder_summary,
+    headline,
+)
+from segcal.report.reliability import figure_bytes, reliability_diagram
 
-#: (key, label) pairs printed in the summary table, in order
-SUMMARY = [
-    ("ece", "ECE (pooled, top-label)"),
-    ("image_ece", "ECE (image-wise mean)"),
-    ("image_ece_std", "ECE (image-wise std)"),
-    ("mce", "MCE (pooled)"),
-    ("rmsce", "RMS calibration error"),
-    ("ace_adaptive", "ACE adaptive (equal-mass)"),
-    ("ace_unweighted", "ACE unweighted (RPH)"),
-    ("classwise_ece", "Class-wise ECE"),
-    ("ece_correct", "ECE on correct pixels"),
-    ("ece_mispredicted", "ECE on mispredicted pixels"),
-    ("nll", "NLL"),
-    ("brier", "Brier (multiclass sum)"),
-    ("accuracy", "Pixel accuracy"),
-    ("mean_confidence", "Mean confidence"),
-    ("miou", "mIoU"),
-    ("mdice", "mean Dice"),
-]
-
+#: the file types of the figure and report outputs
+SUFFIXES = {"--plot": (".png", ".svg"), "--html": (".html", ".htm")}
 
 def format_table(results: dict[str, Any]) -> str:
     """The printed summary of ``CalibrationMetrics.compute()``."""
     lines = [f"{'metric':<30} {'value':>10}", "-" * 41]
-    for key, label in SUMMARY:
-        v = results.get(key)
-        if v is None:
-            continue
-        lines.append(f"{label:<30} {v:>10.5f}")
+    lines += [f"{label:<30} {v:>10.5f}" for label, v in headline(results, SUMMARY)]
+    failure = headline(results, FAILURE)
+    if failure:
+        lines.append(f"{'failure detection':<30}")
+        lines += [f"  {label:<28} {v:>10.5f}" for label, v in failure]
     lines.append(f"{'images / valid pixels':<30} {results['n_images']:>5d} / {results['n_pixels']}")
     iou = results.get("iou_per_class")
     if iou is not None:
@@ -60,10 +53,22 @@ def run(args: argparse.Namespace) -> int:
     if args.bins < 1:
         raise InputError(f"--bins: expected a positive integer, got {args.bins}")
     inputs = {"--pred": args.pred, "--labels": args.labels}
-    for flag in ("--json", "--save-state"):
+    for flag in ("--json", "--save-state", "--plot", "--html"):
         out = getattr(args, flag[2:].replace("-", "_"))
         if out:
             check_out_path(out, inputs, kind="file", flag=flag)
+            check_writable(out, flag)
+    for flag, suffixes in SUFFIXES.items():
+        out = getattr(args, flag[2:])
+        if out and Path(out).suffix.lower() not in suffixes:
+            raise InputError(f"{flag} {out}: has the extension {Path(out).suffix or '(none)'!r}; expected "
+                             f"{' or '.join(suffixes)}")
+    if args.plot or args.html:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise missing_dependency("matplotlib", "plot", "--plot / --html") from exc
+    class_names(args)
     device = device_from_arg(args.device)
     with world(device) as w:
         evaluation = evaluate_folder(
@@ -78,24 +83,71 @@ def run(args: argparse.Namespace) -> int:
             distributed=w.distributed,
         )
         if w.is_main:
-            report(args, evaluation.metrics)
+            report(args, evaluation)
     return 0
 
 
-def report(args: argparse.Namespace, metrics: CalibrationMetrics) -> None:
-    """Print the table and write ``--json`` / ``--save-state`` (rank 0 alone under torchrun)."""
+def check_writable(out: str | os.PathLike, flag: str) -> None:
+    """Refuse an output file whose folder cannot be created or written (before the evaluation runs)."""
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {out}: {parent} is a file, not a folder; pass a {flag} in a folder")
+    try:  # a real probe: os.access says yes to root on folders that refuse new files (/sys, read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=".segcal-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{flag} {out}: the folder {parent} is not writable ({exc.strerror or exc}); pass a "
+                         f"{flag} in a writable folder") from exc
+
+
+def class_names(args: argparse.Namespace) -> list[str] | None:
+    """``--class-names``: the names by class index (``camvid``: CamVid's 11 classes and ``void``,
+    the 12th output of the CamVid ESPNet)."""
+    names = getattr(args, "class_names", None)
+    if not names:
+        return None
+    if len(names) == 1 and names[0].lower() == "camvid":
+        return [*CAMVID_CLASSES, "void"]
+    return list(names)
+
+
+def _write(path: str, data: bytes | str, flag: str) -> None:
+    try:
+        with atomic_write(path, "wb" if isinstance(data, bytes) else "w") as fh:
+            fh.write(data)
+    except OSError as exc:
+        raise InputError(f"{flag} {path}: cannot be written ({exc.strerror or exc}); nothing was written "
+                         f"there, pass another {flag}") from exc
+
+
+def report(args: argparse.Namespace, evaluation: FolderEvaluation) -> None:
+    """Print the table and write ``--json`` / ``--save-state`` / ``--plot`` / ``--html`` (rank 0 alone
+    under torchrun). Every output is rendered in memory first, then written atomically."""
+    metrics = evaluation.metrics
+    config = {
+        "pred": str(args.pred),
+        "labels": str(args.labels),
+        "ignore_index": args.ignore_index,
+        "n_bins": args.bins,
+        "input_type": metrics.input_type,
+    }
     results = metrics.compute()
     print(format_table(results))
+    summary = folder_summary(evaluation, config, results)
+    outputs: list[tuple[str, bytes | str, str]] = []
     if args.json:
-        payload = to_jsonable(results)
-        payload["config"] = {
-            "pred": str(args.pred),
-            "labels": str(args.labels),
-            "ignore_index": args.ignore_index,
-            "n_bins": args.bins,
-            "input_type": metrics.input_type,
-        }
-        with atomic_write(args.json, "w") as fh:
-            json.dump(payload, fh, indent=2)
+        outputs.append((args.json, json.dumps(summary, indent=2), "--json"))
+    names = class_names(args)
+    if args.plot:
+        fig = reliability_diagram(summary)
+        outputs.append((args.plot, figure_bytes(fig, Path(args.plot).suffix.lower()[1:], dpi=120), "--plot"))
+    if args.html:
+        outputs.append((args.html, folder_report_html(summary, class_names=names,
+                                                      title=f"segcal eval: {Path(args.pred).name}"), "--html"))
+    for path, data, flag in outputs:
+        _write(path, data, flag)
     if args.save_state:
         metrics.save(args.save_state)

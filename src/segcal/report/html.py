@@ -20,6 +20,7 @@ import torch
 from segcal.bench.results import FigureData
 from segcal.bench.spec import IN_DOMAIN, SHIFT_MODEL
 from segcal.io.files import atomic_write
+from segcal.report.page import CSS, html_document
 from segcal.report.tables import markdown_report
 
 
@@ -273,22 +274,6 @@ def md_to_html(md: str) -> str:
     return "\n".join(out)
 
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1320px;
-color:#222;padding:0 16px;line-height:1.4}
-h1{font-size:1.6em;border-bottom:2px solid #4c72b0;padding-bottom:4px}
-h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
-.tw{overflow-x:auto;margin:8px 0}
-table{border-collapse:collapse;font-size:12.5px;white-space:nowrap}
-th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
-th{background:#f2f4f8}
-td:first-child,th:first-child{text-align:left;font-weight:600}
-tr:nth-child(even) td{background:#fafafa}
-td.sig{color:#8b1a1a}\nsmall{color:#666;font-size:10.5px}\ntd.sig small{color:#8b1a1a}
-code{background:#f4f4f4;padding:0 3px;border-radius:3px;font-size:.92em}
-img{max-width:100%;height:auto;border:1px solid #eee}
-ul{font-size:13.5px}
-"""
 
 
 def write_report(results: dict[str, Any], figures: Mapping[str, FigureData], path: str | Path,
@@ -325,12 +310,11 @@ def write_report(results: dict[str, Any], figures: Mapping[str, FigureData], pat
 
 
 def _write_doc(body: list[str], path: str | Path, title: str) -> Path:
-    doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    doc = html_document(body, title)
     path = Path(path)
     with atomic_write(path, "w") as fh:
         fh.write(doc)
     return path
 
 
-__all__ = ["maps_figure", "md_to_html", "reliability_figure", "slices_figure", "write_report"]
+__all__ = ["CSS", "html_document", "maps_figure", "md_to_html", "reliability_figure", "slices_figure", "write_report"]

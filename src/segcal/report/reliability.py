@@ -50,6 +50,7 @@ LABELS = {
     "under": "under-confident gap (green): accuracy > confidence, from the bin's mean confidence up to "
              "the bar's top; the bar ends above the diagonal",
     "diag": "perfect calibration (accuracy = confidence)",
+    "diag_k": "perfect calibration (fraction labelled k = mean q_k)",
     "count": "pixels per bin (log scale)",
     "over_k": "over-confident gap (red): fraction labelled k < mean q_k, from the bar's top up to the mean "
               "q_k; the bar ends below the diagonal",
@@ -234,7 +235,7 @@ def _panel(ax: Any, edges: np.ndarray, count: np.ndarray, conf: np.ndarray, acc:
             gap = ax.bar(centers[sel], np.abs(diff[sel]), bottom=lo, width=width[sel], color=color,
                          edgecolor=EDGE[key], hatch="///", lw=0.6, label=LABELS[key + suffix], zorder=3)
             _tag(gap, f"gap-{key}")
-    ax.plot([0, 1], [0, 1], ls="--", color="black", lw=1.0, label=LABELS["diag"], zorder=4)
+    ax.plot([0, 1], [0, 1], ls="--", color="black", lw=1.0, label=LABELS["diag" + suffix], zorder=4)
     ax.set_xlim(float(edges[0]), float(edges[-1]))
     ax.set_ylim(0, 1)
     ax.set_aspect("auto")
@@ -245,6 +246,24 @@ def _panel(ax: Any, edges: np.ndarray, count: np.ndarray, conf: np.ndarray, acc:
         if ok.any():
             hist_ax.set_yscale("log")
         hist_ax.set_xlim(float(edges[0]), float(edges[-1]))
+
+
+def _legend_entries(suffix: str, show_gap: bool, counts: bool) -> tuple[list[Any], list[str]]:
+    """Handles and labels of every colour a diagram uses, in a fixed order (both gap kinds are
+    explained even where a diagram has bins of one kind only)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    entries: list[tuple[Any, str]] = [
+        (Line2D([], [], ls="--", color="black", lw=1.0), LABELS["diag" + suffix]),
+        (Patch(facecolor=ACC_COLOR, edgecolor="white"), LABELS["freq" if suffix else "bars"]),
+    ]
+    if show_gap:
+        entries += [(Patch(facecolor=OVER_COLOR, edgecolor=EDGE["over"], hatch="///"), LABELS["over" + suffix]),
+                    (Patch(facecolor=UNDER_COLOR, edgecolor=EDGE["under"], hatch="///"), LABELS["under" + suffix])]
+    if counts:
+        entries.append((Patch(facecolor=COUNT_COLOR, edgecolor="white"), LABELS["count"]))
+    return [h for h, _ in entries], [t for _, t in entries]
 
 
 def _title(base: str | None, ece: float | None, what: str) -> str:
@@ -292,7 +311,7 @@ def reliability_diagram(
     show_counts
         Draw the pixels-per-bin histogram (log scale) under the pooled diagram.
     title
-        Figure title (the ECE is added to it).
+        Figure title (the pooled ECE is added to it; ``""`` with ``per_class``: no figure title).
     ncols
         Panels per row with ``per_class``.
 
@@ -339,10 +358,7 @@ def reliability_diagram(
            bar_label=LABELS["bars"], hist_ax=hist_ax)
     ax.set_ylabel("accuracy")
     ax.set_title(_title(title or "reliability (pooled, top-label)", data.ece, "ECE"), fontsize=10)
-    handles, labels = ax.get_legend_handles_labels()
-    if hist_ax is not None:
-        h2, l2 = hist_ax.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
+    handles, labels = _legend_entries("", show_gap, hist_ax is not None)
     if own:  # below the diagram, where it hides no bar
         texts = [textwrap.fill(t, 78) for t in labels]
         legend_in = 0.125 * sum(t.count("\n") + 1 for t in texts) + 0.05 * len(texts) + 0.1
@@ -399,21 +415,19 @@ def _per_class(data: ReliabilityData, classes: Sequence[int] | None, class_names
             ax.set_xlabel("mean $q_k$ of the bin", fontsize=8)
     for row in axes:
         row[0].set_ylabel("fraction labelled $k$", fontsize=8)
-    handles, labels = {}, {}
-    for ax in axes.ravel()[: len(chosen)]:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(lab, h)
-            labels.setdefault(lab, lab)
-    fig.suptitle(title or "reliability per class (class-wise bins)", fontsize=10)
-    texts = [textwrap.fill(t, 70) for t in labels.values()]
-    fig.legend(list(handles.values()), texts, loc="lower center", ncol=2 if ncols > 1 else 1, fontsize=7,
+    handles, labels = _legend_entries("_k", show_gap, False)
+    top = 0.3 if title != "" else 0.05
+    if title != "":
+        fig.suptitle(title or "reliability per class (class-wise bins)", fontsize=10)
+    texts = [textwrap.fill(t, 70) for t in labels]
+    fig.legend(handles, texts, loc="lower center", ncol=2 if ncols > 1 else 1, fontsize=7,
                bbox_to_anchor=(0.5, 0.0), frameon=False)
     lines = [t.count("\n") + 1 for t in texts]
     col_lines = max(sum(lines[0::2]), sum(lines[1::2])) if ncols > 1 else sum(lines)
     legend_in = 0.13 * col_lines + 0.25
     height = fig.get_size_inches()[1] + legend_in
     fig.set_size_inches(fig.get_size_inches()[0], height)
-    fig.tight_layout(rect=(0, legend_in / height, 1, 1 - 0.3 / height))
+    fig.tight_layout(rect=(0, legend_in / height, 1, 1 - top / height))
     return fig
 
 

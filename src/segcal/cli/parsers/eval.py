@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from segcal.cli.options import add_device_arg, add_input_type_args, add_progress_arg
+from segcal.cli.options import add_device_arg, add_input_type_args, add_progress_arg, csv_arg
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -23,6 +23,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--ignore-index", type=int, default=None, help="label value to ignore (e.g. 255)")
     p.add_argument("--bins", type=int, default=15, help="number of equal-width confidence bins (default 15)")
     p.add_argument("--json", default=None, help="write every metric to this JSON file")
+    p.add_argument("--plot", default=None, metavar="FILE.png|FILE.svg",
+                   help="write the pooled reliability diagram (needs matplotlib: pip install 'segcal[plot]')")
+    p.add_argument("--html", default=None, metavar="FILE.html",
+                   help="write a self-contained one-folder HTML report: headline metrics, reliability diagram, "
+                   "per-class table and diagrams, per-image ECE distribution (needs matplotlib)")
+    p.add_argument("--class-names", default=None, type=csv_arg, metavar="NAMES",
+                   help="class names for --html / --plot, comma-separated by class index, or 'camvid'")
     add_input_type_args(p)
     add_device_arg(p, "cpu")
     p.add_argument("--save-state", default=None, help="also save the mergeable metric state (.pt)")
