@@ -114,3 +114,47 @@ def test_bad_arguments_fail_before_training():
         split_batch({"img": torch.zeros(1), "seg": torch.zeros(1)})
     x, y, mask = split_batch({"pixel_values": 1, "labels": 2})
     assert (x, y, mask) == (1, 2, None)
+
+
+# ------------------------------------------------------------------ two processes (ddp_spawn, gloo)
+class _Recording(CalibrationCallback):
+    """Writes what each rank saw at the end of training (ddp_spawn runs the callback in copies)."""
+
+    def __init__(self, out: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        torch.save({"metrics": {k: v for k, v in self.metrics.items() if isinstance(v, float)},
+                    "path": str(self.calibrator_path), "temperature": float(self.calibrator.temperature),
+                    "weights": {k: v.cpu() for k, v in pl_module.state_dict().items()}},
+                   f"{self.out}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_processes_log_the_total_and_rank_zero_fits_the_whole_set(tmp_path):
+    torch.manual_seed(0)
+    train, val, xv, yv = _loaders()
+    cb = _Recording(str(tmp_path), 3, fit="ts", ignore_index=255, fit_kwargs={"max_iter": 50})
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TinySeg(), train, val)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    model = TinySeg()
+    model.load_state_dict(ranks[0]["weights"])  # DDP: the same weights on both ranks
+    model.eval()
+    with torch.no_grad():
+        logits = nn.functional.interpolate(model(xv), size=(16, 16), mode="bilinear", align_corners=False)
+    ref = CalibrationMetrics(3, ignore_index=255)
+    ref.update(logits, yv)
+    ref_m = ref.compute()
+    direct = fit_from_model(model, val, "ts", ignore_index=255, num_classes=3, max_iter=50)
+    for r in ranks:  # each rank saw half the validation images; both log the total
+        for key in ("ece", "nll", "image_ece"):
+            assert r["metrics"][key] == pytest.approx(ref_m[key], abs=1e-9), key
+        assert r["path"] == str(tmp_path / "checkpoints" / "calibrator.pt")
+        assert r["temperature"] == pytest.approx(float(direct.temperature), rel=1e-6)  # rank 1 loaded rank 0's
