@@ -25,21 +25,27 @@ import argparse
 import inspect
 import itertools
 import json
+import os
 import sys
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
 from segcal.adaptation import load_adapted
 from segcal.calibrators import Calibrator, FolderBatches, create, resolve
+from segcal.calibrators.collective import sharded
 from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_type_from_args
 from segcal.datasets import check_label_values, load_label
 from segcal.errors import InputError
+from segcal.estimation import load_estimator
+from segcal.estimation.target_adaptive import adapt_to_target
 from segcal.io import PredictionFolder
 from segcal.io.files import atomic_write
 from segcal.metrics import CalibrationMetrics
 from segcal.models import UNET3D_MODEL_NAME, create_model
+from segcal.pipeline.distributed import World, on_main, rank_device, shard, world
 from segcal.pipeline.evaluate import (
     evaluate_folder,
     find_label_error,
@@ -151,8 +157,51 @@ def _check_mode(args: argparse.Namespace) -> None:
         raise InputError("--extra-pred: goes with --pred (prediction folders); with --model use --perturb")
 
 
+def _check_target(args: argparse.Namespace) -> None:
+    """The --target-* options (target-adaptive recalibration), refused early and in one line."""
+    if args.target_images is not None and args.model is None:
+        raise InputError("--target-images: goes with --model (PseudoCal runs the model on mixed target "
+                         "images); with --pred, pass the target's predictions as --target-pred")
+    if args.target_estimator is not None and args.target_method != "ece-estimate":
+        raise InputError("--target-estimator: goes with --target-method ece-estimate")
+    if args.target_pred is None and args.target_images is None:
+        return
+    if args.target_method == "ece-estimate":
+        if args.target_estimator is None:
+            raise InputError("--target-method ece-estimate: pass --target-estimator FILE (an ECE "
+                             "estimator trained on logits: segcal estimate --train)")
+        if args.target_pred is None:
+            raise InputError("--target-method ece-estimate: needs the target's predictions, --target-pred DIR")
+    elif args.model is not None and args.target_images is None:
+        raise InputError("--target-pred with --model: PseudoCal needs --target-images (the model runs on "
+                         "mixed target images); or use --target-method ece-estimate")
+    if args.target_max_images < 2:
+        raise InputError(f"--target-max-images: expected >= 2, got {args.target_max_images}")
+    for flag, d in (("--target-pred", args.target_pred), ("--target-images", args.target_images)):
+        if d is not None and not os.path.isdir(d):
+            raise InputError(f"{flag}: folder {d} does not exist")
+
+
+def _adapt_to_target(args: argparse.Namespace, cal: Calibrator, *, source: Any = None,
+                     model: Any = None, source_images: Any = None) -> Calibrator:
+    """--target-pred / --target-images: correct the fitted calibrator on the unlabelled target
+    (:func:`segcal.estimation.target_adaptive.adapt_to_target`); unchanged without them."""
+    if args.target_pred is None and args.target_images is None:
+        return cal
+    estimator = load_estimator(args.target_estimator) if args.target_estimator else None
+    out = adapt_to_target(cal, args.target_pred, how=args.target_method, estimator=estimator,
+                          source=source, model=model, images=args.target_images,
+                          source_images=source_images, max_images=args.target_max_images, seed=args.seed)
+    info = out.fit_info["target_adaptation"]
+    mode = f", {info['mode']}" if "mode" in info else ""
+    print(f"target-adaptive correction ({info['how']}{mode}) on {info['n_images']} unlabelled target "
+          f"image(s): calibrated logits = {cal.name}(z) / {info['correction']:.4f}")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     _check_mode(args)
+    _check_target(args)
     if args.model is not None:
         return _run_model(args)
     return _run_pred(args)
@@ -173,19 +222,29 @@ def _extra_folders(args: argparse.Namespace, input_type: str | None) -> list[Pre
 
 
 def _run_pred(args: argparse.Namespace) -> int:
+    """Fit on a prediction folder; under ``torchrun`` every rank reads its contiguous block of the
+    fit and validation images (the split does not depend on the number of processes), the fit is
+    the one-process fit (:func:`segcal.calibrators.collective.sharded`), rank 0 saves and prints."""
     inputs = {"--pred": args.pred, "--labels": args.labels, "--images": args.images,
               **{f"--extra-pred {d}": d for d in args.extra_pred or []}}
     check_out_path(args.out, inputs, kind="file", flag="--out")
     if args.json:
         check_out_path(args.json, {**inputs, "--out": args.out}, kind="file", flag="--json")
-    device = device_from_arg(args.device)
+    with world(device_from_arg(args.device)) as w:
+        return _fit_pred(args, rank_device(device_from_arg(args.device), w), w)
+
+
+def _fit_pred(args: argparse.Namespace, device: Any, w: World) -> int:
     folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
     input_type = folder_input_type(folder, names=CLI_FLAGS)
     extras = _extra_folders(args, input_type_from_args(args))
+    if extras and w.distributed:
+        raise InputError("--extra-pred: not supported under torchrun yet (the extra folders' order would "
+                         "depend on the number of processes); run segcal fit in one process")
     fit_stems, val_stems = split_stems(folder.stems, args.val_fraction, args.seed)
 
     def batches(stems: list[str]) -> FolderBatches | Any:
-        main = FolderBatches(folder, stems, images=args.images)
+        main = FolderBatches(folder, shard(stems, w.rank, w.size), images=args.images)  # this rank's block
         if not extras:
             return main
         parts = [main] + [FolderBatches(e, [s for s in stems if s in set(e.stems)]) for e in extras]
@@ -196,11 +255,13 @@ def _run_pred(args: argparse.Namespace) -> int:
 
     cal = create(args.method, **_calibrator_kwargs(args, input_type, device))
     more = f" (+ {len(extras)} extra folder(s))" if extras else ""
-    print(f"fitting {cal.name} on {len(fit_stems)} image(s){more}, validating on {len(val_stems)} "
-          f"(seed {args.seed}, objective {args.objective})")
+    if w.is_main:
+        print(f"fitting {cal.name} on {len(fit_stems)} image(s){more}, validating on {len(val_stems)} "
+              f"(seed {args.seed}, objective {args.objective})")
     try:
-        cal.fit(batches(fit_stems), ignore_index=args.ignore_index,
-                val=batches(val_stems) if val_stems else None, progress=not args.no_progress)
+        with sharded() if w.distributed else nullcontext():
+            cal.fit(batches(fit_stems), ignore_index=args.ignore_index,
+                    val=batches(val_stems) if val_stems else None, progress=not args.no_progress and w.is_main)
     except ValueError as exc:  # labels outside the classes: name the file and --ignore-index
         found = find_label_error(folder, None, int(folder.read(folder.items[0])[0].shape[0]),
                                  args.ignore_index, CLI_FLAGS)
@@ -213,14 +274,18 @@ def _run_pred(args: argparse.Namespace) -> int:
     if args.images is not None:
         cal.fit_info["images"] = {"folder": str(args.images),
                                   "preprocessing": "RGB/255, ImageNet mean/std; .npy as is"}
-    cal.save(args.out)
-    _print_fit_info(cal.fit_info, args.out)
+    cal = _adapt_to_target(args, cal, source=args.pred)
+    on_main(lambda: cal.save(args.out))  # rank 0 writes; every rank stops if that fails
+    if w.is_main:
+        _print_fit_info(cal.fit_info, args.out)
     eval_stems = val_stems or fit_stems
     evaluation = evaluate_folder(folder, calibrator=cal, stems=eval_stems, images=args.images,
-                                 ignore_index=args.ignore_index, n_bins=15, names=CLI_FLAGS)
+                                 ignore_index=args.ignore_index, n_bins=15, names=CLI_FLAGS,
+                                 device=device, distributed=w.distributed)
     assert evaluation.calibrated is not None
     where = "validation" if val_stems else "fit (no validation images)"
-    _summary(args, cal, evaluation.metrics, evaluation.calibrated, where, len(eval_stems))
+    if w.is_main:
+        _summary(args, cal, evaluation.metrics, evaluation.calibrated, where, len(eval_stems))
     return 0
 
 
@@ -277,6 +342,7 @@ def _run_model(args: argparse.Namespace) -> int:
     cal.fit_info["split"] = {"fit": fit_stems, "val": val_stems, "seed": args.seed}
     cal.fit_info["model"] = {"name": args.model, "checkpoint": args.checkpoint, "images": str(args.images),
                              "labels": str(inputs["--labels"])}
+    cal = _adapt_to_target(args, cal, model=loaded.logits, source_images=inputs["--images"])
     cal.save(args.out)
     _print_fit_info(cal.fit_info, args.out)
     eval_stems = val_stems or fit_stems

@@ -60,5 +60,21 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="with --pred: another prediction folder fitted together with it, e.g. "
                         "predictions of perturbed copies of the images made by yourself (the same stems "
                         "and --labels as --pred; they follow --pred's fit/validation split); repeatable")
+    t = p.add_argument_group("target-adaptive recalibration (unlabelled target domain; issue 17)")
+    t.add_argument("--target-pred", default=None, metavar="DIR",
+                   help="unlabelled prediction folder of the target domain: after the fit, the "
+                        "calibrator is corrected on it by one temperature factor c (saved as "
+                        "'target_corrected': calibrated = cal(z) / c; its labels are never read)")
+    t.add_argument("--target-images", default=None, metavar="DIR",
+                   help="with --model: unlabelled target images; PseudoCal mixes pairs of them and "
+                        "runs the model on the mixtures (the paper's recipe)")
+    t.add_argument("--target-method", choices=("pseudocal", "ece-estimate"), default="pseudocal",
+                   help="pseudocal: mixup pseudo-target set, anchored on the fit's own predictions "
+                        "(or images); ece-estimate: minimise --target-estimator's label-free ECE")
+    t.add_argument("--target-estimator", default=None, metavar="FILE",
+                   help="ECE estimator trained on logits (segcal estimate --train) for "
+                        "--target-method ece-estimate")
+    t.add_argument("--target-max-images", type=int, default=64, metavar="N",
+                   help="seeded subset of target (and source) images used by the correction")
     add_progress_arg(p)
     return p
