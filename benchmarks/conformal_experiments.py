@@ -240,52 +240,99 @@ def fmt(ms: dict[str, float], digits: int = 4) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    crc = ["| dataset | risk | calibrator | α | CRC mean risk ± MC s.e. | CRC mean size | mean λ̂ | "
-           "pixel-pooled mean risk ± MC s.e. | pooled mean size |", "|---|---|---|---|---|---|---|---|---|"]
-    ltt = ["| dataset | risk | calibrator | α | δ | violations (split test half) | violations (iid, pool risk) | "
-           "mean realised risk | mean size | uncertified splits |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for key, e in results["experiments"].items():
+    """The tables of docs/conformal.md: one row per (dataset, risk, α[, δ]), calibrators side by side."""
+    exps = results["experiments"]
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, e in exps.items():
         ds, risk, cal = key.split("/")
+        groups.setdefault((ds, risk), {})[cal] = e
+    cals = [c for c in CALIBRATORS if any(c in g for g in groups.values())]
+    extra = [POOL100] if any(POOL100 in g for g in groups.values()) else []
+
+    def pool_note(g: dict[str, Any], cal: str) -> str:
+        e = g[cal]
+        return f"{e['n_pool']} ({e['n_cal']} / {e['n_test']})"
+
+    crc = ["| dataset | risk | α | pool (cal / test) | " + " | ".join(f"CRC risk ± MC s.e., {c}" for c in cals)
+           + " | " + " | ".join(f"size, {c}" for c in cals) + " |", "|---|---|---|---|" + "---|" * (2 * len(cals))]
+    pooled = ["| dataset | risk | α | image-level CRC risk ± s.e. (none) | pixel-pooled risk ± s.e. (none) | "
+              "pooled splits above α | pooled size | CRC size |", "|---|---|---|---|---|---|---|---|"]
+    ltt = ["| dataset | risk | α | δ | " + " | ".join(f"violations split / iid, {c}" for c in cals) + " | "
+           + " | ".join(f"risk, {c}" for c in cals) + " | " + " | ".join(f"size, {c}" for c in cals)
+           + " | uncertified splits |", "|---|---|---|---|" + "---|" * (3 * len(cals) + 1)]
+    for (ds, risk), g in groups.items():
+        rows = [(c, g[c]) for c in cals if c in g]
         for a in ALPHAS:
-            r = e[str(a)]
-            c = r["crc"]
-            crc.append(f"| {ds} | {risk} | {cal} | {a} | {fmt(c['risk'])} | {fmt(c['size'], 3)} | "
-                       f"{fmt(c['lambda'], 3)} | {fmt(r['pooled']['risk'])} | {fmt(r['pooled']['size'], 3)} |"
-                       + (f" (CRC refused in {c['refused']} splits)" if c["refused"] else ""))
+            r = {c: e[str(a)] for c, e in rows}
+            refused = sum(x["crc"]["refused"] for x in r.values())
+            crc.append(f"| {ds} | {risk} | {a} | {pool_note(g, cals[0])} | "
+                       + " | ".join(fmt(r[c]["crc"]["risk"]) for c in cals) + " | "
+                       + " | ".join(fmt(r[c]["crc"]["size"], 3) for c in cals) + " |"
+                       + (f" CRC refused in {refused} splits" if refused else ""))
+            for c in [cals[0], *extra]:
+                if c not in g:
+                    continue
+                x = g[c][str(a)]
+                label = risk if c == cals[0] else f"{risk}, pool {pool_note(g, c)}"
+                pooled.append(f"| {ds} | {label} | {a} | {fmt(x['crc']['risk'])} | {fmt(x['pooled']['risk'])} | "
+                              f"{x['pooled']['split_above_alpha']:.3f} | {fmt(x['pooled']['size'], 3)} | "
+                              f"{fmt(x['crc']['size'], 3)} |")
             for d in DELTAS:
-                t = r["ltt"][str(d)]
-                ltt.append(f"| {ds} | {risk} | {cal} | {a} | {d} | {t['violations_split']:.3f} | "
-                           f"{t['violations_iid']:.3f} | {fmt(t['risk'])} | {fmt(t['size'], 3)} | "
-                           f"{t['uncertified_split']} / {t['uncertified_iid']} |")
-    head = (f"Run {results['date']}, git {results['git']}, {results['seconds']:.0f} s; splits per row: "
-            f"{results['n_splits']}; grid: {results['grid_size']} values of lambda in [0, 1].\n")
-    return head + "\n### CRC and the pixel-pooled threshold\n\n" + "\n".join(crc) + \
-        "\n\n### Learn-then-Test (Hoeffding-Bentkus)\n\n" + "\n".join(ltt) + "\n"
+                t = {c: r[c]["ltt"][str(d)] for c in cals}
+                unc = ", ".join(f"{c} {t[c]['uncertified_split']}" for c in cals if t[c]["uncertified_split"])
+                ltt.append(f"| {ds} | {risk} | {a} | {d} | "
+                           + " | ".join(f"{t[c]['violations_split']:.3f} / {t[c]['violations_iid']:.3f}" for c in cals)
+                           + " | " + " | ".join(f"{t[c]['risk']['mean']:.4f}" for c in cals) + " | "
+                           + " | ".join(f"{t[c]['size']['mean']:.3f}" for c in cals) + f" | {unc or '0'} |")
+        for c in extra:
+            if c in g:
+                for a in ALPHAS:
+                    x = g[c][str(a)]
+                    crc.append(f"| {ds} | {risk}, pool {pool_note(g, c)} | {a} | none only | {fmt(x['crc']['risk'])} |"
+                               + " |" * (len(cals) - 1) + f" {fmt(x['crc']['size'], 3)} |" + " |" * (len(cals) - 1))
+                    for d in DELTAS:
+                        t = x["ltt"][str(d)]
+                        ltt.append(f"| {ds} | {risk}, pool {pool_note(g, c)} | {a} | {d} | "
+                                   f"{t['violations_split']:.3f} / {t['violations_iid']:.3f} |" + " |" * (len(cals) - 1)
+                                   + f" {t['risk']['mean']:.4f} |" + " |" * (len(cals) - 1)
+                                   + f" {t['size']['mean']:.3f} |" + " |" * (len(cals) - 1)
+                                   + f" {t['uncertified_split']} |")
+    env = results["environment"]
+    head = (f"Run {results['date']}, git {results['git']}, splits {results['seconds']:.0f} s; {results['n_splits']} "
+            f"random splits per row (paired across calibrators); grid of {results['grid_size']} values of λ in [0, 1]; "
+            f"python {env['python']}, torch {env['torch']}, numpy {env['numpy']}, {env['cpus']} CPUs.\n")
+    return (head + "\n### CRC: mean realised risk (± Monte-Carlo s.e.) and mean set size / mask volume\n\n"
+            + "\n".join(crc) + "\n\n### Learn-then-Test (Hoeffding–Bentkus): violation frequency, mean realised risk, "
+            "size\n\n" + "\n".join(ltt) + "\n\n### Pixel-pooled threshold vs image-level CRC (no calibrator)\n\n"
+            + "\n".join(pooled) + "\n")
 
 
-def plot(hists: dict[str, dict[str, np.ndarray]], path: Path, alpha: float = 0.1) -> None:
+def plot(hists: dict[str, dict[str, np.ndarray]], path: Path, alphas: tuple[float, ...] = (0.1, 0.2)) -> None:
+    """Histograms of the realised test-half risks over the splits: one panel per (α, dataset/risk)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [k for k in hists if k.endswith("/none")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], panels, strict=True):
-        base = key.rsplit("/", 1)[0]
-        series = [(f"CRC {c}", hists[f"{base}/{c}"][f"crc@{alpha}"]) for c in CALIBRATORS if f"{base}/{c}" in hists]
-        series += [("LTT none δ=0.1", hists[key][f"ltt@{alpha},0.1"]), ("pixel-pooled none", hists[key][f"pooled@{alpha}"])]
-        vals = np.concatenate([v[np.isfinite(v)] for _, v in series])
-        bins = np.linspace(vals.min(), vals.max(), 40) if vals.size else 10
-        for label, v in series:
-            ax.hist(v[np.isfinite(v)], bins=bins, histtype="step", label=label)
-        ax.axvline(alpha, color="k", ls="--", lw=1)
-        ax.set_title(base.replace("/", ": "), fontsize=9)
-        ax.set_xlabel(f"realised test-half risk (α = {alpha})", fontsize=8)
-    axes[0][0].set_ylabel("splits")
+    fig, axes = plt.subplots(len(alphas), len(panels), figsize=(4.2 * len(panels), 3.2 * len(alphas)), squeeze=False)
+    for row, alpha in enumerate(alphas):
+        for ax, key in zip(axes[row], panels, strict=True):
+            base = key.rsplit("/", 1)[0]
+            series = [(f"CRC {c}", hists[f"{base}/{c}"][f"crc@{alpha}"]) for c in CALIBRATORS if f"{base}/{c}" in hists]
+            series += [("LTT none δ=0.1", hists[key][f"ltt@{alpha},0.1"]),
+                       ("pixel-pooled none", hists[key][f"pooled@{alpha}"])]
+            vals = np.concatenate([v[np.isfinite(v)] for _, v in series])
+            bins = np.linspace(vals.min(), max(vals.max(), alpha), 40) if vals.size else 10
+            for label, v in series:
+                ax.hist(v[np.isfinite(v)], bins=bins, histtype="step", label=label)
+            ax.axvline(alpha, color="k", ls="--", lw=1)
+            ax.set_title(f"{base.replace('/', ': ')}, α = {alpha}", fontsize=9)
+            ax.set_xlabel("realised risk on the test half", fontsize=8)
+        axes[row][0].set_ylabel("splits")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -375,7 +422,8 @@ def run(quick: bool, out: Path, n_splits: int, grid_size: int, fit_pixels: int, 
     with atomic_write(out / "results.md", "w") as fh:
         fh.write(markdown(results))
     plot(hists, out / "hist.png")
-    log(f"wrote {out}/results.json, results.md, hist.png, tables.npz ({results['seconds']:.0f} s)")
+    log(f"wrote {out}/results.json, results.md, hist.png{'' if from_tables else ', tables.npz'} "
+        f"({results['seconds']:.0f} s)")
     return results
 
 
