@@ -193,6 +193,9 @@ def resolve_methods(methods: Sequence[str] | None, spatial: bool) -> tuple[list[
         rows = [m for m in registered if spatial or m not in whole]
         excluded = {m: "whole-image calibrator: left out of the default run for time (pass --spatial "
                        "or --methods)" for m in registered if m not in rows}
+        rows = [m for m in rows if m != "target_corrected"]
+        excluded["target_corrected"] = ("target-adaptive wrapper (segcal fit --target-pred): needs a "
+                                        "fitted base and unlabelled target data; not a bench row")
         if spatial:
             rows += list(SPATIAL_VARIANTS)
         return rows, excluded

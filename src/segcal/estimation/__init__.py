@@ -8,7 +8,9 @@
   normalised entropy) and :func:`estimate_images`;
 * :mod:`~segcal.estimation.selection` -- ECE-guided checkpoint/model ranking and its agreement
   with the true ranking;
-* :mod:`~segcal.estimation.pseudolabels` -- ECE-weighted class-balanced pseudo-labels.
+* :mod:`~segcal.estimation.pseudolabels` -- ECE-weighted class-balanced pseudo-labels;
+* :mod:`~segcal.estimation.target_adaptive` -- target-adaptive recalibration without target labels
+  (PseudoCal, ECE-estimate search).
 
 This package sits above :mod:`segcal.losses`/:mod:`segcal.io`; it does not import the pipeline or
 the CLI.
@@ -24,6 +26,7 @@ from segcal.estimation.pseudolabels import (
     pseudo_label,
 )
 from segcal.estimation.selection import rank_by_estimated_ece, ranking_agreement
+from segcal.estimation.target_adaptive import adapt_to_target
 from segcal.estimation.value_net import ECEEstimator, ece_targets, warmup_bn
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "ConfidenceBaseline",
     "ECEEstimator",
     "FeatureExtractor",
+    "adapt_to_target",
     "class_thresholds",
     "ece_targets",
     "estimate_images",

@@ -7,6 +7,7 @@ from segcal.metrics.engine import (
     calibration_metrics,
     expected_calibration_error,
 )
+from segcal.metrics.failure import failure_detection
 from segcal.metrics.regions import foreground_region_mask
 from segcal.metrics.scores import bin_errors, compute_from_state, ece_from_bins, mce_from_bins
 
@@ -19,6 +20,7 @@ __all__ = [
     "compute_from_state",
     "ece_from_bins",
     "expected_calibration_error",
+    "failure_detection",
     "foreground_region_mask",
     "mce_from_bins",
     "to_jsonable",
