@@ -167,8 +167,9 @@ class CalibrationMetric(Metric):
         batch = CalibrationMetrics(self.num_classes, **self._engine_kw)
         batch.update(preds, target, mask)
         dev = self.device
+        fields = batch.tensors()
         for f in FIELDS:
-            t = batch.tensors()[f.name].to(dev)
+            t = fields[f.name].to(dev)
             if f.reduction == "sum":
                 setattr(self, f.name, getattr(self, f.name) + t)
             elif self.per_image:
