@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import re
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from segcal.bench.results import FigureData
 from segcal.bench.spec import IN_DOMAIN, SHIFT_MODEL
 from segcal.io.files import atomic_write
 from segcal.report.page import CSS, html_document
+from segcal.report.reliability import LABELS, draw_bins, legend_entries
 from segcal.report.tables import markdown_report
 
 
@@ -35,6 +37,11 @@ def _mpl():
     return plt
 
 
+#: the pixel-share line of the bench's reliability diagrams
+SHARE_COLOR = "#333333"
+SHARE_LABEL = "share of pixels per bin (dots, same 0-1 axis)"
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -42,13 +49,9 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def reliability_figure(results: dict[str, Any], tag: str, seed: int | None = None, key: str = "reliability",
-                       metric: str = "ece") -> str | None:
-    """Small-multiple reliability diagrams (one per method, first seed) of one condition.
-
-    ``key``: the run's reliability data (``"fg_reliability"``: the medical foreground region);
-    ``metric``: the ECE printed in each title.
-    """
+def reliability_fig(results: dict[str, Any], tag: str, seed: int | None = None, key: str = "reliability",
+                    metric: str = "ece") -> Any | None:
+    """The figure of :func:`reliability_figure` (a matplotlib Figure; None without the condition)."""
     plt = _mpl()
     cond = results["conditions"].get(tag)
     if not cond:
@@ -60,39 +63,67 @@ def reliability_figure(results: dict[str, Any], tag: str, seed: int | None = Non
     n = len(runs)
     ncol = min(6, n)
     nrow = (n + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.3 * ncol, 2.5 * nrow), squeeze=False)
+    legend_in = 1.0 if ncol >= 5 else (1.2 if ncol >= 3 else 2.6)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.3 * ncol, 2.5 * nrow + legend_in), squeeze=False)
     for ax, (m, r) in zip(axes.ravel(), runs.items(), strict=False):
         rel = r[key]
         edges = np.asarray(rel["edges"], dtype=float)
         acc = np.array([np.nan if v is None else v for v in rel["accuracy"]], dtype=float)
         conf = np.array([np.nan if v is None else v for v in rel["confidence"]], dtype=float)
         cnt = np.asarray(rel["count"], dtype=float)
+        draw_bins(ax, edges, cnt, conf, acc, show_gap=True, bar_label=LABELS["bars"], hist_ax=None)
         centers = (edges[:-1] + edges[1:]) / 2
-        w = np.diff(edges)
         ok = cnt > 0
-        ax.bar(centers[ok], acc[ok], width=w[ok], color="#4c72b0", edgecolor="white", lw=0.5, label="accuracy")
-        ax.bar(centers[ok], (conf - acc)[ok], bottom=acc[ok], width=w[ok], color="#dd8452", alpha=0.55,
-               edgecolor="none", label="gap")
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        frac = cnt / max(cnt.sum(), 1)
-        ax.plot(centers[ok], frac[ok], "o-", ms=2, lw=0.8, color="#55a868", label="pixel share")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.plot(centers[ok], (cnt / max(cnt.sum(), 1))[ok], "o-", ms=2, lw=0.9, color=SHARE_COLOR, zorder=5)
         ece = r["metrics"].get(metric)
         label = "fg-ECE" if metric == "fg_ece" else "ECE"
         ax.set_title(f"{m}\n{label} {ece:.4f}" if ece is not None else m, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
-    axes[0, 0].legend(fontsize=6, loc="upper left")
-    fig.supxlabel("confidence", fontsize=9)
-    fig.supylabel("accuracy", fontsize=9)
-    fig.tight_layout()
-    return _png(fig)
+    handles, labels = legend_entries("", True, False)
+    from matplotlib.lines import Line2D
+
+    handles.append(Line2D([], [], marker="o", ms=3, lw=0.9, color=SHARE_COLOR))
+    labels.append(SHARE_LABEL)
+    fig.legend(handles, [textwrap.fill(t, 60 if ncol >= 3 else 44) for t in labels], loc="lower center",
+               ncol=3 if ncol >= 5 else (2 if ncol >= 3 else 1), fontsize=7, frameon=False)
+    for i, ax in enumerate(axes.ravel()[:n]):
+        if i + ncol >= n:  # the lowest panel of its column
+            ax.set_xlabel("confidence", fontsize=8)
+        if i % ncol == 0:
+            ax.set_ylabel("accuracy", fontsize=8)
+    fig.tight_layout(rect=(0, legend_in / (2.5 * nrow + legend_in), 1, 1))
+    return fig
 
 
-def maps_figure(fig_data: FigureData, methods: list[str], n_images: int) -> str | None:
-    """Per-image RGB, error map and confidence maps (uncalibrated and each of ``methods``, seed 0)."""
+def reliability_figure(results: dict[str, Any], tag: str, seed: int | None = None, key: str = "reliability",
+                       metric: str = "ece") -> str | None:
+    """Small-multiple reliability diagrams (one per method, first seed) of one condition, as a PNG
+    data URI; the legend names every colour (:data:`segcal.report.reliability.LABELS`).
+
+    ``key``: the run's reliability data (``"fg_reliability"``: the medical foreground region);
+    ``metric``: the ECE printed in each title.
+    """
+    fig = reliability_fig(results, tag, seed, key, metric)
+    return None if fig is None else _png(fig)
+
+
+def _patch_legend(fig: Any, entries: list[tuple[str, str]], title: str) -> None:
+    """A figure legend of colour swatches ``(colour, meaning)`` at the bottom left."""
+    from matplotlib.patches import Patch
+
+    fig.legend([Patch(facecolor=c, edgecolor="#444", lw=0.5) for c, _ in entries], [t for _, t in entries],
+               title=title, loc="lower left", ncol=len(entries), fontsize=7, title_fontsize=7, frameon=False,
+               bbox_to_anchor=(0.0, 0.0))
+
+
+#: the error maps' colours (``gray_r`` on 0 / 0.5 / 1)
+ERROR_COLOURS = [("white", "correct"), ("#7f7f7f", "void (ignored)"), ("black", "wrong")]
+
+
+def maps_fig(fig_data: FigureData, methods: list[str], n_images: int) -> Any | None:
+    """The figure of :func:`maps_figure`; its legend names the error map's colours."""
     plt = _mpl()
     items = fig_data.images
     if not items or n_images < 1:
@@ -134,10 +165,19 @@ def maps_figure(fig_data: FigureData, methods: list[str], n_images: int) -> str 
                 ax.set_title(title, fontsize=9)
             if c == 0:
                 ax.set_ylabel(it.stem, fontsize=7)
-    fig.tight_layout()
+    fig.set_size_inches(fig.get_size_inches()[0], fig.get_size_inches()[1] + 0.45)
+    fig.tight_layout(rect=(0, 0.45 / fig.get_size_inches()[1], 1, 1))
     if im_conf is not None:
-        fig.colorbar(im_conf, ax=axes.ravel().tolist(), fraction=0.012, pad=0.01, label="confidence")
-    return _png(fig)
+        fig.colorbar(im_conf, ax=axes.ravel().tolist(), fraction=0.012, pad=0.01,
+                     label="confidence (top-label probability)")
+    _patch_legend(fig, ERROR_COLOURS if fig_data.ignore is not None else ERROR_COLOURS[::2], "error map")
+    return fig
+
+
+def maps_figure(fig_data: FigureData, methods: list[str], n_images: int) -> str | None:
+    """Per-image RGB, error map and confidence maps (uncalibrated and each of ``methods``, seed 0)."""
+    fig = maps_fig(fig_data, methods, n_images)
+    return None if fig is None else _png(fig)
 
 
 def slices_figure(fig_data: FigureData, methods: list[str], n_cases: int) -> str | None:
@@ -195,16 +235,21 @@ def slices_figure(fig_data: FigureData, methods: list[str], n_cases: int) -> str
                 ax.set_title(title, fontsize=8)
             if c == 0:
                 ax.set_ylabel(f"{case.stem}\nz={k}", fontsize=7)
-    fig.tight_layout()
+    fig.set_size_inches(fig.get_size_inches()[0], fig.get_size_inches()[1] + 0.45)
+    fig.tight_layout(rect=(0, 0.45 / fig.get_size_inches()[1], 1, 1))
     if im_conf is not None:
-        fig.colorbar(im_conf, ax=axes.ravel().tolist(), fraction=0.012, pad=0.01, label="confidence")
+        fig.colorbar(im_conf, ax=axes.ravel().tolist(), fraction=0.012, pad=0.01,
+                     label="confidence (top-label probability)")
+    _patch_legend(fig, [("black", "background"), ("#e6550d", "anterior"), ("#3182bd", "posterior"),
+                        ("white", "error map: correct"), ("black", "error map: wrong")], "label / prediction")
     return _png(fig)
 
 
 def _medical_body(results: dict[str, Any], figures: Mapping[str, FigureData], n_images: int) -> list[str]:
     body = [md_to_html(markdown_report(results))]
     body.append("<h2>Reliability diagrams</h2><p>First seed of each row; bars: accuracy per confidence bin, "
-                "orange: gap to the mean confidence, green: share of voxels per bin, dashed: perfect calibration. "
+                "red / green hatched: over- / under-confident gap to the mean confidence, dark dots: share of voxels per "
+                "bin, dashed: perfect calibration. "
                 "All voxels are dominated by easy background at confidence near 1; the foreground region "
                 "(dilated true and predicted foreground) shows the structure itself.</p>")
     shifted = [t for t, c in results["conditions"].items() if c.get("corruption")]
@@ -284,7 +329,8 @@ def write_report(results: dict[str, Any], figures: Mapping[str, FigureData], pat
         return _write_doc(_medical_body(results, figures, n_images), path, "segcal bench report (hippocampus)")
     body = [md_to_html(markdown_report(results))]
     body.append("<h2>Reliability diagrams</h2><p>First seed of each method; bars: accuracy per confidence bin, "
-                "orange: gap to the mean confidence, green: share of pixels per bin, dashed: perfect calibration.</p>")
+                "red / green hatched: over- / under-confident gap to the mean confidence, dark dots: share of pixels per "
+                "bin, dashed: perfect calibration.</p>")
     shift_tag = "model-shift" if "model-shift" in results["conditions"] else next(
         (t for t, c in results["conditions"].items() if c.get("corruption")), None)
     for tag in ("clean", shift_tag):
@@ -317,4 +363,5 @@ def _write_doc(body: list[str], path: str | Path, title: str) -> Path:
     return path
 
 
-__all__ = ["CSS", "html_document", "maps_figure", "md_to_html", "reliability_figure", "slices_figure", "write_report"]
+__all__ = ["CSS", "ERROR_COLOURS", "html_document", "maps_fig", "maps_figure", "md_to_html", "reliability_fig",
+           "reliability_figure", "slices_figure", "write_report"]

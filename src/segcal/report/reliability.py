@@ -217,9 +217,11 @@ def _tag(container: Any, gid: str) -> None:
         patch.set_gid(gid)
 
 
-def _panel(ax: Any, edges: np.ndarray, count: np.ndarray, conf: np.ndarray, acc: np.ndarray, *,
+def draw_bins(ax: Any, edges: np.ndarray, count: np.ndarray, conf: np.ndarray, acc: np.ndarray, *,
            show_gap: bool, bar_label: str, hist_ax: Any | None, suffix: str = "") -> None:
-    """Bars, gap, diagonal (and the count histogram on ``hist_ax``) of one set of bins."""
+    """Draw one set of bins on ``ax``: accuracy bars (empty bins left out), the gap to each bin's
+    mean confidence (red: over-confident, green: under-confident), the diagonal, and the pixel
+    counts on ``hist_ax`` (log scale) when given. ``suffix="_k"`` labels a class-wise panel."""
     ok = count > 0
     centers = (edges[:-1] + edges[1:]) / 2
     width = np.diff(edges)
@@ -248,7 +250,7 @@ def _panel(ax: Any, edges: np.ndarray, count: np.ndarray, conf: np.ndarray, acc:
         hist_ax.set_xlim(float(edges[0]), float(edges[-1]))
 
 
-def _legend_entries(suffix: str, show_gap: bool, counts: bool) -> tuple[list[Any], list[str]]:
+def legend_entries(suffix: str, show_gap: bool, counts: bool) -> tuple[list[Any], list[str]]:
     """Handles and labels of every colour a diagram uses, in a fixed order (both gap kinds are
     explained even where a diagram has bins of one kind only)."""
     from matplotlib.lines import Line2D
@@ -354,11 +356,11 @@ def reliability_diagram(
         hist_ax.set_ylabel("pixels")
     else:
         ax.set_xlabel("confidence (top-label probability)")
-    _panel(ax, data.edges, data.count, data.confidence, data.accuracy, show_gap=show_gap,
+    draw_bins(ax, data.edges, data.count, data.confidence, data.accuracy, show_gap=show_gap,
            bar_label=LABELS["bars"], hist_ax=hist_ax)
     ax.set_ylabel("accuracy")
     ax.set_title(_title(title or "reliability (pooled, top-label)", data.ece, "ECE"), fontsize=10)
-    handles, labels = _legend_entries("", show_gap, hist_ax is not None)
+    handles, labels = legend_entries("", show_gap, hist_ax is not None)
     if own:  # below the diagram, where it hides no bar
         texts = [textwrap.fill(t, 78) for t in labels]
         legend_in = 0.125 * sum(t.count("\n") + 1 for t in texts) + 0.05 * len(texts) + 0.1
@@ -400,7 +402,7 @@ def _per_class(data: ReliabilityData, classes: Sequence[int] | None, class_names
     for ax, k in zip(axes.ravel(), chosen, strict=False):
         k = int(k)
         cnt, conf, freq = cw["count"][k], cw["confidence"][k], cw["frequency"][k]
-        _panel(ax, data.edges, cnt, conf, freq, show_gap=show_gap, bar_label=LABELS["freq"], hist_ax=None,
+        draw_bins(ax, data.edges, cnt, conf, freq, show_gap=show_gap, bar_label=LABELS["freq"], hist_ax=None,
                suffix="_k")
         ax.set_gid(f"class-{k}")
         sconf, sfreq = np.nan_to_num(conf * cnt), np.nan_to_num(freq * cnt)
@@ -415,7 +417,7 @@ def _per_class(data: ReliabilityData, classes: Sequence[int] | None, class_names
             ax.set_xlabel("mean $q_k$ of the bin", fontsize=8)
     for row in axes:
         row[0].set_ylabel("fraction labelled $k$", fontsize=8)
-    handles, labels = _legend_entries("_k", show_gap, False)
+    handles, labels = legend_entries("_k", show_gap, False)
     top = 0.3 if title != "" else 0.05
     if title != "":
         fig.suptitle(title or "reliability per class (class-wise bins)", fontsize=10)
@@ -438,5 +440,5 @@ def figure_bytes(fig: Any, fmt: str, dpi: int = 110) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["LABELS", "ReliabilityData", "classwise_reliability", "figure_bytes", "reliability_data",
-           "reliability_diagram"]
+__all__ = ["LABELS", "ReliabilityData", "classwise_reliability", "draw_bins", "figure_bytes", "legend_entries",
+           "reliability_data", "reliability_diagram"]
