@@ -136,6 +136,18 @@ def test_streamed_batches_of_different_sizes_volumes_and_a_mask():
     np.testing.assert_allclose(a.statistics(z2).numpy(), image_statistics(z2).numpy())
 
 
+def test_the_loss_on_a_pixel_subset_fits_like_the_full_loss():
+    z, y, _ = shifted_images(np.linspace(0, 1, 16), hw=(40, 40), seed=10)
+    full = create("sts", loss_pixels=None).fit(z, y)
+    sub = create("sts", loss_pixels=400).fit(z, y)  # a quarter of each image's 1600 pixels
+    t_full, t_sub = full.temperatures(z).numpy(), sub.temperatures(z).numpy()
+    assert np.max(np.abs(np.log(t_sub / t_full))) < 0.08
+    assert not np.allclose(t_sub, t_full, rtol=1e-6)  # really a different (subsampled) objective
+    with torch.no_grad():
+        assert nll(sub(z), y) < nll(full(z), y) + 0.005
+    assert sub.get_config()["loss_pixels"] == 400
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="features"):
         create("sts", features=["nope"])
@@ -145,6 +157,8 @@ def test_bad_arguments_are_refused():
         create("sts", knots=-1)
     with pytest.raises(ValueError, match="l2"):
         create("sts", l2=-1.0)
+    with pytest.raises(ValueError, match="loss_pixels"):
+        create("sts", loss_pixels=0)
 
 
 def test_save_load_and_torch_export(fitted, tmp_path):

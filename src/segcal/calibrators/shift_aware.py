@@ -127,6 +127,11 @@ class ShiftConditionedTemperature(Calibrator):
     spatial_dims
         2 or 3 (only used to trace :meth:`to_torchscript`; the map itself takes any rank);
         ``None`` = from the fit data.
+    loss_pixels
+        Full-batch (L-BFGS, in-memory) fits evaluate each image's loss on a seeded random subset
+        of at most this many of its valid pixels, weighted by ``n_valid / k`` (an unbiased
+        estimate of the image's sums; the statistics always use every pixel). ``None``: all
+        pixels. Default 16384 (a CamVid image has 172800): the 1-D-per-image loss needs few.
     **kw
         Common :class:`Calibrator` arguments (``optimizer="auto"``: full-batch L-BFGS in memory).
 
@@ -147,8 +152,13 @@ class ShiftConditionedTemperature(Calibrator):
     def __init__(self, num_classes: int | None = None, *, features: Sequence[str] = FEATURES,
                  monotone: bool = True, knots: int = 0, init_temperature: float = 1.0,
                  t_bounds: Sequence[float] = (0.05, 50.0), l2: float = 0.0,
-                 spatial_dims: int | None = None, **kw: Any) -> None:
+                 spatial_dims: int | None = None, loss_pixels: int | None = 16384,
+                 **kw: Any) -> None:
         self.features = _check_features(features)
+        if loss_pixels is not None and int(loss_pixels) < 1:
+            raise ValueError(f"loss_pixels: expected a positive integer or None, got {loss_pixels}")
+        self.loss_pixels = None if loss_pixels is None else int(loss_pixels)
+        self._gen: torch.Generator | None = None
         self.monotone = bool(monotone)
         if int(knots) < 0 or int(knots) > 16:
             raise ValueError(f"knots: expected an integer in [0, 16], got {knots}")
@@ -175,7 +185,7 @@ class ShiftConditionedTemperature(Calibrator):
     def _extra_config(self) -> dict[str, Any]:
         return {"features": list(self.features), "monotone": self.monotone, "knots": self.knots,
                 "init_temperature": self.init_temperature, "t_bounds": list(self.t_bounds),
-                "l2": self.l2, "spatial_dims": self.spatial_dims}
+                "l2": self.l2, "spatial_dims": self.spatial_dims, "loss_pixels": self.loss_pixels}
 
     # ----------------------------------------------------------------- parameters
     def _build(self, num_classes: int) -> None:
@@ -217,6 +227,7 @@ class ShiftConditionedTemperature(Calibrator):
         fd = super()._prepare(data, labels, mask, ignore_index, what, progress, images)
         if what != "logits":
             return fd
+        self._gen = torch.Generator().manual_seed(int(self._fit_kw["seed"]) + 104729)
         stats = []
         for b in fd.iter_batches():
             if self.spatial_dims is None and b.x.ndim > 2:
@@ -242,6 +253,7 @@ class ShiftConditionedTemperature(Calibrator):
 
     def _post_fit(self, train: FitData, val: FitData | None) -> dict[str, Any] | None:
         self._pending = None
+        self._gen = None
         return {"feature_mean": self.feature_mean.tolist(), "feature_scale": self.feature_scale.tolist(),
                 "n_images": None if train.batches is None else sum(
                     1 if b.x.ndim > 2 else int(b.x.shape[0]) for b in train.batches),
@@ -253,12 +265,25 @@ class ShiftConditionedTemperature(Calibrator):
 
     def _precompute_batch(self, batch: Batch) -> tuple[Any, ...] | None:
         x = self._canonical(batch.x.to(self.device, non_blocking=True), dim=1)
-        return (image_statistics(x, self.features),)
+        stats = image_statistics(x, self.features)
+        k = self.loss_pixels
+        if k is None or batch.valid is None or x.ndim == 2 or x.shape[0] != 1 or batch.n <= k:
+            return (stats,)
+        # one image: its loss on a seeded subset of k valid pixels, weighted by n_valid / k
+        rows = batch.x[0].movedim(0, -1)[batch.valid[0]]
+        labels = batch.y[0][batch.valid[0]]
+        gen = self._gen if self._gen is not None else torch.Generator().manual_seed(0)
+        idx = torch.randperm(rows.shape[0], generator=gen)[:k]
+        return (stats, rows[idx].contiguous(), labels[idx].contiguous(), rows.shape[0] / k)
 
     def _stats_fn(self, batch: Batch, objective: Any) -> torch.Tensor:
         if batch.pre is None or batch.valid is None:
             return super()._stats_fn(batch, objective)
         dev = self.device
+        if len(batch.pre) == 4:  # a pixel subset of one image (see loss_pixels)
+            stats, rows, labels, weight = batch.pre
+            logits = self._canonical(rows.to(dev)) / torch.exp(self._log_t(stats.to(dev)))
+            return objective.stats(logits, labels.to(dev)) * weight
         x = self._canonical(batch.x.to(dev), dim=1)
         logits = self._scale(x, self._log_t(batch.pre[0].to(dev)))
         valid = batch.valid.to(dev)
