@@ -11,11 +11,11 @@ from scipy import stats
 from segcal.bench.shift_calibration import (
     FamilyMix,
     ShiftCalConfig,
-    agreement,
     argmax_check,
     check_config,
     lofo_summary,
 )
+from segcal.bench.shift_estimator import agreement
 from segcal.bench.spec import CAMVID_IGNORE, SHIFT_FAMILIES, SHIFT_ROW_DATA, SHIFT_ROWS
 from segcal.cli import main
 from segcal.data import data_root
@@ -158,9 +158,14 @@ def test_shift_calibration_quick_real(tmp_path):
         c = res["conditions"][tag]
         assert c["held_out"] == tag.split("-")[0] and c["fitted_with"] == [f for f in ("noise", "blur") if f != c["held_out"]]
         uncal = c["summary"]["uncalibrated"]
-        for m in ("ts_clean", "ts_aug", "cmsop_aug"):  # all argmax preserving: mIoU exactly kept
+        rows = ("ts_clean", "ts_aug", "cmsop_aug", "sts_aug", "ts_aug_pc")
+        for m in rows:  # all argmax preserving: mIoU exactly kept
             assert c["summary"][m]["miou"] == uncal["miou"] and c["summary"][m]["flip_rate"] == 0.0
-        assert set(c["bootstrap_vs_ts_clean"]) == {"uncalibrated", "ts_aug", "cmsop_aug"}
+        assert set(c["bootstrap_vs_ts_clean"]) == {"uncalibrated", *rows[1:]}
+        # the target-adaptive row is its base divided by the correction PseudoCal chose on the target
+        info = c["adaptation"]["ts_aug_pc@0"]
+        assert info["how"] == "pseudocal" and info["mode"] == "input mixup" and info["anchored"]
+        assert info["correction"] == pytest.approx(np.clip(info["c_target"] / info["c_source"], 0.2, 5.0), rel=1e-6)
         assert set(res["estimator"]["conditions"][tag]) == {
             "value-net (clean val)", "value-net (clean + perturbed val)", "maxprob", "entropy"}
     # independent float64 check of the uncalibrated and clean-TS pooled ECE on a held-out set (all pixels)

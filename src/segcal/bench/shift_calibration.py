@@ -36,6 +36,7 @@ in-domain model ``espnet-camvid``:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -65,6 +66,7 @@ from segcal.bench.protocol import (
     pixel_sample,
 )
 from segcal.bench.results import BenchRun
+from segcal.bench.shift_estimator import estimate_all, estimator_data, fit_estimator
 from segcal.bench.spec import (
     CAMVID_IGNORE,
     IN_DOMAIN,
@@ -78,19 +80,13 @@ from segcal.bench.spec import (
 )
 from segcal.datasets.camvid import camvid_split
 from segcal.errors import InputError
-from segcal.estimation import (
-    ConfidenceBaseline,
-    ECEEstimator,
-    ece_targets,
-    logit_features,
-    ranking_agreement,
-)
+from segcal.estimation.target_adaptive import adapt_to_target
 from segcal.io.files import to_jsonable
-from segcal.models import get_spec
+from segcal.models import create_model, get_spec
 from segcal.shift import corrupt, derive_seed
 
-#: rows of the default run (F1's shift-conditioned / target-adaptive rows join when registered)
-DEFAULT_ROWS = ("ts_clean", "ts_aug", "cmsop_aug")
+#: rows of the default run (spec.SHIFT_ROW_DATA: what each is fitted on)
+DEFAULT_ROWS = ("ts_clean", "ts_aug", "cmsop_aug", "sts_aug", "ts_aug_pc", "sts_aug_pc")
 
 
 @dataclass(frozen=True)
@@ -147,6 +143,11 @@ class ShiftCalConfig:
     test_limit: int | None = None
     model_shift: bool = True
     estimator: bool = True
+    #: whole-image rows (sts) are fitted on every ``spatial_stride``-th pixel along each axis of the
+    #: logit maps (memory: 400 full 480x360 maps are 3 GB per half); evaluated on full images
+    spatial_stride: int = 4
+    #: target-adaptive rows: unlabelled test images (and clean val images, the anchor) per condition
+    adapt_images: int = 16
     n_bins: int = 15
     n_boot: int = 1000
     boot_seed: int = 0
@@ -159,7 +160,8 @@ class ShiftCalConfig:
     def quick_config(cls, **kw: Any) -> ShiftCalConfig:
         """CI size: 2 families, severity 3, 6 val / 4 test images, one seed, no model shift."""
         base = dict(families=("noise", "blur"), severities=(3,), seeds=(0,), fit_pixels=4_000, eval_fraction=0.25,
-                    test_images=4, test_limit=4, val_limit=6, model_shift=False, n_boot=100, quick=True)
+                    test_images=4, test_limit=4, val_limit=6, model_shift=False, n_boot=100, adapt_images=2,
+                    methods=("ts_clean", "ts_aug", "cmsop_aug", "sts_aug", "ts_aug_pc"), quick=True)
         base.update(kw)
         return cls(**base)
 
@@ -172,6 +174,11 @@ def check_config(cfg: ShiftCalConfig) -> None:
     rows = [m for m in cfg.methods if m not in SHIFT_ROW_DATA]
     if rows:
         raise InputError(f"methods: {rows} are not shift-calibration rows; expected some of {', '.join(SHIFT_ROW_DATA)}")
+    need = [m for m in cfg.methods if SHIFT_ROW_DATA[m].startswith("target:")
+            and SHIFT_ROW_DATA[m].split(":", 1)[1] not in cfg.methods]
+    if need:
+        raise InputError(f"methods: {need} correct another row on the target; add their base rows "
+                         f"({', '.join(SHIFT_ROW_DATA[m].split(':', 1)[1] for m in need)})")
     if SHIFT_REFERENCE not in cfg.methods:
         raise InputError(f"methods: the reference row {SHIFT_REFERENCE} is required (every CI is against it)")
     if any(s not in (1, 2, 3, 4, 5) for s in cfg.severities) or not cfg.severities:
@@ -191,10 +198,64 @@ def copies(imgs: Sequence[ImageData], tag: str) -> list[ImageData]:
 def fit_group(data: Sequence[ImageData], rows: Sequence[str], cfg: ShiftCalConfig,
               log: Callable[[str], None]) -> FitResult:
     """The one fit loop on one fit set (``rows`` may be empty)."""
+    create = partial(create_row, SHIFT_CALIBRATION)
+    whole = [r for r in rows if getattr(create(r), "spatial", False)]
+    out = FitResult()
+    for group, imgs in (([r for r in rows if r not in whole], data), (whole, strided(data, cfg.spatial_stride))):
+        if group:
+            res = fit_rows(imgs, group, cfg.seeds, create=create, strategy=WholeImages(), total=cfg.fit_pixels,
+                           ignore=CAMVID_IGNORE, log=log)
+            out.cals.update(res.cals)
+            out.fits += res.fits
+            out.skipped.update(res.skipped)
+    return out
+
+
+def strided(imgs: Sequence[ImageData], stride: int) -> list[ImageData]:
+    """Every ``stride``-th pixel along each axis of the logit and label maps (views, no copy)."""
+    if stride <= 1:
+        return list(imgs)
+    return [ImageData(im.stem, im.logits[:, ::stride, ::stride], im.labels[::stride, ::stride], im.item, im.transform)
+            for im in imgs]
+
+
+class MemoModel:
+    """``images -> logits`` of a loaded model, remembered per image (PseudoCal runs the same images
+    for every seed of a row)."""
+
+    def __init__(self, loaded: Any) -> None:
+        self.loaded = loaded
+        self.memo: dict[str, torch.Tensor] = {}
+
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        outs = []
+        for im in images:
+            key = hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest()
+            if key not in self.memo:
+                self.memo[key] = self.loaded.logits([im]).float().cpu()
+            outs.append(self.memo[key])
+        return torch.cat(outs)
+
+
+def adapt_rows(cals: Mapping[tuple[str, int], Any], methods: Sequence[str], target: Sequence[ImageData],
+               source: Sequence[ImageData], loaded: Any, cfg: ShiftCalConfig) -> dict[tuple[str, int], Any]:
+    """The target-adaptive rows of one condition: their base rows corrected on its unlabelled images
+    (PseudoCal, input mixup through the model, anchored on clean val images; labels never read)."""
+    rows = [m for m in methods if SHIFT_ROW_DATA[m].startswith("target:")]
     if not rows:
-        return FitResult()
-    return fit_rows(data, list(rows), cfg.seeds, create=partial(create_row, SHIFT_CALIBRATION),
-                    strategy=WholeImages(), total=cfg.fit_pixels, ignore=CAMVID_IGNORE, log=log)
+        return {}
+    rng = np.random.default_rng(cfg.test_seed + 7)
+    tgt = [target[i].raw_image() for i in np.sort(rng.choice(len(target), min(cfg.adapt_images, len(target)), replace=False))]
+    src = [source[i].raw_image() for i in np.sort(rng.choice(len(source), min(cfg.adapt_images, len(source)), replace=False))]
+    model = MemoModel(loaded)
+    out: dict[tuple[str, int], Any] = {}
+    for m in rows:
+        base = SHIFT_ROW_DATA[m].split(":", 1)[1]
+        for (row, seed), cal in cals.items():
+            if row == base:
+                out[(m, seed)] = adapt_to_target(cal, how="pseudocal", model=model, images=tgt,
+                                                 source_images=src, max_images=None, seed=0)
+    return out
 
 
 def argmax_check(res: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
@@ -228,43 +289,6 @@ def score(imgs: Sequence[ImageData], cals: Mapping[tuple[str, int], Any], method
     return res
 
 
-# ---------------------------------------------------------------------------------- estimator
-def estimator_data(imgs: Sequence[ImageData]) -> tuple[torch.Tensor, np.ndarray]:
-    """Logits-input features ``(N, C + 3, 15, 20)`` and the true per-image ECE (15 bins, void excluded)."""
-    xs, ys = [], []
-    for im in imgs:
-        z = torch.from_numpy(np.asarray(im.logits, dtype=np.float32))[None]
-        xs.append(logit_features(z))
-        ys.append(float(ece_targets(z, torch.from_numpy(im.labels.astype(np.int64))[None], kind="image",
-                                    n_bins=15, ignore_index=CAMVID_IGNORE)[0]))
-    return torch.cat(xs), np.asarray(ys)
-
-
-def agreement(est: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """MAE, bias and Spearman rank correlation of estimated vs true per-image ECE."""
-    rank = ranking_agreement(est, true) if len(true) > 2 else {"spearman": float("nan")}
-    return {"mae": float(np.mean(np.abs(est - true))), "bias": float(np.mean(est - true)),
-            "spearman": float(rank["spearman"]), "mean_estimate": float(np.mean(est)),
-            "mean_true": float(np.mean(true)), "n_images": len(true)}
-
-
-def fit_estimator(x: torch.Tensor, y: np.ndarray, num_classes: int, seed: int = 0) -> ECEEstimator:
-    est = ECEEstimator(num_classes + 3, input_kind="logits", num_classes=num_classes,
-                       meta={"model": IN_DOMAIN, "target": "image ECE (15 bins)"})
-    return est.fit(x, torch.from_numpy(y).float(), seed=seed)
-
-
-def estimate_all(ests: Mapping[str, Any], x: torch.Tensor, z_imgs: Sequence[ImageData],
-                 y: np.ndarray) -> dict[str, Any]:
-    """Every estimator and baseline on one held-out set."""
-    out = {name: agreement(e.predict(x), y) for name, e in ests.items()}
-    for b in ("maxprob", "entropy"):
-        est = np.concatenate([ConfidenceBaseline(b).predict_scores(np.asarray(im.logits, dtype=np.float32)[None])
-                              for im in z_imgs])
-        out[b] = agreement(est, y)
-    return out
-
-
 # ---------------------------------------------------------------------------------- driver
 def run_shift_calibration(cfg: ShiftCalConfig) -> BenchRun:
     """Run the LOFO protocol; :func:`segcal.report.shift_tables.write_shift_outputs` writes its files."""
@@ -287,7 +311,7 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
     log = partial(_log, cfg.progress)
     methods = list(cfg.methods)
     clean_rows = [m for m in methods if SHIFT_ROW_DATA[m] == "clean"]
-    aug_rows = [m for m in methods if SHIFT_ROW_DATA[m] == "augmented"]
+    aug_rows = [m for m in methods if SHIFT_ROW_DATA[m] == "augmented"]  # target:* rows: adapt_rows
     val_items = camvid_split(root, "val")[: cfg.val_limit]
     test_items = camvid_split(root, "test")[: cfg.test_limit]
     if cfg.test_images is None or cfg.test_images >= len(test_items):
@@ -317,6 +341,11 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
     for (f, s), tr in test_mix.items():
         ensure(cache.key(IN_DOMAIN, "test", f"mix-{f}", s, cfg.test_seed), IN_DOMAIN, shift_items, tr)
     timings["predict_s"] = time.perf_counter() - t0
+
+    def model_of(name: str) -> Any:
+        if name not in loaded:
+            loaded[name] = create_model(name, root, "cpu")
+        return loaded[name]
 
     def read(model: str, split: str, items: Sequence[Any], fam: str | None = None, sev: int = 0,
              seed: int = 0, tr: Any = None) -> list[ImageData]:
@@ -364,7 +393,9 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
             imgs = read(IN_DOMAIN, "test", shift_items, fam, sev, cfg.test_seed, test_mix[(fam, sev)])
             log(f"evaluate {tag} ({len(imgs)} images)")
             t0 = time.perf_counter()
-            res = score(imgs, cals, methods, cfg, C)
+            adapted = adapt_rows(cals, methods, imgs, clean_val, model_of(IN_DOMAIN), cfg)
+            res = score(imgs, {**cals, **adapted}, methods, cfg, C)
+            res["adaptation"] = {f"{k[0]}@{k[1]}": c.fit_info.get("target_adaptation") for k, c in adapted.items()}
             res.update(model=IN_DOMAIN, family=fam, severity=sev, held_out=fam, fitted_with=others,
                        assignment=_counts(test_mix[(fam, sev)], imgs))
             conditions[tag] = res
@@ -393,7 +424,10 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
         t0 = time.perf_counter()
         imgs = read(model, "test", test_items)
         log(f"evaluate {tag} ({len(imgs)} images)")
-        res = score(imgs, {**base.cals, **full.cals}, methods, cfg, Cm)
+        cals = {**base.cals, **full.cals}
+        adapted = adapt_rows(cals, methods, imgs, clean_val if model == IN_DOMAIN else sval, model_of(model), cfg)
+        res = score(imgs, {**cals, **adapted}, methods, cfg, Cm)
+        res["adaptation"] = {f"{k[0]}@{k[1]}": c.fit_info.get("target_adaptation") for k, c in adapted.items()}
         res.update(model=model, family=None, severity=None, held_out=None, fitted_with=families)
         conditions[tag] = res
         t_eval += time.perf_counter() - t0
@@ -480,5 +514,5 @@ def lofo_summary(results: Mapping[str, Any], methods: Sequence[str]) -> dict[str
     return out
 
 
-__all__ = ["DEFAULT_ROWS", "FamilyMix", "ShiftCalConfig", "argmax_check", "check_config", "copies",
-           "estimator_data", "fit_group", "lofo_summary", "run_shift_calibration", "score"]
+__all__ = ["DEFAULT_ROWS", "FamilyMix", "MemoModel", "ShiftCalConfig", "adapt_rows", "argmax_check", "check_config",
+           "copies", "fit_group", "lofo_summary", "run_shift_calibration", "score", "strided"]

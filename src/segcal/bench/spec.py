@@ -205,12 +205,18 @@ SHIFT_FAMILIES: dict[str, tuple[str, ...]] = {
 }
 #: the data a shift-calibration row is fitted on: ``clean`` (CamVid val) or ``augmented`` (CamVid val
 #: plus perturbed copies from the families not held out; :mod:`segcal.bench.shift_calibration`)
+#: (``target:<row>``: ``<row>`` corrected on the unlabelled test set itself by
+#: :func:`segcal.estimation.target_adaptive.adapt_to_target`, PseudoCal with input mixup through the model)
 SHIFT_ROWS: dict[str, Row] = {
     "ts_clean": Row("ts"),
     "ts_aug": Row("ts"),
     "cmsop_aug": Row("cmsop"),
+    "sts_aug": Row("sts"),
+    "ts_aug_pc": Row("target_corrected", {"base": "ts"}),
+    "sts_aug_pc": Row("target_corrected", {"base": "sts"}),
 }
-SHIFT_ROW_DATA: dict[str, str] = {"ts_clean": "clean", "ts_aug": "augmented", "cmsop_aug": "augmented"}
+SHIFT_ROW_DATA: dict[str, str] = {"ts_clean": "clean", "ts_aug": "augmented", "cmsop_aug": "augmented",
+                                  "sts_aug": "augmented", "ts_aug_pc": "target:ts_aug", "sts_aug_pc": "target:sts_aug"}
 #: the reference row of every paired CI of the shift-calibration bench
 SHIFT_REFERENCE = "ts_clean"
 SHIFT_CI_METRICS = ("ece", "image_ece", "nll", "brier", "miou", "flip_rate")
