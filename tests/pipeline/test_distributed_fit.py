@@ -119,6 +119,7 @@ def _check(got: dict, want: dict, name: str, n_train: int) -> None:
         torch.testing.assert_close(got["state"][k], ref, rtol=0, atol=1e-6, msg=f"{name}: {k}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_two_ranks_fit_equals_one_process(tmp_path, reference, layout):
     n_fit = 4 if layout == "empty_rank" else 5
