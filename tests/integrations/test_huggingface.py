@@ -197,3 +197,13 @@ def test_bad_outputs_are_refused():
         mask_classification_scores(torch.zeros(1, 5, 4), torch.zeros(1, 4, 8, 8))
     with pytest.raises(InputError, match="pixel_values"):
         HFSegmentationModel(nn.Identity())(torch.zeros(3, 8, 8))
+
+
+def test_the_example_of_docs_integrations_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "integrations.md").read_text()
+    heading = "\n## Hugging Face and segmentation_models_pytorch"
+    assert text.count(heading) == 1
+    code = text.split(heading, 1)[1].split("\n## ", 1)[0].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/integrations.md", "exec"), {})

@@ -248,3 +248,19 @@ def test_equals_fit_on_the_folder_written_by_predict(tmp_path):
         unregister_model("tiny-fit-model")
     with pytest.raises(InputError, match="--labels"):
         folder_items(img_dir)
+
+
+def doc_example(heading: str) -> str:
+    """The first Python block of a section of docs/integrations.md."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "integrations.md").read_text()
+    assert text.count(f"\n{heading}") == 1, heading
+    section = text.split(f"\n{heading}", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_example_of_docs_integrations_runs(capsys):
+    exec(compile(doc_example("## Fitting from a model: `fit_from_model` and `segcal fit --model`"),
+                 "docs/integrations.md", "exec"), {})
+    assert "T perturbation-augmented" in capsys.readouterr().out
