@@ -51,8 +51,10 @@ def add_device_arg(p: argparse.ArgumentParser, default: str = "cpu") -> None:
 
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
-    """``--no-progress``: no progress bars."""
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    """``--no-progress`` (also spelled ``--quiet`` / ``-q``, as in ``segcal bench``): no progress bars
+    on stderr (dest ``no_progress``)."""
+    p.add_argument("--no-progress", "--quiet", "-q", action="store_true", dest="no_progress",
+                   help="no progress bars on stderr (--quiet and -q are the same)")
 
 
 def csv_arg(s: str) -> tuple[str, ...]:
