@@ -88,6 +88,11 @@ def _worker(rank: int, port: int, layout: str, out: str) -> None:
             create("ts", subsample=0.5).fit(train_all[t0:t1], ignore_index=255)
         except ValueError as exc:
             results["subsample_error"] = str(exc)
+        for name, kw in (("histogram_binning", {}), ("cmsop", {"independent_experts": True})):
+            try:  # local post-fit steps / own training targets: refused on every rank, not wrong
+                create(name, **kw).fit(train_all[t0:t1], ignore_index=255)
+            except ValueError as exc:
+                results[f"refused {name}"] = str(exc)
         if layout == "unequal":  # a refused batch on rank 1: rank 1 its own error, rank 0 RankError
             bad = [(x, np.where(y == 255, 255, 7)) for x, y in train_all[t0:t1]] if rank == 1 else train_all[t0:t1]
             try:
@@ -137,6 +142,8 @@ def test_two_ranks_fit_equals_one_process(tmp_path, reference, layout):
     assert want["ts_adam_streamed"]["optimizer"] == "adam"
     for r in range(2):
         assert "subsample: not supported by a distributed fit" in ranks[r]["subsample_error"]
+        assert "not distributed yet" in ranks[r]["refused histogram_binning"]
+        assert "not distributed yet" in ranks[r]["refused cmsop"]
     if layout == "unequal":
         assert ranks[1]["failure"][0] == "ValueError" and "labels" in ranks[1]["failure"][1]
         assert ranks[0]["failure"][0] == "RankError" and ranks[0]["failure"][1].startswith("rank 1 of 2 stopped")

@@ -40,7 +40,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from segcal.calibrators.collective import FitGroup, all_sum, broadcast_tensors, decide, ordered_sum
+from segcal.calibrators.collective import (
+    FitGroup,
+    active,
+    all_sum,
+    broadcast_tensors,
+    decide,
+    ordered_sum,
+)
 from segcal.calibrators.data import Batch, FitData
 from segcal.calibrators.objectives import NLL
 from segcal.calibrators.settings import FitSettings, fit_config
@@ -406,6 +413,9 @@ def minimize(
     """
     t0 = time.perf_counter()
     params = [p for p in params if p.requires_grad]
+    if active() is not None and (train.group is None or val_stats_fn is not None):
+        raise ValueError("fit: this calibrator's fit (its own training data or target: selective scaling, "
+                         "independent experts, ...) is not distributed yet; fit it in one process")
     opt_name = settings.optimizer
     if opt_name not in ("auto", "lbfgs", "adam", "adamw"):
         raise ValueError(f"optimizer: expected 'auto', 'lbfgs', 'adam' or 'adamw', got {opt_name!r}")
@@ -477,6 +487,9 @@ def fit_summary(records: list[dict[str, Any]], train: FitData, val: FitData | No
     """A calibrator's ``fit_info``: the objective, ``ignore_index``, ``subsample`` and ``seed`` of
     ``config``, the stage ``records`` of :func:`minimize` (optimizer, mode and pixel counts of the
     last one) and the ``extra`` of the ``_post_fit`` hook."""
+    if active() is not None and extra:
+        raise ValueError("fit: this calibrator's post-fit step (binning, a hyper-parameter search, ...) "
+                         "works on one rank's data and is not distributed yet; fit it in one process")
     last = records[-1] if records else {
         "optimizer": "none", "mode": train.info.get("mode"), "n_pixels": train.n,
         "n_val_pixels": val.n if val is not None else 0,
