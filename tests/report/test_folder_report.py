@@ -65,6 +65,9 @@ def test_failure_section_draws_the_risk_coverage_curve_when_the_metrics_provide_
     assert "<td>AURC (risk-coverage area)</td><td>0.10000</td>" in doc
     assert "<td>risk at 90 % coverage</td><td>0.20000</td>" in doc
     assert "alt='risk-coverage curves'" in doc
+    summary["image_failure"] = {"error_rate": {"mean_confidence": {"n": 3, "aurc": 0.25, "augrc": 0.125}}}
+    assert "<td>error rate</td><td>mean confidence</td><td>3</td><td>0.2500</td><td>–</td><td>0.1250</td>" in \
+        folder_report_html(summary)
     summary.pop("risk_coverage")
     assert "alt='risk-coverage curves'" not in folder_report_html(summary)
     for key in [k for k in summary if k.startswith("risk_at_coverage") or k in dict(FAILURE)]:

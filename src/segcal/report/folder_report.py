@@ -212,9 +212,9 @@ def risk_coverage_figure(res: Mapping[str, Any]) -> Any | None:
         return None
     err = 1.0 - acc
     grid = np.linspace(max(cov.min(), 1e-3), 1.0, 200)
-    panels = [("selective risk (error rate of the accepted pixels)", risk, np.full_like(grid, err),
+    panels = [("selective risk (errors / accepted)", risk, np.full_like(grid, err),
                np.clip(1 - (1 - err) / grid, 0, None), "AURC", "center left"),
-              ("generalized risk (accepted errors / all pixels)", gen, err * grid, np.clip(grid - (1 - err), 0, None),
+              ("generalized risk (accepted errors / all)", gen, err * grid, np.clip(grid - (1 - err), 0, None),
                "AUGRC", "upper left")]
     panels = [p for p in panels if p[1].size == cov.size]
     fig = Figure(figsize=(4.2 * len(panels), 3.3))
@@ -227,7 +227,7 @@ def risk_coverage_figure(res: Mapping[str, Any]) -> Any | None:
         ax.plot(grid, rand, color="#7f7f7f", ls="--", lw=1.0, label="random ranking")
         ax.plot(grid, best, color="#2ca02c", ls=":", lw=1.4, label="optimal ranking (errors rejected first)")
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, None)
+        ax.set_ylim(0, max(float(np.nanmax(y)), err) * 1.08)
         ax.set_xlabel("coverage (fraction of pixels accepted, most confident first)", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
@@ -249,7 +249,28 @@ def _failure_section(res: Mapping[str, Any]) -> list[str]:
     fig = risk_coverage_figure(res)
     if fig is not None:
         out.append(f"<img alt='risk-coverage curves' src='{_uri(fig)}'>")
+    out += _image_failure_rows(res.get("image_failure"))
     return out
+
+
+def _image_failure_rows(table: Any) -> list[str]:
+    """Image-level failure detection (``image_failure``: risk -> score -> values), as a table."""
+    if not isinstance(table, Mapping) or not table:
+        return []
+    keys = [("aurc", "AURC"), ("eaurc", "E-AURC"), ("augrc", "AUGRC"), ("risk_at_coverage_90", "risk @ 90 %")]
+    rows = []
+    for risk, by_score in table.items():
+        if not isinstance(by_score, Mapping):
+            continue
+        for score, vals in by_score.items():
+            if isinstance(vals, Mapping):
+                rows.append([str(risk).replace("_", " "), str(score).replace("_", " "), str(vals.get("n", "–")),
+                             *(_fmt(vals.get(k)) for k, _ in keys)])
+    if not rows:
+        return []
+    return ["<h3>Image level</h3><p>Images ranked by an image score (most trustworthy first) against an image "
+            "risk: which images a confidence-based triage would flag.</p>",
+            _table(["risk", "score", "images", *(label for _, label in keys)], rows)]
 
 
 def folder_report_html(results_or_metrics: Any, *, title: str = "segcal eval report",
