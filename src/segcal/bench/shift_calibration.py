@@ -221,10 +221,12 @@ def strided(imgs: Sequence[ImageData], stride: int) -> list[ImageData]:
 
 class MemoModel:
     """``images -> logits`` of a loaded model, remembered per image (PseudoCal runs the same images
-    for every seed of a row)."""
+    for every seed of a row), every ``stride``-th pixel along each axis (PseudoCal's correction is
+    a TS fit on these pixels; whole-image statistics of ``sts`` from them, as in its fit)."""
 
-    def __init__(self, loaded: Any) -> None:
+    def __init__(self, loaded: Any, stride: int = 1) -> None:
         self.loaded = loaded
+        self.stride = max(1, int(stride))
         self.memo: dict[str, torch.Tensor] = {}
 
     def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -232,7 +234,8 @@ class MemoModel:
         for im in images:
             key = hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest()
             if key not in self.memo:
-                self.memo[key] = self.loaded.logits([im]).float().cpu()
+                z = self.loaded.logits([im]).float().cpu()
+                self.memo[key] = z[..., :: self.stride, :: self.stride].contiguous()
             outs.append(self.memo[key])
         return torch.cat(outs)
 
@@ -247,7 +250,7 @@ def adapt_rows(cals: Mapping[tuple[str, int], Any], methods: Sequence[str], targ
     rng = np.random.default_rng(cfg.test_seed + 7)
     tgt = [target[i].raw_image() for i in np.sort(rng.choice(len(target), min(cfg.adapt_images, len(target)), replace=False))]
     src = [source[i].raw_image() for i in np.sort(rng.choice(len(source), min(cfg.adapt_images, len(source)), replace=False))]
-    model = MemoModel(loaded)
+    model = MemoModel(loaded, cfg.spatial_stride)
     out: dict[tuple[str, int], Any] = {}
     for m in rows:
         base = SHIFT_ROW_DATA[m].split(":", 1)[1]
