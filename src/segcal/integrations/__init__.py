@@ -2,7 +2,8 @@
 
 Each module wraps segcal's own machinery (the streaming engine
 :class:`segcal.metrics.CalibrationMetrics`, :meth:`segcal.calibrators.Calibrator.fit`) for one
-framework and imports that framework at module level; import the module you need. Nothing
+framework and imports that framework at module level (``huggingface`` reads output fields and
+imports nothing); import the module you need. Nothing
 below this package imports it, and this package face imports none of them, so a missing
 framework costs nothing until its module is imported (then the error names the extra to
 install):
@@ -19,6 +20,12 @@ install):
 ``segcal.integrations.lightning``
     :class:`~segcal.integrations.lightning.CalibrationCallback`, a ``lightning.pytorch.Callback``
     (``pip install 'segcal[lightning]'``).
+``segcal.integrations.huggingface``
+    :func:`~segcal.integrations.huggingface.hf_scores`,
+    :class:`~segcal.integrations.huggingface.HFSegmentationModel`: ``transformers`` segmentation
+    outputs (SegFormer, UperNet, MaskFormer, Mask2Former) as per-pixel scores for
+    ``CalibratedModel`` / ``fit_from_model`` (reads the output's fields and imports no framework;
+    the models themselves need ``pip install 'segcal[huggingface]'``).
 
 Examples that run: ``docs/integrations.md``.
 """
