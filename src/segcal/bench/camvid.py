@@ -40,6 +40,7 @@ protocols; the shared pieces are in :mod:`segcal.bench.protocol`):
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -329,7 +330,7 @@ def run_bench(cfg: BenchConfig) -> BenchRun:
 
 def _log(progress: bool, msg: str) -> None:
     if progress:
-        print(f"[bench] {msg}", flush=True)
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 __all__ = ["BenchConfig", "find_camvid", "miou_columns", "read_split", "resolve_methods", "run_bench"]

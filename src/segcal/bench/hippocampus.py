@@ -43,6 +43,7 @@ The CamVid bench protocol (:mod:`segcal.bench.protocol`) on 3D volumes, with the
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -254,7 +255,7 @@ def run_medical_bench(cfg: MedicalBenchConfig) -> BenchRun:
         raise ValueError(f"unknown MRI shift(s) {unknown}; choose from {list(MRI_SHIFTS)}")
     if any(not 1 <= int(v) <= 5 for v in cfg.severities):
         raise ValueError(f"severities: expected values in 1-5, got {list(cfg.severities)}")
-    log = (lambda msg: print(f"[bench] {msg}", flush=True)) if cfg.progress else (lambda msg: None)
+    log = (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None)
     d = find_hippocampus(cfg.data_root)
     split = load_split()
     calib_ids = sorted(split["calibration"])[: cfg.calib_limit]
