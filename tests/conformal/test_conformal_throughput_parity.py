@@ -65,8 +65,9 @@ def tied_probs(rng: np.random.Generator, shape: tuple[int, ...], grid: np.ndarra
 
 
 @pytest.mark.parametrize("grid", [default_grid(), default_grid(17),
-                                  np.array([0.0, 1e-17, 1e-9, 0.3, 0.5, 0.5 + 1e-12, 0.999999, 1.0])],
-                         ids=["default", "coarse", "uneven"])
+                                  np.array([0.0, 1e-17, 1e-9, 0.3, 0.5, 0.5 + 1e-12, 0.999999, 1.0]),
+                                  np.array([0.1, 0.5, 0.9])],
+                         ids=["default", "coarse", "uneven", "no-zero-threshold"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64])
 def test_fast_row_equals_reference_and_direct_count(grid: np.ndarray, dtype: type) -> None:
     pytest.importorskip("numba")  # without it both paths are the numpy one

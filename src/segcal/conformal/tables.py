@@ -114,7 +114,9 @@ def _count_kernel() -> Callable[..., Any] | None:
     number of sorted thresholds ``ts`` that are ``<= p[k, i]`` -- the bin of
     ``np.searchsorted(ts, v, side="right")`` (NaN last), found from ``lut`` (the number of
     thresholds ``<= b / B`` for each bucket ``b``) and corrected by exact float64 comparisons, so
-    the counts are those of :func:`_below_counts`. Returns ``(n_valid, n_label_in_range, bad)``,
+    the counts are those of :func:`_below_counts`. Values in ``[lo, hi)`` (``lo = ts[common - 1]``,
+    ``hi = ts[common]``: the bin just above 0, where most probabilities of a confident model fall)
+    are counted in a register and added to ``hist_all[common]`` at the end. Returns ``(n_valid, n_label_in_range, bad)``,
     ``bad`` when a valid label is outside ``[0, C)`` (the caller then takes the reference path,
     which names the values).
     """
@@ -124,12 +126,13 @@ def _count_kernel() -> Callable[..., Any] | None:
         return None
 
     @nb.njit(cache=True, nogil=True, boundscheck=False)
-    def kernel(p, y, ignore, use_ignore, k_lo, k_hi, ts, lut, hist_all, hist_y):  # pragma: no cover - compiled
+    def kernel(p, y, ignore, use_ignore, k_lo, k_hi, ts, lut, common, lo, hi, hist_all, hist_y):  # pragma: no cover
         num_classes, n = p.shape
         g = ts.shape[0]
         buckets = lut.shape[0] - 1
         n_valid = 0
         n_in = 0
+        n_common = 0
         for i in range(n):
             lab = y[i]
             if use_ignore and lab == ignore:
@@ -141,6 +144,9 @@ def _count_kernel() -> Callable[..., Any] | None:
                 n_in += 1
             for k in range(k_lo, k_hi):
                 v = p[k, i]
+                if lo <= v < hi and k != lab:  # the common bin (most values of a confident model)
+                    n_common += 1
+                    continue
                 if v != v:  # NaN: after every threshold, as numpy sorts it
                     j = g
                 else:
@@ -158,6 +164,7 @@ def _count_kernel() -> Callable[..., Any] | None:
                 hist_all[j] += 1
                 if k == lab:
                     hist_y[j] += 1
+        hist_all[common] += n_common
         return n_valid, n_in, False
 
     return kernel
@@ -194,7 +201,11 @@ def _fast_row(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray, risk: str
     hist_y = np.zeros(g.size + 1, dtype=np.int64)
     use_ignore = ignore_index is not None
     ignore = int(ignore_index) if use_ignore else 0  # type: ignore[arg-type]
-    n_valid, n_in, bad = kernel(p, y, ignore, use_ignore, k_lo, k_hi, ts, lut.astype(np.int64), hist_all, hist_y)
+    common = int(lut[1])  # the bin of the values just above 0
+    lo = float(ts[common - 1]) if common > 0 else -math.inf
+    hi = float(ts[common]) if common < g.size else math.inf
+    n_valid, n_in, bad = kernel(p, y, ignore, use_ignore, k_lo, k_hi, ts, lut.astype(np.int64), common, lo, hi,
+                                hist_all, hist_y)
     if bad:
         return None
 
