@@ -130,3 +130,17 @@ def test_plot_png(tmp_path):
     png = Image.open(tmp_path / "rel.PNG")
     assert png.format == "PNG" and min(png.size) > 300
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_html_takes_class_names_from_the_manifest(tmp_path):
+    """Without --class-names, the report labels classes with the names `segcal predict` recorded in
+    segcal.json; --class-names wins over them."""
+    pred, lab, _, _ = make_folder(tmp_path, n=2)
+    (pred / "segcal.json").write_text(json.dumps({"format": "segcal-predictions", "version": 1, "complete": True,
+                                                  "class_names": ["road", "sky", "car", "tree"]}))
+    assert run_eval(pred, lab, "--html", str(tmp_path / "a.html")) == 0
+    page = (tmp_path / "a.html").read_text()
+    assert ">road<" in page and ">tree<" in page and "class 0" not in page
+    assert run_eval(pred, lab, "--html", str(tmp_path / "b.html"), "--class-names", "a,b,c,d") == 0
+    page = (tmp_path / "b.html").read_text()
+    assert ">road<" not in page and ">d<" in page

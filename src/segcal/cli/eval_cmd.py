@@ -19,6 +19,7 @@ from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_
 from segcal.datasets.camvid import CAMVID_CLASSES
 from segcal.errors import InputError, missing_dependency
 from segcal.io.files import atomic_write
+from segcal.io.predictions import read_folder_meta
 from segcal.pipeline.distributed import rank_device, world
 from segcal.pipeline.evaluate import FolderEvaluation, evaluate_folder
 from segcal.report.folder_report import (
@@ -108,10 +109,22 @@ def class_names(args: argparse.Namespace) -> list[str] | None:
     the 12th output of the CamVid ESPNet)."""
     names = getattr(args, "class_names", None)
     if not names:
-        return None
+        return manifest_class_names(args.pred)
     if len(names) == 1 and names[0].lower() == "camvid":
         return [*CAMVID_CLASSES, "void"]
     return list(names)
+
+
+def manifest_class_names(pred: str) -> list[str] | None:
+    """The class names that ``segcal predict`` recorded in the folder's ``segcal.json`` (``None``
+    when absent or not a list of strings): the report's default labels."""
+    try:
+        names = read_folder_meta(pred).get("class_names")
+    except (InputError, OSError):
+        return None
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
 
 
 def _write(path: str, data: bytes | str, flag: str) -> None:
