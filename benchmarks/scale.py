@@ -71,10 +71,12 @@ def launcher(procs: int) -> list[str]:
             "--master-port", str(free_port())]
 
 
-def measure(cmd: list[str]) -> dict[str, float]:
-    """Wall time and peak RSS (largest process of the tree) of ``cmd``, in a fresh wrapper process."""
+def measure(cmd: list[str], threads: int | None = None) -> dict[str, float]:
+    """Wall time and peak RSS (largest process of the tree) of ``cmd``, in a fresh wrapper process
+    (``threads``: its ``OMP_NUM_THREADS``; torchrun sets 1 per rank itself)."""
+    env = dict(os.environ) if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, str(HERE), "_measure", "--", *cmd], check=True,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -170,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="segcal-scale-"))
     result: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "load_avg_1_5_15": os.getloadavg(),
-        "cpus": os.cpu_count(), "torch": torch.__version__,
+        "cpus": os.cpu_count(), "torch": torch.__version__, "ref_threads": args.ref_threads,
         "shape": {"classes": args.classes, "height": args.height, "width": args.width}, "sizes": []}
     try:
         for n in sizes:
@@ -188,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 js = folder / f"eval{p}.json"
                 cmd = [*launcher(p), "-m", "segcal", "eval", "--pred", str(pred), "--labels", str(lab),
                        "--ignore-index", "255", "--json", str(js), "--no-progress"]
-                m = measure(cmd)
+                m = measure(cmd, args.ref_threads if p == 1 else None)
                 m["ece"] = json.loads(js.read_text())["ece"]
                 m["pixels_per_s"] = row["labelled_pixels"] / m["seconds"]
                 row["eval"][p] = m
@@ -203,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         cmd += ["--budget-mb", str(args.fit_memory_budget_mb)]
                     if args.fit_optimizer is not None:
                         cmd += ["--optimizer", args.fit_optimizer]
-                    m = measure(cmd)
+                    m = measure(cmd, args.ref_threads if p == 1 else None)
                     got = json.loads(js.read_text())
                     m.update({k: got[k] for k in ("fit_seconds", "optimizer", "mode", "n_pixels", "steps")})
                     one = row["fit"][method].get(procs[0])
@@ -274,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default="torchmetrics,fiducio", help="peers on the largest size ('' for none)")
     ap.add_argument("--fit-memory-budget-mb", type=float, default=None)
     ap.add_argument("--fit-optimizer", default=None, choices=[None, "lbfgs", "adam"])
+    ap.add_argument("--ref-threads", type=int, default=None,
+                    help="OMP_NUM_THREADS of the 1-process runs (torchrun gives each rank 1): with 1, the "
+                    "1- and N-process fits add in the same order and their parameters are bitwise equal")
     ap.add_argument("--root", default=None, help="where to write the folders (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the folders")
     ap.add_argument("--json", default=None, help="write every figure here")
