@@ -157,3 +157,33 @@ def test_folder_table_equals_the_previous_path(tmp_path, monkeypatch) -> None:
     items = [(x, y) for _, x, y, _ in PredictionFolder(pred, lab)]
     table = loss_table(items, "miscoverage", ignore_index=11, input_type="logits")
     assert np.array_equal(table.losses, folder_loss_table(pred, lab, "miscoverage", ignore_index=11).losses)
+
+
+def test_throughput_benchmark_runs_and_tables_agree(tmp_path, monkeypatch) -> None:
+    """``benchmarks/conformal_throughput.py --previous`` on a tiny folder: it writes its ratios and
+    finds the previous path's table identical (no timing is asserted)."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    rng = np.random.default_rng(5)
+    pred, lab = tmp_path / "pred", tmp_path / "lab"
+    pred.mkdir()
+    lab.mkdir()
+    for i in range(12):  # CRC at alpha 0.1 needs at least 9 calibration images
+        np.save(pred / f"im{i}.npy", (rng.normal(size=(4, 8, 10)) * 3).astype(np.float16))
+        Image.fromarray(rng.integers(0, 5, size=(8, 10)).astype(np.uint8)).save(lab / f"im{i}.png")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "conformal_throughput.py"
+    spec = importlib.util.spec_from_file_location("conformal_throughput", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    out = tmp_path / "ct.json"
+    monkeypatch.setattr(sys, "argv", ["ct", "--pred", str(pred), "--labels", str(lab), "--ignore-index", "4",
+                                      "--reps", "2", "--previous", "--out", str(out)])
+    mod.main()
+    res = json.loads(out.read_text())
+    assert res["previous_table_identical"] is True and res["n_images"] == 12
+    assert len(res["runs"]) == 2 and res["runs"][1]["order"][0] == "conformal_fit"
+    assert set(res["ratios"]) >= {"conformal_fit/eval wall", "conformal_fit/eval cpu",
+                                  "(eval + conformal_fit)/eval wall"}
