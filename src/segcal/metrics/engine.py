@@ -29,6 +29,7 @@ import secrets
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -37,16 +38,16 @@ import torch.distributed as dist
 from segcal.errors import InputError, unreadable
 from segcal.io.files import atomic_write
 from segcal.metrics import kernels_numba, kernels_torch
-from segcal.metrics.chunks import Settings, iter_chunks
+from segcal.metrics.chunks import Settings, iter_chunks, single_thread
 from segcal.metrics.kernels_numba import HAVE_NUMBA
 from segcal.metrics.scores import compute_from_state
 from segcal.metrics.state import (
-    ACCUMULATED,
     CAT_FIELDS,
     STATE_FORMAT,
     STATE_VERSION,
     SUM_FIELDS,
     Dims,
+    Workspace,
     check_state,
     pack_rows,
     pack_sums,
@@ -148,6 +149,8 @@ class CalibrationMetrics:
         self.chunk_pixels = int(chunk_pixels)
         self.validate = validate
         self.device = torch.device(device) if device is not None else None
+        #: reusable per-batch accumulators (not state: never saved, merged or synchronised)
+        self._workspace = Workspace()
         self._init_state()
 
     # ------------------------------------------------------------------ state
@@ -189,6 +192,7 @@ class CalibrationMetrics:
                 self._to(device)
 
     def _to(self, device: torch.device) -> None:
+        self._workspace.clear()
         for f in SUM_FIELDS:
             setattr(self, f.name, getattr(self, f.name).to(device))
         self._rows = {name: [t.to(device) for t in parts] for name, parts in self._rows.items()}
@@ -279,17 +283,23 @@ class CalibrationMetrics:
         mk = mk.reshape(n, -1) if mk is not None else None
         dev = self.device or (x.device if x.device.type != "cpu" else torch.device("cpu"))
         self._ensure_device(dev)
-        # accumulate into fresh tensors and add them only on success: a batch that fails
-        # validation half-way leaves the state untouched
-        acc = zeros(self.dims, dev, n, ACCUMULATED)
+        # accumulate apart from the state (zeroed workspace accumulators) and add only on success:
+        # a batch that fails validation half-way leaves the state untouched
         cfg = self._settings()._replace(score_dtype=x.dtype)
+
+        def take(count: int) -> list[dict[str, torch.Tensor]]:
+            with single_thread() if dev.type == "cpu" else nullcontext():  # see kernels_numba.update
+                return self._workspace.take(self.dims, dev, count, n)
+
         if self.backend != "torch" and HAVE_NUMBA and dev.type == "cpu":
-            kernels_numba.update(cfg, x, y, mk, acc)
+            acc = kernels_numba.update(cfg, x, y, mk, take)
         else:
+            acc = take(1)[0]
             for chunk in iter_chunks(x, y, mk, dev, cfg.chunk_pixels):
                 kernels_torch.accumulate(cfg, *chunk, acc)
-        for f in SUM_FIELDS:
-            getattr(self, f.name).add_(acc[f.total_of].sum(0) if f.total_of else acc[f.name])
+        with single_thread() if dev.type == "cpu" else nullcontext():
+            for f in SUM_FIELDS:
+                getattr(self, f.name).add_(acc[f.total_of].sum(0) if f.total_of else acc[f.name])
         if self.per_image:
             for f in CAT_FIELDS:
                 self._rows[f.name].append(acc[f.name])
