@@ -64,3 +64,36 @@ def test_refused_inputs_exit_2(folders, capsys):
     assert main(["conformal", "fit", *args, "--alpha", "0.01", "--ignore-index", str(IGNORE),
                  "--out", str(root / "x.json")]) == 2
     assert "at least 99 images" in capsys.readouterr().err
+
+
+class _Terminal:
+    """A stderr that says it is a terminal (tqdm draws bars only on one) and keeps what it got."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_bar_on_a_terminal_and_quiet(folders, monkeypatch, quiet):
+    """fit/apply show a bar over the files on a terminal's stderr; -q silences it (and off a
+    terminal there is none, so an error stays one line: the fuzz tests check that)."""
+    root, _ = folders
+    term = _Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    cr = root / "cr.json"
+    q = ["-q"] if quiet else []
+    assert main(["conformal", "fit", "--pred", str(root / "cal" / "pred"), "--labels", str(root / "cal" / "labels"),
+                 "--probabilities", "--alpha", "0.1", "--ignore-index", str(IGNORE), "--out", str(cr), *q]) == 0, term.text
+    assert main(["conformal", "apply", "--pred", str(root / "test" / "pred"), "--probabilities", "--result",
+                 str(cr), "--out", str(root / "sets"), *q]) == 0
+    assert ("conformal:" in term.text and "conformal apply:" in term.text) is not quiet

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from segcal.calibrators import Calibrator, load
 from segcal.cli.common import check_out_path, input_type_from_args
@@ -50,7 +53,8 @@ def fit(args: argparse.Namespace) -> int:
         raise InputError("--tau: --risk coverage needs the coverage level (--tau 0.9)")
     table = folder_loss_table(args.pred, args.labels, args.risk, grid=default_grid(args.grid_size),
                               class_index=args.class_index, tau=args.tau, ignore_index=args.ignore_index,
-                              input_type=input_type_from_args(args), calibrator=_calibrator(args))
+                              input_type=input_type_from_args(args), calibrator=_calibrator(args),
+                              progress=not args.no_progress)
     result = fit_threshold(table, args.alpha, delta=args.delta,
                            meta={"pred": str(args.pred), "labels": str(args.labels),
                                  "calibrator_file": args.calibrator})
@@ -71,7 +75,7 @@ def evaluate(args: argparse.Namespace) -> int:
     ignore = args.ignore_index if args.ignore_index is not None else res.ignore_index
     table = folder_loss_table(args.pred, args.labels, res.risk, grid=[res.lam], class_index=res.class_index,
                               tau=res.tau, ignore_index=ignore, input_type=input_type_from_args(args),
-                              calibrator=_calibrator(args))
+                              calibrator=_calibrator(args), progress=not args.no_progress)
     numbers: dict[str, Any] = {
         "risk": res.risk, "lambda": res.lam, "alpha": res.alpha, "delta": res.delta, "method": res.method,
         "n_images": table.n_images, "realised_risk": float(table.losses[:, 0].mean()),
@@ -98,7 +102,8 @@ def apply(args: argparse.Namespace) -> int:
     reference = reference_files(args.reference)
     with staged_folder(out) as root:
         writer = SetWriter(res, args.format, root, reference, folder.meta)
-        for item in folder.items:
+        for item in tqdm(folder.items, desc="conformal apply", unit="file", leave=False,
+                         disable=True if args.no_progress else None, file=sys.stderr):  # None: off a terminal
             scores, _, kind = folder.read(item)
             writer.write(item.stem, apply_sets(res, as_probabilities(scores, kind, cal, f"pred: {item.stem}")),
                          item.path)

@@ -31,12 +31,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from segcal.calibrators import Calibrator
 from segcal.errors import InputError
@@ -475,13 +477,15 @@ def folder_loss_table(
     ignore_index: int | None = None,
     input_type: str | None = None,
     calibrator: Calibrator | None = None,
+    progress: bool = False,
 ) -> LossTable:
     """:func:`loss_table` over a prediction folder and its labels, one file at a time (read by
     :class:`~segcal.io.PredictionFolder`: ``.npy`` / ``.npz``, nnU-Net cases, NIfTI labels).
 
     ``input_type`` as in :class:`~segcal.io.PredictionFolder` (default: the folder's manifest,
-    then the ``.npz`` key, then logits); the other arguments as in :func:`loss_table`. Each file
-    is one exchangeable unit (an image or a volume).
+    then the ``.npz`` key, then logits); ``progress`` shows a bar over the files on stderr; the
+    other arguments as in :func:`loss_table`. Each file is one exchangeable unit (an image or a
+    volume).
     """
     if isinstance(pred, PredictionFolder):
         folder = pred
@@ -490,10 +494,15 @@ def folder_loss_table(
             raise InputError("labels: a conformal loss table needs a label folder")
         folder = PredictionFolder(pred, labels, input_type=input_type)
     check_risk(risk, class_index, tau)
+    files = tqdm(folder, total=len(folder.stems), desc="conformal", unit="file", leave=False,
+                 disable=None if progress else True, file=sys.stderr)  # None: no bar off a terminal
     probs = ((stem, as_probabilities(x, kind, calibrator, f"pred: {stem}"), _need_label(stem, y))
-             for stem, x, y, kind in folder)
-    return _build(probs, risk, default_grid() if grid is None else check_grid(grid), class_index, tau,
-                  ignore_index)
+             for stem, x, y, kind in files)
+    try:
+        return _build(probs, risk, default_grid() if grid is None else check_grid(grid), class_index, tau,
+                      ignore_index)
+    finally:
+        files.close()
 
 
 def _need_label(stem: str, labels: np.ndarray | None) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from segcal.cli.options import HelpFormatter, add_input_type_args
+from segcal.cli.options import HelpFormatter, add_input_type_args, add_progress_arg
 
 RISK_CHOICES = ("miscoverage", "fnr", "coverage")
 #: the formats of 'apply' (kept equal to segcal.conformal.writers.OUTPUT_FORMATS by a test; no import here)
@@ -19,6 +19,7 @@ def _common(p: argparse.ArgumentParser, labels: bool = True) -> None:
         p.add_argument("--labels", required=True, help="label folder (same stems)")
     p.add_argument("--calibrator", default=None, help="fitted segcal calibrator (.pt) applied to each file first")
     add_input_type_args(p)
+    add_progress_arg(p)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the traceback of every error (also: SEGCAL_DEBUG=1)")
 
