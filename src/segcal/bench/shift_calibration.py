@@ -13,7 +13,10 @@ in-domain model ``espnet-camvid``:
    fitting). The one fit loop (:func:`segcal.bench.protocol.fit_rows`): per seed a fit / selection
    split, ``fit_pixels`` seeded image-stratified pixels per half. The split is over image copies
    (a perturbed copy of a val image may fall in the other half than its clean copy); it only
-   chooses the early-stopping data, the test images are never seen.
+   chooses the early-stopping data, the test images are never seen. Rows (``spec.SHIFT_ROWS``):
+   ``ts_clean``, ``ts_aug``, ``cmsop_aug``, ``sts_aug`` (shift-conditioned TS), and the ``target:``
+   rows ``ts_aug_pc`` / ``sts_aug_pc``: their base corrected on each test set's unlabelled images by
+   PseudoCal through the model (:func:`adapt_rows`).
 3. **Test per held-out family F and severity s in ``severities``.** A seeded subset of
    ``test_images`` CamVid test images (the same for every set), each corrupted by one corruption of F
    (drawn per image as above) at severity s. Every row against TS fitted on clean val
