@@ -17,7 +17,9 @@ Also timed: reading alone (``PredictionFolder.read`` of every file) and the proc
 (``python -c "import segcal.cli.eval_cmd"``), the two parts of the gap between (3) and (1).
 The ``/ engine`` column of (3) is the issue's "end to end within 1.25x of the in-memory engine".
 
-Usage: ``python benchmarks/eval_pipeline.py [--images 50] [--repeats 3] [--procs 2]``
+Usage: ``python benchmarks/eval_pipeline.py [--images 50] [--repeats 3] [--procs 2]``, or on a real
+folder: ``--pred DIR --labels DIR --ignore-index 11`` (e.g. the 233 CamVid test predictions of
+``segcal predict --model espnet-camvid --images camvid:test``; the issue's workload).
 """
 
 from __future__ import annotations
@@ -84,29 +86,40 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=480)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--procs", type=int, default=2, help="also time torchrun with this many processes (1: skip)")
+    ap.add_argument("--pred", default=None, help="an existing prediction folder instead of the synthetic one")
+    ap.add_argument("--labels", default=None, help="its label folder (with --pred)")
+    ap.add_argument("--ignore-index", type=int, default=255)
     args = ap.parse_args()
+    if (args.pred is None) != (args.labels is None):
+        ap.error("--pred and --labels go together")
+    ignore = args.ignore_index
     with tempfile.TemporaryDirectory(prefix="segcal-evalbench-") as tmp:
         t0 = time.perf_counter()
-        pred, lab = write_folder(Path(tmp), args.images, args.classes, args.height, args.width)
-        print(f"wrote {args.images} x {args.classes} x {args.height} x {args.width} float16 in "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        if args.pred is None:
+            pred, lab = write_folder(Path(tmp), args.images, args.classes, args.height, args.width)
+            print(f"wrote {args.images} x {args.classes} x {args.height} x {args.width} float16 in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+        else:
+            pred, lab = Path(args.pred), Path(args.labels)
         folder = PredictionFolder(pred, lab)
+        num_classes = int(folder.read(folder.items[0])[0].shape[0])
+        print(f"{len(folder.items)} files, {num_classes} classes", flush=True)
         data = [folder.read(it)[:2] for it in folder.items]
         # the same tensors evaluate_folder hands to the engine (float16 scores, uint8 labels)
         xs = [as_tensor(np.array(s), "pred").unsqueeze(0) for s, _ in data]
         ys = [as_tensor(np.array(y), "labels").unsqueeze(0) for _, y in data]
 
         def engine() -> None:
-            m = CalibrationMetrics(args.classes, ignore_index=255)
+            m = CalibrationMetrics(num_classes, ignore_index=ignore)
             for x, y in zip(xs, ys, strict=True):
                 m.update(x, y)
             m.compute()
 
         def folder_eval(depth: int) -> None:
-            evaluate_folder(pred, lab, ignore_index=255, prefetch=depth).metrics.compute()
+            evaluate_folder(pred, lab, ignore_index=ignore, prefetch=depth).metrics.compute()
 
         cli = [sys.executable, "-m", "segcal", "eval", "--pred", str(pred), "--labels", str(lab),
-               "--ignore-index", "255", "--no-progress", "--json", str(Path(tmp) / "m.json")]
+               "--ignore-index", str(ignore), "--no-progress", "--json", str(Path(tmp) / "m.json")]
 
         def end_to_end() -> None:
             subprocess.run(cli, check=True, stdout=subprocess.DEVNULL)
