@@ -21,7 +21,8 @@ module holds the settings and the optimisation loops.
   done implicitly; it is recorded in the calibrator's config.
 * Spatial calibrators take Adam steps on groups of ``batch_size`` whole images (the mean loss over
   their valid pixels; accumulated image by image for linear objectives).
-* ``progress=True`` shows a tqdm bar over the optimiser steps on stderr (loss in the postfix).
+* ``progress=True`` shows a tqdm bar over the optimiser steps on stderr (the training loss and,
+  with validation data, the monitored validation value in the postfix).
 * Distributed (data prepared inside :func:`segcal.calibrators.collective.sharded`, so
   ``FitData.group`` is set): every full-batch value, statistic and gradient is all-reduced, Adam
   replays the single-process step sequence over the shards, the stop / convergence decisions
@@ -317,7 +318,10 @@ def _lbfgs(params: list[torch.nn.Parameter], stats_fn: StatsFn, train: FitData, 
             bar.update(min(steps, settings.max_iter) - bar.n)
             bar.set_postfix(loss=f"{value:.5g}", refresh=False)
         if val is not None:
-            if track.record(steps, value):
+            stop = track.record(steps, value)
+            if bar is not None:  # the monitored value (validation objective) beside the loss
+                bar.set_postfix(loss=f"{value:.5g}", val=f"{track.history[-1]['monitor']:.5g}")
+            if stop:
                 return steps, True
         else:
             track.history.append({"step": steps, "train": value, "monitor": value})
@@ -367,9 +371,13 @@ def _adam(params: list[torch.nn.Parameter], stats_fn: StatsFn, train: FitData, o
             if steps % settings.eval_every == 0 or steps >= settings.max_steps:
                 mean = sum(window) / len(window)
                 window = []
+                stop = track.record(steps, mean)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{mean:.5g}", refresh=False)
-                if track.record(steps, mean):
+                    post = {"loss": f"{mean:.5g}"}
+                    if val is not None:
+                        post["val"] = f"{track.history[-1]['monitor']:.5g}"
+                    bar.set_postfix(post)  # drawn now: evaluation points are few
+                if stop:
                     return steps, True
             if steps >= settings.max_steps:
                 return steps, False
