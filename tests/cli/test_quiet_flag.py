@@ -12,6 +12,10 @@ COMMANDS = {
     "predict": ["--model", "m", "--images", "i", "--out", "o"],
     "adapt": ["--model", "m", "--target", "t", "--out", "o"],
     "apply": ["--pred", "p", "--calibrator", "c.pt", "--out", "o"],
+    "estimate": ["--pred", "p", "--estimator", "maxprob"],
+    "pseudolabel": ["--pred", "p", "--out", "o"],
+    "conformal fit": ["--pred", "p", "--labels", "l", "--alpha", "0.1", "--out", "c.json"],
+    "conformal apply": ["--pred", "p", "--result", "c.json", "--out", "o"],
 }
 
 
@@ -19,8 +23,9 @@ COMMANDS = {
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_quiet_silences_progress(command, flag):
     parser = build_parser()
-    assert parser.parse_args([command, *COMMANDS[command]]).no_progress is False
-    assert parser.parse_args([command, *COMMANDS[command], flag]).no_progress is True
+    words = command.split()
+    assert parser.parse_args([*words, *COMMANDS[command]]).no_progress is False
+    assert parser.parse_args([*words, *COMMANDS[command], flag]).no_progress is True
 
 
 def test_quiet_leaves_stderr_empty(tmp_path, capsys):

@@ -8,11 +8,13 @@ declarations these helpers read are in :mod:`segcal.cli.options`.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from segcal.errors import InputError
 from segcal.validation import check_input_kind
@@ -108,3 +110,10 @@ def check_out_path(out: str | Path, inputs: Mapping[str, str | Path | None], *, 
 
 
 __all__ = ["CLI_FLAGS", "check_out_path", "check_scores_kind", "device_from_arg", "input_type_from_args"]
+
+
+def files_bar(items: Iterable[Any], desc: str, args: argparse.Namespace, total: int | None = None) -> Any:
+    """A progress bar over a command's files on stderr: drawn on a terminal only (a log or a pipe
+    gets none, so an error stays one line), never with ``--no-progress`` / ``--quiet`` / ``-q``."""
+    return tqdm(items, desc=desc, unit="file", leave=False, total=total,
+                disable=True if getattr(args, "no_progress", False) else None, file=sys.stderr)

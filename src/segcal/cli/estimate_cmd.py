@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcal.cli.common import check_out_path, check_scores_kind, input_type_from_args
+from segcal.cli.common import check_out_path, check_scores_kind, files_bar, input_type_from_args
 from segcal.errors import InputError
 from segcal.estimation import (
     ConfidenceBaseline,
@@ -80,7 +80,7 @@ def _estimate(args: argparse.Namespace) -> int:
     folder = PredictionFolder(args.pred, input_type=input_type_from_args(args))
     with world() as w:
         items = shard(folder.items, w.rank, w.size) if w.distributed else folder.items
-        parts = on_each(lambda: _estimate_items(est, kind, folder, items, args.features))
+        parts = on_each(lambda: _estimate_items(est, kind, folder, items, args.features, args))
     per_image: dict[str, float] = {}
     seen = [(c, where) for _, c, where in parts if where is not None]
     for c, where in seen[1:]:
@@ -106,13 +106,13 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _estimate_items(est: Any, kind: str, folder: PredictionFolder, items: list[Any],
-                    features: str | None) -> tuple[dict[str, float], int | None, str | None]:
+                    features: str | None, args: argparse.Namespace) -> tuple[dict[str, float], int | None, str | None]:
     """The estimates of ``items`` (this rank's share), the class count and the first file read."""
     feats = _features(features, [it.stem for it in items]) if kind == "features" else None
     per_image: dict[str, float] = {}
     first: int | None = getattr(est, "num_classes", None) if kind == "logits" else None
     where = None
-    for it in items:
+    for it in files_bar(items, "estimate", args):
         f = next(feats).unsqueeze(0) if feats is not None else None
         scores, itype = None, "logits"
         if kind != "features":

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segcal.cli.common import check_out_path, check_scores_kind, input_type_from_args
+from segcal.cli.common import check_out_path, check_scores_kind, files_bar, input_type_from_args
 from segcal.errors import InputError
 from segcal.estimation import (
     BASELINES,
@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace, out: Path, folder: PredictionFolder, mine: li
 
     def write() -> dict[str, Any]:
         stats: dict[str, Any] = {"cal_sfda": [0, 0, 0], "n_pixels": 0, "labelled": 0}
-        for it in mine:
+        for it in files_bar(mine, "pseudo-labels", args):
             s, _ = _read(folder, it, n_classes)
             lab, _ = pseudo_label(s, thr, local_prop=local, ignore_value=args.ignore_value, input_type=itype)
             _write(out / f"{it.stem}.{args.format}", lab)

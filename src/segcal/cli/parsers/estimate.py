@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from segcal.cli.options import add_input_type_args
+from segcal.cli.options import add_input_type_args, add_progress_arg
 
 #: the label-free baselines (:class:`segcal.estimation.ConfidenceBaseline`)
 BASELINES = ("maxprob", "entropy")
@@ -26,6 +26,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--baseline", choices=BASELINES, default=None, help="label-free baseline")
     p.add_argument("--json", default=None, help="write per-image and overall estimates to this JSON file")
     add_input_type_args(p)
+    add_progress_arg(p)
     tr = p.add_argument_group("training (--train)")
     tr.add_argument("--train", action="store_true", help="fit an estimator instead of estimating")
     tr.add_argument("--labels", default=None, help="label folder (training)")

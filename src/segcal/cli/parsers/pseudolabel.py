@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from segcal.cli.options import add_input_type_args
+from segcal.cli.options import add_input_type_args, add_progress_arg
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--ignore-value", type=int, default=255, help="label written for unselected pixels")
     p.add_argument("--format", choices=["png", "npy"], default="png", help="label file format")
     add_input_type_args(p)
+    add_progress_arg(p)
     p.add_argument("--labels", default=None, help="true labels, for reporting precision only")
     p.add_argument("--label-ignore", type=int, default=None, help="ignore value of --labels")
     p.add_argument("--json", default=None, help="write thresholds and statistics to this JSON file")
