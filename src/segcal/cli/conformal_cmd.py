@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from segcal.calibrators import Calibrator, load
-from segcal.cli.common import check_out_path, input_type_from_args
+from segcal.cli.common import check_out_path, files_bar, input_type_from_args
 from segcal.conformal import (
     ConformalResult,
     apply_sets,
@@ -102,8 +99,7 @@ def apply(args: argparse.Namespace) -> int:
     reference = reference_files(args.reference)
     with staged_folder(out) as root:
         writer = SetWriter(res, args.format, root, reference, folder.meta)
-        for item in tqdm(folder.items, desc="conformal apply", unit="file", leave=False,
-                         disable=True if args.no_progress else None, file=sys.stderr):  # None: off a terminal
+        for item in files_bar(folder.items, "conformal apply", args):
             scores, _, kind = folder.read(item)
             writer.write(item.stem, apply_sets(res, as_probabilities(scores, kind, cal, f"pred: {item.stem}")),
                          item.path)
