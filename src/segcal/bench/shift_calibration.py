@@ -40,6 +40,7 @@ in-domain model ``espnet-camvid``:
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -190,7 +191,7 @@ def check_config(cfg: ShiftCalConfig) -> None:
 
 def _log(progress: bool, msg: str) -> None:
     if progress:
-        print(f"[shift-calibration] {msg}", flush=True)
+        print(f"[shift-calibration] {msg}", file=sys.stderr, flush=True)
 
 
 def copies(imgs: Sequence[ImageData], tag: str) -> list[ImageData]:
