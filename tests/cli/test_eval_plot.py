@@ -144,3 +144,19 @@ def test_html_takes_class_names_from_the_manifest(tmp_path):
     assert run_eval(pred, lab, "--html", str(tmp_path / "b.html"), "--class-names", "a,b,c,d") == 0
     page = (tmp_path / "b.html").read_text()
     assert ">road<" not in page and ">d<" in page
+
+
+def test_fine_bins_shrinks_the_tie_bounds(tmp_path, capsys):
+    """--fine-bins sets the fine histogram's resolution: more bins, tie bounds no larger, the
+    fixed-bin metrics unchanged; out-of-range values exit 2 naming the flag, nothing written."""
+    pred, lab, _, _ = make_folder(tmp_path, n=3)
+    out = {}
+    for fb in (1024, 1 << 16):
+        assert run_eval(pred, lab, "--fine-bins", str(fb), "--json", str(tmp_path / f"{fb}.json")) == 0
+        out[fb] = json.loads((tmp_path / f"{fb}.json").read_text())
+    lo, hi = out[1024], out[1 << 16]
+    assert hi["ece"] == lo["ece"] and hi["nll"] == lo["nll"]
+    assert hi["aurc_tie_bound"] <= lo["aurc_tie_bound"] and hi["failure_auroc_tie_bound"] < lo["failure_auroc_tie_bound"]
+    for bad in ("5", str((1 << 24) + 1)):
+        assert run_eval(pred, lab, "--fine-bins", bad, "--json", str(tmp_path / "bad.json")) == 2
+        assert "--fine-bins" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()

@@ -53,6 +53,9 @@ def format_table(results: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.bins < 1:
         raise InputError(f"--bins: expected a positive integer, got {args.bins}")
+    if not args.bins <= args.fine_bins <= 1 << 24:
+        raise InputError(f"--fine-bins: expected an integer from --bins ({args.bins}) to {1 << 24}, got "
+                         f"{args.fine_bins}")
     inputs = {"--pred": args.pred, "--labels": args.labels}
     for flag in ("--json", "--save-state", "--plot", "--html"):
         out = getattr(args, flag[2:].replace("-", "_"))
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             args.labels,
             ignore_index=args.ignore_index,
             n_bins=args.bins,
+            fine_bins=args.fine_bins,
             input_type=input_type_from_args(args),
             device=rank_device(device, w),
             progress=not args.no_progress and w.is_main,

@@ -162,6 +162,7 @@ def evaluate_folder(
     names: Mapping[str, str] | None = None,
     distributed: bool = False,
     prefetch: int = 2,
+    fine_bins: int = 1 << 16,
 ) -> FolderEvaluation:
     """Stream a prediction folder against its labels into calibration metrics.
 
@@ -180,8 +181,10 @@ def evaluate_folder(
         Folder of input images for a calibrator with an image branch (stems matching ``pred``).
     num_classes
         Expected number of classes (default: the calibrator's, else the first file's).
-    n_bins, ignore_index, per_image
-        As in :class:`~segcal.metrics.CalibrationMetrics`.
+    n_bins, ignore_index, per_image, fine_bins
+        As in :class:`~segcal.metrics.CalibrationMetrics` (``fine_bins``: the resolution of the fine
+        histogram behind the adaptive ECE, the failure-detection metrics and smECE; more bins, smaller
+        ``*_tie_bound`` values, 24 bytes of state each).
     input_type
         ``"logits"``, ``"probs"`` or ``None`` (the folder's ``segcal.json``, then the ``.npz`` key,
         then logits). The first file is checked against it (:func:`segcal.validation.check_input_kind`).
@@ -225,7 +228,8 @@ def evaluate_folder(
     if num_classes is None and calibrator is not None and calibrator.num_classes is not None:
         num_classes, source = int(calibrator.num_classes), "the calibrator"
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    settings = {"n_bins": n_bins, "ignore_index": ignore_index, "per_image": per_image, "device": dev}
+    settings = {"n_bins": n_bins, "ignore_index": ignore_index, "per_image": per_image, "device": dev,
+                "fine_bins": fine_bins}
     all_stems = [it.stem for it in batches.items]
     if not distributed:
         acc = _Accumulator(folder, batches, calibrator, images, num_classes, source, settings, names)

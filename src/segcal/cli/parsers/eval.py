@@ -22,6 +22,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="label folder (same stems)")
     p.add_argument("--ignore-index", type=int, default=None, help="label value to ignore (e.g. 255)")
     p.add_argument("--bins", type=int, default=15, help="number of equal-width confidence bins (default 15)")
+    p.add_argument("--fine-bins", type=int, default=1 << 16, metavar="N",
+                   help="bins of the fine confidence histogram behind adaptive ECE, AURC/AUROC/AUPR and "
+                        "smECE (default 65536; 262144 brings every *_tie_bound on CamVid below 1e-4)")
     p.add_argument("--json", default=None, help="write every metric to this JSON file")
     p.add_argument("--plot", default=None, metavar="FILE.png|FILE.svg",
                    help="write the pooled reliability diagram (needs matplotlib: pip install 'segcal[plot]')")
