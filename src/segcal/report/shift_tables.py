@@ -8,17 +8,13 @@ against TS fitted on clean val, and the label-free estimator table (MAE, Spearma
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from segcal.bench.results import BenchRun
 from segcal.bench.spec import SHIFT_CALIBRATION, SHIFT_REFERENCE, property_label
-from segcal.errors import InputError
-from segcal.io.files import atomic_write, to_jsonable
-from segcal.report.outputs import prepare_outputs
+from segcal.report.outputs import write_outputs
 
 
 def fmt(v: Any, scale: float = 1.0, dec: int = 4) -> str:
@@ -194,20 +190,7 @@ def shift_markdown_report(results: Mapping[str, Any]) -> str:
 
 def write_shift_outputs(run: BenchRun) -> dict[str, Any]:
     """Write ``results.md`` and ``results.json`` of a shift-calibration run into ``run.out``."""
-    out = prepare_outputs(run.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--out {out}: cannot create the output folder: {exc.strerror or exc}") from exc
-    results = run.results
-    timings = dict(run.timings)
-    timings["total_s"] = time.perf_counter() - run.started
-    results["timings"] = {k: round(v, 2) for k, v in timings.items()}
-    with atomic_write(out / "results.md", "w") as fh:
-        fh.write(shift_markdown_report(results))
-    with atomic_write(out / "results.json", "w") as fh:
-        json.dump(to_jsonable(results, drop_private=True), fh, indent=1, allow_nan=False)
-    return results
+    return write_outputs(run, markdown=shift_markdown_report)
 
 
 __all__ = ["ci_table", "condition_table", "estimator_table", "fmt", "lofo_sets", "shift_markdown_report",
