@@ -85,3 +85,29 @@ def test_pseudolabel_round_trip(folders, tmp_path, capsys):
     assert 0 <= r["maxprob_precision"] <= 1 and "precision" in capsys.readouterr().out
     assert main(["pseudolabel", "--pred", str(pred), "--out", str(tmp_path / "pl2"), "--format", "npy"]) == 0
     assert np.load(tmp_path / "pl2" / "im0.npy").dtype == np.uint8
+
+
+def test_pseudolabel_features_estimator_reads_probabilities_as_probabilities(folders, tmp_path):
+    """A feature-trained estimator over a folder of probabilities: the maps are those of the same
+    scores given as logits (a probabilities folder used to be re-read as logits, silently)."""
+    pred, lab, feat = folders
+    fest = tmp_path / "fest.pt"
+    assert main(["estimate", "--train", "--pred", str(pred), "--labels", str(lab), "--features", str(feat),
+                 "--out", str(fest), "--epochs", "2", "--target", "class_level"]) == 0
+    probs = tmp_path / "probs"
+    for f in sorted(pred.iterdir()):
+        z = np.load(f).astype(np.float64)
+        p = np.exp(z - z.max(axis=0, keepdims=True))
+        write_prediction(probs / f"{f.stem}.npz", p / p.sum(axis=0, keepdims=True), key="probabilities",
+                         dtype=np.float32)
+    outs = {}
+    for name, folder in (("logits", pred), ("probs", probs)):
+        rep = tmp_path / f"{name}.json"
+        assert main(["pseudolabel", "--pred", str(folder), "--out", str(tmp_path / f"pl_{name}"), "--estimator",
+                     str(fest), "--features", str(feat), "--json", str(rep), "-q"]) == 0
+        outs[name] = json.loads(rep.read_text())
+    assert outs["probs"]["thresholds"] == pytest.approx(outs["logits"]["thresholds"], abs=1e-3)
+    for i in range(8):
+        a = read_label(tmp_path / "pl_logits" / f"im{i}.png")
+        b = read_label(tmp_path / "pl_probs" / f"im{i}.png")
+        assert (a != b).mean() < 0.02

@@ -110,8 +110,6 @@ def _run(args: argparse.Namespace, out: Path, folder: PredictionFolder, mine: li
             return values
 
         ece = [v for part in on_each(estimate) for v in part]  # rank order: the sorted order
-        if kind == "features":
-            itype = "logits"  # as before: a feature estimator's run reads the scores as logits
 
     def scores_iter():
         for it in folder.items:
