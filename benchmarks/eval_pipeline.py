@@ -14,8 +14,13 @@ Timed, each the median of ``--repeats`` runs:
 4. ``torchrun --nproc-per-node 2 ... segcal eval`` (``--procs 2``; skipped with ``--procs 1``).
 
 Also timed: reading alone (``PredictionFolder.read`` of every file) and the process start
-(``python -c "import segcal.cli.eval_cmd"``), the two parts of the gap between (3) and (1).
-The ``/ engine`` column of (3) is the issue's "end to end within 1.25x of the in-memory engine".
+(``python -c "import segcal.cli.eval_cmd"``, and within it the interpreter alone and ``import
+torch``), and the engine's first update in a fresh process (timed inside it, on a tiny batch: the
+compiled kernels loaded from numba's cache, and numba's registries, which import scipy.linalg) --
+the parts of the gap between (3) and (1). The ``/ engine`` column of (3) is the issue's "end to
+end within 1.25x of the in-memory engine". The repeats run in rounds (every row once per round,
+so that a change of the shared machine's load falls on every row alike); each row's median is
+printed with the range of the 1-minute load average over the rounds (``--json``: every time).
 
 Usage: ``python benchmarks/eval_pipeline.py [--images 50] [--repeats 3] [--procs 2]``, or on a real
 folder: ``--pred DIR --labels DIR --ignore-index 11`` (e.g. the 233 CamVid test predictions of
@@ -25,6 +30,7 @@ folder: ``--pred DIR --labels DIR --ignore-index 11`` (e.g. the 233 CamVid test 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -89,6 +95,7 @@ def main() -> None:
     ap.add_argument("--pred", default=None, help="an existing prediction folder instead of the synthetic one")
     ap.add_argument("--labels", default=None, help="its label folder (with --pred)")
     ap.add_argument("--ignore-index", type=int, default=255)
+    ap.add_argument("--json", default=None, help="write every timing here")
     args = ap.parse_args()
     if (args.pred is None) != (args.labels is None):
         ap.error("--pred and --labels go together")
@@ -136,23 +143,72 @@ def main() -> None:
         def start_up() -> None:
             subprocess.run([sys.executable, "-c", "import segcal.cli.eval_cmd"], check=True)
 
+        def interpreter() -> None:
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+        def import_torch() -> None:
+            subprocess.run([sys.executable, "-c", "import torch"], check=True)
+
+        first_calls: list[float] = []
+
+        def first_update() -> None:
+            # a fresh process: the engine's first update on a tiny batch (loading the compiled
+            # kernels from numba's cache and numba's own registries), timed inside the child
+            out = subprocess.run([sys.executable, "-c", FIRST_UPDATE, str(num_classes)], check=True,
+                                 capture_output=True, text=True)
+            first_calls.append(float(out.stdout.split()[-1]))
+
         engine()  # warm-up (kernels, allocator)
-        rows = [("in-memory engine (update + compute)", median_time(engine, args.repeats)),
-                ("reading only (folder.read of every file)", median_time(read_only, args.repeats)),
-                ("process start (python -c 'import segcal.cli.eval_cmd')", median_time(start_up, args.repeats)),
-                ("evaluate_folder, prefetch=0", median_time(lambda: folder_eval(0), args.repeats)),
-                ("evaluate_folder, prefetch=2", median_time(lambda: folder_eval(2), args.repeats)),
-                ("segcal eval, 1 process, end to end", median_time(end_to_end, args.repeats))]
+        plan = [("in-memory engine (update + compute)", engine),
+                ("reading only (folder.read of every file)", read_only),
+                ("process start (python -c 'import segcal.cli.eval_cmd')", start_up),
+                ("  of which: the interpreter (python -c pass)", interpreter),
+                ("  of which: python -c 'import torch'", import_torch),
+                ("first engine update in a fresh process (numba cache + registries), inside it", None),
+                ("evaluate_folder, prefetch=0", lambda: folder_eval(0)),
+                ("evaluate_folder, prefetch=2", lambda: folder_eval(2)),
+                ("segcal eval, 1 process, end to end", end_to_end)]
         if args.procs > 1:
-            rows.append((f"torchrun {args.procs} processes segcal eval, end to end",
-                         median_time(torchrun, args.repeats)))
+            plan.append((f"torchrun {args.procs} processes segcal eval, end to end", torchrun))
+        # repeats in rounds (every row once per round), so that a change of the machine's load
+        # falls on every row alike; the median of each row over the rounds
+        times: dict[str, list[float]] = {name: [] for name, _ in plan}
+        load = [os.getloadavg()[0]]
+        for _ in range(args.repeats):
+            for name, fn in plan:
+                if fn is None:
+                    first_update()
+                    times[name].append(first_calls[-1])
+                    continue
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+            load.append(os.getloadavg()[0])
+        rows = [(name, statistics.median(ts)) for name, ts in times.items()]
     base = rows[0][1]
-    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-          f"median of {args.repeats}")
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, median of {args.repeats} rounds, "
+          f"1-min load average {min(load):.2f}-{max(load):.2f}")
     print("| run | wall s | / engine |\n|---|---:|---:|")
     for name, t in rows:
         print(f"| {name} | {t:.2f} | {t / base:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "load_avg_1": load,
+            "repeats": args.repeats, "files": len(folder.items), "rows": times}, indent=2))
 
+
+FIRST_UPDATE = """
+import sys, time
+import torch
+from segcal.metrics import CalibrationMetrics
+c = int(sys.argv[1])
+x, y = torch.randn(1, c, 8, 8).half(), torch.randint(0, c, (1, 8, 8))
+m = CalibrationMetrics(c)
+t0 = time.perf_counter()
+m.update(x, y)
+print(time.perf_counter() - t0)
+"""
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 
 import torch
@@ -131,6 +132,7 @@ def main() -> None:
     warm.compute()
     plain_ece(logits[:1, :, :8], labels[:1, :8], 15, 255)
     rows = []
+    load0 = os.getloadavg()[0]
     t_s, m_s, res = measure(run_segcal, args.repeats, dev)
     rows.append(("segcal full metric set", t_s, m_s, res["ece"]))
     t_p, m_p, ece_p = measure(lambda: plain_ece(logits, labels, 15, 255), args.repeats, dev)
@@ -148,6 +150,8 @@ def main() -> None:
     for name, t, mem, e in rows:
         print(f"{name:<44} {t:>8.3f} {px / t / 1e6:>8.1f} {mem:>15.1f} {e:>10.6f}")
     print(f"ratio segcal / plain ECE        : {t_s / t_p:.2f}x (target <= 1.2)")
+    print(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, 1-min load average "
+          f"{load0:.2f} before, {os.getloadavg()[0]:.2f} after, {os.cpu_count()} CPUs")
     if t_t is not None:
         print(f"speed-up segcal vs torchmetrics : {t_t / t_s:.2f}x (target >= 3)")
 

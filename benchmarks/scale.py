@@ -94,18 +94,28 @@ def _measure(cmd: list[str]) -> int:
 
 # ----------------------------------------------------------------------------------- workers
 def _fit_worker(pred: str, labels: str, method: str, out: str, budget_mb: float | None,
-                optimizer: str | None) -> int:
+                optimizer: str | None, max_iter: int | None = None) -> int:
     from segcal.calibrators import FolderBatches, create
     from segcal.calibrators.collective import sharded
     from segcal.io import PredictionFolder
     from segcal.pipeline.distributed import shard, world
 
     folder = PredictionFolder(pred, labels)
+    read = [0]
+    inner_read = folder.read
+
+    def counted_read(item: Any) -> Any:
+        read[0] += 1
+        return inner_read(item)
+
+    folder.read = counted_read  # type: ignore[method-assign]  # count the files read: passes over the data
     kw: dict[str, Any] = {}
     if budget_mb is not None:
         kw["memory_budget"] = budget_mb * 2**20
     if optimizer is not None:
         kw["optimizer"] = optimizer
+    if max_iter is not None:
+        kw["max_iter"] = max_iter
     with world() as w:
         cal = create(method, **kw)
         t0 = time.perf_counter()
@@ -119,6 +129,7 @@ def _fit_worker(pred: str, labels: str, method: str, out: str, budget_mb: float 
         if w.is_main:
             info = cal.fit_info
             payload = {"fit_seconds": secs, "optimizer": info["optimizer"], "mode": info["mode"],
+                       "files_read": read[0], "passes": read[0] / max(1, len(mine)),
                        "n_pixels": info["n_pixels"], "steps": [s["steps"] for s in info["stages"]],
                        "state": {k: v.detach().cpu().double().reshape(-1).tolist()
                                  for k, v in cal.state_dict().items() if v.is_floating_point()}}
@@ -158,6 +169,17 @@ def _fiducio_worker(pred: str, labels: str, method: str, out: str) -> int:
 
 
 # -------------------------------------------------------------------------------------- main
+def reusable(folder: Path, n: int, c: int, h: int, w: int) -> bool:
+    """Whether ``folder`` already holds a complete synthetic folder of ``n`` images of this shape
+    (``--reuse``: the 500-image Cityscapes-sized folder takes minutes to write)."""
+    preds = sorted((folder / "pred").glob("*.npy"))
+    labs = sorted((folder / "labels").glob("*.png"))
+    if len(preds) != n or len(labs) != n:
+        return False
+    return all(np.load(p, mmap_mode="r").shape == (c, h, w) for p in (preds[0], preds[-1]))
+
+
+
 def _labelled_pixels(lab: Path) -> int:
     from PIL import Image
 
@@ -169,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     procs = [int(p) for p in str(args.procs).split(",")]
     methods = [m for m in args.methods.split(",") if m]
     peers = [p for p in args.peers.split(",") if p]
+    peer_sizes = [int(s) for s in str(args.peers_at).split(",")] if args.peers_at else [max(sizes)]
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="segcal-scale-"))
     result: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "load_avg_1_5_15": os.getloadavg(),
@@ -177,25 +200,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for n in sizes:
             folder = root / f"n{n}"
-            if folder.exists():
-                shutil.rmtree(folder)
             t0 = time.perf_counter()
-            pred, lab = write_folder(folder, n, args.classes, args.height, args.width)
+            if args.reuse and reusable(folder, n, args.classes, args.height, args.width):
+                pred, lab = folder / "pred", folder / "labels"
+            else:
+                if folder.exists():
+                    shutil.rmtree(folder)
+                pred, lab = write_folder(folder, n, args.classes, args.height, args.width)
             gib = sum(p.stat().st_size for p in pred.glob("*.npy")) / 2**30
             row: dict[str, Any] = {"images": n, "pixels": n * args.height * args.width,
                                    "labelled_pixels": _labelled_pixels(lab), "logits_gib": gib,
                                    "write_seconds": time.perf_counter() - t0, "eval": {}, "fit": {}, "peers": {}}
-            print(f"[{n} images] folder written ({gib:.2f} GiB) in {row['write_seconds']:.1f} s", flush=True)
-            for p in procs:
+            print(f"[{n} images] folder {'reused' if args.reuse and row['write_seconds'] < 5 else 'written'} "
+                  f"({gib:.2f} GiB) in {row['write_seconds']:.1f} s, load {os.getloadavg()[0]:.2f}", flush=True)
+            for p in procs if args.eval else ():
                 js = folder / f"eval{p}.json"
                 cmd = [*launcher(p), "-m", "segcal", "eval", "--pred", str(pred), "--labels", str(lab),
                        "--ignore-index", "255", "--json", str(js), "--no-progress"]
                 m = measure(cmd, args.ref_threads if p == 1 else None)
                 m["ece"] = json.loads(js.read_text())["ece"]
                 m["pixels_per_s"] = row["labelled_pixels"] / m["seconds"]
+                m["load_avg_1"] = os.getloadavg()[0]
                 row["eval"][p] = m
                 print(f"  eval  {p} proc: {m['seconds']:.2f} s, peak RSS {m['peak_rss_mb']:.0f} MiB, "
-                      f"ECE {m['ece']:.6f}", flush=True)
+                      f"ECE {m['ece']:.6f}, load {m['load_avg_1']:.2f}", flush=True)
             for method in methods:
                 row["fit"][method] = {}
                 for p in procs:
@@ -205,9 +233,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         cmd += ["--budget-mb", str(args.fit_memory_budget_mb)]
                     if args.fit_optimizer is not None:
                         cmd += ["--optimizer", args.fit_optimizer]
+                    if args.fit_max_iter is not None:
+                        cmd += ["--max-iter", str(args.fit_max_iter)]
                     m = measure(cmd, args.ref_threads if p == 1 else None)
                     got = json.loads(js.read_text())
-                    m.update({k: got[k] for k in ("fit_seconds", "optimizer", "mode", "n_pixels", "steps")})
+                    m.update({k: got[k] for k in ("fit_seconds", "optimizer", "mode", "n_pixels", "steps", "passes")})
+                    m["load_avg_1"] = os.getloadavg()[0]
                     one = row["fit"][method].get(procs[0])
                     if one is not None and p != procs[0]:
                         m["max_param_diff_vs_1"] = max(
@@ -215,10 +246,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     m["state"] = got["state"]
                     row["fit"][method][p] = m
                     print(f"  fit {method} {p} proc: {m['seconds']:.2f} s (fit {m['fit_seconds']:.2f} s, "
-                          f"{m['optimizer']}, {m['mode']}), peak RSS {m['peak_rss_mb']:.0f} MiB"
+                          f"{m['optimizer']}, {m['mode']}, {m['steps']} steps, {m['passes']:.0f} passes), "
+                          f"peak RSS {m['peak_rss_mb']:.0f} MiB, load {m['load_avg_1']:.2f}"
                           + (f", max |param diff| vs 1 proc {m['max_param_diff_vs_1']:.2e}"
                              if "max_param_diff_vs_1" in m else ""), flush=True)
-            if n == max(sizes):
+            if n in peer_sizes:
                 for peer in peers:
                     if peer == "torchmetrics":
                         js = folder / "tm.json"
@@ -260,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("out")
         ap.add_argument("--budget-mb", type=float, default=None)
         ap.add_argument("--optimizer", default=None)
+        ap.add_argument("--max-iter", type=int, default=None)
         a = ap.parse_args(argv[1:])
-        return _fit_worker(a.pred, a.labels, a.method, a.out, a.budget_mb, a.optimizer)
+        return _fit_worker(a.pred, a.labels, a.method, a.out, a.budget_mb, a.optimizer, a.max_iter)
     if argv and argv[0] == "_torchmetrics":
         return _torchmetrics_worker(argv[1], argv[2], int(argv[3]), argv[4])
     if argv and argv[0] == "_fiducio":
@@ -276,11 +309,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default="torchmetrics,fiducio", help="peers on the largest size ('' for none)")
     ap.add_argument("--fit-memory-budget-mb", type=float, default=None)
     ap.add_argument("--fit-optimizer", default=None, choices=[None, "lbfgs", "adam"])
+    ap.add_argument("--fit-max-iter", type=int, default=None,
+                    help="the calibrator's L-BFGS iteration budget (default: the library's, 100); a cap "
+                    "makes a streamed fit of many parameters (CMS-OP) affordable: every iteration re-reads "
+                    "the folder")
+    ap.add_argument("--peers-at", default=None,
+                    help="image counts at which the peers run, comma-separated (default: the largest)")
     ap.add_argument("--ref-threads", type=int, default=None,
                     help="OMP_NUM_THREADS of the 1-process runs (torchrun gives each rank 1): with 1, the "
                     "1- and N-process fits add in the same order and their parameters are bitwise equal")
     ap.add_argument("--root", default=None, help="where to write the folders (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the folders")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --root: use a complete folder of the same size and shape already there")
+    ap.add_argument("--no-eval", dest="eval", action="store_false", help="skip the segcal eval runs")
     ap.add_argument("--json", default=None, help="write every figure here")
     args = ap.parse_args(argv)
     result = run(args)
