@@ -10,13 +10,18 @@ branch: LTS / IBTS / LTS(log S) get ``use_image=True``; selective scaling passes
 (``--method selective --base lts --images DIR``). RGB files are normalised like the models'
 inputs (ImageNet mean/std); ``.npy`` images are used as they are. ``--extra-pred DIR``
 (repeatable) adds prediction folders fitted together with ``--pred`` (e.g. of perturbed copies of
-the images); their images follow ``--pred``'s split.
+the images); their images follow ``--pred``'s split. The fit's data are ``--pred``'s images, then
+each extra folder's, each in stem order: one list of (folder, stem) pairs, of which every rank
+under ``torchrun`` reads its contiguous block (so N processes fit what one fits).
 
 ``--model NAME --images DIR|ALIAS [--labels DIR]`` fits on the model's outputs instead
 (:func:`segcal.pipeline.fit_model.fit_from_model`; no logits are written), optionally with
 ``--perturb SPEC`` (perturbation-augmented fitting, :func:`segcal.pipeline.fit_model.parse_perturb`);
 the before/after metrics are then measured on the clean validation images by
-:func:`segcal.pipeline.fit_model.evaluate_model`.
+:func:`segcal.pipeline.fit_model.evaluate_model`. Under ``torchrun`` every rank runs the model
+on its contiguous block of the single-process batches (``--batch-size`` images of one size) and
+the fit and the metrics are those of one process; rank 0 saves and prints. The target-adaptive
+correction (``--target-*``) is not sharded: every rank computes the same one.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 
 from segcal.adaptation import load_adapted
 from segcal.calibrators import Calibrator, FolderBatches, create, resolve
-from segcal.calibrators.collective import sharded
+from segcal.calibrators.collective import RankError, sharded
 from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_type_from_args
 from segcal.datasets import check_label_values, load_label
 from segcal.errors import InputError
@@ -45,7 +50,7 @@ from segcal.io import PredictionFolder
 from segcal.io.files import atomic_write
 from segcal.metrics import CalibrationMetrics
 from segcal.models import UNET3D_MODEL_NAME, create_model
-from segcal.pipeline.distributed import World, on_main, rank_device, shard, world
+from segcal.pipeline.distributed import World, current, on_main, rank_device, shard, world
 from segcal.pipeline.evaluate import (
     evaluate_folder,
     find_label_error,
@@ -55,6 +60,7 @@ from segcal.pipeline.fit_model import (
     batch_preprocess,
     evaluate_model,
     fit_from_model,
+    folder_groups,
     folder_items,
     folder_loader,
     parse_perturb,
@@ -194,8 +200,9 @@ def _adapt_to_target(args: argparse.Namespace, cal: Calibrator, *, source: Any =
                           source_images=source_images, max_images=args.target_max_images, seed=args.seed)
     info = out.fit_info["target_adaptation"]
     mode = f", {info['mode']}" if "mode" in info else ""
-    print(f"target-adaptive correction ({info['how']}{mode}) on {info['n_images']} unlabelled target "
-          f"image(s): calibrated logits = {cal.name}(z) / {info['correction']:.4f}")
+    if current().is_main:
+        print(f"target-adaptive correction ({info['how']}{mode}) on {info['n_images']} unlabelled target "
+              f"image(s): calibrated logits = {cal.name}(z) / {info['correction']:.4f}")
     return out
 
 
@@ -238,16 +245,20 @@ def _fit_pred(args: argparse.Namespace, device: Any, w: World) -> int:
     folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
     input_type = folder_input_type(folder, names=CLI_FLAGS)
     extras = _extra_folders(args, input_type_from_args(args))
-    if extras and w.distributed:
-        raise InputError("--extra-pred: not supported under torchrun yet (the extra folders' order would "
-                         "depend on the number of processes); run segcal fit in one process")
     fit_stems, val_stems = split_stems(folder.stems, args.val_fraction, args.seed)
 
     def batches(stems: list[str]) -> FolderBatches | Any:
-        main = FolderBatches(folder, shard(stems, w.rank, w.size), images=args.images)  # this rank's block
         if not extras:
-            return main
-        parts = [main] + [FolderBatches(e, [s for s in stems if s in set(e.stems)]) for e in extras]
+            return FolderBatches(folder, shard(stems, w.rank, w.size), images=args.images)  # this rank's block
+        # the fit's data: --pred's images, then each --extra-pred folder's (those it holds), each
+        # in stem order -- one list of (folder, stem); every rank takes its contiguous block of
+        # it, so the order does not depend on the number of processes
+        folders = [folder, *extras]
+        pairs = [(0, s) for s in stems] + [(k, s) for k, e in enumerate(extras, 1)
+                                           for s in stems if s in set(e.stems)]
+        mine = shard(pairs, w.rank, w.size)
+        parts = [FolderBatches(folders[k], [s for _, s in run])
+                 for k, run in itertools.groupby(mine, key=lambda p: p[0])]
 
         def chained() -> Iterator[Any]:
             return itertools.chain.from_iterable(parts)
@@ -290,6 +301,11 @@ def _fit_pred(args: argparse.Namespace, device: Any, w: World) -> int:
 
 
 def _run_model(args: argparse.Namespace) -> int:
+    """Fit on a model's outputs; under ``torchrun`` every rank runs the model on its contiguous
+    block of the fit and validation batches (:func:`segcal.pipeline.fit_model.folder_groups`: the
+    single-process batches, so the data order and the model's inputs do not depend on the number
+    of processes), the fit is the one-process fit (:func:`segcal.calibrators.collective.sharded`),
+    rank 0 saves and prints."""
     if args.images is None:
         raise InputError("missing required argument: --images (the images to run --model on)")
     if args.model == UNET3D_MODEL_NAME:
@@ -304,14 +320,21 @@ def _run_model(args: argparse.Namespace) -> int:
     check_out_path(args.out, inputs, kind="file", flag="--out")
     if args.json:
         check_out_path(args.json, {**inputs, "--out": args.out}, kind="file", flag="--json")
-    device = device_from_arg(args.device)
+    with world(device_from_arg(args.device)) as w:
+        return _fit_model(args, items, inputs, spec, rank_device(device_from_arg(args.device), w), w)
+
+
+def _fit_model(args: argparse.Namespace, items: list[Any], inputs: dict[str, Any], spec: Any,
+               device: Any, w: World) -> int:
     try:
         loaded = create_model(args.model, data_root=args.data_root, device=device)
     except ValueError as exc:  # an unknown name: the registry lists the known ones
         raise InputError(f"--model: {exc}") from None
     if args.checkpoint:
         info = load_adapted(loaded, args.checkpoint)
-        print(f"loaded {info['method']} checkpoint (epoch {info['epoch']}) into {args.model}", file=sys.stderr)
+        if w.is_main:
+            print(f"loaded {info['method']} checkpoint (epoch {info['epoch']}) into {args.model}",
+                  file=sys.stderr)
     input_type = input_type_from_args(args) or "logits"
     by_stem = {it.stem: it for it in items}
     fit_stems, val_stems = split_stems(sorted(by_stem), args.val_fraction, args.seed)
@@ -321,16 +344,23 @@ def _run_model(args: argparse.Namespace) -> int:
     prep = batch_preprocess(loaded.preprocess)
 
     def loader(stems: list[str]) -> Any:
-        return folder_loader([by_stem[s] for s in stems], loaded.preprocess, batch_size=args.batch_size)
+        # this rank's block of the single-process batches (whole batches: see folder_groups)
+        groups = folder_groups([by_stem[s] for s in stems], args.batch_size)
+        mine = [it for g in shard(groups, w.rank, w.size) for it in g]
+        return folder_loader(mine, loaded.preprocess, batch_size=args.batch_size)
 
     copies = f", each clean and under {spec.copies - 1} perturbation(s)" if spec else ""
-    print(f"fitting {cal.name} on {args.model}'s outputs for {len(fit_stems)} image(s){copies}, validating "
-          f"on {len(val_stems)} (seed {args.seed}, objective {args.objective})")
+    if w.is_main:
+        print(f"fitting {cal.name} on {args.model}'s outputs for {len(fit_stems)} image(s){copies}, "
+              f"validating on {len(val_stems)} (seed {args.seed}, objective {args.objective})")
     try:
-        fit_from_model(loaded.module, loader(fit_stems), calibrator=cal,
-                       val_loader=loader(val_stems) if val_stems else None, device=device,
-                       ignore_index=args.ignore_index, preprocess=prep, perturb=spec,
-                       progress=not args.no_progress)
+        with sharded() if w.distributed else nullcontext():
+            fit_from_model(loaded.module, loader(fit_stems), calibrator=cal,
+                           val_loader=loader(val_stems) if val_stems else None, device=device,
+                           ignore_index=args.ignore_index, preprocess=prep, perturb=spec,
+                           progress=not args.no_progress and w.is_main)
+    except RankError:  # another rank refused its input: it names the file
+        raise
     except ValueError as exc:  # labels outside the classes: name the file and --ignore-index
         for it in items:
             try:
@@ -343,12 +373,15 @@ def _run_model(args: argparse.Namespace) -> int:
     cal.fit_info["model"] = {"name": args.model, "checkpoint": args.checkpoint, "images": str(args.images),
                              "labels": str(inputs["--labels"])}
     cal = _adapt_to_target(args, cal, model=loaded.logits, source_images=inputs["--images"])
-    cal.save(args.out)
-    _print_fit_info(cal.fit_info, args.out)
+    on_main(lambda: cal.save(args.out))  # rank 0 writes; every rank stops if that fails
+    if w.is_main:
+        _print_fit_info(cal.fit_info, args.out)
     eval_stems = val_stems or fit_stems
     before, after = evaluate_model(loaded.module, loader(eval_stems), cal, num_classes=loaded.num_classes,
-                                   ignore_index=args.ignore_index, device=device, preprocess=prep)
+                                   ignore_index=args.ignore_index, device=device, preprocess=prep,
+                                   distributed=w.distributed)
     assert after is not None
     where = "validation" if val_stems else "fit (no validation images)"
-    _summary(args, cal, before, after, where, len(eval_stems))
+    if w.is_main:
+        _summary(args, cal, before, after, where, len(eval_stems))
     return 0

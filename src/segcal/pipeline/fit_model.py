@@ -16,6 +16,17 @@ command line uses too). The corruption of an image is the one ``segcal predict -
 :func:`evaluate_model` measures a model (and a calibrator) on a loader with
 :class:`segcal.metrics.CalibrationMetrics`; :func:`folder_loader` is the loader ``segcal fit
 --model`` builds from an image folder (or a dataset alias) and its labels.
+
+On several processes (``torchrun``; docs/scaling.md): call :func:`fit_from_model` inside
+:func:`segcal.calibrators.collective.sharded` with each rank's loader giving **its contiguous
+block of the single-process batches** (rank 0's batches, then rank 1's, ...). Since a loader batch
+decides the order of the perturbed copies (its clean images, then each perturbation slot) and
+the model's input batch, shard whole batches, not images: :func:`folder_groups` gives the
+batches :func:`folder_loader` forms (from the image headers only), and ``segcal fit --model``
+passes each rank ``shard(folder_groups(items, batch_size), rank, size)``. Then every rank runs the
+model on its own images only and the fit equals the single-process fit (the batches seen, their
+order and the model's inputs are the same). :func:`evaluate_model` with ``distributed=True``
+synchronises its metrics (:meth:`~segcal.metrics.CalibrationMetrics.sync`) the same way.
 """
 
 from __future__ import annotations
@@ -31,15 +42,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from segcal.calibrators import Calibrator, create
-from segcal.datasets import SegItem, image_folder, load_image, load_label, resolve_images
+from segcal.datasets import (
+    SegItem,
+    image_folder,
+    image_size,
+    load_image,
+    load_label,
+    resolve_images,
+)
 from segcal.errors import InputError
 from segcal.io.files import to_jsonable
 from segcal.metrics import CalibrationMetrics
 from segcal.models.calibrated import model_logits, resize_logits
+from segcal.pipeline.distributed import agree
 from segcal.shift import SEVERITIES, CorruptionTransform, available_corruptions, derive_seed
 
-__all__ = ["PerturbSpec", "batch_preprocess", "evaluate_model", "fit_from_model", "folder_items",
-           "folder_loader", "model_batches", "parse_perturb"]
+__all__ = ["PerturbSpec", "batch_preprocess", "evaluate_model", "fit_from_model", "folder_groups",
+           "folder_items", "folder_loader", "model_batches", "parse_perturb"]
 
 #: keys of a mapping batch: the image, the labels, the valid mask, the image ids
 IMAGE_KEYS = ("image", "images", "pixel_values", "x")
@@ -439,32 +458,59 @@ def evaluate_model(
     ignore_index: int | None = None,
     device: str | torch.device = "cpu",
     preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    distributed: bool = False,
 ) -> tuple[CalibrationMetrics, CalibrationMetrics | None]:
     """Calibration metrics of a model over a loader (clean images), before and after ``calibrator``.
 
     The loader, ``preprocess`` and the resizing are those of :func:`fit_from_model`. Returns
     ``(before, after)``: :class:`~segcal.metrics.CalibrationMetrics` of the model's logits and of
     the calibrated logits (``None`` without a calibrator).
+
+    ``distributed=True`` (an initialised process group; every rank calls it with its contiguous
+    block of the batches, in rank order): the states are synchronised
+    (:meth:`~segcal.metrics.CalibrationMetrics.sync`), so every rank returns the metrics of all
+    images, per-image rows in the single-process order. A rank may have no batch; a rank that
+    fails stops every rank (:func:`segcal.pipeline.distributed.agree`).
     """
     before = after = None
     was_training = model.training
+    dev = torch.device(device)
+    state_device = dev if distributed and dev.type == "cuda" else None  # NCCL reduces on the GPU
+
+    def metrics(c: int) -> tuple[CalibrationMetrics, CalibrationMetrics | None]:
+        kw: dict[str, Any] = dict(n_bins=n_bins, ignore_index=ignore_index, device=state_device)
+        return (CalibrationMetrics(c, **kw),
+                None if calibrator is None else CalibrationMetrics(c, **kw))
+
+    if num_classes is not None:
+        before, after = metrics(int(num_classes))
+    failure: BaseException | None = None
     model.eval()
     try:
         for b in model_batches(model, loader, device=device, preprocess=preprocess,
                                with_image=calibrator is not None and calibrator.uses_image):
-            c = int(num_classes or b["scores"].shape[1])
             if before is None:
-                before = CalibrationMetrics(c, n_bins=n_bins, ignore_index=ignore_index)
-                after = None if calibrator is None else CalibrationMetrics(c, n_bins=n_bins,
-                                                                           ignore_index=ignore_index)
+                before, after = metrics(int(b["scores"].shape[1]))
             before.update(b["scores"], b["labels"], b.get("mask"))
             if calibrator is not None and after is not None:
                 scores = b["scores"].softmax(1) if calibrator.input_type == "probs" else b["scores"]
                 with torch.no_grad():
                     out = calibrator(scores, image=b.get("image"))
                 after.update(out, b["labels"], b.get("mask"))
+    except Exception as exc:
+        if not distributed:
+            raise
+        failure = exc  # shared with every rank by agree() below, then raised
     finally:
         model.train(was_training)
+    if distributed:
+        seen = [c for c in agree(failure, None if before is None else before.num_classes) if c is not None]
+        if before is None and seen:  # this rank had no batch: the others' class count
+            before, after = metrics(int(seen[0]))
+        if before is not None:
+            before.sync()
+            if after is not None:
+                after.sync()
     if before is None:
         raise InputError("loader: no batch to evaluate")
     return before, after
@@ -481,6 +527,33 @@ def folder_items(images: str | os.PathLike, labels: str | os.PathLike | None = N
         raise InputError(f"--labels: fitting needs the label folder of {os.fspath(images)} (only a dataset "
                          "alias such as camvid:val brings its own)")
     return image_folder(img_dir, labels, strict=True)
+
+
+def folder_groups(items: Sequence[SegItem], batch_size: int = 4) -> list[list[SegItem]]:
+    """The batches :func:`folder_loader` forms from ``items``, from the image headers only:
+    runs of consecutive images of one size, cut into pieces of up to ``batch_size``.
+
+    ``folder_loader`` over the concatenation of any contiguous run of these groups forms exactly
+    those groups again (its grouping restarts at each group's first image), so ranks that take
+    ``shard(folder_groups(items, b), rank, size)`` see the single-process batches.
+
+    Raises
+    ------
+    InputError
+        A bad ``batch_size``, or an image whose header cannot be read (naming the file).
+    """
+    if batch_size < 1:
+        raise InputError(f"--batch-size: expected >= 1, got {batch_size}")
+    groups: list[list[SegItem]] = []
+    last: tuple[int, int] | None = None
+    for it in items:
+        size = image_size(it.image_path)
+        if groups and size == last and len(groups[-1]) < batch_size:
+            groups[-1].append(it)
+        else:
+            groups.append([it])
+        last = size
+    return groups
 
 
 def folder_loader(items: Sequence[SegItem], preprocess: Callable[[np.ndarray], torch.Tensor], *,

@@ -1,0 +1,123 @@
+"""``segcal fit --model`` under two local gloo processes (issue 20).
+
+``fit --model`` needs a model registered in the process, so its two ranks are
+``torch.multiprocessing`` workers that set torchrun's ``env://`` variables, register a tiny
+random-weight model and call :func:`segcal.cli.main` (the command line's own code path, world()
+included). The saved calibrator
+must equal one process's to 1e-6 (observed: bitwise), the JSON's split, pixel counts and
+before/after metrics to 1e-12, rank 1 prints nothing; with unequal shards (3 + 2 batches of
+images of two sizes) and a rank without images (1 + 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from segcal.calibrators import load as load_calibrator
+from segcal.cli import main
+from segcal.models import register_model, unregister_model
+
+TIMEOUT = 120
+C = 4
+MODEL = "tiny-fit-dist"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TinyNet(torch.nn.Module):
+    """A 3x3 conv with seeded random weights: 3 -> C classes (deterministic on the CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, C, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 2)
+            self.conv.bias.copy_(torch.randn(C, generator=g))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _register() -> None:
+    register_model(MODEL, TinyNet, num_classes=C, ignore_index=255, overwrite=True)
+
+
+def _images(tmp_path, n: int):
+    """``n`` RGB images (two sizes, so batches break at a size change) and PNG labels."""
+    rng = np.random.default_rng(1)
+    imgs, labs = tmp_path / "imgs", tmp_path / "labels"
+    imgs.mkdir()
+    labs.mkdir()
+    for i in range(n):
+        h, w = (10, 12) if i % 3 != 2 else (8, 10)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(imgs / f"s{i}.png")
+        y = rng.integers(0, C, (h, w)).astype(np.uint8)
+        y[rng.random((h, w)) < 0.05] = 255
+        Image.fromarray(y).save(labs / f"s{i}.png")
+    return imgs, labs
+
+
+def _worker(rank: int, port: int, args: list[str], out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    _register()
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(args)
+    torch.save({"code": code, "stdout": stdout.getvalue()}, f"{out}.rank{rank}.pt")
+
+
+def _same_fit(tmp_path) -> None:
+    a, b = load_calibrator(tmp_path / "one.pt"), load_calibrator(tmp_path / "two.pt")
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["fit_info"]["split"] == one["fit_info"]["split"]
+    assert two["fit_info"]["n_pixels"] == one["fit_info"]["n_pixels"]
+    assert two["fit_info"]["mode"] == one["fit_info"]["mode"]
+    assert two["metrics"].keys() == one["metrics"].keys()
+    for key, ba in one["metrics"].items():
+        for side in ("before", "after"):
+            assert two["metrics"][key][side] == pytest.approx(ba[side], abs=1e-12), (key, side)
+
+
+# ------------------------------------------------------------------------------ fit --model
+@pytest.mark.slow
+@pytest.mark.parametrize("n, val, extra", [
+    (8, "0.25", ["--perturb", "gaussian_noise:2,contrast:3", "--optimizer", "adam", "--max-iter", "20"]),
+    (2, "0.5", ["--optimizer", "lbfgs"]),  # 1 fit + 1 validation image: rank 1 holds none
+])
+def test_fit_model_two_ranks_equal_one_process(tmp_path, n, val, extra):
+    imgs, labs = _images(tmp_path, n)
+    args = ["fit", "--model", MODEL, "--images", str(imgs), "--labels", str(labs), "--ignore-index", "255",
+            "--method", "ts", "--val-fraction", val, "--batch-size", "2", "--no-progress", *extra]
+    _register()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main([*args, "--out", str(tmp_path / "one.pt"), "--json", str(tmp_path / "one.json")]) == 0
+    finally:
+        unregister_model(MODEL)
+    two = [*args, "--out", str(tmp_path / "two.pt"), "--json", str(tmp_path / "two.json")]
+    mp.spawn(_worker, args=(_free_port(), two, str(tmp_path / "run")), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"run.rank{r}.pt") for r in range(2)]
+    assert [r["code"] for r in ranks] == [0, 0]
+    assert "fitting ts on" in ranks[0]["stdout"] and ranks[1]["stdout"] == ""
+    _same_fit(tmp_path)
