@@ -5,9 +5,9 @@ the 3D U-Net (``unet3d-hippocampus``) predicts whole NIfTI volumes
 (:func:`segcal.pipeline.predict.predict_volumes`). ``--out`` may be neither the image or label
 folder nor inside or around one. The arguments are declared in :mod:`segcal.cli.parsers.predict`.
 
-Under ``torchrun`` (2D models) every rank predicts and writes its contiguous block of the sorted
-images (``--device cuda``: rank *r* on ``cuda:<LOCAL_RANK>``), rank 0 opens and finalises the
-manifest and alone prints (``docs/scaling.md``); 3D volumes are predicted in one process.
+Under ``torchrun`` every rank predicts and writes its contiguous block of the sorted images
+(``--device cuda``: rank *r* on ``cuda:<LOCAL_RANK>``) or volumes (the 3D U-Net: on the CPU,
+gloo), rank 0 opens and finalises the manifest and alone prints (``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def _list_models() -> int:
     return 0
 
 
-def _predict_volumes(args: argparse.Namespace) -> int:
-    """The 3D U-Net: whole-volume normalisation, padding, crop back (on the CPU: a small net)."""
+def _predict_volumes(args: argparse.Namespace, main: bool = True, distributed: bool = False) -> int:
+    """The 3D U-Net: whole-volume normalisation, padding, crop back (on the CPU: a small net);
+    under ``torchrun`` every rank predicts its contiguous block of the sorted volumes."""
     if args.checkpoint or args.corruption:
         raise InputError(f"--checkpoint / --corruption are not supported for {UNET3D_MODEL_NAME}")
     t0 = time.perf_counter()
@@ -44,9 +45,11 @@ def _predict_volumes(args: argparse.Namespace) -> int:
     written = predict_volumes(
         loaded.module, args.images, args.out, model_name=UNET3D_MODEL_NAME,
         dtype=np.float16 if args.dtype == "float16" else np.float32, progress=not args.no_progress,
+        distributed=distributed,
     )
-    print(f"wrote {len(written)} volume prediction(s) of {UNET3D_MODEL_NAME} to {args.out} "
-          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if main:
+        print(f"wrote {len(written)} volume prediction(s) of {UNET3D_MODEL_NAME} to {args.out} "
+              f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
 
@@ -61,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
     check_out_path(args.out, {"--images": images, "--labels": args.labels or alias_labels,
                               "--checkpoint": args.checkpoint})
     if args.model == UNET3D_MODEL_NAME:
-        if launched():
-            raise InputError(f"--model {UNET3D_MODEL_NAME}: volume prediction is not distributed; run it "
-                             "in one process (without torchrun)")
-        return _predict_volumes(args)
+        if not launched():
+            return _predict_volumes(args)
+        with world("cpu") as w:  # the 3D U-Net runs on the CPU: gloo
+            return _predict_volumes(args, w.is_main, w.distributed)
     if not launched():
         return _predict(args, args.device, True)
     with world(device_from_arg(args.device)) as w:

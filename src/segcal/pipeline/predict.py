@@ -320,12 +320,20 @@ def predict_volumes(
     model_name: str = UNET3D_NAME,
     dtype: type = np.float16,
     progress: bool = False,
+    distributed: bool = False,
 ) -> list[Path]:
     """Predict every volume of ``images`` (a folder, one file, or a list) into ``out_dir``.
 
     Writes ``<case>.npy`` (``(3, X, Y, Z)`` logits, ``dtype``) and merges ``segcal.json`` (written
     first marked incomplete, finalised once every volume is written). Returns the written
-    ``.npy`` paths. ``model=None`` loads the committed reference weights.
+    ``.npy`` paths (of every rank, in order). ``model=None`` loads the committed reference weights.
+
+    ``distributed=True`` (under ``torchrun``, an initialised process group): rank 0 opens the
+    folder while the others wait, every rank predicts and writes its contiguous block of the
+    volumes (disjoint files, each bitwise the single-process file), the per-case records
+    (shape, affine, source) are gathered in rank order and rank 0 finalises the manifest after
+    every rank finished (:func:`segcal.pipeline.distributed.on_each` / ``on_main``); a failure on
+    any rank stops every rank and leaves the manifest incomplete. A rank without volumes works.
     """
     if model is None:
         model = load_unet3d_hippocampus()
@@ -336,22 +344,51 @@ def predict_volumes(
     if dup:
         raise InputError(f"images: several files map to the same case id: {sorted(dup)}")
     out = Path(out_dir)
-    cases = dict(read_folder_meta(out).get("cases", {})) if out.is_dir() else {}
-    meta = {"input_type": "logits", "axis_order": AXIS_ORDER, "model": model_name}
-    begin_folder(out, **meta, num_classes=len(HIPPOCAMPUS_CLASSES),
-                 class_names=list(HIPPOCAMPUS_CLASSES), cases=cases)
-    written = []
-    num_classes = len(HIPPOCAMPUS_CLASSES)
-    for f, stem in tqdm(list(zip(files, stems, strict=True)), desc="predict", unit="vol",
-                        disable=not progress):
-        image, affine = load_nifti(f, what="image")
-        logits = predict_logits(model, image)
-        num_classes = int(logits.shape[0])
-        written.append(write_prediction(out / f"{stem}.npy", logits, dtype=dtype))
-        cases[stem] = {"shape": list(image.shape), "affine": np.round(affine, 6).tolist(),
-                       "source": f.name}
-    finish_folder(out, num_classes=num_classes, class_names=list(HIPPOCAMPUS_CLASSES[:num_classes]),
-                  cases=cases)
+    w = current()
+    distributed = distributed and w.distributed
+    cases: dict[str, Any] = {}
+
+    def open_folder() -> None:
+        cases.update(read_folder_meta(out).get("cases", {}) if out.is_dir() else {})
+        meta = {"input_type": "logits", "axis_order": AXIS_ORDER, "model": model_name}
+        begin_folder(out, **meta, num_classes=len(HIPPOCAMPUS_CLASSES),
+                     class_names=list(HIPPOCAMPUS_CLASSES), cases=cases)
+
+    pairs = list(zip(files, stems, strict=True))
+    if distributed:
+        on_main(open_folder)
+        pairs = shard(pairs, w.rank, w.size)
+    else:
+        open_folder()
+
+    def run_volumes() -> tuple[list[Path], dict[str, Any], int | None]:
+        written: list[Path] = []
+        mine: dict[str, Any] = {}
+        num_classes: int | None = None
+        for f, stem in tqdm(pairs, desc="predict", unit="vol", disable=not progress or not w.is_main):
+            image, affine = load_nifti(f, what="image")
+            logits = predict_logits(model, image)
+            num_classes = int(logits.shape[0])
+            written.append(write_prediction(out / f"{stem}.npy", logits, dtype=dtype))
+            mine[stem] = {"shape": list(image.shape), "affine": np.round(affine, 6).tolist(),
+                          "source": f.name}
+        return written, mine, num_classes
+
+    parts = on_each(run_volumes) if distributed else [run_volumes()]
+    written = [p for part in parts for p in part[0]]
+    for part in parts:  # rank order: the single-process order of the cases
+        cases.update(part[1])
+    seen = [part[2] for part in parts if part[2] is not None]
+    num_classes = seen[-1] if seen else len(HIPPOCAMPUS_CLASSES)
+
+    def finish() -> None:
+        finish_folder(out, num_classes=num_classes, class_names=list(HIPPOCAMPUS_CLASSES[:num_classes]),
+                      cases=cases)
+
+    if distributed:
+        on_main(finish)
+    else:
+        finish()
     return written
 
 
