@@ -10,6 +10,8 @@
 The target folder holds unlabeled images only; for ``camvid:train`` only the image folder is
 resolved (the labels are never opened). ``--out`` may be neither the target folder nor inside it.
 See ``docs/adaptation.md``; the arguments are declared in :mod:`segcal.cli.parsers.adapt`.
+Under ``torchrun`` with several processes it is refused on every rank (exit code 2, nothing
+written): not distributed yet (``docs/scaling.md`` says why).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from segcal.errors import InputError
 from segcal.estimation import BASELINES, load_estimator
 from segcal.models import ClassMapping, create_model, get_spec
 from segcal.models.espnet import CITYSCAPES_TO_CAMVID
+from segcal.pipeline.distributed import single_process
 from segcal.shift import make_transform
 
 
@@ -35,6 +38,8 @@ def _mapping(name: str | None) -> ClassMapping | None:
 
 def run(args: argparse.Namespace) -> int:
     """Adapt, then print one row per epoch and the selected checkpoint."""
+    single_process("segcal adapt", "the adaptation trains the model with BatchNorm batch statistics and "
+                   "pseudo-label thresholds over all target images; it is not distributed yet")
     if args.method not in METHODS:
         raise InputError(f"--method: unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.method == "calsfda" and args.estimator is None:

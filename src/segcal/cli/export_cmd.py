@@ -3,7 +3,8 @@
 Builds :class:`segcal.models.CalibratedModel` and writes it with
 :meth:`~segcal.models.CalibratedModel.export` (``.pt2``) or
 :meth:`~segcal.models.CalibratedModel.to_onnx` (``.onnx``). The arguments are declared in
-:mod:`segcal.cli.parsers.export`.
+:mod:`segcal.cli.parsers.export`. Under ``torchrun`` rank 0 alone exports (one file) while the
+other ranks wait; a refusal on rank 0 stops every rank with exit code 2.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from segcal.calibrators import load
 from segcal.cli.common import check_out_path
 from segcal.errors import InputError
 from segcal.models import UNET3D_MODEL_NAME, CalibratedModel, create_model
+from segcal.pipeline.distributed import launched, on_main, world
 
 #: ``--dynamic`` -> ``CalibratedModel.export(dynamic=...)``
 DYNAMIC = {"all": True, "batch": "batch", "none": False}
@@ -47,7 +49,14 @@ def _export(module: CalibratedModel, out: Path, example: torch.Tensor, dynamic: 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export ``--model`` + ``--calibrator`` to ``--out``."""
+    """Export ``--model`` + ``--calibrator`` to ``--out`` (under ``torchrun``: rank 0 alone)."""
+    if not launched():
+        return _run(args)
+    with world():  # one file: rank 0 writes it while the others wait; all exit with its code
+        return int(on_main(lambda: _run(args)))
+
+
+def _run(args: argparse.Namespace) -> int:
     missing = [f"--{k}" for k in ("model", "calibrator", "out") if not getattr(args, k)]
     if missing:
         raise InputError(f"missing required argument(s): {', '.join(missing)}")

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from segcal.calibrators.collective import INPUT_ERRORS, RankError, agree
+from segcal.errors import InputError
 
 T = TypeVar("T")
 
@@ -75,6 +76,39 @@ def launched() -> bool:
     if not dist.is_available():
         return False
     return bool(dist.is_torchelastic_launched()) or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def launched_size() -> int:
+    """The number of processes of a launched job (``WORLD_SIZE``); 1 when not launched."""
+    if not launched():
+        return 1
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def single_process(command: str, why: str) -> None:
+    """Refuse ``command`` when it was started by ``torchrun`` with several processes.
+
+    For the commands that are one machine's job (``segcal bench``, ``demo``, ``adapt``): rather
+    than every rank running the whole command and writing the same files, every rank raises the
+    same :class:`~segcal.errors.InputError` at once (no process group is opened, so nothing
+    waits): the command line exits with code 2 on every rank. ``torchrun --nproc-per-node 1`` is
+    accepted (one process).
+
+    Parameters
+    ----------
+    command
+        The command as the user typed it (``"segcal bench"``).
+    why
+        Why it runs in one process (one clause).
+    """
+    n = launched_size()
+    if n > 1:
+        raise InputError(f"torchrun: {command} runs in one process ({why}); it was started as one of "
+                         f"WORLD_SIZE={n} processes -- run it without torchrun (or with "
+                         "--nproc-per-node 1)")
 
 
 def current() -> World:
@@ -193,10 +227,12 @@ __all__ = [
     "backend_for",
     "current",
     "launched",
+    "launched_size",
     "on_each",
     "on_main",
     "rank_device",
     "shard",
     "shard_bounds",
+    "single_process",
     "world",
 ]
