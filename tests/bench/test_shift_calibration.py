@@ -31,6 +31,7 @@ HAVE_REAL = (
     and (ROOT / "camvid" / "test").is_dir()
     and (ROOT / "espnet" / "espnet_p_2_q_8_camvid.pth").is_file()
 )
+HAVE_MRI = ROOT is not None and (ROOT / "msd_task04_hippocampus" / "imagesTr").is_dir()
 
 
 def test_families_partition_the_corruptions():
@@ -148,7 +149,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def test_shift_calibration_quick_real(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["bench", "--shift-calibration", "--quick", "--cache", str(cache), "--out", str(out), "--quiet",
-            "--eval-fraction", "1", "--val-limit", "4"]
+            "--eval-fraction", "1", "--val-limit", "4", *([] if HAVE_MRI else ["--no-mri"])]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
@@ -186,6 +187,12 @@ def test_shift_calibration_quick_real(tmp_path):
     # the augmented fold of noise saw blur copies, not noise ones
     aug = next(f for f in res["fits"]["no-noise"] if f["method"] == "ts_aug")
     assert aug["fit_images"] + aug["selection_images"] == 8  # 4 clean + 4 blur copies
+    if HAVE_MRI:  # the MRI leave-one-shift-out rows (quick: 2 shifts, 4 calibration / 3 test cases)
+        mri = res["mri"]
+        assert set(mri["conditions"]) == {"gamma-3", "rician_noise-3", "clean"}
+        assert mri["cache"]["root"] == str(cache / "hippocampus")
+        assert all(r["dice_kept_everywhere"] for r in mri["loso"]["rows"].values())
+        assert "## MRI: leave-one-shift-out" in md and "### MRI targets (issue 17)" in md
 
 
 def test_cli_refuses_foreign_options(tmp_path, capsys):

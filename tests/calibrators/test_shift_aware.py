@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import segcal
 from segcal.calibrators import ShiftConditionedTemperature, check_calibrator, create
-from segcal.calibrators.shift_aware import FEATURES, image_statistics
+from segcal.calibrators.shift_aware import DEFAULT_FEATURES, FEATURES, image_statistics
 
 torch.set_num_threads(1)
 C = 4
@@ -94,7 +94,7 @@ def test_it_learns_the_shift_dependent_temperature(fitted):
         k = slice(20, 30)
         assert nll(sts(z[k]), y[k]) < nll(ts(z[k]), y[k]) - 0.03
         assert torch.equal(sts(z).argmax(1), z.argmax(1))
-    assert sts.fit_info["n_images"] == 40 and len(sts.fit_info["feature_mean"]) == len(FEATURES)
+    assert sts.fit_info["n_images"] == 40 and len(sts.fit_info["feature_mean"]) == len(DEFAULT_FEATURES)
 
 
 def test_fitted_on_clean_images_only_it_is_ts():
@@ -110,7 +110,7 @@ def test_fitted_on_clean_images_only_it_is_ts():
 def test_variants_fit_and_keep_argmax(kw):
     z, y, t_opt = shifted_images(np.linspace(0, 1, 24), seed=5)
     cal = create("sts", **kw).fit(z, y)
-    n_basis = len(kw.get("features", FEATURES)) * (1 + kw.get("knots", 0))
+    n_basis = len(kw.get("features", DEFAULT_FEATURES)) * (1 + kw.get("knots", 0))
     assert cal.weights.shape == (n_basis,)
     t = cal.temperatures(z).numpy()
     assert np.corrcoef(np.log(t), np.log(t_opt))[0, 1] > 0.6
@@ -133,7 +133,7 @@ def test_streamed_batches_of_different_sizes_volumes_and_a_mask():
     mask = torch.ones_like(y2, dtype=torch.bool)
     mask[:, :6] = False
     a = create("sts", max_iter=30).fit(z2, y2, mask=mask)
-    np.testing.assert_allclose(a.statistics(z2).numpy(), image_statistics(z2).numpy())
+    np.testing.assert_allclose(a.statistics(z2).numpy(), image_statistics(z2, DEFAULT_FEATURES).numpy())
 
 
 def test_the_loss_on_a_pixel_subset_fits_like_the_full_loss():
@@ -176,6 +176,98 @@ def test_save_load_and_torch_export(fitted, tmp_path):
         x = 3 * torch.randn(n, C, h, w)
         with torch.no_grad():
             torch.testing.assert_close(program(x), sts(x), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- clean anchor
+@pytest.fixture(scope="module")
+def anchored():
+    """Fitted on 20 clean + 40 shifted images, anchored on the clean ones; TS on the clean ones."""
+    z, y, _ = shifted_images(np.linspace(0.05, 1, 40), seed=11)
+    zc, yc, _ = shifted_images([0.0] * 20, seed=12)
+    cal = create("sts").fit(torch.cat([zc, z]), torch.cat([yc, y]), anchor=(zc, yc))
+    return cal, create("ts").fit(zc, yc), (zc, yc)
+
+
+def test_anchored_falls_back_to_clean_ts_in_domain(anchored):
+    cal, ts, (zc, _) = anchored
+    assert cal.anchored and cal.get_config()["anchored"]
+    t0 = cal.fit_info["anchor_temperature"]
+    assert t0 == pytest.approx(ts.temperature, rel=1e-3)  # stage 1 is TS on the anchor images
+    # every anchor image (anchor_quantile 1: the maximum) gets exactly T_0
+    torch.testing.assert_close(cal.temperatures(zc), torch.full((20,), t0), rtol=1e-6, atol=0)
+    # new clean images: (nearly) all at T_0, so the output is clean TS's
+    z2, y2, _ = shifted_images([0.0] * 30, seed=13)
+    t = cal.temperatures(z2).numpy()
+    assert np.mean(np.isclose(t, t0, rtol=1e-6)) >= 0.8 and np.max(t) < 1.3 * t0
+    with torch.no_grad():
+        assert abs(nll(cal(z2), y2) - nll(ts(z2), y2)) < 0.003
+
+
+def test_anchored_only_raises_the_temperature_and_learns_the_shift(anchored):
+    cal, ts, _ = anchored
+    z, y, t_opt = shifted_images(np.linspace(0, 1, 30), seed=14)
+    t = cal.temperatures(z).numpy()
+    t0 = cal.fit_info["anchor_temperature"]
+    assert np.all(t >= t0 * (1 - 1e-6)) and np.all(cal.weights.numpy() >= 0)
+    assert np.corrcoef(np.log(t), np.log(t_opt))[0, 1] > 0.85 and t[-5:].mean() > 2.0 * t0
+    with torch.no_grad():
+        assert nll(cal(z[20:]), y[20:]) < nll(ts(z[20:]), y[20:]) - 0.03
+    # a statistic moving "the wrong way" (far more confident than any clean image) cannot lower T:
+    # 10x the logits of clean images is below the anchor range in every feature -> exactly T_0
+    zc, _, _ = shifted_images([0.0] * 4, seed=15)
+    torch.testing.assert_close(cal.temperatures(10 * zc), torch.full((4,), t0), rtol=1e-6, atol=0)
+    # logit_norm (opt-in) can likewise only raise T above T_0 when anchored
+    z5, y5, _ = shifted_images(np.linspace(0, 1, 30), seed=16)
+    zc5, yc5, _ = shifted_images([0.0] * 15, seed=17)
+    ln = create("sts", features=FEATURES).fit(torch.cat([zc5, z5]), torch.cat([yc5, y5]), anchor=(zc5, yc5))
+    assert torch.all(ln.temperatures(10 * zc5) >= ln.fit_info["anchor_temperature"] * (1 - 1e-6))
+
+
+def test_anchored_map_is_translation_argmax_and_order_preserving(anchored):
+    cal, _, _ = anchored
+    z, _, _ = shifted_images(np.linspace(0, 1, 6), seed=18)
+    with torch.no_grad():
+        out = cal(z)
+        shifted = cal(z + 5 * torch.randn(6, 1, *z.shape[2:], generator=torch.Generator().manual_seed(0)))
+        # translation invariant up to the per-pixel constant the softmax ignores
+        torch.testing.assert_close(F.log_softmax(shifted, 1), F.log_softmax(out, 1), atol=2e-4, rtol=1e-4)
+        assert torch.equal(out.argmax(1), z.argmax(1))
+        assert torch.equal(out.argsort(1), z.argsort(1))  # one positive scalar per image: every order kept
+
+
+def test_anchored_save_load_and_refusals(anchored, tmp_path):
+    cal, _, (zc, yc) = anchored
+    cal.save(tmp_path / "a.pt")
+    back = segcal.load(tmp_path / "a.pt")
+    z, _, _ = shifted_images([0.1, 0.9], seed=19)
+    assert back.anchored and back.get_config() == cal.get_config()
+    with torch.no_grad():
+        torch.testing.assert_close(back(z), cal(z))
+    torch.testing.assert_close(back.anchor_values, cal.anchor_values)
+    with pytest.raises(ValueError, match="anchor"):
+        create("sts", anchored=True).fit(zc, yc)
+    with pytest.raises(ValueError, match="anchor_quantile"):
+        create("sts", anchor_quantile=0.0)
+    with pytest.raises(ValueError, match="anchor_margin"):
+        create("sts", anchor_margin=-1.0)
+    # streamed anchors (one batch per image / volume) give the same map as the in-memory tuple
+    z2, y2, _ = shifted_images(np.linspace(0, 1, 12), seed=20)
+    a = create("sts").fit(torch.cat([zc, z2]), torch.cat([yc, y2]), anchor=(zc, yc))
+    b = create("sts").fit(torch.cat([zc, z2]), torch.cat([yc, y2]), anchor=[(zc[i:i + 1], yc[i:i + 1]) for i in range(20)])
+    torch.testing.assert_close(a.temperatures(z2), b.temperatures(z2), rtol=1e-5, atol=1e-6)
+
+
+def test_anchor_margin_widens_the_clean_range():
+    z, y, _ = shifted_images(np.linspace(0.05, 1, 30), seed=21)
+    zc, yc, _ = shifted_images([0.0] * 10, seed=22)
+    new, _, _ = shifted_images([0.0] * 30 + [0.2] * 10, seed=23)
+    fits = {m: create("sts", anchor_margin=m).fit(torch.cat([zc, z]), torch.cat([yc, y]), anchor=(zc, yc))
+            for m in (0.0, 3.0)}
+    at_t0 = {m: float(np.mean(np.isclose(c.temperatures(new).numpy(), c.fit_info["anchor_temperature"], rtol=1e-6)))
+             for m, c in fits.items()}
+    assert at_t0[3.0] > at_t0[0.0]  # more of the new clean / mildly shifted images get exactly T_0
+    assert torch.all(fits[3.0].anchor_values > fits[0.0].anchor_values)
+    assert fits[3.0].get_config()["anchor_margin"] == 3.0
 
 
 # ----------------------------------------------------------------------------- TargetCorrected

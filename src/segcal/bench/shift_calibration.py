@@ -27,7 +27,9 @@ in-domain model ``espnet-camvid``:
    under the model shift (``espnet-cityscapes-camvid``, fitted on its own val predictions), with the
    ``*_aug`` rows fitted on clean val plus the perturbed copies of all families (nothing is held out
    there: no corruption is tested).
-5. **Label-free estimator.** The logits-input value net (:class:`~segcal.estimation.ECEEstimator`)
+5. **MRI rows** (``mri``; :mod:`segcal.bench.shift_mri`): leave-one-shift-out for the 3D U-Net on
+   MSD hippocampus over the six MRI shifts, ``ts_clean`` / ``ts_aug`` / ``sts_aug``, Dice kept exactly.
+6. **Label-free estimator.** The logits-input value net (:class:`~segcal.estimation.ECEEstimator`)
    trained on clean val only vs on clean val plus the perturbed copies of the other families, and the
    max-prob / entropy baselines: MAE and Spearman correlation of estimated vs true per-image ECE
    (top-label, 15 bins, void excluded; :func:`~segcal.estimation.ece_targets` on every valid pixel)
@@ -71,9 +73,12 @@ from segcal.bench.protocol import (
 )
 from segcal.bench.results import BenchRun
 from segcal.bench.shift_estimator import estimate_all, estimator_data, fit_estimator
+from segcal.bench.shift_fit import Anchored, copies, is_clean
+from segcal.bench.shift_mri import MRI_ROWS, MriShiftConfig, check_mri_config, run_mri_rows
 from segcal.bench.spec import (
     CAMVID_IGNORE,
     IN_DOMAIN,
+    MRI_SHIFTS,
     SHIFT_CALIBRATION,
     SHIFT_FAMILIES,
     SHIFT_MODEL,
@@ -147,6 +152,13 @@ class ShiftCalConfig:
     test_limit: int | None = None
     model_shift: bool = True
     estimator: bool = True
+    #: the MRI leave-one-shift-out rows (segcal.bench.shift_mri); their cache: ``<cache>/hippocampus``
+    #: (default: the hippocampus bench's cache)
+    mri: bool = True
+    mri_shifts: tuple[str, ...] = MRI_SHIFTS
+    mri_calib_limit: int | None = None
+    mri_test_limit: int | None = None
+    mri_fit_voxels: int | None = 250_000
     #: whole-image rows (sts) are fitted on every ``spatial_stride``-th pixel along each axis of the
     #: logit maps (memory: 400 full 480x360 maps are 3 GB per half); evaluated on full images
     spatial_stride: int = 4
@@ -162,10 +174,12 @@ class ShiftCalConfig:
 
     @classmethod
     def quick_config(cls, **kw: Any) -> ShiftCalConfig:
-        """CI size: 2 families, severity 3, 6 val / 4 test images, one seed, no model shift."""
+        """CI size: 2 families, severity 3, 6 val / 4 test images, one seed, no model shift; MRI: 2 shifts,
+        4 calibration / 3 test cases."""
         base = dict(families=("noise", "blur"), severities=(3,), seeds=(0,), fit_pixels=4_000, eval_fraction=0.25,
                     test_images=4, test_limit=4, val_limit=6, model_shift=False, n_boot=100, adapt_images=2,
-                    methods=("ts_clean", "ts_aug", "cmsop_aug", "sts_aug", "ts_aug_pc"), quick=True)
+                    methods=("ts_clean", "ts_aug", "cmsop_aug", "sts_aug", "ts_aug_pc"), quick=True,
+                    mri_shifts=("gamma", "rician_noise"), mri_calib_limit=4, mri_test_limit=3, mri_fit_voxels=20_000)
         base.update(kw)
         return cls(**base)
 
@@ -187,6 +201,19 @@ def check_config(cfg: ShiftCalConfig) -> None:
         raise InputError(f"methods: the reference row {SHIFT_REFERENCE} is required (every CI is against it)")
     if any(s not in (1, 2, 3, 4, 5) for s in cfg.severities) or not cfg.severities:
         raise InputError(f"severities: expected values in 1-5, got {list(cfg.severities)}")
+    if cfg.mri:
+        check_mri_config(mri_config(cfg))
+
+
+def mri_config(cfg: ShiftCalConfig) -> MriShiftConfig:
+    """The MRI part's settings of a run: its rows (those of ``cfg.methods`` it has), seeds, severities."""
+    rows = tuple(m for m in cfg.methods if m in MRI_ROWS)
+    cache = None if cfg.cache is None else str(Path(cfg.cache) / "hippocampus")
+    return MriShiftConfig(cache=cache, data_root=cfg.data_root, shifts=tuple(cfg.mri_shifts),
+                          severities=tuple(cfg.severities), methods=rows, seeds=tuple(cfg.seeds),
+                          fit_voxels=cfg.mri_fit_voxels, val_seed=cfg.val_seed, shift_seed=cfg.test_seed,
+                          calib_limit=cfg.mri_calib_limit, test_limit=cfg.mri_test_limit, n_bins=cfg.n_bins,
+                          n_boot=cfg.n_boot, boot_seed=cfg.boot_seed)
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -194,21 +221,17 @@ def _log(progress: bool, msg: str) -> None:
         print(f"[shift-calibration] {msg}", file=sys.stderr, flush=True)
 
 
-def copies(imgs: Sequence[ImageData], tag: str) -> list[ImageData]:
-    """Perturbed val copies under unique stems ``<stem>@<tag>`` (one fit set holds several copies)."""
-    return [ImageData(f"{im.stem}@{tag}", im.logits, im.labels, im.item, im.transform) for im in imgs]
-
-
 def fit_group(data: Sequence[ImageData], rows: Sequence[str], cfg: ShiftCalConfig,
               log: Callable[[str], None]) -> FitResult:
-    """The one fit loop on one fit set (``rows`` may be empty)."""
+    """The one fit loop on one fit set (``rows`` may be empty); ``sts`` rows clean-anchored
+    (:class:`Anchored`) when the set has clean images."""
     create = partial(create_row, SHIFT_CALIBRATION)
     whole = [r for r in rows if getattr(create(r), "spatial", False)]
     out = FitResult()
     for group, imgs in (([r for r in rows if r not in whole], data), (whole, strided(data, cfg.spatial_stride))):
         if group:
-            res = fit_rows(imgs, group, cfg.seeds, create=create, strategy=WholeImages(), total=cfg.fit_pixels,
-                           ignore=CAMVID_IGNORE, log=log)
+            res = fit_rows(imgs, group, cfg.seeds, create=create, strategy=Anchored(WholeImages()),
+                           total=cfg.fit_pixels, ignore=CAMVID_IGNORE, log=log)
             out.cals.update(res.cals)
             out.fits += res.fits
             out.skipped.update(res.skipped)
@@ -444,6 +467,11 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
             estimator["conditions"]["clean"] = estimate_all({"value-net (clean val)": est_clean}, x, imgs, y)
             t_est += time.perf_counter() - t0
     timings.update(fit_s=t_fit, evaluate_s=t_eval, estimator_s=t_est)
+    mri: dict[str, Any] | None = None
+    if cfg.mri:
+        t0 = time.perf_counter()
+        mri = run_mri_rows(mri_config(cfg), log)
+        timings["mri_s"] = time.perf_counter() - t0
 
     results = {
         "format": SHIFT_CALIBRATION.format, "version": 1, "commit": git_commit(),
@@ -472,6 +500,8 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
                   "reused_images": cache.reused_images, "predict_seconds": round(cache.predict_seconds, 3)},
     }
     results["lofo"] = lofo_summary(results, methods)
+    if mri is not None:
+        results["mri"] = mri
     timings["total_s"] = time.perf_counter() - t_start
     results["timings"] = {k: round(v, 2) for k, v in timings.items()}
     return BenchRun(SHIFT_CALIBRATION, results, Path(cfg.out), {}, timings, t_start, False, 0)
@@ -521,5 +551,5 @@ def lofo_summary(results: Mapping[str, Any], methods: Sequence[str]) -> dict[str
     return out
 
 
-__all__ = ["DEFAULT_ROWS", "FamilyMix", "MemoModel", "ShiftCalConfig", "adapt_rows", "argmax_check", "check_config",
-           "copies", "fit_group", "lofo_summary", "run_shift_calibration", "score", "strided"]
+__all__ = ["DEFAULT_ROWS", "Anchored", "FamilyMix", "MemoModel", "ShiftCalConfig", "adapt_rows", "argmax_check", "check_config",
+           "copies", "fit_group", "is_clean", "lofo_summary", "mri_config", "run_shift_calibration", "score", "strided"]

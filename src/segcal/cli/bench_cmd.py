@@ -112,6 +112,8 @@ def shift_config_from_args(args: argparse.Namespace) -> ShiftCalConfig:
             kw[dst] = tuple(v) if isinstance(v, list) else v
     kw.update(data_root=args.data_root, cache=args.cache, threads=args.threads, progress=not args.quiet,
               command=_command("segcal bench --shift-calibration"))
+    if getattr(args, "no_mri", False):
+        kw["mri"] = False
     if args.out:
         kw["out"] = args.out
     return ShiftCalConfig.quick_config(**kw) if getattr(args, "quick", False) else ShiftCalConfig(**kw)
@@ -138,6 +140,8 @@ def print_summary(results: dict[str, Any], out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "no_mri", False) and not getattr(args, "shift_calibration", False):
+        raise InputError("--no-mri: an option of --shift-calibration only")
     if getattr(args, "shift_calibration", False):
         scfg = shift_config_from_args(args)
         check_outputs(scfg.out, args)

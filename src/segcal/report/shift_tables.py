@@ -3,7 +3,8 @@
 Tables of a :func:`segcal.bench.shift_calibration.run_shift_calibration` results dict: the
 leave-one-family-out summary (pooled ECE / NLL per held-out family and severity), the issue's
 targets (met or missed, with the number), every condition's table with paired bootstrap CIs
-against TS fitted on clean val, and the label-free estimator table (MAE, Spearman).
+against TS fitted on clean val, the label-free estimator table (MAE, Spearman), and the MRI
+leave-one-shift-out rows (``results["mri"]``, :mod:`segcal.bench.shift_mri`) with the same tables.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from segcal.bench.results import BenchRun
-from segcal.bench.spec import SHIFT_CALIBRATION, SHIFT_REFERENCE, property_label
+from segcal.bench.spec import SHIFT_CALIBRATION, SHIFT_REFERENCE, Column, property_label
 from segcal.report.outputs import write_outputs
 
 
@@ -23,6 +24,18 @@ def fmt(v: Any, scale: float = 1.0, dec: int = 4) -> str:
         return "–"
     s = f"{v * scale:.{dec}f}"
     return s[1:] if s.startswith("-") and float(s) == 0 else s
+
+
+#: the MRI tables' columns (per-row values; differences to ts_clean)
+MRI_TABLE_COLUMNS: tuple[Column, ...] = (
+    ("ece", "ECE %", 100.0, 3), ("image_ece", "case-ECE %", 100.0, 3), ("nll", "NLL", 1.0, 4),
+    ("brier", "Brier", 1.0, 4), ("dice_ant", "Dice ant", 1.0, 4), ("dice_post", "Dice post", 1.0, 4),
+    ("flip_rate", "flip %", 100.0, 2),
+)
+MRI_CI_COLUMNS: tuple[Column, ...] = (
+    ("ece", "ΔECE %", 100.0, 3), ("image_ece", "Δcase-ECE %", 100.0, 3), ("nll", "ΔNLL", 1.0, 4),
+    ("dice:1", "ΔDice ant", 1.0, 4), ("dice:2", "ΔDice post", 1.0, 4),
+)
 
 
 def _row(cells: Sequence[str]) -> str:
@@ -37,8 +50,8 @@ def lofo_sets(results: Mapping[str, Any]) -> list[str]:
     return [t for t, c in results["conditions"].items() if c.get("held_out")]
 
 
-def summary_table(results: Mapping[str, Any], metric: str, dec: int = 4) -> list[str]:
-    """Rows: methods; columns: the held-out sets, then the mean over them."""
+def summary_table(results: Mapping[str, Any], metric: str, dec: int = 4, scale: float = 1.0) -> list[str]:
+    """Rows: methods; columns: the held-out sets, then the mean over them (``results`` or its ``"mri"``)."""
     sets = lofo_sets(results)
     if not sets:
         return []
@@ -49,15 +62,15 @@ def summary_table(results: Mapping[str, Any], metric: str, dec: int = 4) -> list
         vals = [conds[t]["summary"].get(m, {}).get(metric) for t in sets]
         ok = [v for v in vals if v is not None]
         mean = sum(ok) / len(ok) if len(ok) == len(vals) else None
-        lines.append(_row([m, *[fmt(v, 1.0, dec) for v in vals], fmt(mean, 1.0, dec)]))
+        lines.append(_row([m, *[fmt(v, scale, dec) for v in vals], fmt(mean, scale, dec)]))
     return lines
 
 
-def condition_table(results: Mapping[str, Any], tag: str) -> list[str]:
+def condition_table(results: Mapping[str, Any], tag: str,
+                    cols: Sequence[Column] = SHIFT_CALIBRATION.table_columns) -> list[str]:
     """One condition: a row per method (mean ± std over seeds)."""
     cond = results["conditions"][tag]
     props = results.get("properties", {})
-    cols = SHIFT_CALIBRATION.table_columns
     lines = _head(["method", "fitted on", "props", *[h for _, h, _, _ in cols]])
     for m, row in cond["summary"].items():
         p = props.get(m, {})
@@ -71,11 +84,11 @@ def condition_table(results: Mapping[str, Any], tag: str) -> list[str]:
     return lines
 
 
-def ci_table(results: Mapping[str, Any], tag: str) -> list[str]:
+def ci_table(results: Mapping[str, Any], tag: str, cols: Sequence[Column] = SHIFT_CALIBRATION.ci_columns) -> list[str]:
+    """Paired bootstrap differences of every row to ``ts_clean`` on one condition."""
     boot = results["conditions"][tag].get("bootstrap_vs_ts_clean") or {}
     if not boot:
         return [f"(no {SHIFT_REFERENCE} row: no bootstrap)"]
-    cols = SHIFT_CALIBRATION.ci_columns
     lines = _head([f"method − {SHIFT_REFERENCE}", *[h for _, h, _, _ in cols]])
     for m, cis in boot.items():
         cells = [m]
@@ -117,6 +130,58 @@ def targets_table(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def mri_targets_table(mri: Mapping[str, Any]) -> list[str]:
+    """The issue's targets on the MRI leave-one-shift-out rows: met / missed with the number."""
+    loso = mri.get("loso", {})
+    rows = loso.get("rows", {})
+    if not rows:
+        return []
+    ref = loso.get("ts_clean_mean_ece")
+    lines = _head(["row", f"mean LOSO ECE (≤ ½ × {fmt(ref, 100.0, 3)} %)", "clean ECE − TS (≤ 0.5 %)",
+                   "NLL under shift not worse than TS", "Dice exactly kept"])
+    for m, r in rows.items():
+        if m == SHIFT_REFERENCE:
+            continue
+        half = f"{fmt(r['mean_ece'], 100.0, 3)} % = {fmt(r['ratio_to_ts_clean'], 1.0, 2)} × TS: " + (
+            "met" if r["target_half_ece"] else "missed")
+        clean = (f"{fmt(r['clean_ece_minus_ts_clean'], 100.0, 3)} %: "
+                 + ("met" if r["target_clean_within_0.005"] else "missed")) if "clean_ece_minus_ts_clean" in r else "–"
+        worse = r["nll_significantly_worse_than_ts_clean"]
+        nll = f"mean {fmt(r['mean_nll'])} vs TS {fmt(rows[SHIFT_REFERENCE]['mean_nll'])}; " + (
+            "met (no set significantly worse)" if not worse else f"missed (significantly worse on {', '.join(worse)})")
+        lines.append(_row([m, half, clean, nll, "met (every set, every seed)" if r["dice_kept_everywhere"] else "missed"]))
+    return lines
+
+
+def mri_sections(mri: Mapping[str, Any]) -> list[str]:
+    """The MRI part of ``results.md``: summary tables, targets, every condition with its CIs."""
+    p = mri["protocol"]
+    cfg = mri["config"]
+    t = mri.get("timings", {})
+    out = ["## MRI: leave-one-shift-out, 3D U-Net on MSD hippocampus", "",
+           f"- model `{mri['model']}`; {p['split']}; shifts {', '.join(cfg['shifts'])}; seeds {cfg['seeds']}",
+           f"- perturbed calibration copies: {p['perturbed_calibration']}", f"- fit: {p['fit']}",
+           f"- test: {p['test']}; CIs: {p['bootstrap']}; * = CI excludes 0",
+           f"- time: predict {fmt(t.get('predict_s'), 1.0, 0)} s, fit {fmt(t.get('fit_s'), 1.0, 0)} s, evaluate "
+           f"{fmt(t.get('evaluate_s'), 1.0, 0)} s; {mri['cache']['predicted_volumes']} volumes predicted, "
+           f"{mri['cache']['reused_volumes']} read from the cache `{mri['cache']['root']}`", ""]
+    for grp, sk in (mri.get("skipped") or {}).items():
+        for m, why in sk.items():
+            out.append(f"- skipped `{m}` ({grp}): {why}")
+    if lofo_sets(mri):
+        out += ["Pooled ECE (%):", "", *summary_table(mri, "ece", 3, 100.0), ""]
+        out += ["NLL:", "", *summary_table(mri, "nll"), ""]
+        out += ["### MRI targets (issue 17)", "", *mri_targets_table(mri), ""]
+    for tag, c in mri["conditions"].items():
+        what = (f"held-out shift `{c['held_out']}` at severity {c['severity']} (fitted with "
+                f"{', '.join(c['fitted_with'])})" if c.get("held_out") else "clean test cases (fitted with every shift)")
+        out += [f"### MRI {tag}", "", f"{what}: {c['n_images']} cases, {c['n_eval_pixels']:,} voxels", "",
+                *condition_table(mri, tag, MRI_TABLE_COLUMNS), "",
+                f"Paired bootstrap differences to {SHIFT_REFERENCE}, mean [95 % CI]:", "",
+                *ci_table(mri, tag, MRI_CI_COLUMNS), ""]
+    return out
+
+
 def estimator_table(results: Mapping[str, Any]) -> list[str]:
     """Rows: estimators; columns: MAE / Spearman on every held-out set (and clean)."""
     conds = (results.get("estimator") or {}).get("conditions") or {}
@@ -152,7 +217,7 @@ def shift_markdown_report(results: Mapping[str, Any]) -> str:
     out.append(f"- commit: `{results.get('commit')}`; command: `{cfg.get('command') or 'segcal bench --shift-calibration'}`")
     out.append(f"- wall time: {fmt(t.get('total_s'), 1.0, 0)} s (predict {fmt(t.get('predict_s'), 1.0, 0)} s, fit "
                f"{fmt(t.get('fit_s'), 1.0, 0)} s, evaluate {fmt(t.get('evaluate_s'), 1.0, 0)} s, estimator "
-               f"{fmt(t.get('estimator_s'), 1.0, 0)} s); threads {results['environment']['threads']}")
+               f"{fmt(t.get('estimator_s'), 1.0, 0)} s, MRI {fmt(t.get('mri_s'), 1.0, 0)} s); threads {results['environment']['threads']}")
     fams = "; ".join(f"{f}: {', '.join(cs)}" for f, cs in results["families"].items())
     out.append(f"- families: {fams}")
     out.append(f"- fit: {p['fit']}; seeds {cfg['seeds']}")
@@ -185,6 +250,8 @@ def shift_markdown_report(results: Mapping[str, Any]) -> str:
         out += [f"## {tag}", "", f"{what}: {c['n_images']} images, {c['n_eval_pixels']:,} evaluated pixels, "
                 f"model `{c['model']}`", "", *condition_table(results, tag), "",
                 f"Paired bootstrap differences to {SHIFT_REFERENCE}, mean [95 % CI]:", "", *ci_table(results, tag), ""]
+    if results.get("mri"):
+        out += mri_sections(results["mri"])
     return "\n".join(out) + "\n"
 
 
@@ -193,5 +260,6 @@ def write_shift_outputs(run: BenchRun) -> dict[str, Any]:
     return write_outputs(run, markdown=shift_markdown_report)
 
 
-__all__ = ["ci_table", "condition_table", "estimator_table", "fmt", "lofo_sets", "shift_markdown_report",
-           "summary_table", "targets_table", "write_shift_outputs"]
+__all__ = ["MRI_CI_COLUMNS", "MRI_TABLE_COLUMNS", "ci_table", "condition_table", "estimator_table", "fmt",
+           "lofo_sets", "mri_sections", "mri_targets_table", "shift_markdown_report", "summary_table", "targets_table",
+           "write_shift_outputs"]
