@@ -159,6 +159,7 @@ class ShiftCalConfig:
     mri_calib_limit: int | None = None
     mri_test_limit: int | None = None
     mri_fit_voxels: int | None = 250_000
+    mri_seeds: tuple[int, ...] = (0,)
     #: whole-image rows (sts) are fitted on every ``spatial_stride``-th pixel along each axis of the
     #: logit maps (memory: 400 full 480x360 maps are 3 GB per half); evaluated on full images
     spatial_stride: int = 4
@@ -210,7 +211,7 @@ def mri_config(cfg: ShiftCalConfig) -> MriShiftConfig:
     rows = tuple(m for m in cfg.methods if m in MRI_ROWS)
     cache = None if cfg.cache is None else str(Path(cfg.cache) / "hippocampus")
     return MriShiftConfig(cache=cache, data_root=cfg.data_root, shifts=tuple(cfg.mri_shifts),
-                          severities=tuple(cfg.severities), methods=rows, seeds=tuple(cfg.seeds),
+                          severities=tuple(cfg.severities), methods=rows, seeds=tuple(cfg.mri_seeds),
                           fit_voxels=cfg.mri_fit_voxels, val_seed=cfg.val_seed, shift_seed=cfg.test_seed,
                           calib_limit=cfg.mri_calib_limit, test_limit=cfg.mri_test_limit, n_bins=cfg.n_bins,
                           n_boot=cfg.n_boot, boot_seed=cfg.boot_seed)
