@@ -1,24 +1,26 @@
-"""``segcal conformal fit`` against ``segcal eval`` on one prediction folder, in one process
-(issue 18: conformal fit and the new metrics within 15 % of eval).
+"""``segcal eval`` with and without the conformal loss table in its pass, and ``segcal conformal
+fit``, on one prediction folder, in one process (issue 18: conformal fit and the new metrics add at
+most 15 % to eval).
 
-Each repetition runs ``segcal eval`` and ``segcal conformal fit --risk miscoverage --alpha 0.1``
-through the command-line entry point (``segcal.cli.app.main``, no process start), and with
-``--previous`` also the loss-table path that ``conformal fit`` used before the compiled counting
-kernel (element-wise finiteness check, torch float64 copy, ``image_row(..., fast=False)``), in an
-order that rotates from one repetition to the next, after one warm-up of each. Every run is timed
-in wall-clock seconds and in process CPU seconds (all threads); the load average is recorded
-before each repetition. The ratios are formed within a repetition (neighbouring runs see the same
-machine load) and summarised by their median and range. ``eval`` computes the new metrics
-(failure detection, smECE) in its ``compute()``, so they are inside the eval figure.
+Each repetition runs, through the command-line entry point (``segcal.cli.app.main``, no process
+start): ``segcal eval``; ``segcal eval --conformal-risk miscoverage --conformal-alpha 0.1
+--conformal-out cr.json`` (the loss table built from eval's own softmax in its one pass,
+``eval_conformal``); and ``segcal conformal fit --risk miscoverage --alpha 0.1`` (a pass of its
+own), in an order that rotates from one repetition to the next, after one warm-up of each. Every
+run is timed in wall-clock seconds and in process CPU seconds (all threads); the load average is
+recorded before each repetition. The ratios are formed within a repetition (neighbouring runs see
+the same machine load) and summarised by their median and range. ``eval`` computes the new metrics
+(failure detection, smECE) in its ``compute()``, so they are inside every eval figure. The issue's
+figure is ``eval_conformal / eval``.
 
-``--previous`` also checks that the previous path and today's give the same loss table, bit for
-bit, on the folder.
+``--check`` also checks that the two ``cr.json`` files (eval's and conformal fit's) are identical
+byte for byte and that the loss table of eval's pass equals :func:`segcal.conformal.folder_loss_table`'s.
 
 Usage::
 
     segcal predict --model espnet-camvid --images camvid:test --out /tmp/H/pred
     nice -n 10 python benchmarks/conformal_throughput.py --pred /tmp/H/pred \\
-        --labels ../shared/data/camvid/testannot --ignore-index 11 --reps 4 --previous \\
+        --labels ../shared/data/camvid/testannot --ignore-index 11 --reps 4 --check \\
         --out /tmp/H/conformal_throughput.json
 """
 
@@ -40,10 +42,10 @@ import numpy as np
 import torch
 
 from segcal.cli.app import main as segcal_main
-from segcal.conformal import LossTable, default_grid, fit_threshold, folder_loss_table, image_row
+from segcal.conformal import LossTableBuilder, folder_loss_table
 from segcal.io import PredictionFolder
 from segcal.io.files import atomic_write, to_jsonable
-from segcal.validation import check_finite
+from segcal.pipeline.evaluate import evaluate_folder
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -62,21 +64,14 @@ def cli(argv: list[str]) -> Callable[[], None]:
     return run
 
 
-def previous_table(pred: str, labels: str, ignore_index: int | None) -> LossTable:
-    """The loss table as ``conformal fit`` built it before the compiled kernel."""
-    g = default_grid()
-    rows, sizes, valid, stems = [], [], [], []
-    for stem, x, y, _kind in PredictionFolder(pred, labels):
-        t = torch.as_tensor(np.asarray(x))
-        check_finite(t, stem)
-        p = torch.softmax(t.to(torch.float64), dim=0).numpy()
-        loss, size, nv = image_row(p, y, g, "miscoverage", ignore_index=ignore_index, fast=False)
-        rows.append(loss)
-        sizes.append(size)
-        valid.append(nv)
-        stems.append(stem)
-    return LossTable("miscoverage", g, np.stack(rows), np.stack(sizes), np.asarray(valid, dtype=np.int64), stems,
-                     ignore_index=ignore_index)
+def check_tables(pred: str, labels: str, ignore_index: int | None) -> bool:
+    """The table of eval's pass equals :func:`folder_loss_table`'s, bit for bit."""
+    builder = LossTableBuilder("miscoverage", ignore_index=ignore_index)
+    fused = evaluate_folder(pred, labels, ignore_index=ignore_index, conformal=builder).conformal
+    alone = folder_loss_table(pred, labels, "miscoverage", ignore_index=ignore_index)
+    assert fused is not None
+    return bool(np.array_equal(fused.losses, alone.losses) and np.array_equal(fused.sizes, alone.sizes)
+                and np.array_equal(fused.n_valid, alone.n_valid) and fused.stems == alone.stems)
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -89,7 +84,7 @@ def main() -> None:
     ap.add_argument("--labels", required=True)
     ap.add_argument("--ignore-index", type=int, default=None)
     ap.add_argument("--reps", type=int, default=4)
-    ap.add_argument("--previous", action="store_true", help="also time the previous loss-table path")
+    ap.add_argument("--check", action="store_true", help="also check that both paths give the same table and file")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     common = ["--pred", args.pred, "--labels", args.labels]
@@ -98,24 +93,20 @@ def main() -> None:
     res: dict = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "cpus": os.cpu_count(),
                  "torch_threads": torch.get_num_threads(), "pred": args.pred, "reps": args.reps}
     with tempfile.TemporaryDirectory() as tmp:
+        conformal = ["--conformal-risk", "miscoverage", "--conformal-alpha", "0.1"]
         arms: dict[str, Callable[[], object]] = {
             "eval": cli(["eval", *common, "--no-progress"]),
-            "conformal_fit": cli(["conformal", "fit", *common, "--risk", "miscoverage", "--alpha", "0.1",
-                                  "--out", str(Path(tmp) / "cr.json")]),
+            "eval_conformal": cli(["eval", *common, "--no-progress", *conformal, "--conformal-out",
+                                   str(Path(tmp) / "cr_eval.json")]),
+            "conformal_fit": cli(["conformal", "fit", *common, "--no-progress", "--risk", "miscoverage", "--alpha",
+                                  "0.1", "--out", str(Path(tmp) / "cr.json")]),
         }
-        if args.previous:
-            def previous() -> None:
-                table = previous_table(args.pred, args.labels, args.ignore_index)
-                fit_threshold(table, 0.1).save(Path(tmp) / "cr_previous.json")
-            arms["previous_conformal_fit"] = previous
-            now = folder_loss_table(args.pred, args.labels, "miscoverage", ignore_index=args.ignore_index)
-            before = previous_table(args.pred, args.labels, args.ignore_index)
-            res["previous_table_identical"] = bool(
-                np.array_equal(now.losses, before.losses) and np.array_equal(now.sizes, before.sizes)
-                and np.array_equal(now.n_valid, before.n_valid))
-            res["n_images"] = now.n_images
         for fn in arms.values():  # warm-up: imports, compiled kernels, page cache
             timed(fn)
+        if args.check:
+            res["files_identical"] = (Path(tmp) / "cr_eval.json").read_bytes() == (Path(tmp) / "cr.json").read_bytes()
+            res["tables_identical"] = check_tables(args.pred, args.labels, args.ignore_index)
+            res["n_images"] = len(PredictionFolder(args.pred, args.labels).stems)
         names = list(arms)
         runs: list[dict] = []
         for r in range(args.reps):
@@ -138,8 +129,9 @@ def main() -> None:
     res["loadavg_range"] = [min(r["loadavg"] for r in runs), max(r["loadavg"] for r in runs)]
     for key, s in ratios.items():
         print(f"{key}: median {s['median']:.3f} (range {s['min']:.3f}-{s['max']:.3f})")
-    if "previous_table_identical" in res:
-        print(f"previous path's loss table identical: {res['previous_table_identical']}")
+    if "files_identical" in res:
+        print(f"cr.json of eval and of conformal fit identical: {res['files_identical']}; "
+              f"tables identical: {res['tables_identical']}")
     text = json.dumps(to_jsonable(res), indent=2)
     if args.out:
         with atomic_write(args.out, "w") as fh:

@@ -1,6 +1,7 @@
-"""The fast loss-table path (compiled counting kernel, numpy float64 copy and one-sum finiteness
-check) gives bit for bit the tables of the reference path it replaced (torch float64 copy and
-element-wise check, ``image_row(..., fast=False)``), and both equal a direct float64 count."""
+"""The fast loss-table path (compiled counting kernel, one-sum finiteness check) gives bit for bit
+the tables of the reference path (``image_row(..., fast=False)``), both equal a direct float64
+count, and the logits' probabilities are exactly the ones the metric engine computes (its chunked
+float32 softmax: the one score function of fit, apply and ``segcal eval --conformal-*``)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,23 @@ from segcal.conformal import (
 )
 from segcal.errors import InputError
 from segcal.io import PredictionFolder
+from segcal.metrics import CalibrationMetrics
+from segcal.metrics.chunks import single_thread
 
 CASES = [("miscoverage", {}), ("fnr", {"class_index": 2}), ("coverage", {"tau": 0.9})]
 
 
-def reference_probabilities(scores: np.ndarray) -> np.ndarray:
-    """The previous logits path: element-wise finiteness, torch float64 copy, softmax."""
-    t = torch.as_tensor(np.asarray(scores))
-    assert bool(torch.isfinite(t).all())
-    return torch.softmax(t.to(torch.float64), dim=0).numpy()
+def reference_probabilities(scores: np.ndarray | torch.Tensor, backend: str = "auto") -> np.ndarray:
+    """The probabilities the metric engine itself computes from these logits, captured through its
+    ``on_chunk`` hook (one worker thread, so the chunks come in order), widened to float64."""
+    t = torch.as_tensor(scores)
+    assert bool(torch.isfinite(t.to(torch.float64)).all())
+    parts: list[np.ndarray] = []
+    metric = CalibrationMetrics(t.shape[0], backend=backend)
+    with single_thread():
+        metric.update(t[None], torch.zeros((1, *t.shape[1:]), dtype=torch.int64),
+                      on_chunk=lambda w, i, q, pred, lab, valid: parts.append(q.copy()))
+    return np.concatenate(parts, axis=1).astype(np.float64).reshape(tuple(t.shape))
 
 
 def direct_row(p: np.ndarray, y: np.ndarray, grid: np.ndarray, risk: str, class_index: int | None = None,
@@ -111,29 +120,32 @@ def test_fast_row_edge_values_and_refusals() -> None:
         assert messages[0] == messages[1]
 
 
-def test_logits_finiteness_check_and_softmax_unchanged() -> None:
+def test_logits_probabilities_are_the_metric_engines() -> None:
     rng = np.random.default_rng(3)
-    for dtype in (np.float16, np.float32, np.float64):
-        x = (rng.normal(size=(5, 6, 7)) * 4).astype(dtype)
-        assert np.array_equal(as_probabilities(x, "logits", None, "s"), reference_probabilities(x))
-        assert np.array_equal(as_probabilities(torch.from_numpy(x), "logits", None, "s"),
-                              reference_probabilities(x))
-        for bad in (np.nan, np.inf, -np.inf):
-            y = x.copy()
-            y[1, 2, 3] = bad
-            with pytest.raises(InputError, match="non-finite"):
-                as_probabilities(y, "logits", None, "s")
-    # finite float64 values whose sum overflows: accepted, as by the element-wise check
+    for shape in [(5, 6, 7), (4, 150, 250), (3, 5, 40, 90)]:  # one chunk; 3 chunks of 16384 px; 3D, 2 chunks
+        for dtype in (np.float16, np.float32, np.float64):
+            x = (rng.normal(size=shape) * 4).astype(dtype)
+            ref = reference_probabilities(x)
+            assert np.array_equal(as_probabilities(x, "logits", None, "s"), ref)
+            assert np.array_equal(as_probabilities(torch.from_numpy(x), "logits", None, "s"), ref)
+            assert np.array_equal(reference_probabilities(x, backend="torch"), ref)  # both engine kernels
+    x = (rng.normal(size=(5, 6, 7)) * 4).astype(np.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[1, 2, 3] = bad
+        with pytest.raises(InputError, match="non-finite"):
+            as_probabilities(y, "logits", None, "s")
+    # finite float64 values whose sum overflows: accepted, as by the element-wise check (and by the
+    # engine's torch kernel; its numba kernel refuses them)
     big = np.full((2, 2, 2), 1e308)
-    assert np.array_equal(as_probabilities(big, "logits", None, "s"), reference_probabilities(big))
-    bf = torch.randn(3, 4, 4).to(torch.bfloat16)  # no numpy dtype: the torch copy
-    assert torch.equal(torch.from_numpy(as_probabilities(bf, "logits", None, "s")),
-                       torch.softmax(bf.to(torch.float64), 0))
+    assert np.array_equal(as_probabilities(big, "logits", None, "s"), reference_probabilities(big, "torch"))
+    bf = torch.randn(3, 4, 4).to(torch.bfloat16)  # no numpy dtype: the torch sum, the engine's float32 softmax
+    assert np.array_equal(as_probabilities(bf, "logits", None, "s"), reference_probabilities(bf))
 
 
-def test_folder_table_equals_the_previous_path(tmp_path, monkeypatch) -> None:
-    """A small float16 logits folder with PNG labels (void 11): the fast table equals the one built
-    by the previous path, and the numpy path (no numba) gives the same table."""
+def test_folder_table_equals_the_reference_path(tmp_path, monkeypatch) -> None:
+    """A small float16 logits folder with PNG labels (void 11): the fast table equals the reference
+    path's on the engine's probabilities, and the numpy path (no numba) gives the same table."""
     rng = np.random.default_rng(11)
     pred, lab = tmp_path / "pred", tmp_path / "lab"
     pred.mkdir()
@@ -151,7 +163,8 @@ def test_folder_table_equals_the_previous_path(tmp_path, monkeypatch) -> None:
         assert np.array_equal(fast.sizes, np.stack([r[1] for r in rows]))
         assert fast.n_valid.tolist() == [r[2] for r in rows]
         with monkeypatch.context() as m:
-            m.setattr("segcal.conformal.tables._count_kernel", lambda: None)
+            m.setattr("segcal.conformal.tables.count_kernel", lambda: None)
+            m.setattr("segcal.conformal.counting.count_kernel", lambda: None)
             slow = folder_loss_table(pred, lab, risk, ignore_index=11, **kw)
         assert np.array_equal(slow.losses, fast.losses) and np.array_equal(slow.sizes, fast.sizes)
     items = [(x, y) for _, x, y, _ in PredictionFolder(pred, lab)]
@@ -160,8 +173,8 @@ def test_folder_table_equals_the_previous_path(tmp_path, monkeypatch) -> None:
 
 
 def test_throughput_benchmark_runs_and_tables_agree(tmp_path, monkeypatch) -> None:
-    """``benchmarks/conformal_throughput.py --previous`` on a tiny folder: it writes its ratios and
-    finds the previous path's table identical (no timing is asserted)."""
+    """``benchmarks/conformal_throughput.py --check`` on a tiny folder: it writes its ratios and finds
+    eval's cr.json identical to conformal fit's and the tables equal (no timing is asserted)."""
     import importlib.util
     import json
     import sys
@@ -180,10 +193,10 @@ def test_throughput_benchmark_runs_and_tables_agree(tmp_path, monkeypatch) -> No
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     out = tmp_path / "ct.json"
     monkeypatch.setattr(sys, "argv", ["ct", "--pred", str(pred), "--labels", str(lab), "--ignore-index", "4",
-                                      "--reps", "2", "--previous", "--out", str(out)])
+                                      "--reps", "2", "--check", "--out", str(out)])
     mod.main()
     res = json.loads(out.read_text())
-    assert res["previous_table_identical"] is True and res["n_images"] == 12
-    assert len(res["runs"]) == 2 and res["runs"][1]["order"][0] == "conformal_fit"
-    assert set(res["ratios"]) >= {"conformal_fit/eval wall", "conformal_fit/eval cpu",
+    assert res["files_identical"] is True and res["tables_identical"] is True and res["n_images"] == 12
+    assert len(res["runs"]) == 2 and res["runs"][1]["order"][0] == "eval_conformal"
+    assert set(res["ratios"]) >= {"eval_conformal/eval wall", "eval_conformal/eval cpu", "conformal_fit/eval wall",
                                   "(eval + conformal_fit)/eval wall"}

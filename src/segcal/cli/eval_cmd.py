@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_type_from_args
+from segcal.conformal import (
+    ConformalResult,
+    LossTable,
+    LossTableBuilder,
+    default_grid,
+    fit_threshold,
+)
+from segcal.conformal.bounds import check_level
 from segcal.datasets.camvid import CAMVID_CLASSES
 from segcal.errors import InputError, missing_dependency
 from segcal.io.files import atomic_write
@@ -57,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--fine-bins: expected an integer from --bins ({args.bins}) to {1 << 24}, got "
                          f"{args.fine_bins}")
     inputs = {"--pred": args.pred, "--labels": args.labels}
-    for flag in ("--json", "--save-state", "--plot", "--html"):
+    builder = conformal_builder(args)
+    for flag in ("--json", "--save-state", "--plot", "--html", "--conformal-out"):
         out = getattr(args, flag[2:].replace("-", "_"))
         if out:
             check_out_path(out, inputs, kind="file", flag=flag)
@@ -84,12 +93,61 @@ def run(args: argparse.Namespace) -> int:
             input_type=input_type_from_args(args),
             device=rank_device(device, w),
             progress=not args.no_progress and w.is_main,
-            names=CLI_FLAGS,
+            names={**CLI_FLAGS, "conformal_class": "--conformal-class"},
             distributed=w.distributed,
+            conformal=builder,
         )
         if w.is_main:
             report(args, evaluation)
     return 0
+
+
+#: the conformal flags that need --conformal-out
+CONFORMAL_FLAGS = ("--conformal-risk", "--conformal-alpha", "--conformal-delta", "--conformal-class",
+                   "--conformal-tau", "--conformal-grid-size")
+
+
+def conformal_builder(args: argparse.Namespace) -> LossTableBuilder | None:
+    """The loss-table builder of ``--conformal-*`` (None without ``--conformal-out``); every flag is
+    checked here, before the evaluation runs."""
+    given = [f for f in CONFORMAL_FLAGS if getattr(args, f[2:].replace("-", "_"), None) is not None]
+    if args.conformal_out is None:
+        if given:
+            raise InputError(f"{given[0]}: given without --conformal-out; pass --conformal-out FILE.json (where "
+                             "the fitted threshold is written) or leave the conformal flags out")
+        return None
+    if args.conformal_alpha is None:
+        raise InputError("--conformal-alpha: --conformal-out needs the target risk; pass --conformal-alpha A "
+                         "with A in (0, 1), e.g. 0.1")
+    check_level(args.conformal_alpha, "--conformal-alpha")
+    if args.conformal_delta is not None:
+        check_level(args.conformal_delta, "--conformal-delta")
+    risk = args.conformal_risk or "miscoverage"
+    if risk == "fnr" and args.conformal_class is None:
+        raise InputError("--conformal-class: --conformal-risk fnr needs the class whose mask is controlled "
+                         "(--conformal-class K)")
+    if risk == "fnr" and args.conformal_class < 0:
+        raise InputError(f"--conformal-class: expected a class index >= 0, found {args.conformal_class}")
+    if risk == "coverage":
+        tau = args.conformal_tau
+        if tau is None or not 0.0 < tau <= 1.0:
+            raise InputError(f"--conformal-tau: --conformal-risk coverage needs a coverage level in (0, 1], "
+                             f"found {tau!r} (e.g. --conformal-tau 0.9)")
+    size = 201 if args.conformal_grid_size is None else args.conformal_grid_size
+    if size < 2:
+        raise InputError(f"--conformal-grid-size: expected at least 2, found {size}")
+    return LossTableBuilder(risk, grid=default_grid(size), class_index=args.conformal_class,
+                            tau=args.conformal_tau, ignore_index=args.ignore_index)
+
+
+def conformal_result(args: argparse.Namespace, table: LossTable) -> ConformalResult:
+    """The threshold of ``--conformal-*`` on the pass's loss table: what ``segcal conformal fit``
+    fits and saves on the same folder (same table, same settings, same provenance)."""
+    try:
+        return fit_threshold(table, args.conformal_alpha, delta=args.conformal_delta,
+                             meta={"pred": str(args.pred), "labels": str(args.labels), "calibrator_file": None})
+    except InputError as exc:
+        raise InputError(f"--conformal-alpha {args.conformal_alpha}: {exc}") from exc
 
 
 def check_writable(out: str | os.PathLike, flag: str) -> None:
@@ -152,9 +210,17 @@ def report(args: argparse.Namespace, evaluation: FolderEvaluation) -> None:
         "input_type": metrics.input_type,
     }
     results = metrics.compute()
+    conformal = None
+    if args.conformal_out and evaluation.conformal is not None:
+        conformal = conformal_result(args, evaluation.conformal)
     print(format_table(results))
     summary = folder_summary(evaluation, config, results)
     outputs: list[tuple[str, bytes | str, str]] = []
+    if conformal is not None:
+        print(f"conformal: lambda = {conformal.lam:.6g} (threshold {1 - conformal.lam:.6g}), method "
+              f"{conformal.method}, {conformal.n_images} images; calibration risk {conformal.calibration_risk:.5f}, "
+              f"mean {'mask volume' if conformal.risk == 'fnr' else 'set size'} {conformal.mean_size:.5f}")
+        outputs.append((args.conformal_out, json.dumps(conformal.to_dict(), indent=2) + "\n", "--conformal-out"))
     if args.json:
         outputs.append((args.json, json.dumps(summary, indent=2), "--json"))
     names = class_names(args)
@@ -162,8 +228,9 @@ def report(args: argparse.Namespace, evaluation: FolderEvaluation) -> None:
         fig = reliability_diagram(summary)
         outputs.append((args.plot, figure_bytes(fig, Path(args.plot).suffix.lower()[1:], dpi=120), "--plot"))
     if args.html:
-        outputs.append((args.html, folder_report_html(summary, class_names=names,
-                                                      title=f"segcal eval: {Path(args.pred).name}"), "--html"))
+        outputs.append((args.html, folder_report_html(
+            summary, class_names=names, title=f"segcal eval: {Path(args.pred).name}",
+            conformal=None if conformal is None else (conformal, evaluation.conformal)), "--html"))
     for path, data, flag in outputs:
         _write(path, data, flag)
     if args.save_state:

@@ -11,6 +11,8 @@ never treated as exchangeable: the API only takes whole images. See ``docs/confo
 """
 
 from segcal.conformal.bounds import crc_index, hb_pvalues, ltt_index
+from segcal.conformal.builder import LossTableBuilder
+from segcal.conformal.counting import engine_probabilities
 from segcal.conformal.result import ConformalResult, PixelSets, apply_sets, fit_threshold
 from segcal.conformal.tables import (
     RISKS,
@@ -34,6 +36,7 @@ __all__ = [
     "RISKS",
     "ConformalResult",
     "LossTable",
+    "LossTableBuilder",
     "PixelSets",
     "SetWriter",
     "apply_sets",
@@ -42,6 +45,7 @@ __all__ = [
     "decode_codes",
     "default_grid",
     "encode_codes",
+    "engine_probabilities",
     "fit_threshold",
     "folder_loss_table",
     "hb_pvalues",

@@ -28,11 +28,10 @@ An image without any valid pixel has loss 0 and size 0 under every risk.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +40,13 @@ import torch
 from tqdm.auto import tqdm
 
 from segcal.calibrators import Calibrator
+from segcal.conformal.counting import (
+    Thresholds,
+    count_chunk,
+    count_kernel,
+    engine_probabilities,
+    loss_row,
+)
 from segcal.errors import InputError
 from segcal.io import PredictionFolder
 from segcal.validation import as_tensor, check_finite, check_probabilities
@@ -101,92 +107,30 @@ def _below_counts(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return out
 
 
-#: buckets of the lookup table that starts the compiled kernel's search (a power of two, so that
-#: ``floor(v * B) / B <= v`` holds exactly in float64)
-_LUT_BUCKETS = 4096
-
-
-@functools.lru_cache(maxsize=1)
-def _count_kernel() -> Callable[..., Any] | None:
-    """The compiled per-image counting kernel, or None without numba (``segcal[fast]``).
-
-    ``kernel(p, y, ignore, use_ignore, k_lo, k_hi, ts, lut, hist_all, hist_y)`` adds, for every
-    valid pixel ``i`` (label not ``ignore`` when ``use_ignore``) and class ``k`` in ``[k_lo, k_hi)``,
-    one to ``hist_all[j]`` and, when ``k`` is the pixel's label, to ``hist_y[j]``, where ``j`` is the
-    number of sorted thresholds ``ts`` that are ``<= p[k, i]`` -- the bin of
-    ``np.searchsorted(ts, v, side="right")`` (NaN last), found from ``lut`` (the number of
-    thresholds ``<= b / B`` for each bucket ``b``) and corrected by exact float64 comparisons, so
-    the counts are those of :func:`_below_counts`. Values in ``[lo, hi)`` (``lo = ts[common - 1]``,
-    ``hi = ts[common]``: the bin just above 0, where most probabilities of a confident model fall)
-    are counted in a register and added to ``hist_all[common]`` at the end. Returns ``(n_valid, n_label_in_range, bad)``,
-    ``bad`` when a valid label is outside ``[0, C)`` (the caller then takes the reference path,
-    which names the values).
-    """
-    try:
-        import numba as nb
-    except ImportError:  # optional: the numpy path gives the same numbers
-        return None
-
-    @nb.njit(cache=True, nogil=True, boundscheck=False)
-    def kernel(p, y, ignore, use_ignore, k_lo, k_hi, ts, lut, common, lo, hi, hist_all, hist_y):  # pragma: no cover
-        num_classes, n = p.shape
-        g = ts.shape[0]
-        buckets = lut.shape[0] - 1
-        n_valid = 0
-        n_in = 0
-        n_common = 0
-        for i in range(n):
-            lab = y[i]
-            if use_ignore and lab == ignore:
-                continue
-            n_valid += 1
-            if lab < 0 or lab >= num_classes:
-                return n_valid, n_in, True
-            if k_lo <= lab < k_hi:
-                n_in += 1
-            for k in range(k_lo, k_hi):
-                v = p[k, i]
-                if lo <= v < hi and k != lab:  # the common bin (most values of a confident model)
-                    n_common += 1
-                    continue
-                if v != v:  # NaN: after every threshold, as numpy sorts it
-                    j = g
-                else:
-                    if v <= 0.0:
-                        b = 0
-                    elif v >= 1.0:
-                        b = buckets
-                    else:
-                        b = int(v * buckets)
-                    j = lut[b]
-                    while j < g and ts[j] <= v:
-                        j += 1
-                    while j > 0 and ts[j - 1] > v:
-                        j -= 1
-                hist_all[j] += 1
-                if k == lab:
-                    hist_y[j] += 1
-        hist_all[common] += n_common
-        return n_valid, n_in, False
-
-    return kernel
-
-
 def _fast_row(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray, risk: str, class_index: int | None,
               tau: float | None, ignore_index: int | None) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """:func:`image_row` by the compiled kernel, in one pass without copies of the pixels; None
-    when the kernel is not available or the input needs the reference path (non-integer labels,
-    a label outside the classes, a class index outside them: the reference path raises its
-    message). Same counts, hence the same float64 results, as the reference path."""
-    kernel = _count_kernel()
-    lab = np.asarray(labels)
-    if kernel is None or lab.dtype.kind not in "iu" or lab.dtype == np.uint64:
+    """:func:`image_row` by the counting kernel (:func:`count_chunk`, the whole image as one chunk);
+    None when the kernel is not available or the input needs the reference path (non-integer
+    labels, a label outside the classes, a class index outside them: the reference path raises
+    its message). Same counts, hence the same float64 results, as the reference path."""
+    if count_kernel() is None:
         return None
-    p = np.ascontiguousarray(np.asarray(probs, dtype=np.float64).reshape(probs.shape[0], -1))
-    y = np.ascontiguousarray(lab.reshape(-1))
+    lab = np.asarray(labels)
+    if lab.dtype.kind not in "iu" or lab.dtype == np.uint64:
+        return None
+    p = np.asarray(probs)
+    if p.dtype not in (np.float32, np.float64):
+        p = p.astype(np.float64)
+    p = np.ascontiguousarray(p.reshape(p.shape[0], -1))
+    y = np.ascontiguousarray(lab.reshape(-1)).astype(np.int64, copy=False)
     if y.size != p.shape[1]:
         return None
     num_classes = p.shape[0]
+    valid = y != ignore_index if ignore_index is not None else np.ones(y.size, dtype=bool)
+    if valid.any() and (y[valid].min() < 0 or y[valid].max() >= num_classes):
+        return None
+    if not np.isfinite(p).all():  # NaN / infinities: the numpy reference places them
+        return None
     if risk == "fnr":
         k_lo = int(class_index)  # type: ignore[arg-type]
         if not 0 <= k_lo < num_classes:
@@ -194,45 +138,12 @@ def _fast_row(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray, risk: str
         k_hi = k_lo + 1
     else:
         k_lo, k_hi = 0, num_classes
-    g = np.asarray(grid, dtype=np.float64)
-    thresholds = 1.0 - g
-    order = np.argsort(thresholds, kind="stable")
-    ts = np.ascontiguousarray(thresholds[order])
-    lut = np.searchsorted(ts, np.arange(_LUT_BUCKETS + 1, dtype=np.float64) / _LUT_BUCKETS, side="right")
-    hist_all = np.zeros(g.size + 1, dtype=np.int64)
-    hist_y = np.zeros(g.size + 1, dtype=np.int64)
-    use_ignore = ignore_index is not None
-    ignore = int(ignore_index) if use_ignore else 0  # type: ignore[arg-type]
-    common = int(lut[1])  # the bin of the values just above 0
-    lo = float(ts[common - 1]) if common > 0 else -math.inf
-    hi = float(ts[common]) if common < g.size else math.inf
-    n_valid, n_in, bad = kernel(p, y, ignore, use_ignore, k_lo, k_hi, ts, lut.astype(np.int64), common, lo, hi,
-                                hist_all, hist_y)
-    if bad:
-        return None
-
-    def below(hist: np.ndarray) -> np.ndarray:
-        out = np.empty(g.size, dtype=np.int64)
-        out[order] = np.cumsum(hist)[: g.size]
-        return out
-
-    losses = np.zeros(g.size, dtype=np.float64)
-    sizes = np.zeros(g.size, dtype=np.float64)
-    n_valid = int(n_valid)
-    if n_valid == 0:
-        return losses, sizes, 0
-    if risk == "fnr":
-        sizes[:] = (n_valid - below(hist_all)) / n_valid
-        if n_in:
-            losses[:] = below(hist_y) / int(n_in)
-        return losses, sizes, n_valid
-    miss = below(hist_y) / n_valid
-    sizes[:] = (num_classes * n_valid - below(hist_all)) / n_valid
-    if risk == "miscoverage":
-        losses[:] = miss
-    else:
-        losses[:] = ((1.0 - miss) < float(tau)).astype(np.float64)  # type: ignore[arg-type]
-    return losses, sizes, n_valid
+    th = Thresholds.of(grid)
+    hist_all = np.zeros(th.ts.size + 1, dtype=np.int64)
+    hist_y = np.zeros(th.ts.size + 1, dtype=np.int64)
+    out = np.zeros(3, dtype=np.int64)
+    count_chunk(p, y, valid, k_lo, k_hi, th, hist_all, hist_y, out)
+    return loss_row(risk, tau, k_lo, k_hi, th, hist_all, hist_y, int(out[0]), int(out[1]))
 
 
 def image_row(
@@ -358,26 +269,23 @@ class LossTable:
 
 def as_probabilities(scores: Any, input_type: str, calibrator: Calibrator | None, name: str) -> np.ndarray:
     """Probabilities ``(C, *spatial)`` float64 of one image's scores: the calibrator's output when one
-    is given, else the scores themselves (``"probs"``, checked) or their softmax (``"logits"``)."""
+    is given, else the scores themselves (``"probs"``, checked) or their softmax (``"logits"``,
+    :func:`engine_probabilities`: the metric engine's float32 softmax, widened to float64 exactly)."""
     t = as_tensor(scores, name)
     if t.ndim < 2:
         raise InputError(f"{name}: expected scores (C, *spatial), found shape {tuple(t.shape)}")
     with torch.no_grad():
         if calibrator is None and input_type == "logits":
-            # the float64 copy and one float64 sum in numpy (single-threaded, no wait on torch's
-            # threads); the sum finds a NaN or an infinity (a sum of finite float16 / float32 values
+            # one float64 sum finds a NaN or an infinity (a sum of finite float16 / float32 values
             # cannot overflow float64); only then, or on a float64 overflow, the element-wise check
             if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
-                x64 = t.detach().numpy().astype(np.float64)
-                x = torch.from_numpy(x64)
                 with np.errstate(over="ignore", invalid="ignore"):
-                    total = float(x64.sum())
+                    total = float(t.detach().numpy().sum(dtype=np.float64))
             else:
-                x = t.to(torch.float64)
-                total = float(x.sum())
+                total = float(t.to(torch.float64).sum())
             if not math.isfinite(total):
                 check_finite(t, name)
-            return torch.softmax(x, dim=0).cpu().numpy()
+            return engine_probabilities(t).astype(np.float64)
         check_finite(t, name)
         if calibrator is not None:
             return np.asarray(calibrator.predict_proba(t.unsqueeze(0).cpu())[0].cpu().numpy(), dtype=np.float64)
@@ -511,5 +419,14 @@ def _need_label(stem: str, labels: np.ndarray | None) -> np.ndarray:
     return labels
 
 
-__all__ = ["RISKS", "LossTable", "as_probabilities", "check_grid", "check_risk", "default_grid", "folder_loss_table",
-           "image_row", "loss_table"]
+__all__ = [
+    "RISKS",
+    "LossTable",
+    "as_probabilities",
+    "check_grid",
+    "check_risk",
+    "default_grid",
+    "folder_loss_table",
+    "image_row",
+    "loss_table",
+]

@@ -11,12 +11,15 @@ one in the last bit, so the values would otherwise depend on the number of torch
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 
 from segcal.validation import check_probabilities
+
+#: the default number of pixels per chunk of :class:`segcal.metrics.CalibrationMetrics`
+DEFAULT_CHUNK_PIXELS = 1 << 14
 
 #: ``u = -log(1 - c) / FINE_LOG_SPAN`` maps confidences to [0, 1] for the fine histogram;
 #: 36.84 = -log(1e-16), beyond float64 resolution of 1 - c.
@@ -42,6 +45,18 @@ class Settings(NamedTuple):
 #: one chunk: (image index, or a per-pixel image index tensor for packed small images;
 #: scores (C, P) -- or the raw view of the input; labels (P,); mask (P,) or None)
 Chunk = tuple[int | torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+#: ``on_chunk(worker, image, q, pred, labels, valid)``: what
+#: :meth:`segcal.metrics.CalibrationMetrics.update` hands a caller for every chunk it accumulated
+#: (after the chunk passed its checks), so that a per-pixel statistic of the same probabilities
+#: needs no second softmax (conformal loss tables, :mod:`segcal.conformal`). ``worker``: the
+#: accumulation thread (chunks of one image may be seen by several threads at once); ``image``:
+#: the image's index in the batch, or an int64 array of it per pixel (packed small images);
+#: ``q``: the ``(C, P)`` probabilities in the compute dtype (numpy, contiguous); ``pred``: the
+#: ``(P,)`` first-index argmax; ``labels``: ``(P,)`` int64; ``valid``: ``(P,)`` bool (the
+#: counted pixels). The arrays are scratch buffers reused for the next chunk: copy what is kept.
+ChunkHook = Callable[[int, Any, Any, Any, Any, Any], None]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -130,8 +145,10 @@ def valid_pixels(lab: torch.Tensor, m: torch.Tensor | None, ignore_index: int | 
 
 
 __all__ = [
+    "DEFAULT_CHUNK_PIXELS",
     "FINE_LOG_SPAN",
     "Chunk",
+    "ChunkHook",
     "Settings",
     "check_chunk_probabilities",
     "chunk_width",

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from segcal.errors import InputError, unreadable
 from segcal.io.files import atomic_write
-from segcal.metrics import kernels_numba, kernels_torch
+from segcal.metrics import chunks, kernels_numba, kernels_torch
 from segcal.metrics.chunks import Settings, iter_chunks, single_thread
 from segcal.metrics.kernels_numba import HAVE_NUMBA
 from segcal.metrics.scores import compute_from_state
@@ -113,7 +113,7 @@ class CalibrationMetrics:
         fine_bins: int = 1 << 16,
         nll_floor: float = 1e-12,
         average_classes: Sequence[int] | None = None,
-        chunk_pixels: int = 1 << 14,
+        chunk_pixels: int = chunks.DEFAULT_CHUNK_PIXELS,
         validate: bool = True,
         device: torch.device | str | None = None,
         backend: str = "auto",
@@ -250,7 +250,7 @@ class CalibrationMetrics:
 
     # ----------------------------------------------------------------- update
     @torch.no_grad()
-    def update(self, preds: Any, target: Any, mask: Any = None) -> None:
+    def update(self, preds: Any, target: Any, mask: Any = None, *, on_chunk: chunks.ChunkHook | None = None) -> None:
         """Accumulate one batch.
 
         Parameters
@@ -262,6 +262,9 @@ class CalibrationMetrics:
             ``(N, *spatial)`` (or ``(M,)``) integer labels.
         mask
             Optional boolean array shaped like ``target``; False pixels are excluded.
+        on_chunk
+            Optional :data:`segcal.metrics.chunks.ChunkHook`: sees every accumulated chunk's
+            probabilities (a caller's per-pixel statistic without a second softmax).
         """
         if self.synced:
             raise RuntimeError(
@@ -292,11 +295,11 @@ class CalibrationMetrics:
                 return self._workspace.take(self.dims, dev, count, n)
 
         if self.backend != "torch" and HAVE_NUMBA and dev.type == "cpu":
-            acc = kernels_numba.update(cfg, x, y, mk, take)
+            acc = kernels_numba.update(cfg, x, y, mk, take, on_chunk)
         else:
             acc = take(1)[0]
             for chunk in iter_chunks(x, y, mk, dev, cfg.chunk_pixels):
-                kernels_torch.accumulate(cfg, *chunk, acc)
+                kernels_torch.accumulate(cfg, *chunk, acc, on_chunk)
         with single_thread() if dev.type == "cpu" else nullcontext():
             for f in SUM_FIELDS:
                 getattr(self, f.name).add_(acc[f.total_of].sum(0) if f.total_of else acc[f.name])

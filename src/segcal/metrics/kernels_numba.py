@@ -34,6 +34,7 @@ import torch
 
 from segcal.metrics.chunks import (
     FINE_LOG_SPAN,
+    ChunkHook,
     Settings,
     check_chunk_probabilities,
     chunk_width,
@@ -258,7 +259,8 @@ else:  # pragma: no cover
 
 # --------------------------------------------------------------------------- the thread driver
 def update(cfg: Settings, x: torch.Tensor, y: torch.Tensor, mk: torch.Tensor | None,
-           take: Callable[[int], list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+           take: Callable[[int], list[dict[str, torch.Tensor]]],
+           on_chunk: ChunkHook | None = None) -> dict[str, torch.Tensor]:
     """Accumulate an ``(n, C, S)`` CPU batch with the compiled kernel; returns the batch's statistics.
 
     ``take(k)`` gives ``k`` zeroed accumulator sets (:class:`segcal.metrics.state.Workspace`), one
@@ -273,12 +275,13 @@ def update(cfg: Settings, x: torch.Tensor, y: torch.Tensor, mk: torch.Tensor | N
     # included: torch's intra-op threads on a 1.5 MiB zero_/add_ cost 40x a plain loop when the
     # cores are busy (2.8 ms vs 0.07 ms per zero_ of the fine histogram, measured on 2 loaded cores)
     with single_thread():
-        return run_workers(cfg, x, y, mk, take(workers))
+        return run_workers(cfg, x, y, mk, take(workers), on_chunk)
 
 
 def run_workers(cfg: Settings, x: torch.Tensor, y: torch.Tensor, mk: torch.Tensor | None,
-                accs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The body of :func:`update`: one worker thread per accumulator set (torch single-threaded)."""
+                accs: list[dict[str, torch.Tensor]], on_chunk: ChunkHook | None = None) -> dict[str, torch.Tensor]:
+    """The body of :func:`update`: one worker thread per accumulator set (torch single-threaded);
+    ``on_chunk`` is called by the worker that accumulated each chunk (its index first)."""
     n, _, S = x.shape
     workers = len(accs)
     acc = accs[0]
@@ -305,7 +308,7 @@ def run_workers(cfg: Settings, x: torch.Tensor, y: torch.Tensor, mk: torch.Tenso
         }
         for j, item in enumerate(iter_chunks(x, y, mk, torch.device("cpu"), cfg.chunk_pixels, raw=True)):
             if j % workers == w:
-                accumulate(cfg, *item, wacc, scratch)
+                accumulate(cfg, *item, wacc, scratch, on_chunk, w)
 
     if workers == 1:
         work(0)
@@ -338,10 +341,13 @@ def accumulate(
     m: torch.Tensor | None,
     acc: dict[str, torch.Tensor],
     scratch: dict[str, Any],
+    on_chunk: ChunkHook | None = None,
+    worker: int = 0,
 ) -> None:
     """One chunk through the compiled kernel: the statistics of
     :func:`segcal.metrics.kernels_torch.accumulate`, except the class-wise top entries, which
-    :func:`update` adds once per batch.
+    :func:`update` adds once per batch; then ``on_chunk(worker, ...)`` sees the chunk
+    (:data:`segcal.metrics.chunks.ChunkHook`).
 
     torch does the vectorised transcendental work (softmax, log); the kernel does the argmax, the
     float64 row sums, the binning and every scatter-add.
@@ -387,6 +393,8 @@ def accumulate(
     if bad[0] > 0:  # the kernel found one; the shared check builds the message
         check_label_range(lab, valid, C, "target")
         raise AssertionError("kernel flagged a label the range check accepts")  # pragma: no cover
+    if on_chunk is not None:
+        on_chunk(worker, img if isinstance(img, int) else img_idx, qn, pred, labn, valid.numpy())
 
 
 __all__ = [

@@ -13,6 +13,7 @@ import torch
 from segcal.metrics.binning import bin_index
 from segcal.metrics.chunks import (
     FINE_LOG_SPAN,
+    ChunkHook,
     Settings,
     check_chunk_probabilities,
     single_thread,
@@ -37,12 +38,15 @@ def accumulate(
     lab: torch.Tensor,
     m: torch.Tensor | None,
     acc: dict[str, torch.Tensor],
+    on_chunk: ChunkHook | None = None,
 ) -> None:
-    """Add one chunk's statistics to ``acc`` (see :func:`segcal.metrics.chunks.iter_chunks`)."""
+    """Add one chunk's statistics to ``acc`` (see :func:`segcal.metrics.chunks.iter_chunks`);
+    ``on_chunk`` (see :data:`segcal.metrics.chunks.ChunkHook`) then sees the chunk's probabilities."""
     C, M, F = cfg.num_classes, cfg.n_bins, cfg.fine_bins
     f64 = torch.float64
     img_bins, img_totals, img_class = acc["img_bins"], acc["img_totals"], acc["img_class"]
     lab = lab.to(torch.int64)
+    lab_all, img_all = lab, img
     # -- valid pixels: per-pixel vectors are compacted with an index; the (C, P) block never is
     valid = valid_pixels(lab, m, cfg.ignore_index)
     idx = None
@@ -131,6 +135,10 @@ def accumulate(
     _add3(acc["by_label"].view(C * M, 3), (lab * M + b) * 2 + ci, conf, C * M)
     _classwise(cfg, acc["classwise"], q, valid if idx is not None else None, pred_all, lab, conf, idx, top,
                lab_hist, P)
+    if on_chunk is not None:
+        keep = valid if valid is not None else torch.ones_like(lab_all, dtype=torch.bool)
+        on_chunk(0, img_all if isinstance(img_all, int) else img_all.cpu().numpy(), q.cpu().numpy(),
+                 pred_all.cpu().numpy(), lab_all.cpu().numpy(), keep.cpu().numpy())
 
 
 def _add3(acc: torch.Tensor, key2: torch.Tensor, conf: torch.Tensor, L: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from segcal.calibrators import Calibrator, FolderBatches
+from segcal.conformal import LossTable, LossTableBuilder
 from segcal.errors import InputError
 from segcal.io import PredictionFolder, PredictionItem, read_label
 from segcal.metrics import CalibrationMetrics
@@ -61,12 +62,16 @@ class FolderEvaluation:
         ``"logits"`` or ``"probs"``: how the predictions were read.
     stems
         The image ids evaluated, in order.
+    conformal
+        The per-image conformal loss table built in the same pass (``evaluate_folder(conformal=...)``),
+        rows in ``stems`` order; ``None`` without one.
     """
 
     metrics: CalibrationMetrics
     calibrated: CalibrationMetrics | None
     input_type: str
     stems: list[str]
+    conformal: LossTable | None = None
 
 
 def _name(names: Mapping[str, str] | None, key: str, value: Any = "") -> str:
@@ -163,6 +168,7 @@ def evaluate_folder(
     distributed: bool = False,
     prefetch: int = 2,
     fine_bins: int = 1 << 16,
+    conformal: LossTableBuilder | None = None,
 ) -> FolderEvaluation:
     """Stream a prediction folder against its labels into calibration metrics.
 
@@ -207,6 +213,13 @@ def evaluate_folder(
     prefetch
         How many files a reader thread reads ahead while the current one is accumulated
         (:func:`prefetched`; ``0``: read in this thread). The results do not depend on it.
+    conformal
+        Optional :class:`~segcal.conformal.LossTableBuilder` (its ``ignore_index`` must be this
+        call's): the per-image conformal loss table of the predictions as they are is built in the
+        same pass, from the metric engine's own softmax (``on_chunk``: no second read, no second
+        softmax), equal bit for bit to :func:`~segcal.conformal.folder_loss_table` on the same
+        folder (``FolderEvaluation.conformal``; under ``distributed`` every rank's rows are
+        gathered in stem order, so every rank holds the whole table).
 
     Returns
     -------
@@ -227,29 +240,34 @@ def evaluate_folder(
     source = "num_classes"
     if num_classes is None and calibrator is not None and calibrator.num_classes is not None:
         num_classes, source = int(calibrator.num_classes), "the calibrator"
+    if conformal is not None and conformal.ignore_index != ignore_index:
+        raise InputError(f"conformal: the loss table's ignore_index {conformal.ignore_index!r} is not the "
+                         f"evaluation's {ignore_index!r}; build the LossTableBuilder with ignore_index={ignore_index!r}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     settings = {"n_bins": n_bins, "ignore_index": ignore_index, "per_image": per_image, "device": dev,
                 "fine_bins": fine_bins}
     all_stems = [it.stem for it in batches.items]
     if not distributed:
-        acc = _Accumulator(folder, batches, calibrator, images, num_classes, source, settings, names)
+        acc = _Accumulator(folder, batches, calibrator, images, num_classes, source, settings, names, conformal)
         acc.run(batches.items, progress, prefetch)
         if acc.before is None:
             raise InputError(f"pred: no image selected in {folder.pred_dir} (stems: [])")
-        return FolderEvaluation(acc.before, acc.after, acc.itype, all_stems)
+        return FolderEvaluation(acc.before, acc.after, acc.itype, all_stems,
+                                conformal.table() if conformal is not None else None)
     if not (dist.is_available() and dist.is_initialized()):
         raise InputError("distributed=True: no torch.distributed process group is initialised (start the job "
                          "with torchrun, or open segcal.pipeline.distributed.world() around the call)")
     w = current()
     mine = shard(batches.items, w.rank, w.size)
-    acc = _Accumulator(folder, batches, calibrator, images, num_classes, source, settings, names)
+    acc = _Accumulator(folder, batches, calibrator, images, num_classes, source, settings, names, conformal)
     failure: BaseException | None = None
     try:
         acc.run(mine, progress and w.is_main, prefetch)
     except Exception as exc:  # shared with every rank by agree() below, then raised
         failure = exc
-    infos = agree(failure, (acc.num_classes, acc.itype, mine[0].path.name if mine else None))
-    seen = [(c, t, f) for c, t, f in infos if f is not None]
+    rows = conformal.rows() if conformal is not None and failure is None else None
+    infos = agree(failure, (acc.num_classes, acc.itype, mine[0].path.name if mine else None, rows))
+    seen = [(c, t, f) for c, t, f, _ in infos if f is not None]
     if not seen:
         raise InputError(f"pred: no image selected in {folder.pred_dir} (stems: [])")
     for c, t, f in seen[1:]:
@@ -266,7 +284,14 @@ def evaluate_folder(
     acc.before.sync()
     if acc.after is not None:
         acc.after.sync()
-    return FolderEvaluation(acc.before, acc.after, acc.itype, all_stems)
+    table = None
+    if conformal is not None:  # every rank's rows, in rank order = stem order (contiguous shards)
+        parts = [r for _, _, _, r in infos if r is not None and r[0]]
+        if not parts:
+            raise InputError(f"pred: no image selected in {folder.pred_dir} (stems: [])")
+        table = conformal.table(([s for p in parts for s in p[0]], np.concatenate([p[1] for p in parts]),
+                                 np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])))
+    return FolderEvaluation(acc.before, acc.after, acc.itype, all_stems, table)
 
 
 class _Accumulator:
@@ -274,9 +299,11 @@ class _Accumulator:
 
     def __init__(self, folder: PredictionFolder, batches: FolderBatches, calibrator: Calibrator | None,
                  images: str | os.PathLike | None, num_classes: int | None, source: str,
-                 settings: dict[str, Any], names: Mapping[str, str] | None) -> None:
+                 settings: dict[str, Any], names: Mapping[str, str] | None,
+                 conformal: LossTableBuilder | None = None) -> None:
         self.folder, self.batches, self.calibrator, self.images = folder, batches, calibrator, images
         self.num_classes, self.source, self.settings, self.names = num_classes, source, settings, names
+        self.conformal = conformal
         self.before: CalibrationMetrics | None = None
         self.after: CalibrationMetrics | None = None
         self.itype = "logits"
@@ -309,11 +336,18 @@ class _Accumulator:
         assert self.before is not None
         x = as_tensor(scores, "pred").unsqueeze(0)
         y = as_tensor(lab, "labels").unsqueeze(0)
+        tables = self.conformal
+        if tables is not None:
+            if i == 0:
+                tables.check_num_classes(self.num_classes, (names or {}).get("conformal_class", "class_index"))
+            tables.begin(1)
         try:
-            self.before.update(x, y)
+            self.before.update(x, y, on_chunk=None if tables is None else tables.chunk)
         except (ValueError, TypeError) as exc:
             found = label_range_error(item, lab, self.num_classes, self.settings["ignore_index"], names)
             raise (found or InputError(f"{item.path.name}: {exc}")) from exc
+        if tables is not None:
+            tables.end([item.stem])
         if calibrator is not None and self.after is not None:
             with torch.no_grad():
                 xc = x.to(calibrator.device)

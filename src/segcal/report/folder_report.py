@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from segcal.conformal import ConformalResult, LossTable
 from segcal.errors import InputError
 from segcal.io.files import atomic_write, read_json, to_jsonable
 from segcal.metrics import CalibrationMetrics
@@ -273,8 +274,74 @@ def _image_failure_rows(table: Any) -> list[str]:
             _table(["risk", "score", "images", *(label for _, label in keys)], rows)]
 
 
+def conformal_figure(result: ConformalResult, table: LossTable) -> Any:
+    """Two panels of a fitted conformal threshold: the mean per-image loss (and, for CRC, the
+    finite-sample-corrected risk the threshold is chosen on) and the mean set size / mask volume
+    against λ, with α and λ̂ marked; the histogram of the per-image losses at λ̂."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grid = np.asarray(table.grid, dtype=np.float64)
+    j = int(np.argmin(np.abs(grid - result.lam)))
+    n = table.n_images
+    mean = table.losses.mean(axis=0)
+    size_name = "mean mask volume (fraction)" if result.risk == "fnr" else "mean set size"
+    fig = Figure(figsize=(10.0, 3.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2, 1)
+    ax.plot(grid, mean, color="#4c72b0", lw=1.8, label="mean per-image loss")
+    if result.method == "crc":
+        ax.plot(grid, n / (n + 1) * mean + table.bound / (n + 1), color="#4c72b0", ls=":", lw=1.2,
+                label="n/(n+1) mean + B/(n+1) (CRC)")
+    ax.axhline(result.alpha, color="#c44e52", ls="--", lw=1.0, label=f"alpha = {result.alpha:g}")
+    ax.axvline(result.lam, color="#2ca02c", lw=1.2, label=f"lambda-hat = {result.lam:.4g}")
+    ax.set_xlabel("lambda (sets {k : p_k >= 1 - lambda})", fontsize=8)
+    ax.set_ylabel(f"{result.risk} loss", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, max(float(mean.max()), result.alpha) * 1.08 or 1.0)
+    ax.tick_params(labelsize=7)
+    ax2 = ax.twinx()
+    ax2.plot(grid, table.sizes.mean(axis=0), color="#8c8c8c", lw=1.0, label=size_name)
+    ax2.set_ylabel(size_name, fontsize=8, color="#666")
+    ax2.tick_params(labelsize=7)
+    lines = ax.get_legend_handles_labels()
+    extra = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=7, loc="center right")
+    ax = fig.add_subplot(1, 2, 2)
+    at = table.losses[:, j]
+    ax.hist(at, bins=min(40, max(5, n // 4)), color="#4c72b0", alpha=0.85)
+    ax.axvline(result.alpha, color="#c44e52", ls="--", lw=1.0, label=f"alpha = {result.alpha:g}")
+    ax.axvline(float(at.mean()), color="#2ca02c", lw=1.2, label=f"mean = {float(at.mean()):.4f}")
+    ax.set_xlabel(f"per-image {result.risk} loss at lambda-hat", fontsize=8)
+    ax.set_ylabel("images", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def conformal_section(result: ConformalResult, table: LossTable) -> list[str]:
+    """The report's conformal section: the threshold, its guarantee, the set size at λ̂ and the figure."""
+    size_name = "mean mask volume (fraction of valid pixels)" if result.risk == "fnr" else "mean set size (classes)"
+    rows = [["risk", result.risk + (f" (class {result.class_index})" if result.risk == "fnr" else "")
+             + (f" (tau = {result.tau:g})" if result.risk == "coverage" else "")],
+            ["method", "CRC (in expectation)" if result.method == "crc" else "Learn-then-Test (with probability)"],
+            ["alpha", f"{result.alpha:g}"], ["delta", "–" if result.delta is None else f"{result.delta:g}"],
+            ["calibration images", str(result.n_images)], ["lambda-hat", f"{result.lam:.6g}"],
+            ["threshold 1 - lambda-hat", f"{1.0 - result.lam:.6g}"],
+            ["calibration risk at lambda-hat", f"{result.calibration_risk:.5f}"],
+            [size_name + " at lambda-hat", f"{result.mean_size:.5f}"]]
+    return ["<h2>Conformal risk control</h2>",
+            "<p>The threshold fitted on this folder's images (the exchangeable unit is the image or volume, never "
+            "the pixel; <code>docs/conformal.md</code>), from the same pass as the metrics above.</p>",
+            _table(["", "value"], rows),
+            f"<p class='guarantee'><b>Guarantee.</b> {html.escape(result.guarantee)}</p>",
+            f"<img alt='conformal loss against lambda and per-image losses' src='{_uri(conformal_figure(result, table))}'>"]
+
+
 def folder_report_html(results_or_metrics: Any, *, title: str = "segcal eval report",
-                       class_names: Sequence[str] | None = None, n_worst: int = 10) -> str:
+                       class_names: Sequence[str] | None = None, n_worst: int = 10,
+                       conformal: tuple[ConformalResult, LossTable] | None = None) -> str:
     """The HTML page of one evaluation (see the module docstring); returns the document text.
 
     Parameters
@@ -288,6 +355,9 @@ def folder_report_html(results_or_metrics: Any, *, title: str = "segcal eval rep
         Names of the classes, by index (default ``class k``).
     n_worst
         Rows of the worst-images table.
+    conformal
+        Optional ``(result, table)`` of a conformal threshold fitted on the same images (``segcal
+        eval --conformal-out``): adds the conformal section (:func:`conformal_section`).
     """
     res = _as_summary(results_or_metrics)
     if "reliability" not in res:
@@ -315,11 +385,13 @@ def folder_report_html(results_or_metrics: Any, *, title: str = "segcal eval rep
                  f"src='{_uri(fig)}'>"]
     body += _image_section(res, res.get("stems"), n_worst)
     body += _failure_section(res)
+    if conformal is not None:
+        body += conformal_section(*conformal)
     return html_document(body, title, extra_css=EXTRA_CSS)
 
 
 EXTRA_CSS = (".row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}tr.void td{color:#999}"
-             "img.rel{max-width:560px}")
+             "img.rel{max-width:560px}p.guarantee{background:#f2f7f2;border-left:3px solid #2ca02c;padding:6px 10px}")
 
 
 def write_folder_report(results_or_metrics: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
@@ -331,5 +403,5 @@ def write_folder_report(results_or_metrics: Any, path: str | os.PathLike, **kwar
     return path
 
 
-__all__ = ["FAILURE", "SUMMARY", "folder_report_html", "folder_summary", "headline", "risk_coverage_figure",
+__all__ = ["FAILURE", "SUMMARY", "conformal_figure", "conformal_section", "folder_report_html", "folder_summary", "headline", "risk_coverage_figure",
            "write_folder_report"]

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from segcal.cli.options import add_device_arg, add_input_type_args, add_progress_arg, csv_arg
+from segcal.cli.parsers.conformal import RISK_CHOICES
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -37,4 +38,22 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     add_device_arg(p, "cpu")
     p.add_argument("--save-state", default=None, help="also save the mergeable metric state (.pt)")
     add_progress_arg(p)
+    c = p.add_argument_group(
+        "conformal risk control in the same pass",
+        "with --conformal-out, the per-image loss table of 'segcal conformal fit' is built from this pass's own "
+        "softmax (one read, one softmax) and the fitted threshold is written: the same file 'segcal conformal fit' "
+        "writes on the same folder (docs/conformal.md); --html then gains a conformal section")
+    c.add_argument("--conformal-risk", choices=RISK_CHOICES, default=None,
+                   help="per-image loss (default miscoverage): miscoverage of the pixel sets, false-negative rate "
+                   "of --conformal-class, or coverage below --conformal-tau (COSE)")
+    c.add_argument("--conformal-alpha", type=float, default=None, metavar="A", help="target risk in (0, 1)")
+    c.add_argument("--conformal-delta", type=float, default=None, metavar="D",
+                   help="with this: Learn-then-Test, P(risk <= alpha) >= 1 - delta; without: CRC, E[risk] <= alpha")
+    c.add_argument("--conformal-class", type=int, default=None, metavar="K", help="class of --conformal-risk fnr")
+    c.add_argument("--conformal-tau", type=float, default=None, metavar="T",
+                   help="coverage level of --conformal-risk coverage")
+    c.add_argument("--conformal-grid-size", type=int, default=None, metavar="N",
+                   help="number of lambda values in [0, 1] (default 201)")
+    c.add_argument("--conformal-out", default=None, metavar="FILE.json",
+                   help="write the fitted threshold and its guarantee (the format of 'segcal conformal fit --out')")
     return p
