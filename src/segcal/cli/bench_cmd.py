@@ -18,6 +18,7 @@ from segcal.bench.hippocampus import MedicalBenchConfig, run_medical_bench
 from segcal.bench.shift_calibration import ShiftCalConfig, run_shift_calibration
 from segcal.cli.common import check_out_path
 from segcal.errors import InputError
+from segcal.pipeline.distributed import single_process
 from segcal.report.outputs import prepare_outputs, write_outputs
 from segcal.report.shift_tables import summary_table, targets_table, write_shift_outputs
 from segcal.report.tables import condition_table, describe_condition
@@ -140,6 +141,7 @@ def print_summary(results: dict[str, Any], out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    single_process("segcal bench", "a benchmark of one machine: its timings and files are one process's")
     if getattr(args, "no_mri", False) and not getattr(args, "shift_calibration", False):
         raise InputError("--no-mri: an option of --shift-calibration only")
     if getattr(args, "shift_calibration", False):
