@@ -485,10 +485,12 @@ def evaluate_model(
     if num_classes is not None:
         before, after = metrics(int(num_classes))
     failure: BaseException | None = None
+    n_batches = 0
     model.eval()
     try:
         for b in model_batches(model, loader, device=device, preprocess=preprocess,
                                with_image=calibrator is not None and calibrator.uses_image):
+            n_batches += 1
             if before is None:
                 before, after = metrics(int(b["scores"].shape[1]))
             before.update(b["scores"], b["labels"], b.get("mask"))
@@ -504,14 +506,16 @@ def evaluate_model(
     finally:
         model.train(was_training)
     if distributed:
-        seen = [c for c in agree(failure, None if before is None else before.num_classes) if c is not None]
+        infos = agree(failure, (n_batches, None if before is None else before.num_classes))
+        n_batches = sum(i[0] for i in infos)
+        seen = [i[1] for i in infos if i[1] is not None]
         if before is None and seen:  # this rank had no batch: the others' class count
             before, after = metrics(int(seen[0]))
-        if before is not None:
+        if n_batches and before is not None:
             before.sync()
             if after is not None:
                 after.sync()
-    if before is None:
+    if before is None or n_batches == 0:  # on every rank alike
         raise InputError("loader: no batch to evaluate")
     return before, after
 
