@@ -5,8 +5,8 @@
 random-weight model and call :func:`segcal.cli.main` (the command line's own code path, world()
 included). The saved calibrator
 must equal one process's to 1e-6 (observed: bitwise), the JSON's split, pixel counts and
-before/after metrics to 1e-12, rank 1 prints nothing; with unequal shards (2 + 1 batches of
-images of two sizes, 5 + 1 images) and a rank without images (1 + 0).
+before/after metrics to 1e-12, rank 1 prints nothing; with unequal shards (1 + 2 batches of
+images of two sizes, 4 + 2 images) and a rank without images (1 + 0).
 """
 
 from __future__ import annotations
@@ -102,8 +102,9 @@ def _same_fit(tmp_path) -> None:
 # ------------------------------------------------------------------------------ fit --model
 @pytest.mark.slow
 @pytest.mark.parametrize("n, val, extra", [
-    # fit: s0 s1 s3 s5 | s6 | s7 (3 batches: 2 + 1 = 5 + 1 images; split by images, 3 + 3, the
-    # batches and the order of the perturbed copies would change); validation: s2 s4 (1 + 0)
+    # fit: batches s0 s1 s3 s5 | s6 | s7, 1 + 2 batches = 4 + 2 images (balanced by images; a split
+    # by images, 3 + 3, would change the batches and the order of the perturbed copies);
+    # validation: s2 s4, one batch (1 + 0)
     (8, "0.25", ["--perturb", "gaussian_noise:2,contrast:3", "--optimizer", "adam", "--max-iter", "20"]),
     (2, "0.5", ["--optimizer", "lbfgs"]),  # 1 fit + 1 validation image: rank 1 holds none
 ])

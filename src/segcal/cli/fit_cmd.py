@@ -19,8 +19,9 @@ under ``torchrun`` reads its contiguous block (so N processes fit what one fits)
 ``--perturb SPEC`` (perturbation-augmented fitting, :func:`segcal.pipeline.fit_model.parse_perturb`);
 the before/after metrics are then measured on the clean validation images by
 :func:`segcal.pipeline.fit_model.evaluate_model`. Under ``torchrun`` every rank runs the model
-on its contiguous block of the single-process batches (``--batch-size`` images of one size) and
-the fit and the metrics are those of one process; rank 0 saves and prints. The target-adaptive
+on its contiguous block of the single-process batches (``--batch-size`` images of one size;
+blocks balanced by image count, :func:`segcal.pipeline.distributed.shard_weighted`) and the fit
+and the metrics are those of one process; rank 0 saves and prints. The target-adaptive
 correction (``--target-*``) is not sharded: every rank computes the same one.
 """
 
@@ -50,7 +51,15 @@ from segcal.io import PredictionFolder
 from segcal.io.files import atomic_write
 from segcal.metrics import CalibrationMetrics
 from segcal.models import UNET3D_MODEL_NAME, create_model
-from segcal.pipeline.distributed import World, current, on_main, rank_device, shard, world
+from segcal.pipeline.distributed import (
+    World,
+    current,
+    on_main,
+    rank_device,
+    shard,
+    shard_weighted,
+    world,
+)
 from segcal.pipeline.evaluate import (
     evaluate_folder,
     find_label_error,
@@ -346,7 +355,7 @@ def _fit_model(args: argparse.Namespace, items: list[Any], inputs: dict[str, Any
     def loader(stems: list[str]) -> Any:
         # this rank's block of the single-process batches (whole batches: see folder_groups)
         groups = folder_groups([by_stem[s] for s in stems], args.batch_size)
-        mine = [it for g in shard(groups, w.rank, w.size) for it in g]
+        mine = [it for g in shard_weighted(groups, [len(g) for g in groups], w.rank, w.size) for it in g]
         return folder_loader(mine, loaded.preprocess, batch_size=args.batch_size)
 
     copies = f", each clean and under {spec.copies - 1} perturbation(s)" if spec else ""

@@ -187,6 +187,34 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(items[start:stop])
 
 
+def shard_weighted(items: Sequence[T], weights: Sequence[float], rank: int, world_size: int) -> list[T]:
+    """Rank ``rank``'s contiguous block of ``items`` with the blocks balanced by ``weights``.
+
+    As :func:`shard` (the blocks of ranks ``0 .. world_size - 1`` concatenated are ``items``, in
+    order), but the cut before rank ``r`` is the item boundary whose cumulative weight is nearest
+    to ``r / world_size`` of the total (a tie goes to the later boundary: earlier ranks take more).
+    Used for whole batches of images (weight: the images in the batch), so that batches of
+    unequal sizes still give the ranks about equal numbers of images. The cuts depend only on
+    ``weights`` and ``world_size``: every rank computes the same ones.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard_weighted: rank {rank} outside a world of {world_size} process(es)")
+    if len(weights) != len(items):
+        raise ValueError(f"shard_weighted: {len(weights)} weights for {len(items)} items")
+    cum = [0.0]
+    for wt in weights:
+        cum.append(cum[-1] + float(wt))
+    total = cum[-1]
+    cuts = [0]
+    for r in range(1, world_size):
+        target = total * r / world_size
+        lo = cuts[-1]
+        best = min(range(lo, len(items) + 1), key=lambda i: (abs(cum[i] - target), -i))
+        cuts.append(best)
+    cuts.append(len(items))
+    return list(items[cuts[rank] : cuts[rank + 1]])
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Collective: rank 0 alone runs ``fn`` (open or finalise an output folder's manifest, write a
     summary) while the others wait; every rank raises if it failed (:func:`agree`), and every
@@ -233,6 +261,7 @@ __all__ = [
     "rank_device",
     "shard",
     "shard_bounds",
+    "shard_weighted",
     "single_process",
     "world",
 ]
