@@ -226,15 +226,15 @@ def engine_probabilities(logits: torch.Tensor) -> np.ndarray:
     """
     num_classes = int(logits.shape[0])
     x = logits.detach().cpu().reshape(1, num_classes, -1)
-    dummy = torch.zeros(x.shape[0], x.shape[2], dtype=torch.uint8)
-    out = torch.empty(num_classes, x.shape[2], dtype=compute_dtype(x))
+    unused = torch.from_numpy(np.empty((x.shape[0], x.shape[2]), dtype=np.uint8))  # iter_chunks' labels
+    out = np.empty((num_classes, x.shape[2]), dtype=np.float64 if compute_dtype(x) == torch.float64 else np.float32)
     start = 0
-    with single_thread():
-        for _, z, _, _ in iter_chunks(x, dummy, None, torch.device("cpu"), DEFAULT_CHUNK_PIXELS):
+    with single_thread():  # as the engine; numpy copies the chunks (single-threaded, no wait on torch's pool)
+        for _, z, _, _ in iter_chunks(x, unused, None, torch.device("cpu"), DEFAULT_CHUNK_PIXELS):
             width = z.shape[1]
-            out[:, start: start + width] = torch.softmax(z, dim=0)
+            out[:, start: start + width] = torch.softmax(z, dim=0).numpy()
             start += width
-    return out.numpy().reshape(tuple(logits.shape))
+    return out.reshape(tuple(logits.shape))
 
 
 

@@ -49,6 +49,7 @@ from segcal.conformal.counting import (
 )
 from segcal.errors import InputError
 from segcal.io import PredictionFolder
+from segcal.metrics.chunks import DEFAULT_CHUNK_PIXELS
 from segcal.validation import as_tensor, check_finite, check_probabilities
 
 #: torch dtypes whose tensors convert to numpy without a copy
@@ -142,7 +143,10 @@ def _fast_row(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray, risk: str
     hist_all = np.zeros(th.ts.size + 1, dtype=np.int64)
     hist_y = np.zeros(th.ts.size + 1, dtype=np.int64)
     out = np.zeros(3, dtype=np.int64)
-    count_chunk(p, y, valid, k_lo, k_hi, th, hist_all, hist_y, out)
+    step = DEFAULT_CHUNK_PIXELS  # blocks that stay in cache (the counts add up exactly)
+    for a in range(0, y.size, step):
+        count_chunk(np.ascontiguousarray(p[:, a: a + step]), y[a: a + step], valid[a: a + step], k_lo, k_hi, th,
+                    hist_all, hist_y, out)
     return loss_row(risk, tau, k_lo, k_hi, th, hist_all, hist_y, int(out[0]), int(out[1]))
 
 
@@ -271,6 +275,12 @@ def as_probabilities(scores: Any, input_type: str, calibrator: Calibrator | None
     """Probabilities ``(C, *spatial)`` float64 of one image's scores: the calibrator's output when one
     is given, else the scores themselves (``"probs"``, checked) or their softmax (``"logits"``,
     :func:`engine_probabilities`: the metric engine's float32 softmax, widened to float64 exactly)."""
+    return _probabilities(scores, input_type, calibrator, name).astype(np.float64, copy=False)
+
+
+def _probabilities(scores: Any, input_type: str, calibrator: Calibrator | None, name: str) -> np.ndarray:
+    """:func:`as_probabilities` in the dtype they were computed in (float32 or float64; widening them
+    changes no comparison, so the tables take them as they are)."""
     t = as_tensor(scores, name)
     if t.ndim < 2:
         raise InputError(f"{name}: expected scores (C, *spatial), found shape {tuple(t.shape)}")
@@ -285,14 +295,15 @@ def as_probabilities(scores: Any, input_type: str, calibrator: Calibrator | None
                 total = float(t.to(torch.float64).sum())
             if not math.isfinite(total):
                 check_finite(t, name)
-            return engine_probabilities(t).astype(np.float64)
+            return engine_probabilities(t)
         check_finite(t, name)
         if calibrator is not None:
             return np.asarray(calibrator.predict_proba(t.unsqueeze(0).cpu())[0].cpu().numpy(), dtype=np.float64)
     if input_type != "probs":
         raise InputError(f"input_type: {input_type!r} is not 'logits' or 'probs'")
     check_probabilities(t, name, dim=0)
-    return t.cpu().numpy().astype(np.float64, copy=False)
+    p = t.cpu().numpy()
+    return p if p.dtype in (np.float32, np.float64) else p.astype(np.float64)
 
 
 def _items(images: Iterable[Any]) -> Iterator[tuple[str, Any, Any]]:
@@ -342,7 +353,7 @@ def loss_table(
         Memory ``O(n_images × len(grid))``, independent of the image size.
     """
     check_risk(risk, class_index, tau)
-    probs = ((stem, as_probabilities(x, input_type, calibrator, f"scores[{stem}]"), y) for stem, x, y in _items(images))
+    probs = ((stem, _probabilities(x, input_type, calibrator, f"scores[{stem}]"), y) for stem, x, y in _items(images))
     return _build(probs, risk, default_grid() if grid is None else check_grid(grid), class_index, tau,
                   ignore_index)
 
@@ -404,7 +415,7 @@ def folder_loss_table(
     check_risk(risk, class_index, tau)
     files = tqdm(folder, total=len(folder.stems), desc="conformal", unit="file", leave=False,
                  disable=None if progress else True, file=sys.stderr)  # None: no bar off a terminal
-    probs = ((stem, as_probabilities(x, kind, calibrator, f"pred: {stem}"), _need_label(stem, y))
+    probs = ((stem, _probabilities(x, kind, calibrator, f"pred: {stem}"), _need_label(stem, y))
              for stem, x, y, kind in files)
     try:
         return _build(probs, risk, default_grid() if grid is None else check_grid(grid), class_index, tau,
