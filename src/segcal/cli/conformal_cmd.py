@@ -14,10 +14,13 @@ import argparse
 import json
 from typing import Any
 
+import numpy as np
+
 from segcal.calibrators import Calibrator, load
 from segcal.cli.common import check_out_path, files_bar, input_type_from_args
 from segcal.conformal import (
     ConformalResult,
+    LossTable,
     apply_sets,
     as_probabilities,
     default_grid,
@@ -33,6 +36,7 @@ from segcal.conformal.writers import (
 )
 from segcal.errors import InputError
 from segcal.io import PredictionFolder, atomic_write, to_jsonable
+from segcal.pipeline.distributed import World, on_each, on_main, shard, world
 
 
 def _calibrator(args: argparse.Namespace) -> Calibrator | None:
@@ -48,20 +52,44 @@ def fit(args: argparse.Namespace) -> int:
         raise InputError("--class: --risk fnr needs the class whose mask is controlled (--class K)")
     if args.risk == "coverage" and args.tau is None:
         raise InputError("--tau: --risk coverage needs the coverage level (--tau 0.9)")
-    table = folder_loss_table(args.pred, args.labels, args.risk, grid=default_grid(args.grid_size),
-                              class_index=args.class_index, tau=args.tau, ignore_index=args.ignore_index,
-                              input_type=input_type_from_args(args), calibrator=_calibrator(args),
-                              progress=not args.no_progress)
-    result = fit_threshold(table, args.alpha, delta=args.delta,
-                           meta={"pred": str(args.pred), "labels": str(args.labels),
-                                 "calibrator_file": args.calibrator})
-    result.save(out)
-    print(f"lambda = {result.lam:.6g} (threshold 1 - lambda = {1 - result.lam:.6g}), method {result.method}, "
-          f"{result.n_images} calibration images")
-    print(f"calibration risk {result.calibration_risk:.5f}, mean set size {result.mean_size:.5f}")
-    print(result.guarantee)
-    print(f"wrote {out}")
+    with world() as w:
+        table = shared_table(args, w, args.risk, default_grid(args.grid_size), args.class_index, args.tau,
+                             args.ignore_index)
+
+        def finish() -> None:
+            result = fit_threshold(table, args.alpha, delta=args.delta,
+                                   meta={"pred": str(args.pred), "labels": str(args.labels),
+                                         "calibrator_file": args.calibrator})
+            result.save(out)
+            print(f"lambda = {result.lam:.6g} (threshold 1 - lambda = {1 - result.lam:.6g}), method "
+                  f"{result.method}, {result.n_images} calibration images")
+            print(f"calibration risk {result.calibration_risk:.5f}, mean set size {result.mean_size:.5f}")
+            print(result.guarantee)
+            print(f"wrote {out}")
+
+        on_main(finish)
     return 0
+
+
+def shared_table(args: argparse.Namespace, w: World, risk: str, grid: Any, class_index: int | None,
+                 tau: float | None, ignore_index: int | None) -> LossTable:
+    """The loss table of ``--pred`` / ``--labels``; under ``torchrun`` every rank counts its block of
+    the sorted stems and every rank gets all rows, in stem order (equal to one process's table)."""
+    folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
+    mine = shard(folder.stems, w.rank, w.size)
+
+    def part() -> tuple[list[str], Any, Any, Any] | None:
+        if not mine:  # a rank without images takes part all the same
+            return None
+        t = folder_loss_table(folder, risk=risk, grid=grid, class_index=class_index, tau=tau,
+                              ignore_index=ignore_index, calibrator=_calibrator(args),
+                              progress=not args.no_progress and w.is_main, stems=mine)
+        return t.stems, t.losses, t.sizes, t.n_valid
+
+    parts = [p for p in on_each(part) if p is not None]
+    return LossTable(risk, np.asarray(grid, dtype=np.float64), np.concatenate([p[1] for p in parts]),
+                     np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]),
+                     [s for p in parts for s in p[0]], class_index, None if tau is None else float(tau), ignore_index)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -70,9 +98,14 @@ def evaluate(args: argparse.Namespace) -> int:
         check_out_path(args.json, {"--pred": args.pred, "--labels": args.labels, "--result": args.result},
                        kind="file", flag="--json")
     ignore = args.ignore_index if args.ignore_index is not None else res.ignore_index
-    table = folder_loss_table(args.pred, args.labels, res.risk, grid=[res.lam], class_index=res.class_index,
-                              tau=res.tau, ignore_index=ignore, input_type=input_type_from_args(args),
-                              calibrator=_calibrator(args), progress=not args.no_progress)
+    with world() as w:
+        table = shared_table(args, w, res.risk, [res.lam], res.class_index, res.tau, ignore)
+        on_main(lambda: report_eval(args, res, table))
+    return 0
+
+
+def report_eval(args: argparse.Namespace, res: ConformalResult, table: LossTable) -> None:
+    """Print (and with ``--json`` write) the realised risk of ``res`` on ``table`` (rank 0 alone)."""
     numbers: dict[str, Any] = {
         "risk": res.risk, "lambda": res.lam, "alpha": res.alpha, "delta": res.delta, "method": res.method,
         "n_images": table.n_images, "realised_risk": float(table.losses[:, 0].mean()),
@@ -85,7 +118,6 @@ def evaluate(args: argparse.Namespace) -> int:
         with atomic_write(args.json, "w") as fh:
             json.dump(to_jsonable(numbers), fh, indent=2)
             fh.write("\n")
-    return 0
 
 
 def apply(args: argparse.Namespace) -> int:

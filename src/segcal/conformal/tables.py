@@ -397,6 +397,7 @@ def folder_loss_table(
     input_type: str | None = None,
     calibrator: Calibrator | None = None,
     progress: bool = False,
+    stems: Sequence[str] | None = None,
 ) -> LossTable:
     """:func:`loss_table` over a prediction folder and its labels, one file at a time (read by
     :class:`~segcal.io.PredictionFolder`: ``.npy`` / ``.npz``, nnU-Net cases, NIfTI labels).
@@ -404,7 +405,8 @@ def folder_loss_table(
     ``input_type`` as in :class:`~segcal.io.PredictionFolder` (default: the folder's manifest,
     then the ``.npz`` key, then logits); ``progress`` shows a bar over the files on stderr; the
     other arguments as in :func:`loss_table`. Each file is one exchangeable unit (an image or a
-    volume).
+    volume). ``stems``: only these files (default: all), in the folder's order (e.g. one rank's
+    block under ``torchrun``).
     """
     if isinstance(pred, PredictionFolder):
         folder = pred
@@ -413,10 +415,12 @@ def folder_loss_table(
             raise InputError("labels: a conformal loss table needs a label folder")
         folder = PredictionFolder(pred, labels, input_type=input_type)
     check_risk(risk, class_index, tau)
-    files = tqdm(folder, total=len(folder.stems), desc="conformal", unit="file", leave=False,
+    want = None if stems is None else set(stems)
+    items = [it for it in folder.items if want is None or it.stem in want]
+    files = tqdm(items, total=len(items), desc="conformal", unit="file", leave=False,
                  disable=None if progress else True, file=sys.stderr)  # None: no bar off a terminal
-    probs = ((stem, _probabilities(x, kind, calibrator, f"pred: {stem}"), _need_label(stem, y))
-             for stem, x, y, kind in files)
+    probs = ((it.stem, _probabilities(x, kind, calibrator, f"pred: {it.stem}"), _need_label(it.stem, y))
+             for it in files for x, y, kind in (folder.read(it),))
     try:
         return _build(probs, risk, default_grid() if grid is None else check_grid(grid), class_index, tau,
                       ignore_index)
