@@ -150,10 +150,10 @@ def main() -> None:
     for name, t, mem, e in rows:
         print(f"{name:<44} {t:>8.3f} {px / t / 1e6:>8.1f} {mem:>15.1f} {e:>10.6f}")
     print(f"ratio segcal / plain ECE        : {t_s / t_p:.2f}x (target <= 1.2)")
-    print(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, 1-min load average "
-          f"{load0:.2f} before, {os.getloadavg()[0]:.2f} after, {os.cpu_count()} CPUs")
     if t_t is not None:
         print(f"speed-up segcal vs torchmetrics : {t_t / t_s:.2f}x (target >= 3)")
+    print(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, 1-min load average "
+          f"{load0:.2f} before, {os.getloadavg()[0]:.2f} after, {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,11 @@ process in the tree -- under ``torchrun`` the peak of one rank):
   :func:`segcal.calibrators.collective.sharded` -- what ``segcal fit`` does under ``torchrun``),
   1 and N processes; the fitted parameters of N processes are compared with 1 process
   (``max |delta|``); ``--fit-memory-budget-mb`` and ``--fit-optimizer`` are passed to the calibrator
-  (default: the library's, 2 GiB: in memory, L-BFGS, at reduced sizes);
-* on the largest size (``--peers torchmetrics,fiducio``): torchmetrics'
+  (default: the library's, 2 GiB: in memory, L-BFGS, at reduced sizes), and so are
+  ``--fit-max-iter`` and ``--fit-chunk-size``; the worker counts the files it reads (``passes`` =
+  files read / images: a streamed L-BFGS fit reads the folder once to count, then once per
+  evaluation of the objective);
+* on the largest size, or at the sizes of ``--peers-at`` (``--peers torchmetrics,fiducio``): torchmetrics'
   ``MulticlassCalibrationError`` (15 bins, l1, ``ignore_index=255``) updated image by image with
   the softmax probabilities (it keeps every pixel's confidence: O(pixels) memory), and fiducio's
   TS / CMSop ``fit`` on the in-memory float32 array (its defaults: full-batch Adam, 200 iterations).
@@ -94,7 +97,7 @@ def _measure(cmd: list[str]) -> int:
 
 # ----------------------------------------------------------------------------------- workers
 def _fit_worker(pred: str, labels: str, method: str, out: str, budget_mb: float | None,
-                optimizer: str | None, max_iter: int | None = None) -> int:
+                optimizer: str | None, max_iter: int | None = None, chunk_size: int | None = None) -> int:
     from segcal.calibrators import FolderBatches, create
     from segcal.calibrators.collective import sharded
     from segcal.io import PredictionFolder
@@ -116,6 +119,8 @@ def _fit_worker(pred: str, labels: str, method: str, out: str, budget_mb: float 
         kw["optimizer"] = optimizer
     if max_iter is not None:
         kw["max_iter"] = max_iter
+    if chunk_size is not None:
+        kw["chunk_size"] = chunk_size
     with world() as w:
         cal = create(method, **kw)
         t0 = time.perf_counter()
@@ -235,6 +240,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         cmd += ["--optimizer", args.fit_optimizer]
                     if args.fit_max_iter is not None:
                         cmd += ["--max-iter", str(args.fit_max_iter)]
+                    if args.fit_chunk_size is not None:
+                        cmd += ["--chunk-size", str(args.fit_chunk_size)]
                     m = measure(cmd, args.ref_threads if p == 1 else None)
                     got = json.loads(js.read_text())
                     m.update({k: got[k] for k in ("fit_seconds", "optimizer", "mode", "n_pixels", "steps", "passes")})
@@ -293,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--budget-mb", type=float, default=None)
         ap.add_argument("--optimizer", default=None)
         ap.add_argument("--max-iter", type=int, default=None)
+        ap.add_argument("--chunk-size", type=int, default=None)
         a = ap.parse_args(argv[1:])
-        return _fit_worker(a.pred, a.labels, a.method, a.out, a.budget_mb, a.optimizer, a.max_iter)
+        return _fit_worker(a.pred, a.labels, a.method, a.out, a.budget_mb, a.optimizer, a.max_iter,
+                           a.chunk_size)
     if argv and argv[0] == "_torchmetrics":
         return _torchmetrics_worker(argv[1], argv[2], int(argv[3]), argv[4])
     if argv and argv[0] == "_fiducio":
@@ -313,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the calibrator's L-BFGS iteration budget (default: the library's, 100); a cap "
                     "makes a streamed fit of many parameters (CMS-OP) affordable: every iteration re-reads "
                     "the folder")
+    ap.add_argument("--fit-chunk-size", type=int, default=None,
+                    help="pixels per chunk of the full-batch evaluation (default: the library's, 2^20); "
+                    "the chunk's autograd graph is most of a streamed fit's working memory")
     ap.add_argument("--peers-at", default=None,
                     help="image counts at which the peers run, comma-separated (default: the largest)")
     ap.add_argument("--ref-threads", type=int, default=None,
