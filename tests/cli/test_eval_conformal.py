@@ -16,10 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from segcal.cli import main
-from segcal.conformal import LossTableBuilder, default_grid, folder_loss_table, loss_table
+from segcal.conformal import (
+    ConformalResult,
+    LossTableBuilder,
+    default_grid,
+    folder_loss_table,
+    loss_table,
+)
 from segcal.errors import InputError
 from segcal.metrics import CalibrationMetrics
 from segcal.pipeline.evaluate import evaluate_folder
@@ -170,3 +178,49 @@ def test_bad_risk_choice_exits_2(folder, tmp_path, capsys) -> None:
               "--conformal-alpha", "0.1", "--conformal-out", str(tmp_path / "cr.json")])
     assert exc.value.code == 2 and "--conformal-risk" in capsys.readouterr().err
     assert not (tmp_path / "cr.json").exists()
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(risk=st.sampled_from([None, "miscoverage", "fnr", "coverage"]),
+       alpha=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32)),
+       delta=st.one_of(st.none(), st.floats(-0.5, 1.5)),
+       klass=st.one_of(st.none(), st.integers(-3, 8)),
+       tau=st.one_of(st.none(), st.floats(-0.5, 1.5)),
+       grid=st.one_of(st.none(), st.integers(-1, 30)),
+       out=st.booleans())
+def test_random_conformal_flags_exit_0_or_2(small_folder, risk, alpha, delta, klass, tau, grid, out) -> None:
+    """Any combination of --conformal-* values: exit 0 with a loadable threshold file, or exit 2 with
+    one line on stderr and nothing written; never a traceback."""
+    pred, lab, tmp = small_folder
+    target, report = tmp / "o" / "cr.json", tmp / "o" / "m.json"
+    for p in (target, report):
+        p.unlink(missing_ok=True)
+    argv = ["eval", "--pred", str(pred), "--labels", str(lab), "--no-progress", "--json", str(report)]
+    for flag, v in (("--conformal-risk", risk), ("--conformal-alpha", alpha), ("--conformal-delta", delta),
+                    ("--conformal-class", klass), ("--conformal-tau", tau), ("--conformal-grid-size", grid)):
+        if v is not None:
+            argv.append(f"{flag}={v}")  # '=': argparse reads '-1e-34' after a flag as an option
+    if out:
+        argv += ["--conformal-out", str(target)]
+    rc, _, err = run(argv)
+    assert rc in (0, 2), err
+    if rc == 2:
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert not target.exists() and not report.exists()
+    else:
+        assert report.exists()
+        if out:
+            assert ConformalResult.load(target).n_images == 12
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory) -> tuple[Path, Path, Path]:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    rng = np.random.default_rng(3)
+    pred, lab = tmp / "pred", tmp / "labels"
+    pred.mkdir()
+    lab.mkdir()
+    for i in range(12):
+        np.save(pred / f"im{i:02d}.npy", (rng.normal(size=(3, 6, 7)) * 3).astype(np.float16))
+        Image.fromarray(rng.integers(0, 3, size=(6, 7)).astype(np.uint8)).save(lab / f"im{i:02d}.png")
+    return pred, lab, tmp
