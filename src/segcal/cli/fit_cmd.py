@@ -311,7 +311,7 @@ def _fit_pred(args: argparse.Namespace, device: Any, w: World) -> int:
 
 def _run_model(args: argparse.Namespace) -> int:
     """Fit on a model's outputs; under ``torchrun`` every rank runs the model on its contiguous
-    block of the fit and validation batches (:func:`segcal.pipeline.fit_model.folder_groups`: the
+    block of the fit and validation batches (:func:`segcal.pipeline.image_batches.folder_groups`: the
     single-process batches, so the data order and the model's inputs do not depend on the number
     of processes), the fit is the one-process fit (:func:`segcal.calibrators.collective.sharded`),
     rank 0 saves and prints."""
