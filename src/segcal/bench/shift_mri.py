@@ -259,7 +259,8 @@ def run_mri_rows(cfg: MriShiftConfig, log: Callable[[str], None] = lambda msg: N
             "bootstrap": f"paired over test cases, {cfg.n_boot} replicates, seed {cfg.boot_seed}, 95 % percentile CI "
                          f"of method - {SHIFT_REFERENCE} (values = mean over seeds)",
         },
-        "properties": {m: row_properties(SHIFT_CALIBRATION, m) for m in rows},
+        "properties": {m: row_properties(SHIFT_CALIBRATION, m) | {"data": "clean" if m == SHIFT_REFERENCE else "augmented"}
+                       for m in rows},
         "fits": fits, "skipped": skipped,
         "conditions": to_jsonable(conditions, drop_private=True),
         "cache": {"root": str(cache), "predicted_volumes": int(counts["predicted"]),
