@@ -67,6 +67,8 @@ def test_check_config_refuses_bad_input():
         check_config(ShiftCalConfig(methods=("ts_aug",)))
     with pytest.raises(InputError, match="severities"):
         check_config(ShiftCalConfig(severities=(6,)))
+    with pytest.raises(InputError, match="sts_anchor_range"):
+        check_config(ShiftCalConfig(sts_anchor_range="test"))
 
 
 def _run(method: str, seed: int, **m) -> tuple[str, dict]:
@@ -149,7 +151,8 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def test_shift_calibration_quick_real(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["bench", "--shift-calibration", "--quick", "--cache", str(cache), "--out", str(out), "--quiet",
-            "--eval-fraction", "1", "--val-limit", "4", *([] if HAVE_MRI else ["--no-mri"])]
+            "--eval-fraction", "1", "--val-limit", "4", "--sts-anchor-range", "val+train",
+            *([] if HAVE_MRI else ["--no-mri"])]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
@@ -187,6 +190,9 @@ def test_shift_calibration_quick_real(tmp_path):
     # the augmented fold of noise saw blur copies, not noise ones
     aug = next(f for f in res["fits"]["no-noise"] if f["method"] == "ts_aug")
     assert aug["fit_images"] + aug["selection_images"] == 8  # 4 clean + 4 blur copies
+    # sts's clean range also from the (first 4) train images: predicted, labels unused
+    assert len(list((cache / "espnet-camvid" / "train" / "clean").glob("*.npy"))) == 4
+    assert res["config"]["sts_anchor_range"] == "val+train"
     if HAVE_MRI:  # the MRI leave-one-shift-out rows (quick: 2 shifts, 4 calibration / 3 test cases)
         mri = res["mri"]
         assert set(mri["conditions"]) == {"gamma-3", "rician_noise-3", "clean"}
@@ -198,6 +204,10 @@ def test_shift_calibration_quick_real(tmp_path):
 def test_cli_refuses_foreign_options(tmp_path, capsys):
     assert main(["bench", "--shift-calibration", "--models", "espnet-camvid", "--out", str(tmp_path / "o")]) == 2
     assert "--models" in capsys.readouterr().err
+    assert main(["bench", "--no-mri", "--out", str(tmp_path / "o")]) == 2
+    assert "--no-mri" in capsys.readouterr().err
+    assert main(["bench", "--sts-anchor-range", "val+train", "--out", str(tmp_path / "o")]) == 2
+    assert "--sts-anchor-range" in capsys.readouterr().err
     assert main(["bench", "--shift-calibration", "--families", "noise,frost", "--out", str(tmp_path / "o"),
                  "--data-root", str(tmp_path / "nope")]) == 2
 

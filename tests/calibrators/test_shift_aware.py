@@ -257,6 +257,23 @@ def test_anchored_save_load_and_refusals(anchored, tmp_path):
     torch.testing.assert_close(a.temperatures(z2), b.temperatures(z2), rtol=1e-5, atol=1e-6)
 
 
+def test_anchor_range_widens_the_clean_range_without_changing_t0():
+    z, y, _ = shifted_images(np.linspace(0.05, 1, 30), seed=24)
+    zc, yc, _ = shifted_images([0.0] * 8, seed=25)
+    more, _, _ = shifted_images([0.0] * 20 + [0.1] * 10, seed=26)  # unlabelled in-domain images
+    data = (torch.cat([zc, z]), torch.cat([yc, y]))
+    a = create("sts").fit(*data, anchor=(zc, yc))
+    b = create("sts").fit(*data, anchor=(zc, yc), anchor_range=more)
+    c = create("sts").fit(*data, anchor=(zc, yc), anchor_range=[more[i:i + 1] for i in range(30)])
+    assert b.fit_info["anchor_temperature"] == pytest.approx(a.fit_info["anchor_temperature"], rel=1e-6)
+    assert torch.all(b.anchor_values >= a.anchor_values) and torch.any(b.anchor_values > a.anchor_values)
+    torch.testing.assert_close(b.anchor_values, c.anchor_values)
+    t0 = b.fit_info["anchor_temperature"]
+    torch.testing.assert_close(b.temperatures(more), torch.full((30,), t0), rtol=1e-6, atol=0)  # all inside
+    with pytest.raises(ValueError, match="anchor_range"):
+        create("sts").fit(*data, anchor_range=more)
+
+
 def test_anchor_margin_widens_the_clean_range():
     z, y, _ = shifted_images(np.linspace(0.05, 1, 30), seed=21)
     zc, yc, _ = shifted_images([0.0] * 10, seed=22)

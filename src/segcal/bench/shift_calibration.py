@@ -154,6 +154,9 @@ class ShiftCalConfig:
     estimator: bool = True
     #: the MRI leave-one-shift-out rows (segcal.bench.shift_mri); their cache: ``<cache>/hippocampus``
     #: (default: the hippocampus bench's cache)
+    #: the clean range of the anchored ``sts`` rows: ``"val"`` (the clean val images of the fit half)
+    #: or ``"val+train"`` (and the statistics of the model's CamVid train images, labels unused)
+    sts_anchor_range: str = "val"
     mri: bool = True
     mri_shifts: tuple[str, ...] = MRI_SHIFTS
     mri_calib_limit: int | None = None
@@ -202,6 +205,8 @@ def check_config(cfg: ShiftCalConfig) -> None:
         raise InputError(f"methods: the reference row {SHIFT_REFERENCE} is required (every CI is against it)")
     if any(s not in (1, 2, 3, 4, 5) for s in cfg.severities) or not cfg.severities:
         raise InputError(f"severities: expected values in 1-5, got {list(cfg.severities)}")
+    if cfg.sts_anchor_range not in ("val", "val+train"):
+        raise InputError(f"sts_anchor_range: expected 'val' or 'val+train', got {cfg.sts_anchor_range!r}")
     if cfg.mri:
         check_mri_config(mri_config(cfg))
 
@@ -223,7 +228,7 @@ def _log(progress: bool, msg: str) -> None:
 
 
 def fit_group(data: Sequence[ImageData], rows: Sequence[str], cfg: ShiftCalConfig,
-              log: Callable[[str], None]) -> FitResult:
+              log: Callable[[str], None], range_images: Sequence[ImageData] | None = None) -> FitResult:
     """The one fit loop on one fit set (``rows`` may be empty); ``sts`` rows clean-anchored
     (:class:`Anchored`) when the set has clean images."""
     create = partial(create_row, SHIFT_CALIBRATION)
@@ -231,7 +236,8 @@ def fit_group(data: Sequence[ImageData], rows: Sequence[str], cfg: ShiftCalConfi
     out = FitResult()
     for group, imgs in (([r for r in rows if r not in whole], data), (whole, strided(data, cfg.spatial_stride))):
         if group:
-            res = fit_rows(imgs, group, cfg.seeds, create=create, strategy=Anchored(WholeImages()),
+            rng = None if range_images is None else strided(range_images, cfg.spatial_stride)
+            res = fit_rows(imgs, group, cfg.seeds, create=create, strategy=Anchored(WholeImages(), rng),
                            total=cfg.fit_pixels, ignore=CAMVID_IGNORE, log=log)
             out.cals.update(res.cals)
             out.fits += res.fits
@@ -364,9 +370,12 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
         log(f"predictions {key} ({len(items)} images)")
         folders[key] = cache.ensure(key, model, items, tr, root, loaded, False)
 
+    train_items = camvid_split(root, "train")[: cfg.val_limit] if cfg.sts_anchor_range == "val+train" else []
     for model in models:
         ensure(cache.key(model, "val"), model, val_items, None)
         ensure(cache.key(model, "test"), model, test_items, None)
+        if train_items:
+            ensure(cache.key(model, "train"), model, train_items, None)
         for f in families:
             ensure(cache.key(model, "val", f"mix-{f}", 0, cfg.val_seed), model, val_items, val_mix[f])
     for (f, s), tr in test_mix.items():
@@ -390,6 +399,7 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
     t_fit = t_eval = t_est = 0.0
     C = get_spec(IN_DOMAIN).num_classes
     clean_val = read(IN_DOMAIN, "val", val_items)
+    train_range = read(IN_DOMAIN, "train", train_items) if train_items else None
     pert_val = {f: copies(read(IN_DOMAIN, "val", val_items, f, 0, cfg.val_seed, val_mix[f]), f) for f in families}
 
     t0 = time.perf_counter()
@@ -407,7 +417,7 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
     for fam in families:
         others = [f for f in families if f != fam]
         t0 = time.perf_counter()
-        fold = fit_group(clean_val + [im for f in others for im in pert_val[f]], aug_rows, cfg, log)
+        fold = fit_group(clean_val + [im for f in others for im in pert_val[f]], aug_rows, cfg, log, train_range)
         t_fit += time.perf_counter() - t0
         fits[f"no-{fam}"], skipped[f"no-{fam}"] = fold.fits, fold.skipped
         cals = {**clean_fit.cals, **fold.cals}
@@ -444,12 +454,14 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
         if model == IN_DOMAIN:
             base = clean_fit
             all_val = clean_val + [im for f in families for im in pert_val[f]]
+            rng_imgs = train_range
         else:
             sval = read(model, "val", val_items)
             base = fit_group(sval, clean_rows, cfg, log)
             all_val = sval + [im for f in families
                               for im in copies(read(model, "val", val_items, f, 0, cfg.val_seed, val_mix[f]), f)]
-        full = fit_group(all_val, aug_rows, cfg, log)
+            rng_imgs = read(model, "train", train_items) if train_items else None
+        full = fit_group(all_val, aug_rows, cfg, log, rng_imgs)
         t_fit += time.perf_counter() - t0
         fits[f"all:{model}"], skipped[f"all:{model}"] = base.fits + full.fits, {**base.skipped, **full.skipped}
         t0 = time.perf_counter()

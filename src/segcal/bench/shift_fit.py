@@ -31,14 +31,17 @@ def is_clean(stem: str) -> bool:
 class _Anchored:
     """A calibrator whose ``fit`` gets ``anchor=`` (the clean images), everything else passed through."""
 
-    def __init__(self, cal: Any, anchor: Any) -> None:
+    def __init__(self, cal: Any, anchor: Any, anchor_range: Any = None) -> None:
         self._cal = cal
         self._anchor = anchor
+        self._range = anchor_range
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cal, name)
 
     def fit(self, *args: Any, **kw: Any) -> Any:
+        if self._range is not None:
+            kw["anchor_range"] = self._range
         return self._cal.fit(*args, anchor=self._anchor, **kw)
 
 
@@ -47,9 +50,12 @@ class Anchored:
     """A fit strategy for clean-anchored ``sts``: the base strategy's fit, with the clean images of
     the fit half (stems without ``@``, every valid pixel, one batch each) as the calibrator's
     ``anchor`` (:meth:`~segcal.calibrators.ShiftConditionedTemperature.fit`); calibrators that take
-    no anchor, or fit halves without a clean image, are fitted by the base strategy unchanged."""
+    no anchor, or fit halves without a clean image, are fitted by the base strategy unchanged.
+    ``range_images``: more clean in-domain images whose statistics (never their labels) widen the
+    clean range (``anchor_range=``; e.g. the training images), ``None``: the anchor images only."""
 
     base: Any
+    range_images: Sequence[ImageData] | None = None
 
     @property
     def info_keys(self) -> tuple[str, ...]:
@@ -63,7 +69,9 @@ class Anchored:
             return
         anchor = [(torch.from_numpy(np.asarray(im.logits, dtype=np.float32))[None],
                    torch.from_numpy(np.asarray(im.labels, dtype=np.int64))[None]) for im in clean]
-        self.base.fit(_Anchored(cal, anchor), fit_imgs, sel_imgs, total, seed, ignore)
+        extra = None if not self.range_images else [
+            torch.from_numpy(np.asarray(im.logits, dtype=np.float32))[None] for im in self.range_images]
+        self.base.fit(_Anchored(cal, anchor, extra), fit_imgs, sel_imgs, total, seed, ignore)
 
     def describe(self, *args: Any) -> dict[str, Any]:
         return self.base.describe(*args)

@@ -197,6 +197,7 @@ class ShiftConditionedTemperature(Calibrator):
         self.anchor_margin = float(anchor_margin)
         self._anchor_data: FitData | None = None
         self._anchor_src: Any = None
+        self._range_src: Any = None
         if loss_pixels is not None and int(loss_pixels) < 1:
             raise ValueError(f"loss_pixels: expected a positive integer or None, got {loss_pixels}")
         self.loss_pixels = None if loss_pixels is None else int(loss_pixels)
@@ -269,7 +270,8 @@ class ShiftConditionedTemperature(Calibrator):
         return (self.bias + self._basis(stats) @ self._weights()).clamp(lo, hi)
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, logits: Any, labels: Any = None, *, anchor: Any = None, **kw: Any) -> ShiftConditionedTemperature:
+    def fit(self, logits: Any, labels: Any = None, *, anchor: Any = None, anchor_range: Any = None,
+            **kw: Any) -> ShiftConditionedTemperature:
         """Fit (same arguments as :meth:`Calibrator.fit`), with an optional clean ``anchor``.
 
         Parameters
@@ -280,16 +282,25 @@ class ShiftConditionedTemperature(Calibrator):
             volume each; they may also be part of ``logits``): the map is fitted clean-anchored (module
             docstring): stage 1 fits ``T_0`` (TS) on them, stage 2 the weights on ``logits``.
             ``None``: the unanchored map (refused when the calibrator was built ``anchored=True``).
+        anchor_range
+            More clean, in-domain scores without labels (an ``(N, C, *spatial)`` tensor / array or a
+            sequence of ``(1, C, *spatial)`` ones), whose statistics widen the clean range ``k_j``
+            (the quantile is taken over the anchor images and these); ``T_0`` stays TS on ``anchor``.
+            Only with ``anchor``.
         """
+        if anchor_range is not None and anchor is None:
+            raise ValueError("anchor_range: only with anchor= (it widens the anchor's clean range)")
         if anchor is None and self.anchored:
             raise ValueError("anchor: this sts is anchored (anchored=True); fit it with anchor=(scores, labels[, mask])")
         if anchor is not None:
             self.anchored = True
         self._anchor_src = None if anchor is None else split_val(anchor)
+        self._range_src = anchor_range
         try:
             super().fit(logits, labels, **kw)
         finally:
             self._anchor_src = None
+            self._range_src = None
             self._anchor_data = None
         return self
 
@@ -329,6 +340,10 @@ class ShiftConditionedTemperature(Calibrator):
                 subsample=None, seed=self._fit_kw["seed"], what="anchor")
             za = torch.cat([image_statistics(self._canonical(b.x, dim=1), self.features)
                             for b in self._anchor_data.iter_batches()], 0).double()
+            if self._range_src is not None:
+                items = [self._range_src] if hasattr(self._range_src, "shape") else list(self._range_src)
+                za = torch.cat([za, *[image_statistics(self._canonical(as_tensor(r, "anchor_range").float(), dim=1),
+                                                       self.features).double() for r in items]], 0)
             za = (za - mean) / scale
             spread = za.std(0, unbiased=False) if za.shape[0] > 1 else torch.zeros_like(mean)
             anchor = torch.quantile(za, self.anchor_quantile, dim=0) + self.anchor_margin * spread

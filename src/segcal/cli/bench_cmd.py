@@ -115,6 +115,8 @@ def shift_config_from_args(args: argparse.Namespace) -> ShiftCalConfig:
               command=_command("segcal bench --shift-calibration"))
     if getattr(args, "no_mri", False):
         kw["mri"] = False
+    if getattr(args, "sts_anchor_range", None):
+        kw["sts_anchor_range"] = args.sts_anchor_range
     if args.out:
         kw["out"] = args.out
     return ShiftCalConfig.quick_config(**kw) if getattr(args, "quick", False) else ShiftCalConfig(**kw)
@@ -142,8 +144,9 @@ def print_summary(results: dict[str, Any], out: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     single_process("segcal bench", "a benchmark of one machine: its timings and files are one process's")
-    if getattr(args, "no_mri", False) and not getattr(args, "shift_calibration", False):
-        raise InputError("--no-mri: an option of --shift-calibration only")
+    for opt in ("no_mri", "sts_anchor_range"):
+        if getattr(args, opt, None) and not getattr(args, "shift_calibration", False):
+            raise InputError(f"--{opt.replace('_', '-')}: an option of --shift-calibration only")
     if getattr(args, "shift_calibration", False):
         scfg = shift_config_from_args(args)
         check_outputs(scfg.out, args)
