@@ -82,3 +82,22 @@ def test_probabilities_given_as_logits_and_back():
         check_input_kind(z, "probs", "preds")
     check_input_kind(z, "logits", "preds")
     check_input_kind(p.half(), "probs", "preds")
+
+
+def test_check_finite_in_slices_finds_a_value_in_any_slice_and_counts_all():
+    """check_finite checks large tensors slice by slice (bounded memory): a non-finite value in the
+    last slice, or in a non-contiguous view, is still found and every one is counted."""
+    from segcal import validation as v
+
+    n = (1 << 23) + 5  # two slices of 2^22 and a short one
+    x = torch.zeros(n, dtype=torch.float16)
+    v.check_finite(x, "x")
+    x[-1] = float("nan")
+    x[3] = float("inf")
+    with pytest.raises(InputError, match=r"x: contains non-finite values \(1 NaN, 1 inf\)"):
+        v.check_finite(x, "x")
+    y = torch.zeros(19, 64, 64).movedim(0, -1)  # not contiguous
+    y[5, 7, 3] = float("-inf")
+    with pytest.raises(InputError, match="0 NaN, 1 inf"):
+        v.check_finite(y, "y")
+    v.check_finite(torch.zeros(0), "empty")
