@@ -123,3 +123,24 @@ def test_calibrators_command_lists_every_calibrator(capsys):
     for name in ("ts", "vs", "ms", "msc", "dc", "ets", "cdc", "cmsap", "cmsop", "vs_ti", "ms_ti"):
         assert f"\n{name} " in "\n" + out
     assert "TI" in out and "AP" in out and "OP" in out
+
+
+def test_fit_chunk_size_bounds_the_chunks_and_keeps_the_fit(tmp_path, capsys):
+    """--chunk-size reaches the calibrator (the saved config holds it) and gives the same
+    temperature up to summation order; a non-positive value exits 2 naming the flag."""
+    pred, lab = make_folder(tmp_path, n=6, h=40, w=30)
+    temps = {}
+    for chunk in (None, 97):
+        out = tmp_path / f"ts_{chunk}.pt"
+        extra = [] if chunk is None else ["--chunk-size", str(chunk)]
+        assert main(["fit", "--pred", str(pred), "--labels", str(lab), "--method", "ts", "--ignore-index", "255",
+                     "--optimizer", "lbfgs", "--out", str(out), "-q", *extra]) == 0
+        cal = segcal.load(out)
+        temps[chunk] = float(cal.temperature)
+        assert cal.get_config()["chunk_size"] == (2**20 if chunk is None else 97)
+    assert abs(temps[None] - temps[97]) < 1e-6 * temps[None]
+    capsys.readouterr()
+    assert main(["fit", "--pred", str(pred), "--labels", str(lab), "--method", "ts", "--chunk-size", "0",
+                 "--out", str(tmp_path / "bad.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--chunk-size" in err and "got 0" in err and not (tmp_path / "bad.pt").exists()

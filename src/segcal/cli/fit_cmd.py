@@ -105,6 +105,10 @@ def _calibrator_kwargs(args: argparse.Namespace, input_type: str, device: Any) -
         kw["optimizer"] = args.optimizer
     if args.max_iter is not None:
         kw["max_iter"] = args.max_iter
+    if args.chunk_size is not None:
+        if args.chunk_size < 1:
+            raise InputError(f"--chunk-size: expected a positive number of pixels, got {args.chunk_size}")
+        kw["chunk_size"] = args.chunk_size
     if args.base is not None:
         if not _takes(args.method, "base"):
             raise InputError(f"--base: method {args.method!r} does not take a base calibrator")

@@ -36,6 +36,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=None, help="L-BFGS iteration budget")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience (evaluations)")
     p.add_argument("--memory-budget-mb", type=float, default=2048, help="above it, data are streamed")
+    p.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                   help="pixels per chunk of a full-batch evaluation (default 2^20); smaller bounds the "
+                        "fit's memory on many-class, full-resolution maps (docs/scaling.md)")
     p.add_argument("--subsample", type=float, default=None, help="fraction of valid pixels kept (seeded)")
     add_device_arg(p, "cpu")
     p.add_argument("--json", default=None, help="also write the summary as JSON")
