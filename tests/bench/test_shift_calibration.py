@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from segcal.bench.shift_calibration import (
-    FamilyMix,
-    ShiftCalConfig,
-    argmax_check,
-    check_config,
-    lofo_summary,
-)
+from segcal.bench.shift_calibration import argmax_check, lofo_summary
+from segcal.bench.shift_config import FamilyMix, ShiftCalConfig, check_config
 from segcal.bench.shift_estimator import agreement
 from segcal.bench.spec import CAMVID_IGNORE, SHIFT_FAMILIES, SHIFT_ROW_DATA, SHIFT_ROWS
 from segcal.cli import main

@@ -31,7 +31,8 @@ from segcal.calibrators.metacal import MetaCalScaling
 from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.registry import available, create, load, register, resolve
 from segcal.calibrators.selective import SelectiveScaling, ece_vs_selector_accuracy
-from segcal.calibrators.shift_aware import ShiftConditionedTemperature, TargetCorrected
+from segcal.calibrators.shift_aware import ShiftConditionedTemperature
+from segcal.calibrators.target_corrected import TargetCorrected
 from segcal.calibrators.temperature import TemperatureScaling
 from segcal.calibrators.wrappers import MatrixScalingTI, VectorScalingTI, translation_invariant
 

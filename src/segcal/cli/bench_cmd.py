@@ -15,7 +15,8 @@ from typing import Any
 
 from segcal.bench.camvid import BenchConfig, run_bench
 from segcal.bench.hippocampus import MedicalBenchConfig, run_medical_bench
-from segcal.bench.shift_calibration import ShiftCalConfig, run_shift_calibration
+from segcal.bench.shift_calibration import run_shift_calibration
+from segcal.bench.shift_config import ShiftCalConfig
 from segcal.cli.common import check_out_path
 from segcal.errors import InputError
 from segcal.pipeline.distributed import single_process

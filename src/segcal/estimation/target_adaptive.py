@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from segcal.calibrators import Calibrator
-from segcal.calibrators.shift_aware import TargetCorrected
+from segcal.calibrators.target_corrected import TargetCorrected
 from segcal.errors import InputError
 from segcal.estimation.baselines import ConfidenceBaseline, estimate_images
 from segcal.io.images import image_files, load_image
