@@ -163,6 +163,10 @@ def world(device: str | torch.device | None = None, timeout: timedelta | None = 
     dist.init_process_group(backend, init_method="env://", **kwargs)
     try:
         yield current()
+        # every rank done before any tears the group down: a rank that destroyed its gloo group
+        # while a peer's last collective was still in flight made that peer abort at exit
+        # (SIGABRT, "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
