@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from ranks import free_port, two_ranks
 from segcal.calibrators import create
 from segcal.calibrators import load as load_calibrator
 from segcal.cli import main
@@ -29,36 +27,7 @@ from segcal.models import register_model, unregister_model
 from segcal.pipeline.distributed import world
 from segcal.pipeline.predict import predict_folder
 
-TIMEOUT = 120  # seconds: a hang fails the test instead of blocking the suite
 C = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_ranks(args: list[str]) -> list[subprocess.CompletedProcess]:
-    """``python -m segcal <args>`` as ranks 0 and 1 of an env:// job (loopback, a free port)."""
-    port = _free_port()
-    procs = []
-    for r in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "GROUP_RANK")}
-        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "segcal", *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return done
 
 
 def _folder(tmp_path, n: int, seed: int = 0):
@@ -101,7 +70,7 @@ def test_apply_two_ranks_write_the_same_folder(tmp_path, n):
     cal.save(tmp_path / "ts.pt")
     args = ["apply", "--pred", str(pred), "--calibrator", str(tmp_path / "ts.pt"), "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    ranks = _two_ranks([*args, "--out", str(tmp_path / "two")])
+    ranks = two_ranks([*args, "--out", str(tmp_path / "two")])
     _check_rank_outputs(ranks)
     assert f"wrote {n} calibrated prediction(s)" in ranks[0].stdout
     _same_tree(tmp_path / "one", tmp_path / "two")
@@ -114,7 +83,7 @@ def test_apply_a_failing_rank_stops_both_and_leaves_the_folder_incomplete(tmp_pa
     pred, _ = _folder(tmp_path, 5)
     create("ts").fit(str(pred), str(tmp_path / "labels"), ignore_index=255).save(tmp_path / "ts.pt")
     (pred / "img_004.npy").write_bytes(b"not a numpy file")  # in rank 1's block (img_003..004)
-    ranks = _two_ranks(["apply", "--pred", str(pred), "--calibrator", str(tmp_path / "ts.pt"),
+    ranks = two_ranks(["apply", "--pred", str(pred), "--calibrator", str(tmp_path / "ts.pt"),
                         "--out", str(tmp_path / "two"), "--no-progress"])
     assert [r.returncode for r in ranks] == [2, 2], [r.stderr for r in ranks]
     assert "img_004.npy" in ranks[1].stderr and "rank 1 of 2 stopped" in ranks[0].stderr
@@ -128,7 +97,7 @@ def test_estimate_train_and_baseline_two_ranks_equal_one_process(tmp_path):
     train = ["estimate", "--train", "--pred", str(pred), "--labels", str(lab), "--ignore-index", "255",
              "--epochs", "5"]
     assert main([*train, "--out", str(tmp_path / "one.pt")]) == 0
-    ranks = _two_ranks([*train, "--out", str(tmp_path / "two.pt")])
+    ranks = two_ranks([*train, "--out", str(tmp_path / "two.pt")])
     assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
     a = torch.load(tmp_path / "one.pt", weights_only=False)
     b = torch.load(tmp_path / "two.pt", weights_only=False)
@@ -138,7 +107,7 @@ def test_estimate_train_and_baseline_two_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-6, msg=k)
     est = ["estimate", "--pred", str(pred), "--estimator", str(tmp_path / "one.pt")]
     assert main([*est, "--json", str(tmp_path / "one.json")]) == 0
-    ranks = _two_ranks([*est, "--json", str(tmp_path / "two.json")])
+    ranks = two_ranks([*est, "--json", str(tmp_path / "two.json")])
     _check_rank_outputs(ranks)
     one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert list(two["per_image"]) == list(one["per_image"]) == [f"img_{i:03d}" for i in range(5)]
@@ -154,7 +123,7 @@ def test_pseudolabel_two_ranks_equal_one_process(tmp_path):
     args = ["pseudolabel", "--pred", str(pred), "--labels", str(lab), "--label-ignore", "255",
             "--estimator", "maxprob", "--round", "1"]
     assert main([*args, "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")]) == 0
-    ranks = _two_ranks([*args, "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")])
+    ranks = two_ranks([*args, "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")])
     _check_rank_outputs(ranks)
     _same_tree(tmp_path / "one", tmp_path / "two")
     one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
@@ -209,7 +178,7 @@ def test_predict_folder_two_ranks_write_the_same_folder(tmp_path, n):
         one = predict_folder("tiny-dist", imgs, tmp_path / "one", device="cpu", progress=False, batch_size=2)
     finally:
         unregister_model("tiny-dist")
-    mp.spawn(_predict_worker, args=(_free_port(), str(imgs), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_predict_worker, args=(free_port(), str(imgs), str(tmp_path / "two")), nprocs=2, join=True)
     _same_tree(tmp_path / "one", tmp_path / "two")
     assert read_folder_meta(tmp_path / "two") == read_folder_meta(tmp_path / "one")
     assert read_folder_meta(tmp_path / "two")["n_images"] == n
@@ -225,7 +194,7 @@ def test_fit_two_ranks_equal_one_process(tmp_path, method):
     args = ["fit", "--pred", str(pred), "--labels", str(lab), "--ignore-index", "255", "--method", method,
             "--val-fraction", "0.34", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "one.pt"), "--json", str(tmp_path / "one.json")]) == 0
-    ranks = _two_ranks([*args, "--out", str(tmp_path / "two.pt"), "--json", str(tmp_path / "two.json")])
+    ranks = two_ranks([*args, "--out", str(tmp_path / "two.pt"), "--json", str(tmp_path / "two.json")])
     _check_rank_outputs(ranks)
     a, b = load_calibrator(tmp_path / "one.pt"), load_calibrator(tmp_path / "two.pt")
     for k, v in a.state_dict().items():

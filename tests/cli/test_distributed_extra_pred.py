@@ -13,27 +13,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from ranks import two_ranks
 from segcal.calibrators import load as load_calibrator
 from segcal.cli import main
 
-TIMEOUT = 120
 C = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _same_fit(tmp_path) -> None:
@@ -50,27 +40,6 @@ def _same_fit(tmp_path) -> None:
     for key, ba in one["metrics"].items():
         for side in ("before", "after"):
             assert two["metrics"][key][side] == pytest.approx(ba[side], abs=1e-12), (key, side)
-
-
-def _two_ranks(args: list[str]) -> list[subprocess.CompletedProcess]:
-    port = _free_port()
-    procs = []
-    for r in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "GROUP_RANK")}
-        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "segcal", *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return done
 
 
 def _pred_folder(root, labels, n: int, seed: int) -> None:
@@ -101,7 +70,7 @@ def test_fit_extra_pred_two_ranks_equal_one_process(tmp_path, optimizer):
         args += ["--max-iter", "40"]
     with contextlib.redirect_stdout(io.StringIO()):
         assert main([*args, "--out", str(tmp_path / "one.pt"), "--json", str(tmp_path / "one.json")]) == 0
-    ranks = _two_ranks([*args, "--out", str(tmp_path / "two.pt"), "--json", str(tmp_path / "two.json")])
+    ranks = two_ranks([*args, "--out", str(tmp_path / "two.pt"), "--json", str(tmp_path / "two.json")])
     assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
     assert "(+ 2 extra folder(s))" in ranks[0].stdout and ranks[1].stdout == ""
     _same_fit(tmp_path)

@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -23,19 +22,13 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from ranks import free_port
 from segcal.calibrators import load as load_calibrator
 from segcal.cli import main
 from segcal.models import register_model, unregister_model
 
-TIMEOUT = 120
 C = 4
 MODEL = "tiny-fit-dist"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TinyNet(torch.nn.Module):
@@ -119,7 +112,7 @@ def test_fit_model_two_ranks_equal_one_process(tmp_path, n, val, extra):
     finally:
         unregister_model(MODEL)
     two = [*args, "--out", str(tmp_path / "two.pt"), "--json", str(tmp_path / "two.json")]
-    mp.spawn(_worker, args=(_free_port(), two, str(tmp_path / "run")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), two, str(tmp_path / "run")), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"run.rank{r}.pt") for r in range(2)]
     assert [r["code"] for r in ranks] == [0, 0]
     assert "fitting ts on" in ranks[0]["stdout"] and ranks[1]["stdout"] == ""

@@ -13,24 +13,18 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from ranks import free_port
 from segcal.calibrators import create
 from segcal.cli import main
 from segcal.models import register_model, unregister_model
 
 MODEL = "tiny-export-dist"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_rank(monkeypatch, rank: int) -> None:
@@ -110,7 +104,7 @@ def test_export_two_ranks_rank0_writes_the_one_file(tmp_path):
             assert main(_export_args(tmp_path / "cal3.pt", tmp_path / "one.pt2")) == 0
     finally:
         unregister_model(MODEL)
-    mp.spawn(_export_worker, args=((_free_port(), _free_port()), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_export_worker, args=((free_port(), free_port()), str(tmp_path)), nprocs=2, join=True)
     (ok0, err0), (bad0, bad_err0) = torch.load(tmp_path / "rank0.pt")
     (ok1, err1), (bad1, bad_err1) = torch.load(tmp_path / "rank1.pt")
     assert (ok0, ok1) == (0, 0) and "wrote" in err0 and err1 == ""

@@ -17,15 +17,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ranks import free_port, two_ranks
 from segcal.cli import main
 from segcal.errors import InputError
 from segcal.io.predictions import read_folder_meta
@@ -34,35 +32,7 @@ from segcal.pipeline.predict import predict_volumes
 
 nib = pytest.importorskip("nibabel")
 
-TIMEOUT = 120
 MODEL = "unet3d-hippocampus"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_ranks(args: list[str]) -> list[subprocess.CompletedProcess]:
-    port = _free_port()
-    procs = []
-    for r in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "GROUP_RANK")}
-        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "segcal", *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return done
 
 
 def _volumes(tmp_path, n: int):
@@ -105,7 +75,7 @@ def test_volume_predict_two_ranks_write_the_same_folder(tmp_path):
             assert main(_args(vols, tmp_path / "one")) == 0
     finally:
         torch.set_num_threads(threads)
-    ranks = _two_ranks(_args(vols, tmp_path / "two"))
+    ranks = two_ranks(_args(vols, tmp_path / "two"))
     assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
     assert "wrote 3 volume prediction(s)" in ranks[0].stderr and "wrote" not in ranks[1].stderr
     _same_folder(tmp_path / "one", tmp_path / "two", 3)
@@ -154,7 +124,7 @@ def test_volume_library_call_with_an_empty_rank_and_a_failing_rank(tmp_path):
         predict_volumes(TinyNet3d(), tmp_path / "one_vol", tmp_path / "one")
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_library_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_library_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     _same_folder(tmp_path / "one", tmp_path / "two", 1)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["written"] == r1["written"] == ["case0.npy"]

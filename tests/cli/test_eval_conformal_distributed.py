@@ -5,46 +5,14 @@ for byte; with unequal shards (3 + 2 images) and a rank without images (1 + 0)."
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
 
+from ranks import two_ranks
 from segcal.cli import main
 
-TIMEOUT = 120  # seconds: a hang fails the test instead of blocking the suite
 C = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_ranks(args: list[str]) -> list[subprocess.CompletedProcess]:
-    port = _free_port()
-    procs = []
-    for r in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "GROUP_RANK")}
-        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "segcal", *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return done
 
 
 @pytest.mark.parametrize("n", [5, 1])
@@ -65,7 +33,7 @@ def test_two_ranks_write_the_file_of_one_process(tmp_path, n) -> None:
     assert main(["eval", *common, *flags, "--conformal-out", str(tmp_path / "one.json")]) == 0
     assert main(["conformal", "fit", *common, "--risk", "fnr", "--class", "1", "--alpha", "0.9",
                  "--out", str(tmp_path / "fit.json")]) == 0
-    ranks = _two_ranks(["eval", *common, *flags, "--conformal-out", str(tmp_path / "two.json")])
+    ranks = two_ranks(["eval", *common, *flags, "--conformal-out", str(tmp_path / "two.json")])
     assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
     assert ranks[1].stdout == "" and "conformal: lambda = " in ranks[0].stdout
     one = (tmp_path / "one.json").read_bytes()

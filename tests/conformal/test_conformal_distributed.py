@@ -5,46 +5,14 @@ for byte; with unequal shards (3 + 2 images) and a rank without images (1 + 0)."
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
 
+from ranks import two_ranks
 from segcal.cli import main
 
-TIMEOUT = 120  # seconds: a hang fails the test instead of blocking the suite
 C = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_ranks(args: list[str]) -> list[subprocess.CompletedProcess]:
-    port = _free_port()
-    procs = []
-    for r in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "GROUP_RANK")}
-        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "segcal", *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return done
 
 
 @pytest.mark.parametrize("n", [5, 1])
@@ -63,7 +31,7 @@ def test_two_ranks_fit_and_eval_like_one_process(tmp_path, n) -> None:
     common = ["--pred", str(pred), "--labels", str(lab), "--no-progress"]
     fit = ["conformal", "fit", *common, "--ignore-index", "255", "--risk", "miscoverage", "--alpha", "0.9"]
     assert main([*fit, "--out", str(tmp_path / "one.json")]) == 0
-    ranks = _two_ranks([*fit, "--out", str(tmp_path / "two.json")])
+    ranks = two_ranks([*fit, "--out", str(tmp_path / "two.json")])
     assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
     assert ranks[1].stdout == "" and "lambda = " in ranks[0].stdout
     assert (tmp_path / "two.json").read_bytes() == (tmp_path / "one.json").read_bytes()
@@ -71,7 +39,7 @@ def test_two_ranks_fit_and_eval_like_one_process(tmp_path, n) -> None:
         return
     ev = ["conformal", "eval", *common, "--result", str(tmp_path / "one.json")]
     assert main([*ev, "--json", str(tmp_path / "e1.json")]) == 0
-    ranks = _two_ranks([*ev, "--json", str(tmp_path / "e2.json")])
+    ranks = two_ranks([*ev, "--json", str(tmp_path / "e2.json")])
     assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
     assert ranks[1].stdout == ""
     assert (tmp_path / "e2.json").read_bytes() == (tmp_path / "e1.json").read_bytes()

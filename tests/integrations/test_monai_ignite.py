@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from datetime import timedelta
 
@@ -20,6 +19,7 @@ from monai.metrics import CalibrationErrorMetric, CumulativeIterationMetric
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ranks import free_port
 from segcal.errors import InputError
 from segcal.integrations.ignite import IgniteCalibrationMetric
 from segcal.integrations.monai import MonaiCalibrationMetric
@@ -158,10 +158,6 @@ def test_copy_is_independent_of_the_original():
 
 
 # -------------------------------------------------------------- two gloo processes, both adapters
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SHARDS = {"unequal": [slice(0, 2), slice(2, 5)], "empty-rank": [slice(0, 0), slice(0, 5)]}
@@ -194,7 +190,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path, same_metrics):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     logits, labels = _data()
     ref = _reference(logits, labels, ignore_index=255)
     for rank in range(2):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import warnings
 from datetime import timedelta
 
@@ -15,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from ranks import free_port
 from segcal.errors import InputError
 from segcal.integrations.torchmetrics import CalibrationMetric
 from segcal.metrics import CalibrationMetrics
@@ -137,10 +137,6 @@ def test_per_image_false_and_bad_input(same_metrics):
 
 
 # ------------------------------------------------------------------ DDP through torchmetrics' sync
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SHARDS = {"unequal": [slice(0, 2), slice(2, 5)], "empty-rank": [slice(0, 0), slice(0, 5)]}
@@ -171,7 +167,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path, same_metrics):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     logits, labels = _data()
     for per_image in (True, False):
         ref = _reference(logits, labels, per_image=per_image)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import numpy as np
@@ -12,15 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ranks import free_port
 from segcal.metrics import CalibrationMetrics
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -47,7 +41,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_process_gloo_sync_equals_single_process(tmp_path):
-    port = _free_port()
+    port = free_port()
     mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     logits, labels = _data()
     single = CalibrationMetrics(4, ignore_index=255)
@@ -89,7 +83,7 @@ def _worker_twice(rank: int, world: int, port: int, out: str, shards: str) -> No
 
 @pytest.mark.parametrize("shards", sorted(SHARDS))
 def test_sync_with_an_empty_rank_and_twice_equals_single_process(tmp_path, shards):
-    port = _free_port()
+    port = free_port()
     mp.spawn(_worker_twice, args=(2, port, str(tmp_path), shards), nprocs=2, join=True)
     logits, labels = _data()
     single = CalibrationMetrics(4, ignore_index=255)
@@ -138,6 +132,6 @@ def _worker_mismatch(rank: int, world: int, port: int, out: str, case: str) -> N
                                                "different configurations"),
                                               ("half-synced", "RuntimeError: sync: some ranks' states are already")])
 def test_sync_mismatch_raises_on_every_rank_instead_of_hanging(tmp_path, case, match):
-    mp.spawn(_worker_mismatch, args=(2, _free_port(), str(tmp_path), case), nprocs=2, join=True)
+    mp.spawn(_worker_mismatch, args=(2, free_port(), str(tmp_path), case), nprocs=2, join=True)
     for rank in range(2):
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith(match), rank

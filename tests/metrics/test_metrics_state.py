@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
+from ranks import free_port
 from segcal.errors import InputError
 from segcal.metrics import (
     CalibrationMetrics,
@@ -174,15 +174,11 @@ def test_load_of_a_non_state_file_is_an_input_error(tmp_path, write):
 
 
 # ------------------------------------------------------------------ sync (one process)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def world_of_one():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from ranks import free_port
 from segcal.calibrators import create
 from segcal.calibrators import load as load_calibrator
 from segcal.cli import main
@@ -29,12 +29,6 @@ from segcal.pipeline.distributed import World, agree, rank_device, shard, shard_
 from segcal.pipeline.evaluate import evaluate_folder, prefetched
 
 TIMEOUT = 90  # seconds: a hang fails the test instead of blocking the suite
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _folder(tmp_path, n: int, c: int = 4, shape=(18, 14), seed: int = 0):
@@ -65,7 +59,7 @@ def _env(rank: int, port: int) -> dict[str, str]:
 
 def _two_ranks(args: list[str]) -> list[subprocess.CompletedProcess]:
     """Run ``python -m segcal <args>`` as ranks 0 and 1 of an env:// job; both must end in TIMEOUT."""
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "segcal", *args], env=_env(r, port), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
     done = []
@@ -137,7 +131,7 @@ def test_torchrun_two_processes_equal_one_with_unequal_shards(tmp_path):
     pred, lab = _folder(tmp_path, 5)
     ref = _single(tmp_path, pred, lab)
     out = tmp_path / "two.json"
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(port), "-m", "segcal", *_eval_args(pred, lab, out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -245,7 +239,7 @@ def test_api_world_and_a_calibrator_equal_one_process(tmp_path):
     pred, lab = _folder(tmp_path, 5)
     cal = _fitted()
     cal.save(tmp_path / "ts.pt")
-    mp.spawn(_api_worker, args=(_free_port(), str(pred), str(lab), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_api_worker, args=(free_port(), str(pred), str(lab), str(tmp_path)), nprocs=2, join=True)
     one = evaluate_folder(pred, lab, calibrator=cal, ignore_index=255)
     assert one.calibrated is not None
     for rank in range(2):

@@ -10,13 +10,13 @@ and in memory), linear (NLL) and non-linear (soft Dice) objectives.
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ranks import free_port
 from segcal.calibrators import create
 from segcal.calibrators.collective import RankError, sharded
 from segcal.pipeline.distributed import world
@@ -38,12 +38,6 @@ LAYOUTS = {
     "unequal": ([(0, 3), (3, 5)], [(0, 1), (1, 2)]),
     "empty_rank": ([(0, 4), (4, 4)], [(0, 0), (0, 2)]),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _images(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -133,7 +127,7 @@ def test_two_ranks_fit_equals_one_process(tmp_path, reference, layout):
         train, val = _images(5, 0)[:4], _images(2, 1)
         want = {name: _record(_fit(method, kw, train, val if with_val else None))
                 for name, method, kw, with_val in CASES}
-    mp.spawn(_worker, args=(_free_port(), layout, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), layout, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name, *_ in CASES:
         for r in range(2):
