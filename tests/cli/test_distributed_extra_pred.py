@@ -16,30 +16,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from ranks import two_ranks
-from segcal.calibrators import load as load_calibrator
+from ranks import assert_same_fit, two_ranks
 from segcal.cli import main
 
 C = 4
-
-
-def _same_fit(tmp_path) -> None:
-    a, b = load_calibrator(tmp_path / "one.pt"), load_calibrator(tmp_path / "two.pt")
-    assert a.state_dict().keys() == b.state_dict().keys()
-    for k, v in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
-    one = json.loads((tmp_path / "one.json").read_text())
-    two = json.loads((tmp_path / "two.json").read_text())
-    assert two["fit_info"]["split"] == one["fit_info"]["split"]
-    assert two["fit_info"]["n_pixels"] == one["fit_info"]["n_pixels"]
-    assert two["fit_info"]["mode"] == one["fit_info"]["mode"]
-    assert two["metrics"].keys() == one["metrics"].keys()
-    for key, ba in one["metrics"].items():
-        for side in ("before", "after"):
-            assert two["metrics"][key][side] == pytest.approx(ba[side], abs=1e-12), (key, side)
 
 
 def _pred_folder(root, labels, n: int, seed: int) -> None:
@@ -73,6 +55,6 @@ def test_fit_extra_pred_two_ranks_equal_one_process(tmp_path, optimizer):
     ranks = two_ranks([*args, "--out", str(tmp_path / "two.pt"), "--json", str(tmp_path / "two.json")])
     assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
     assert "(+ 2 extra folder(s))" in ranks[0].stdout and ranks[1].stdout == ""
-    _same_fit(tmp_path)
+    assert_same_fit(tmp_path)
     one = json.loads((tmp_path / "one.json").read_text())
     assert one["fit_info"]["extra_pred"] == [str(tmp_path / "noisy"), str(tmp_path / "blur")]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 
 import numpy as np
@@ -22,8 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from ranks import free_port
-from segcal.calibrators import load as load_calibrator
+from ranks import assert_same_fit, free_port
 from segcal.cli import main
 from segcal.models import register_model, unregister_model
 
@@ -76,22 +74,6 @@ def _worker(rank: int, port: int, args: list[str], out: str) -> None:
     torch.save({"code": code, "stdout": stdout.getvalue()}, f"{out}.rank{rank}.pt")
 
 
-def _same_fit(tmp_path) -> None:
-    a, b = load_calibrator(tmp_path / "one.pt"), load_calibrator(tmp_path / "two.pt")
-    assert a.state_dict().keys() == b.state_dict().keys()
-    for k, v in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
-    one = json.loads((tmp_path / "one.json").read_text())
-    two = json.loads((tmp_path / "two.json").read_text())
-    assert two["fit_info"]["split"] == one["fit_info"]["split"]
-    assert two["fit_info"]["n_pixels"] == one["fit_info"]["n_pixels"]
-    assert two["fit_info"]["mode"] == one["fit_info"]["mode"]
-    assert two["metrics"].keys() == one["metrics"].keys()
-    for key, ba in one["metrics"].items():
-        for side in ("before", "after"):
-            assert two["metrics"][key][side] == pytest.approx(ba[side], abs=1e-12), (key, side)
-
-
 # ------------------------------------------------------------------------------ fit --model
 @pytest.mark.slow
 @pytest.mark.parametrize("n, val, extra", [
@@ -116,4 +98,4 @@ def test_fit_model_two_ranks_equal_one_process(tmp_path, n, val, extra):
     ranks = [torch.load(tmp_path / f"run.rank{r}.pt") for r in range(2)]
     assert [r["code"] for r in ranks] == [0, 0]
     assert "fitting ts on" in ranks[0]["stdout"] and ranks[1]["stdout"] == ""
-    _same_fit(tmp_path)
+    assert_same_fit(tmp_path)

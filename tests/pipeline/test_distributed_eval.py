@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from ranks import free_port
+from ranks import free_port, two_ranks
 from segcal.calibrators import create
 from segcal.calibrators import load as load_calibrator
 from segcal.cli import main
@@ -48,30 +48,6 @@ def _folder(tmp_path, n: int, c: int = 4, shape=(18, 14), seed: int = 0):
 def _eval_args(pred, lab, out) -> list[str]:
     return ["eval", "--pred", str(pred), "--labels", str(lab), "--ignore-index", "255", "--bins", "10",
             "--json", str(out), "--no-progress"]
-
-
-def _env(rank: int, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "GROUP_RANK")}
-    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    return env
-
-
-def _two_ranks(args: list[str]) -> list[subprocess.CompletedProcess]:
-    """Run ``python -m segcal <args>`` as ranks 0 and 1 of an env:// job; both must end in TIMEOUT."""
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "segcal", *args], env=_env(r, port), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return done
 
 
 def _assert_same_json(got_path, ref_path) -> None:
@@ -148,7 +124,7 @@ def test_a_rank_with_zero_images_takes_part(tmp_path):
     pred, lab = _folder(tmp_path, 1)
     ref = _single(tmp_path, pred, lab)
     out = tmp_path / "two.json"
-    ranks = _two_ranks(_eval_args(pred, lab, out))
+    ranks = two_ranks(_eval_args(pred, lab, out), timeout=TIMEOUT)
     assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
     assert "ECE (pooled, top-label)" in ranks[0].stdout and ranks[1].stdout == ""
     _assert_same_json(out, ref)
@@ -161,7 +137,7 @@ def test_a_corrupted_file_on_one_rank_stops_both_with_exit_2(tmp_path):
     pred, lab = _folder(tmp_path, 5)
     (pred / "img_004.npy").write_bytes(b"not a numpy file")
     out = tmp_path / "two.json"
-    ranks = _two_ranks(_eval_args(pred, lab, out))
+    ranks = two_ranks(_eval_args(pred, lab, out), timeout=TIMEOUT)
     assert [r.returncode for r in ranks] == [2, 2], [r.stderr for r in ranks]
     assert "img_004.npy" in ranks[1].stderr and "Traceback" not in ranks[1].stderr
     assert "rank 1 of 2 stopped" in ranks[0].stderr and "img_004.npy" in ranks[0].stderr
@@ -208,7 +184,7 @@ def test_ranks_whose_files_disagree_on_the_class_count_are_refused_alike(tmp_pat
     rng = np.random.default_rng(1)
     for stem in ("img_003", "img_004"):
         np.save(pred / f"{stem}.npy", rng.normal(size=(5, 18, 14)).astype(np.float16))
-    ranks = _two_ranks(_eval_args(pred, lab, tmp_path / "two.json"))
+    ranks = two_ranks(_eval_args(pred, lab, tmp_path / "two.json"), timeout=TIMEOUT)
     assert [r.returncode for r in ranks] == [2, 2], [r.stderr for r in ranks]
     for r in ranks:
         assert "img_003.npy has 5 classes" in r.stderr and "img_000.npy has 4" in r.stderr, r.stderr
