@@ -45,7 +45,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -180,8 +180,10 @@ def ensure_predictions(model_box: dict[str, Any], images: Mapping[str, Path], pr
         counts["predicted"] += len(missing)
 
 
-def write_shifted(images: Mapping[str, Path], out_dir: Path, shift: str, severity: int, seed: int) -> dict[str, Path]:
-    """Corrupt each raw image (seed ``derive_seed(seed, case)``) into ``out_dir`` as NIfTI (cached)."""
+def write_shifted(images: Mapping[str, Path], out_dir: Path, shift: str, severity: int | Callable[[str], int],
+                  seed: int) -> dict[str, Path]:
+    """Corrupt each raw image (seed ``derive_seed(seed, case)``) into ``out_dir`` as NIfTI (cached);
+    ``severity``: one for every case, or a function of the case id."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for cid, src in images.items():
@@ -189,7 +191,8 @@ def write_shifted(images: Mapping[str, Path], out_dir: Path, shift: str, severit
         if not dst.exists():
             nib = nibabel()
             img, aff = load_nifti(src, what="image")
-            vol = corrupt_volume(np.asarray(img, dtype=np.float32), shift, severity, seed=derive_seed(seed, cid))
+            sev = severity(cid) if callable(severity) else severity
+            vol = corrupt_volume(np.asarray(img, dtype=np.float32), shift, sev, seed=derive_seed(seed, cid))
             tmp = out_dir / f".{cid}.tmp.nii.gz"
             nib.save(nib.Nifti1Image(np.asarray(vol, dtype=np.float32), aff), str(tmp))
             os.replace(tmp, dst)

@@ -30,7 +30,6 @@ each shift is its own "family"):
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,9 +70,7 @@ from segcal.bench.spec import (
 from segcal.datasets.hippocampus import load_split
 from segcal.errors import InputError
 from segcal.io.files import to_jsonable
-from segcal.io.nifti import load_nifti, nibabel
 from segcal.shift.corruptions import derive_seed
-from segcal.shift.mri import corrupt_volume
 
 #: the MRI rows: TS on clean calibration cases (the reference), augmented TS, anchored sts
 MRI_ROWS = ("ts_clean", "ts_aug", "sts_aug")
@@ -116,22 +113,10 @@ def check_mri_config(cfg: MriShiftConfig) -> None:
 
 
 def write_mixed(images: Mapping[str, Path], out_dir: Path, shift: str, seed: int) -> dict[str, Path]:
-    """One shifted copy of each case at a severity drawn per case (cached NIfTI, as
+    """One shifted copy of each case at a severity drawn per case (:func:`mixed_severity`), the
+    corruption's noise seeded by ``derive_seed(seed + 1, case)`` (cached NIfTI, by
     :func:`segcal.bench.hippocampus.write_shifted`)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for cid, src in images.items():
-        dst = out_dir / f"{cid}.nii.gz"
-        if not dst.exists():
-            nib = nibabel()
-            img, aff = load_nifti(src, what="image")
-            vol = corrupt_volume(np.asarray(img, dtype=np.float32), shift, mixed_severity(cid, shift, seed),
-                                 seed=derive_seed(seed + 1, cid))
-            tmp = out_dir / f".{cid}.tmp.nii.gz"
-            nib.save(nib.Nifti1Image(np.asarray(vol, dtype=np.float32), aff), str(tmp))
-            os.replace(tmp, dst)
-        paths[cid] = dst
-    return paths
+    return write_shifted(images, out_dir, shift, lambda cid: mixed_severity(cid, shift, seed), seed + 1)
 
 
 def mixed_severity(case: str, shift: str, seed: int) -> int:
