@@ -2,15 +2,15 @@
 
 :class:`LossTableBuilder` is a :data:`segcal.metrics.chunks.ChunkHook`: the engine hands it every
 chunk's probabilities, and it counts them against the thresholds (:mod:`segcal.conformal.counting`),
-one row per image. Its table equals :func:`segcal.conformal.loss_table`'s on the same logits.
+one row per image. Its table equals :func:`segcal.conformal.loss_table`'s on the same logits
+(the same counting kernel, :func:`~segcal.conformal.counting.count_chunk`, on the same values).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,90 +18,6 @@ import numpy as np
 from segcal.conformal.counting import Thresholds, count_chunk, loss_row
 from segcal.conformal.tables import LossTable, check_grid, check_risk, default_grid
 from segcal.errors import InputError
-
-
-@functools.lru_cache(maxsize=1)
-def block_kernel() -> Callable[..., Any] | None:
-    """:func:`segcal.conformal.counting.count_kernel`'s one-step kernel, its class-row scan done
-    in blocks of 64 pixels (None without numba).
-
-    Same arguments, same counts (every count is an integer found by the same exact comparisons);
-    only the scan differs: a branch-free loop over 64 values builds a bit mask of the valid values
-    outside the common bin ``[lo, hi)`` (compiled to vector compares), then the set bits are
-    visited in order. The one unpredictable branch per value of the plain scan (13-29 % of
-    ESPNet's probabilities are outliers, clustered but not predictably) becomes one loop exit
-    per block: 0.225 ms instead of 0.32 ms per 16384-pixel CamVid chunk (docs/conformal.md,
-    Throughput).
-    """
-    try:
-        import numba as nb
-        from numba.cpython.unsafe.numbers import trailing_zeros
-    except ImportError:  # optional: count_chunk's numpy path gives the same numbers
-        return None
-
-    @nb.njit(cache=True, inline="always")
-    def step(v, tsp, lut, buckets):  # pragma: no cover - compiled
-        x = np.float64(v)  # the one-step lookup of count_kernel
-        if x >= 0.0:
-            j = lut[int(min(x, 1.0) * buckets)]
-            return j + (tsp[j] <= x)
-        return 0
-
-    @nb.njit(cache=True, nogil=True, boundscheck=False)
-    def kernel(q, lab, valid, k_lo, k_hi, ts, tsp, lut, common, lo, hi, hist_all, hist_y,
-               out):  # pragma: no cover - compiled
-        n = q.shape[1]
-        buckets = lut.shape[0] - 1
-        blocks = n // 64
-        n_out = 0
-        for k in range(k_lo, k_hi):
-            row = q[k]
-            for b in range(blocks):
-                base = b * 64
-                m = np.uint64(0)
-                for j in range(64):  # branch-free: vector compares
-                    v = row[base + j]
-                    m |= np.uint64(((v >= hi) | (v < lo)) & valid[base + j]) << np.uint64(j)
-                while m != 0:
-                    j = trailing_zeros(m)
-                    m &= m - np.uint64(1)
-                    hist_all[step(row[base + j], tsp, lut, buckets)] += 1
-                    n_out += 1
-            for i in range(blocks * 64, n):
-                v = row[i]
-                if (v >= hi or v < lo) and valid[i]:
-                    hist_all[step(v, tsp, lut, buckets)] += 1
-                    n_out += 1
-        n_valid = 0
-        n_in = 0
-        n_y_out = 0
-        for i in range(n):
-            if valid[i]:
-                n_valid += 1
-                y = lab[i]
-                if k_lo <= y < k_hi:
-                    n_in += 1
-                    v = q[y, i]
-                    if v >= hi or v < lo:
-                        hist_y[step(v, tsp, lut, buckets)] += 1
-                        n_y_out += 1
-        hist_all[common] += n_valid * (k_hi - k_lo) - n_out
-        hist_y[common] += n_in - n_y_out
-        out[0] += n_valid
-        out[1] += n_in
-
-    return kernel
-
-
-def _count(q: np.ndarray, labels: np.ndarray, valid: np.ndarray, k_lo: int, k_hi: int, th: Thresholds,
-           hist_all: np.ndarray, hist_y: np.ndarray, out: np.ndarray) -> None:
-    """:func:`count_chunk`'s counts, with :func:`block_kernel` where it applies (numba, a one-step grid)."""
-    kernel = block_kernel() if th.one_step else None
-    if kernel is None:
-        count_chunk(q, labels, valid, k_lo, k_hi, th, hist_all, hist_y, out)
-        return
-    lo, hi = th.bounds(q.dtype)
-    kernel(q, labels, valid, k_lo, k_hi, th.ts, th.tsp, th.lut, th.common, lo, hi, hist_all, hist_y, out)
 
 
 class LossTableBuilder:
@@ -173,13 +89,13 @@ class LossTableBuilder:
         hist_all, hist_y, out = self._buffers(worker)
         if isinstance(image, int | np.integer):
             i = int(image)
-            _count(q, labels, valid, k_lo, k_hi, self._th, hist_all[i], hist_y[i], out[i])
+            count_chunk(q, labels, valid, k_lo, k_hi, self._th, hist_all[i], hist_y[i], out[i])
             return
         img = np.asarray(image)  # packed small images: runs of one image each
         cuts = np.concatenate([[0], np.flatnonzero(np.diff(img)) + 1, [img.size]])
         for a, b in itertools.pairwise(cuts.tolist()):
             i = int(img[a])
-            _count(np.ascontiguousarray(q[:, a:b]), np.ascontiguousarray(labels[a:b]), np.ascontiguousarray(valid[a:b]), k_lo, k_hi,
+            count_chunk(np.ascontiguousarray(q[:, a:b]), np.ascontiguousarray(labels[a:b]), np.ascontiguousarray(valid[a:b]), k_lo, k_hi,
                          self._th, hist_all[i], hist_y[i], out[i])
 
     def end(self, stems: Sequence[str]) -> None:
