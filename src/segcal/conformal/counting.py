@@ -41,7 +41,7 @@ class Thresholds:
 
     order: np.ndarray  # argsort of 1 - grid
     ts: np.ndarray  # sorted thresholds, float64
-    lut: np.ndarray  # int64 (B + 1,): thresholds <= b / B
+    lut: np.ndarray  # (B + 1,): thresholds <= b / B; uint8 when there are at most 255 thresholds, else int64
     common: int  # the bin of the values just above 0
     lo: float  # the common bin is [lo, hi)
     hi: float
@@ -54,13 +54,15 @@ class Thresholds:
         thresholds = 1.0 - np.asarray(grid, dtype=np.float64)
         order = np.argsort(thresholds, kind="stable")
         ts = np.ascontiguousarray(thresholds[order])
-        lut = np.searchsorted(ts, np.arange(_LUT_BUCKETS + 1, dtype=np.float64) / _LUT_BUCKETS,
-                              side="right").astype(np.int64)
+        lut = np.searchsorted(ts, np.arange(_LUT_BUCKETS + 1, dtype=np.float64) / _LUT_BUCKETS, side="right")
+        # bytes where they suffice: the table then takes 4 KiB of the L1 cache instead of 32 (13 % of
+        # the kernel's time on CamVid)
+        lut = lut.astype(np.uint8 if ts.size <= 255 else np.int64)
         common = int(lut[1])
         lo = float(ts[common - 1]) if common > 0 else -math.inf
         hi = float(ts[common]) if common < ts.size else math.inf
         tsp = np.concatenate([ts, [np.inf]])
-        return cls(order, ts, lut, common, lo, hi, tsp, bool((np.diff(lut) <= 1).all()))
+        return cls(order, ts, lut, common, lo, hi, tsp, bool((np.diff(lut.astype(np.int64)) <= 1).all()))
 
     def bounds(self, dtype: np.dtype) -> tuple[Any, Any]:
         """``(lo, hi)`` in ``dtype``, each the smallest value of the dtype not below the float64 one,
@@ -118,14 +120,14 @@ def count_kernel() -> dict[bool, Callable[..., Any]] | None:
     def step(v, ts, tsp, lut, g, buckets):  # pragma: no cover - compiled
         x = np.float64(v)  # one comparison after the lookup (no bucket holds two thresholds)
         if x >= 0.0:
-            j = lut[int(min(x, 1.0) * buckets)]
+            j = np.int64(lut[int(min(x, 1.0) * buckets)])
             return j + (tsp[j] <= x)
         return 0  # below every threshold (they lie in [0, 1]); no loop here: it would slow the kernel 3x
 
     @nb.njit(cache=True, inline="always")
     def search(v, ts, tsp, lut, g, buckets):  # pragma: no cover - compiled
         x = np.float64(v)
-        j = lut[int(min(max(x, 0.0), 1.0) * buckets)]  # the clamped bucket, then exact steps
+        j = np.int64(lut[int(min(max(x, 0.0), 1.0) * buckets)])  # the clamped bucket, then exact steps
         while j < g and ts[j] <= x:
             j += 1
         while j > 0 and ts[j - 1] > x:
