@@ -13,6 +13,8 @@ from segcal.bench.shift_config import FamilyMix, ShiftCalConfig, check_config
 from segcal.bench.shift_estimator import agreement
 from segcal.bench.spec import CAMVID_IGNORE, SHIFT_FAMILIES, SHIFT_ROW_DATA, SHIFT_ROWS
 from segcal.cli import main
+from segcal.cli.app import build_parser
+from segcal.cli.bench_cmd import shift_config_from_args
 from segcal.data import data_root
 from segcal.datasets.camvid import camvid_split
 from segcal.errors import InputError
@@ -146,8 +148,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def test_shift_calibration_quick_real(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["bench", "--shift-calibration", "--quick", "--cache", str(cache), "--out", str(out), "--quiet",
-            "--eval-fraction", "1", "--val-limit", "4", "--sts-anchor-range", "val+train",
-            *([] if HAVE_MRI else ["--no-mri"])]
+            "--eval-fraction", "1", "--val-limit", "4", *([] if HAVE_MRI else ["--no-mri"])]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
@@ -185,15 +186,29 @@ def test_shift_calibration_quick_real(tmp_path):
     # the augmented fold of noise saw blur copies, not noise ones
     aug = next(f for f in res["fits"]["no-noise"] if f["method"] == "ts_aug")
     assert aug["fit_images"] + aug["selection_images"] == 8  # 4 clean + 4 blur copies
-    # sts's clean range also from the (first 4) train images: predicted, labels unused
+    # sts's clean range also from the (first 4) train images (the default): predicted, labels unused
     assert len(list((cache / "espnet-camvid" / "train" / "clean").glob("*.npy"))) == 4
     assert res["config"]["sts_anchor_range"] == "val+train"
+    # sts's ridge: chosen by leave-one-family-out where the fit set has two families (clean rows), not
+    # in the folds (one family each)
+    rec = next(f for f in res["fits"]["all:espnet-camvid"] if f["method"] == "sts_aug")
+    assert rec["l2_selection"]["selected"] and rec["l2"] in rec["l2_selection"]["grid"]
+    assert rec["l2_selection"]["families"] == ["blur", "noise"]
+    rec = next(f for f in res["fits"]["no-noise"] if f["method"] == "sts_aug")
+    assert not rec["l2_selection"]["selected"] and rec["l2"] == 0.0
     if HAVE_MRI:  # the MRI leave-one-shift-out rows (quick: 2 shifts, 4 calibration / 3 test cases)
         mri = res["mri"]
         assert set(mri["conditions"]) == {"gamma-3", "rician_noise-3", "clean"}
         assert mri["cache"]["root"] == str(cache / "hippocampus")
         assert all(r["dice_kept_everywhere"] for r in mri["loso"]["rows"].values())
         assert "## MRI: leave-one-shift-out" in md and "### MRI targets (issue 17)" in md
+
+
+def test_cli_anchor_range_default_and_option():
+    parse = build_parser().parse_args
+    assert shift_config_from_args(parse(["bench", "--shift-calibration"])).sts_anchor_range == "val+train"
+    args = parse(["bench", "--shift-calibration", "--sts-anchor-range", "val"])
+    assert shift_config_from_args(args).sts_anchor_range == "val"
 
 
 def test_cli_refuses_foreign_options(tmp_path, capsys):

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 import segcal
 from segcal.calibrators import ShiftConditionedTemperature, check_calibrator, create
+from segcal.calibrators.data import Batch
+from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.shift_aware import DEFAULT_FEATURES, FEATURES, image_statistics
 
 torch.set_num_threads(1)
@@ -317,3 +319,26 @@ def test_target_corrected_wraps_a_fitted_calibrator(fitted):
         torch.testing.assert_close(refit.base(z), cal(z))  # the base stayed frozen
     with pytest.raises(ValueError, match="own base"):
         TargetCorrected(base="corrected")
+
+
+def test_gathered_valid_pixels_give_the_full_map_loss():
+    """The fit loop's cached valid pixels (stacked images with a loss mask, or one image under
+    loss_pixels) give the loss of the full-map path, value and gradient."""
+    g = torch.Generator().manual_seed(3)
+    x = 3.0 * torch.randn(5, 4, 9, 11, generator=g) * torch.linspace(0.5, 2.0, 5)[:, None, None, None]
+    y = torch.randint(0, 4, (5, 9, 11), generator=g)
+    valid = torch.rand(5, 9, 11, generator=g) < 0.4
+    cal = create("sts", max_iter=20).fit(x, y, mask=valid)
+    cal.raw_weights.data += 0.3  # weights away from the optimum: non-zero gradients
+    obj = get_objective("nll")
+    batch = Batch(x, y, valid)
+    pre = cal._precompute_batch(batch)
+    assert len(pre) == 5 and pre[1].shape == (int(valid.sum()), 4)
+    results = []
+    for b in (batch, Batch(x, y, valid, None, pre)):
+        cal.raw_weights.grad = None
+        s = cal._stats_fn(b, obj)
+        s.sum().backward()
+        results.append((s.detach().clone(), cal.raw_weights.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)

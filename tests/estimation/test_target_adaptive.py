@@ -214,3 +214,18 @@ def test_refusals(problem):
         adapt_to_target(create("ts"), zt, source=zs)
     scores, itype = read_unlabelled(zt, max_images=5, seed=1)
     assert len(scores) == 5 and itype is None and scores[0].shape == (1, C, 16, 16)
+
+
+def test_min_correction_floors_the_factor_and_records_it(problem):
+    zs, zt, _, ts, _ = problem
+    soft = adapt_to_target(ts, list(zs / K), source=list(zs))  # an under-confident target: c < 1
+    assert soft.correction < 0.9
+    floored = adapt_to_target(ts, list(zs / K), source=list(zs), min_correction=1.0)
+    info = floored.fit_info["target_adaptation"]
+    assert floored.correction == 1.0 and info["min_correction"] == 1.0
+    assert info["c_unclamped"] == pytest.approx(soft.correction, rel=1e-6)
+    sharp = adapt_to_target(ts, list(zt), source=list(zs))  # over-confident: c > 1, the floor inactive
+    again = adapt_to_target(ts, list(zt), source=list(zs), min_correction=1.0)
+    assert sharp.correction > 1.2 and again.correction == pytest.approx(sharp.correction, rel=1e-6)
+    with pytest.raises(InputError, match="min_correction"):
+        adapt_to_target(ts, list(zt), source=list(zs), min_correction=10.0)

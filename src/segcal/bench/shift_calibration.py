@@ -84,6 +84,7 @@ from segcal.bench.spec import (
     SHIFT_MODEL,
     SHIFT_REFERENCE,
     SHIFT_ROW_DATA,
+    SHIFT_ROWS,
     create_row,
     row_properties,
 )
@@ -108,7 +109,7 @@ def fit_group(data: Sequence[ImageData], rows: Sequence[str], cfg: ShiftCalConfi
     for group, imgs in (([r for r in rows if r not in whole], data), (whole, strided(data, cfg.spatial_stride))):
         if group:
             rng = None if range_images is None else strided(range_images, cfg.spatial_stride)
-            res = fit_rows(imgs, group, cfg.seeds, create=create, strategy=Anchored(WholeImages(), rng),
+            res = fit_rows(imgs, group, cfg.seeds, create=create, strategy=Anchored(WholeImages(), rng, cfg.sts_l2_grid),
                            total=cfg.fit_pixels, ignore=CAMVID_IGNORE, log=log)
             out.cals.update(res.cals)
             out.fits += res.fits
@@ -148,7 +149,9 @@ class MemoModel:
 def adapt_rows(cals: Mapping[tuple[str, int], Any], methods: Sequence[str], target: Sequence[ImageData],
                source: Sequence[ImageData], loaded: Any, cfg: ShiftCalConfig) -> dict[tuple[str, int], Any]:
     """The target-adaptive rows of one condition: their base rows corrected on its unlabelled images
-    (PseudoCal, input mixup through the model, anchored on clean val images; labels never read)."""
+    (PseudoCal, input mixup through the model, anchored on clean val images; labels never read).
+    On a clean-anchored ``sts`` base the factor is floored at ``cfg.pc_min_correction`` (1: the
+    correction may soften the base, never sharpen it below clean TS's temperature)."""
     rows = [m for m in methods if SHIFT_ROW_DATA[m].startswith("target:")]
     if not rows:
         return {}
@@ -161,8 +164,10 @@ def adapt_rows(cals: Mapping[tuple[str, int], Any], methods: Sequence[str], targ
         base = SHIFT_ROW_DATA[m].split(":", 1)[1]
         for (row, seed), cal in cals.items():
             if row == base:
+                floor = cfg.pc_min_correction if getattr(cal, "anchored", False) else None
                 out[(m, seed)] = adapt_to_target(cal, how="pseudocal", model=model, images=tgt,
-                                                 source_images=src, max_images=None, seed=0)
+                                                 source_images=src, max_images=None, seed=0,
+                                                 min_correction=floor)
     return out
 
 
@@ -241,7 +246,8 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
         log(f"predictions {key} ({len(items)} images)")
         folders[key] = cache.ensure(key, model, items, tr, root, loaded, False)
 
-    train_items = camvid_split(root, "train")[: cfg.val_limit] if cfg.sts_anchor_range == "val+train" else []
+    needs_range = cfg.sts_anchor_range == "val+train" and any(SHIFT_ROWS[m].registry == "sts" for m in aug_rows)
+    train_items = camvid_split(root, "train")[: cfg.val_limit] if needs_range else []
     for model in models:
         ensure(cache.key(model, "val"), model, val_items, None)
         ensure(cache.key(model, "test"), model, test_items, None)

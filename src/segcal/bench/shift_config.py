@@ -75,9 +75,14 @@ class ShiftCalConfig:
     test_limit: int | None = None
     model_shift: bool = True
     estimator: bool = True
-    #: the clean range of the anchored ``sts`` rows: ``"val"`` (the clean val images of the fit half)
-    #: or ``"val+train"`` (and the statistics of the model's CamVid train images, labels unused)
-    sts_anchor_range: str = "val"
+    #: the clean range of the anchored ``sts`` rows: ``"val+train"`` (default: the clean val images of
+    #: the fit half and the statistics of the model's CamVid train images, labels unused) or ``"val"``
+    #: (the clean val images only; the setting of the first cold run, docs/shift_calibration.md)
+    sts_anchor_range: str = "val+train"
+    #: the ridge ``l2`` of the anchored ``sts`` rows' weights: chosen per fit (seed) from this grid by
+    #: leave-one-family-out within the fit set's families (segcal.bench.shift_fit.Anchored); one
+    #: value: that value; empty: the calibrator's default (0)
+    sts_l2_grid: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)
     #: the MRI leave-one-shift-out rows (segcal.bench.shift_mri); their cache: ``<cache>/hippocampus``
     #: (default: the hippocampus bench's cache)
     mri: bool = True
@@ -85,12 +90,15 @@ class ShiftCalConfig:
     mri_calib_limit: int | None = None
     mri_test_limit: int | None = None
     mri_fit_voxels: int | None = 250_000
-    mri_seeds: tuple[int, ...] = (0,)
+    mri_seeds: tuple[int, ...] = (0, 1)
     #: whole-image rows (sts) are fitted on every ``spatial_stride``-th pixel along each axis of the
     #: logit maps (memory: 400 full 480x360 maps are 3 GB per half); evaluated on full images
     spatial_stride: int = 4
     #: target-adaptive rows: unlabelled test images (and clean val images, the anchor) per condition
     adapt_images: int = 8
+    #: the floor on PseudoCal's correction factor ``c`` of a clean-anchored ``sts`` base (``sts_aug_pc``;
+    #: output ``base / c``): 1 = never sharper than the base; ``None``: unclamped (the earlier runs)
+    pc_min_correction: float | None = 1.0
     n_bins: int = 15
     n_boot: int = 1000
     boot_seed: int = 0
@@ -106,7 +114,8 @@ class ShiftCalConfig:
         base = dict(families=("noise", "blur"), severities=(3,), seeds=(0,), fit_pixels=4_000, eval_fraction=0.25,
                     test_images=4, test_limit=4, val_limit=6, model_shift=False, n_boot=100, adapt_images=2,
                     methods=("ts_clean", "ts_aug", "cmsop_aug", "sts_aug", "ts_aug_pc"), quick=True,
-                    mri_shifts=("gamma", "rician_noise"), mri_calib_limit=4, mri_test_limit=3, mri_fit_voxels=20_000)
+                    mri_shifts=("gamma", "rician_noise"), mri_calib_limit=4, mri_test_limit=3, mri_fit_voxels=20_000,
+                    mri_seeds=(0,))
         base.update(kw)
         return cls(**base)
 
@@ -130,6 +139,8 @@ def check_config(cfg: ShiftCalConfig) -> None:
         raise InputError(f"severities: expected values in 1-5, got {list(cfg.severities)}")
     if cfg.sts_anchor_range not in ("val", "val+train"):
         raise InputError(f"sts_anchor_range: expected 'val' or 'val+train', got {cfg.sts_anchor_range!r}")
+    if not all(isinstance(v, int | float) and np.isfinite(v) and v >= 0 for v in cfg.sts_l2_grid):
+        raise InputError(f"sts_l2_grid: expected finite values >= 0, got {list(cfg.sts_l2_grid)}")
     if cfg.mri:
         check_mri_config(mri_config(cfg))
 

@@ -144,7 +144,9 @@ class ShiftConditionedTemperature(Calibrator):
     t_bounds
         ``(t_min, t_max)``: ``log T`` is clamped to this range (default ``(0.05, 50)``).
     l2
-        Ridge penalty on the weights (added to the mean loss; default 0).
+        Ridge penalty ``l2 · Σ w²`` on the weights (added to the mean loss; default 0).
+        ``segcal bench --shift-calibration`` chooses it per fit from a small grid by
+        leave-one-family-out within the training families (:class:`segcal.bench.shift_fit.Anchored`).
     spatial_dims
         2 or 3 (only used to trace :meth:`to_torchscript`; the map itself takes any rank);
         ``None`` = from the fit data.
@@ -381,24 +383,31 @@ class ShiftConditionedTemperature(Calibrator):
     def _precompute_batch(self, batch: Batch) -> tuple[Any, ...] | None:
         x = self._canonical(batch.x.to(self.device, non_blocking=True), dim=1)
         stats = image_statistics(x, self.features)
-        k = self.loss_pixels
-        if k is None or batch.valid is None or x.ndim == 2 or x.shape[0] != 1 or batch.n <= k:
+        if batch.valid is None or x.ndim == 2:
             return (stats,)
-        # one image: its loss on a seeded subset of k valid pixels, weighted by n_valid / k
-        rows = batch.x[0].movedim(0, -1)[batch.valid[0]]
-        labels = batch.y[0][batch.valid[0]]
-        gen = self._gen if self._gen is not None else torch.Generator().manual_seed(0)
-        idx = torch.randperm(rows.shape[0], generator=gen)[:k]
-        return (stats, rows[idx].contiguous(), labels[idx].contiguous(), rows.shape[0] / k)
+        k = self.loss_pixels
+        valid = batch.valid.to(x.device)
+        if k is not None and x.shape[0] == 1 and batch.n > k:
+            # one image: its loss on a seeded subset of k valid pixels, weighted by n_valid / k
+            rows = x[0].movedim(0, -1)[valid[0]]
+            labels = batch.y[0].to(x.device)[valid[0]]
+            gen = self._gen if self._gen is not None else torch.Generator().manual_seed(0)
+            idx = torch.randperm(rows.shape[0], generator=gen)[:k].to(x.device)
+            image = torch.zeros(idx.shape[0], dtype=torch.int64, device=x.device)
+            return (stats, rows[idx].contiguous(), labels[idx].contiguous(), image, rows.shape[0] / k)
+        # the valid (loss-mask) pixels of every image gathered once, in the order of the full-map path
+        # (the same rows and the same values: the loss is unchanged, each evaluation much cheaper)
+        image = valid.nonzero()[:, 0]
+        return (stats, x.movedim(1, -1)[valid].contiguous(), batch.y.to(x.device)[valid], image, 1.0)
 
     def _stats_fn(self, batch: Batch, objective: Any) -> torch.Tensor:
         if batch.pre is None or batch.valid is None:
             return super()._stats_fn(batch, objective)
         dev = self.device
-        if len(batch.pre) == 4:  # a pixel subset of one image (see loss_pixels)
-            stats, rows, labels, weight = batch.pre
-            logits = self._canonical(rows.to(dev)) / torch.exp(self._log_t(stats.to(dev)))
-            return objective.stats(logits, labels.to(dev)) * weight
+        if len(batch.pre) == 5:  # valid pixels gathered (see _precompute_batch), per-row image index
+            stats, rows, labels, image, weight = batch.pre
+            t = torch.exp(self._log_t(stats.to(dev)))[image.to(dev)]
+            return objective.stats(rows.to(dev) / t[:, None], labels.to(dev)) * weight
         x = self._canonical(batch.x.to(dev), dim=1)
         logits = self._scale(x, self._log_t(batch.pre[0].to(dev)))
         valid = batch.valid.to(dev)

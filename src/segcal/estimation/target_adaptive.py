@@ -261,6 +261,7 @@ def adapt_to_target(
     bounds: tuple[float, float] = (0.2, 5.0),
     max_images: int | None = 64,
     seed: int = 0,
+    min_correction: float | None = None,
 ) -> TargetCorrected:
     """Correct a fitted calibrator on unlabelled target data (see the module docstring).
 
@@ -294,6 +295,12 @@ def adapt_to_target(
         (``None``: all).
     seed
         Seed of the subsets and of the mixup pairs.
+    min_correction
+        A floor on ``c`` (within ``bounds``; ``None``: none). ``1.0`` lets the correction only
+        soften the base, never sharpen it: the bench uses it on a clean-anchored ``sts`` base,
+        whose temperature is never below clean TS's, where PseudoCal's sharpening corrections
+        (``c < 1`` on seven of eight held-out sets) made NLL worse (``docs/shift_calibration.md``).
+        Recorded as ``c_unclamped`` / ``min_correction`` in ``fit_info["target_adaptation"]``.
 
     Returns
     -------
@@ -309,6 +316,8 @@ def adapt_to_target(
     lo, hi = (float(b) for b in bounds)
     if not 0 < lo < 1 < hi < math.inf:
         raise InputError(f"bounds: expected (lo, hi) with 0 < lo < 1 < hi, got {bounds!r}")
+    if min_correction is not None and not lo <= float(min_correction) <= hi:
+        raise InputError(f"min_correction: expected a value in bounds [{lo}, {hi}], got {min_correction!r}")
     base = calibrator.base if isinstance(calibrator, TargetCorrected) else calibrator
     prior = calibrator.correction if isinstance(calibrator, TargetCorrected) else 1.0
     scores: list[torch.Tensor] | None = None
@@ -363,6 +372,9 @@ def adapt_to_target(
         info["curve"] = [[math.exp(x), v] for x, v in curve]
         info["estimate_before"] = objective(0.0)
         info["estimate_after"] = objective(math.log(c))
+    if min_correction is not None:
+        info.update(c_unclamped=c, min_correction=float(min_correction))
+        c = max(c, float(min_correction))
     out = TargetCorrected.wrap(base, correction=c * prior)
     info["correction"] = out.correction
     out.fit_info = {**base.fit_info, "target_adaptation": info}
