@@ -43,6 +43,7 @@ trained on ``"features"`` (its ``meta["layer"]`` names the hooked sub-module), o
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import time
@@ -66,8 +67,11 @@ from segcal.adaptation.checkpoints import (
     select_checkpoint,
     write_log,
 )
+from segcal.adaptation.distributed import Team, batch_input, gather_rows
 from segcal.adaptation.estimates import EstimatorGlue
-from segcal.adaptation.losses import CalSFDALoss, class_weights
+from segcal.adaptation.losses import CalSFDALoss
+from segcal.adaptation.rounds import round_labels, sharded_step
+from segcal.adaptation.sync_bn import synced_batchnorm
 from segcal.adaptation.target import (
     TargetImages,
     batches,
@@ -75,12 +79,7 @@ from segcal.adaptation.target import (
     stack,
 )
 from segcal.errors import InputError
-from segcal.estimation.pseudolabels import (
-    class_thresholds,
-    maxprob_pseudo_labels,
-    proportion_schedule,
-    pseudo_label,
-)
+from segcal.estimation.pseudolabels import proportion_schedule
 from segcal.estimation.value_net import warmup_bn
 from segcal.io.files import to_jsonable
 from segcal.models.registry import default_preprocess
@@ -238,12 +237,14 @@ def adapt(
                                        data_root=data_root)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    team = Team.here(device)
+    team.main(lambda: out.mkdir(parents=True, exist_ok=True))
     model_name = getattr(model, "name", type(model).__name__)
     glue = EstimatorGlue(estimator, module, num_classes, class_mapping, model_name)
     try:
-        return _run(cfg, module, inputs, stems, glue, num_classes, out, resume, progress, device, t0,
-                    model_name)
+        with synced_batchnorm(module, team.distributed):
+            return _run(cfg, module, inputs, stems, glue, num_classes, out, resume, progress and team.is_main,
+                        device, t0, model_name, team)
     finally:
         glue.close()
 
@@ -261,6 +262,7 @@ def _run(
     device: torch.device,
     t0: float,
     model_name: str,
+    team: Team,
 ) -> AdaptResult:
     n = len(inputs)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -273,6 +275,10 @@ def _run(
         module.eval()
         if glue.estimator is None:
             return None
+        if team.distributed:  # whole global batches per rank, gathered in image order
+            return np.concatenate(gather_rows(team, lambda: [
+                np.asarray(glue.forward(module, stack(inputs, b, device))[1], dtype=np.float64).reshape(-1)
+                for b in team.batches(list(batches(range(n), cfg.batch_size)))]))
         est = []
         for b in batches(range(n), cfg.batch_size):
             _, e = glue.forward(module, stack(inputs, b, device))
@@ -287,11 +293,21 @@ def _run(
                 f"model output has shape {tuple(logits.shape)} but num_classes={num_classes} (expected (N, C, H, W))"
             )
 
-    def logits_iter():
+    def logits_iter(idx=None):
         module.eval()
-        for i in range(n):
+        for i in range(n) if idx is None else idx:
             with torch.no_grad():
                 yield module(stack(inputs, [i], device))[0].float().cpu()
+
+    shapes: list[tuple[int, ...]] = []
+    dtype = torch.float32
+    if team.distributed:  # every rank needs the shape of every batch (a rank may hold no row of one)
+        shapes = gather_rows(team, lambda: [tuple(inputs[i].shape) for i in team.images(n)])
+        dtype = inputs[0].dtype
+        sizes = sorted({s[1:] for s in shapes})
+        if cfg.batch_size > 1 and len(sizes) > 1:  # one process would fail to stack a batch, later
+            raise InputError(f"target images of different sizes {sizes[:3]} with batch_size={cfg.batch_size}; "
+                             "use images of one size or a batch size of 1")
 
     # ---- state (fresh or resumed)
     log: dict[str, Any] = {"method": cfg.method, "model": model_name, "config": cfg_json, "images": stems,
@@ -346,7 +362,11 @@ def _run(
     checkpoints = [out / f"epoch_{e['epoch']:03d}.pt" for e in log["epochs"]]
 
     if cfg.method == "calsfda" and start_epoch == 0 and cfg.bn_stats_pass:
-        warmup_bn(module, (stack(inputs, b, device) for b in batches(range(n), cfg.batch_size)))
+        if team.distributed:
+            warmup_bn(module, (batch_input(inputs, team.part(b), b, shapes, dtype, device)
+                               for b in batches(range(n), cfg.batch_size)))
+        else:
+            warmup_bn(module, (stack(inputs, b, device) for b in batches(range(n), cfg.batch_size)))
         last_est = None  # the BN statistics changed
 
     bar = tqdm(range(start_epoch, total_epochs), desc=f"adapt[{cfg.method}]", disable=not progress, unit="epoch")
@@ -355,8 +375,8 @@ def _run(
         # ---- pseudo-labels of the round
         if cfg.method != "tent" and rnd != current_round:
             est_fn = evaluate if last_est is None else (lambda e=last_est: e)
-            pseudo, weights, rinfo = _round_labels(cfg, rnd, out, logits_iter, glue, est_fn, num_classes, n,
-                                                   fresh=epoch % cfg.epochs_per_round == 0)
+            pseudo, weights, rinfo = round_labels(cfg, rnd, out, logits_iter, est_fn, num_classes, n,
+                                                  fresh=epoch % cfg.epochs_per_round == 0, team=team)
             current_round = rnd
             if all(r["round"] != rnd for r in log["rounds"]):
                 log["rounds"].append(rinfo)
@@ -378,6 +398,14 @@ def _run(
         stats_only = phase == "warmup" and not cfg.warmup_affine  # AdaBN: no training step at all
         for b in tqdm([] if stats_only else list(batches(order, cfg.batch_size)), desc=f"epoch {epoch}",
                       leave=False, disable=not progress):
+            if team.distributed:  # this rank's rows of the global batch; losses and gradients summed
+                x = batch_input(inputs, team.part(b), b, shapes, dtype, device)
+                value, parts = sharded_step(team, module, opt, params, cfg.method, x, b, pseudo, loss_fn, g)
+                for k, v in parts.items():
+                    part_sums[k] = part_sums.get(k, 0.0) + v
+                batch_losses.append(value)
+                nb += 1
+                continue
             x = stack(inputs, b, device)
             if cfg.method == "tent":
                 batch_losses.append(tent_step(module, x, opt))
@@ -414,14 +442,16 @@ def _run(
         log["epochs"].append(entry)
         path = out / f"epoch_{epoch:03d}.pt"
         select_checkpoint(cfg.method, log, out)
-        save_checkpoint(path, {
+
+        payload = {
             "format": CHECKPOINT_FORMAT, "method": cfg.method, "epoch": epoch, "round": rnd, "phase": phase,
             "estimated_ece": entry["estimated_ece"], "config": cfg_json,
             "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
             "optimizer": opt.state_dict(), "rng": g.get_state(), "log": json.dumps(log),
-        })
+        }
+        # rank 0 writes; every rank waits for it (and stops if it failed)
+        team.main(functools.partial(_write_epoch, path, payload, out / LOG_NAME, log))
         checkpoints.append(path)
-        write_log(out / LOG_NAME, log)
         if entry["estimated_ece"] is not None:
             bar.set_postfix(est_ece=f"{entry['estimated_ece']:.4f}",
                             loss="-" if entry["loss"] is None else f"{entry['loss']:.4f}")
@@ -436,34 +466,7 @@ def _run(
     )
 
 
-def _round_labels(cfg, rnd, out, logits_iter, glue, evaluate, num_classes, n, *, fresh):
-    """Pseudo-labels ``(n, H, W)`` uint8, class weights and the round's log entry."""
-    path = out / f"pseudo_round{rnd}.npz"
-    if not fresh and path.is_file():  # resumed in the middle of a round
-        z = np.load(path, allow_pickle=False)
-        info = json.loads(str(z["info"]))
-        w = torch.from_numpy(z["weights"]) if z["weights"].size else None
-        return z["labels"], w, info
-    info: dict[str, Any] = {"round": rnd}
-    if cfg.method == "calsfda":
-        est = evaluate()
-        prop, local_prop = proportion_schedule(rnd)
-        thr, _ = class_thresholds(logits_iter(), prop=prop, num_classes=num_classes, ece=list(est),
-                                  subsample=cfg.subsample)
-        labels = np.stack([pseudo_label(s, thr, local_prop=local_prop)[0] for s in logits_iter()])
-        w = class_weights(thr)
-        info.update(prop=prop, local_prop=local_prop, thresholds=[float(t) for t in thr],
-                    class_weights=[float(v) for v in w], estimated_ece=float(est.mean()))
-    else:
-        labels = np.stack([maxprob_pseudo_labels(s, cfg.selftrain_threshold) for s in logits_iter()])
-        w = None
-        info.update(threshold=cfg.selftrain_threshold)
-    for c in cfg.ignore_classes:
-        labels[labels == c] = IGNORE
-    total = labels.size
-    counts = np.bincount(labels[labels != IGNORE].ravel(), minlength=num_classes)[:num_classes]
-    info["coverage"] = float(counts.sum() / total)
-    info["coverage_per_class"] = [float(v / total) for v in counts]
-    np.savez_compressed(path, labels=labels, weights=np.zeros(0, np.float32) if w is None else w.numpy(),
-                        info=np.array(json.dumps(info)))
-    return labels, w, info
+def _write_epoch(path: Path, payload: dict[str, Any], log_path: Path, log: dict[str, Any]) -> None:
+    """Write an epoch's checkpoint, then the log (rank 0)."""
+    save_checkpoint(path, payload)
+    write_log(log_path, log)

@@ -10,8 +10,10 @@
 The target folder holds unlabeled images only; for ``camvid:train`` only the image folder is
 resolved (the labels are never opened). ``--out`` may be neither the target folder nor inside it.
 See ``docs/adaptation.md``; the arguments are declared in :mod:`segcal.cli.parsers.adapt`.
-Under ``torchrun`` with several processes it is refused on every rank (exit code 2, nothing
-written): not distributed yet (``docs/scaling.md`` says why).
+Under ``torchrun --nproc-per-node N`` (gloo on the CPU, NCCL with ``--device cuda``) every global
+batch is split over the ranks, BatchNorm statistics, losses and gradients are summed over them,
+and the result is the one-process run's (:mod:`segcal.adaptation.distributed`); rank 0 alone
+writes the checkpoints and the log and prints.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from segcal.errors import InputError
 from segcal.estimation import BASELINES, load_estimator
 from segcal.models import ClassMapping, create_model, get_spec
 from segcal.models.espnet import CITYSCAPES_TO_CAMVID
-from segcal.pipeline.distributed import single_process
+from segcal.pipeline.distributed import rank_device, world
 from segcal.shift import make_transform
 
 
@@ -37,9 +39,7 @@ def _mapping(name: str | None) -> ClassMapping | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Adapt, then print one row per epoch and the selected checkpoint."""
-    single_process("segcal adapt", "the adaptation trains the model with BatchNorm batch statistics and "
-                   "pseudo-label thresholds over all target images; it is not distributed yet")
+    """Adapt, then print one row per epoch and the selected checkpoint (rank 0 under torchrun)."""
     if args.method not in METHODS:
         raise InputError(f"--method: unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.method == "calsfda" and args.estimator is None:
@@ -52,15 +52,18 @@ def run(args: argparse.Namespace) -> int:
     get_spec(args.model)  # unknown model: the error lists the known ones
     device = device_from_arg(args.device)
     estimator = load_estimator(args.estimator) if args.estimator is not None else None
-    model = create_model(args.model, data_root=args.data_root, device=str(device))
     transform = make_transform(args.corruption, args.severity, args.seed) if args.corruption else None
-    res = adapt(
-        model, paths, estimator, method=args.method, rounds=args.rounds, epochs_per_round=args.epochs,
-        lr=args.lr, seed=args.seed, out_dir=args.out, resume=args.resume, quick=args.quick,
-        class_mapping=_mapping(args.mapping), transform=transform, progress=not args.no_progress,
-        batch_size=args.batch_size, eta=args.eta, max_images=args.max_images,
-        bn_stats_pass=not args.no_bn_reset, warmup_affine=args.warmup == "stats+affine",
-    )
+    with world(device) as w:
+        model = create_model(args.model, data_root=args.data_root, device=str(rank_device(device, w)))
+        res = adapt(
+            model, paths, estimator, method=args.method, rounds=args.rounds, epochs_per_round=args.epochs,
+            lr=args.lr, seed=args.seed, out_dir=args.out, resume=args.resume, quick=args.quick,
+            class_mapping=_mapping(args.mapping), transform=transform, progress=not args.no_progress,
+            batch_size=args.batch_size, eta=args.eta, max_images=args.max_images,
+            bn_stats_pass=not args.no_bn_reset, warmup_affine=args.warmup == "stats+affine",
+        )
+        if not w.is_main:
+            return 0
     print(f"{'epoch':>5} {'round':>5} {'phase':>7} {'loss':>9} {'est. ECE':>9} {'coverage':>9}")
     for e in res.epochs:
         est = "-" if e["estimated_ece"] is None else f"{e['estimated_ece']:.4f}"
