@@ -112,8 +112,10 @@ def check_out_path(out: str | Path, inputs: Mapping[str, str | Path | None], *, 
 __all__ = ["CLI_FLAGS", "check_out_path", "check_scores_kind", "device_from_arg", "input_type_from_args"]
 
 
-def files_bar(items: Iterable[Any], desc: str, args: argparse.Namespace, total: int | None = None) -> Any:
+def files_bar(items: Iterable[Any], desc: str, args: argparse.Namespace, total: int | None = None,
+              show: bool = True) -> Any:
     """A progress bar over a command's files on stderr: drawn on a terminal only (a log or a pipe
-    gets none, so an error stays one line), never with ``--no-progress`` / ``--quiet`` / ``-q``."""
+    gets none, so an error stays one line), never with ``--no-progress`` / ``--quiet`` / ``-q`` or
+    ``show=False`` (e.g. on ranks other than 0 under torchrun)."""
     return tqdm(items, desc=desc, unit="file", leave=False, total=total,
-                disable=True if getattr(args, "no_progress", False) else None, file=sys.stderr)
+                disable=True if getattr(args, "no_progress", False) or not show else None, file=sys.stderr)

@@ -30,8 +30,10 @@ from segcal.conformal import (
 from segcal.conformal.writers import (
     MANIFEST,
     SetWriter,
+    begin_staging,
+    commit_staging,
+    discard_staging,
     reference_files,
-    staged_folder,
     write_manifest,
 )
 from segcal.errors import InputError
@@ -129,13 +131,35 @@ def apply(args: argparse.Namespace) -> int:
     cal = _calibrator(args)
     folder = PredictionFolder(args.pred, None, input_type=input_type_from_args(args))
     reference = reference_files(args.reference)
-    with staged_folder(out) as root:
-        writer = SetWriter(res, args.format, root, reference, folder.meta)
-        for item in files_bar(folder.items, "conformal apply", args):
-            scores, _, kind = folder.read(item)
-            writer.write(item.stem, apply_sets(res, as_probabilities(scores, kind, cal, f"pred: {item.stem}")),
-                         item.path)
-        write_manifest(root, writer)
+    with world() as w:
+        # rank 0 opens the staged folder, every rank writes its contiguous block of the sorted files
+        # into it, rank 0 writes the manifest of all of them and swaps the folder in: all or nothing
+        root = on_main(lambda: begin_staging(out))
+        try:
+            def part() -> tuple[dict[str, list[str]], int | None]:
+                writer = SetWriter(res, args.format, root, reference, folder.meta)
+                items = shard(folder.items, w.rank, w.size)
+                for item in files_bar(items, "conformal apply", args, show=w.is_main):
+                    scores, _, kind = folder.read(item)
+                    sets = apply_sets(res, as_probabilities(scores, kind, cal, f"pred: {item.stem}"))
+                    writer.write(item.stem, sets, item.path)
+                return writer.files, writer.num_masks
+
+            writer = SetWriter(res, args.format, root, reference, folder.meta)
+            for files, num_masks in on_each(part):  # rank order: the sorted order of the files
+                writer.files.update(files)
+                writer.num_masks = writer.num_masks if num_masks is None else num_masks
+
+            def finish() -> None:
+                write_manifest(root, writer)
+                commit_staging(root, out)
+
+            on_main(finish)
+        except BaseException:
+            on_main(lambda: discard_staging(root))
+            raise
+        if not w.is_main:
+            return 0
     print(f"wrote the {'recall masks' if res.risk == 'fnr' else 'pixel sets and set sizes'} of "
           f"{len(writer.files)} files to {out} as {args.format} (lambda = {res.lam:.6g}; the guarantee is in "
           f"every file and in {MANIFEST})")

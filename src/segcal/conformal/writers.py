@@ -375,9 +375,8 @@ class SetWriter:
         })}
 
 
-@contextlib.contextmanager
-def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
-    """Write into a hidden sibling of ``out``; on success it replaces ``out``, on any error it is removed.
+def begin_staging(out: str | os.PathLike) -> Path:
+    """A new hidden sibling of ``out`` to write into (:func:`commit_staging` makes it ``out``).
 
     Raises
     ------
@@ -396,18 +395,37 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
+
+
+def commit_staging(tmp: Path, out: str | os.PathLike) -> None:
+    """Replace ``out`` by the staged folder ``tmp`` (an earlier output is removed after the swap)."""
+    out = Path(out)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+        os.replace(out, old)
+    os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def discard_staging(tmp: Path) -> None:
+    """Remove a staged folder (after an error: nothing half-written is left)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Write into a hidden sibling of ``out`` (:func:`begin_staging`); on success it replaces
+    ``out`` (:func:`commit_staging`), on any error it is removed."""
+    tmp = begin_staging(out)
+    try:
+        yield tmp
+        commit_staging(tmp, out)
+    except BaseException:
+        discard_staging(tmp)
+        raise
 
 
 def write_manifest(root: Path, writer: SetWriter) -> None:
@@ -423,8 +441,11 @@ __all__ = [
     "MAX_BITS",
     "OUTPUT_FORMATS",
     "SetWriter",
+    "begin_staging",
     "code_dtype",
+    "commit_staging",
     "decode_codes",
+    "discard_staging",
     "encode_codes",
     "guarantee_metadata",
     "read_nifti_output",

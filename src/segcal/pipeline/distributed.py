@@ -91,7 +91,7 @@ def launched_size() -> int:
 def single_process(command: str, why: str) -> None:
     """Refuse ``command`` when it was started by ``torchrun`` with several processes.
 
-    For the commands that are one machine's job (``segcal bench``, ``demo``, ``adapt``): rather
+    For the commands that are one machine's job (``segcal bench``, ``demo``): rather
     than every rank running the whole command and writing the same files, every rank raises the
     same :class:`~segcal.errors.InputError` at once (no process group is opened, so nothing
     waits): the command line exits with code 2 on every rank. ``torchrun --nproc-per-node 1`` is

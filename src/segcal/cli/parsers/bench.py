@@ -72,8 +72,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--families", type=csv_arg,
                    help="with --shift-calibration: corruption families (default noise,blur,weather,digital)")
     p.add_argument("--sts-anchor-range", choices=("val", "val+train"),
-                   help="with --shift-calibration: the clean range of the anchored sts rows: the clean val images "
-                        "(default) or also the statistics of the model's CamVid train images (labels unused)")
+                   help="with --shift-calibration: the clean range of the anchored sts rows: also the statistics of "
+                        "the model's CamVid train images (val+train, the default; labels unused) or the clean val "
+                        "images only (val)")
     p.add_argument("--no-mri", action="store_true",
                    help="with --shift-calibration: leave out the MRI rows (leave-one-shift-out for the 3D U-Net on "
                         "MSD hippocampus; their cache is CACHE/hippocampus)")
