@@ -19,7 +19,12 @@ from segcal.data import data_root
 from segcal.datasets.camvid import camvid_split
 from segcal.errors import InputError
 from segcal.io.arrays import read_prediction
-from segcal.report.shift_tables import shift_markdown_report, targets_table
+from segcal.report.shift_tables import (
+    adaptation_table,
+    shift_markdown_report,
+    sts_selection_table,
+    targets_table,
+)
 from segcal.shift import available_corruptions, corrupt, derive_seed
 
 ROOT = data_root(required=False)
@@ -241,3 +246,19 @@ def test_markdown_report_of_a_tiny_results_dict():
     assert "| ts_clean | 0.4000 | 0.4000 |" in md  # LOFO summary row: the one set and its mean
     assert "| ts_clean | clean | TI/AP/OP | 0.4000 | 0.4100 |" in md
     assert "| uncalibrated | 0.1000 [0.0500, 0.1500]* |" in md
+
+
+def test_sts_selection_and_adaptation_tables():
+    sel = {"l2": 0.01, "grid": [0.0, 0.01], "families": ["a", "b"], "selected": True,
+           "mean_nll": {"0.0": 2.5, "0.01": 2.25}, "nll": {}}
+    res = {"fits": {"no-c": [{"method": "ts_aug", "seed": 0},
+                             {"method": "sts_aug", "seed": 0, "l2": 0.01, "l2_selection": sel},
+                             {"method": "sts_aug", "seed": 1, "l2": 0.0, "l2_selection": {
+                                 "l2": 0.0, "grid": [0.0, 0.01], "families": ["a"], "selected": False,
+                                 "why": "fewer than 2 families"}}]},
+           "conditions": {"c-3": {"adaptation": {"sts_aug_pc@0": {"correction": 1.0, "c_unclamped": 0.42},
+                                                 "ts_aug_pc@0": {"correction": 0.8}}}}}
+    assert sts_selection_table(res)[2:] == ["| no-c | sts_aug | 0 | a, b | 2.5000 | 2.2500 | 0.01 |",
+                                            "| no-c | sts_aug | 1 | a | – | – | 0 (fewer than 2 families) |"]
+    assert adaptation_table(res)[2] == "| c-3 | 0.42 → 1.00 | 0.80 |"
+    assert sts_selection_table({"fits": {}}) == [] and adaptation_table({"conditions": {}}) == []

@@ -377,6 +377,10 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
             "eval_pixels": f"a seeded {cfg.eval_fraction:g} fraction of the valid pixels of every test image",
             "bootstrap": f"paired over test images, {cfg.n_boot} replicates, seed {cfg.boot_seed}, 95 % percentile "
                          f"CI of method - {SHIFT_REFERENCE} (values = mean over seeds)",
+            "sts": f"clean-anchored on the clean images of the fit half, clean range from {cfg.sts_anchor_range}; "
+                   f"ridge l2 per fit from {list(cfg.sts_l2_grid)} by leave-one-family-out within the fit set's "
+                   "families (pooled NLL on the inner held-out family's copies); PseudoCal's factor on it floored "
+                   f"at {cfg.pc_min_correction}",
             "bins": cfg.n_bins, "ignore_label": CAMVID_IGNORE,
             "estimator_truth": "per-image top-label ECE, 15 bins, void excluded, every valid pixel "
                                "(segcal.estimation.ece_targets, kind='image')",

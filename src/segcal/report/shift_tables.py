@@ -208,6 +208,46 @@ def estimator_table(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def sts_selection_table(results: Mapping[str, Any]) -> list[str]:
+    """The ridge ``l2`` chosen for every anchored ``sts`` fit (fit set, seed), with the inner
+    leave-one-family-out mean NLL of each candidate (``–``: no selection, the reason given)."""
+    recs = [(grp, r) for grp, fits in (results.get("fits") or {}).items() for r in fits if "l2_selection" in r]
+    if not recs:
+        return []
+    grid = recs[0][1]["l2_selection"]["grid"]
+    lines = _head(["fit set", "row", "seed", "inner families", *[f"NLL l2={g:g}" for g in grid], "chosen l2"])
+    for grp, r in recs:
+        sel = r["l2_selection"]
+        nll = sel.get("mean_nll") or {}
+        cells = [fmt(nll.get(repr(float(g)))) for g in grid] if sel["selected"] else ["–"] * len(grid)
+        chosen = f"{sel['l2']:g}" + ("" if sel["selected"] else f" ({sel['why']})")
+        lines.append(_row([grp, r["method"], str(r["seed"]), ", ".join(sel["families"]) or "–", *cells, chosen]))
+    return lines
+
+
+def adaptation_table(results: Mapping[str, Any]) -> list[str]:
+    """PseudoCal's correction factor ``c`` (output ``base / c``) per condition and target row / seed,
+    before and after the floor (``min_correction``) where one applies."""
+    conds = results["conditions"]
+    keys = sorted({k for c in conds.values() for k in (c.get("adaptation") or {})})
+    if not keys:
+        return []
+    lines = _head(["set", *keys])
+    for tag, c in conds.items():
+        ad = c.get("adaptation") or {}
+        cells = []
+        for k in keys:
+            a = ad.get(k)
+            if not a:
+                cells.append("–")
+            elif "c_unclamped" in a and a["c_unclamped"] != a["correction"]:
+                cells.append(f"{fmt(a['c_unclamped'], 1.0, 2)} → {fmt(a['correction'], 1.0, 2)}")
+            else:
+                cells.append(fmt(a["correction"], 1.0, 2))
+        lines.append(_row([tag, *cells]))
+    return lines
+
+
 def shift_markdown_report(results: Mapping[str, Any]) -> str:
     """``results.md`` of ``segcal bench --shift-calibration``."""
     cfg = results["config"]
@@ -224,6 +264,8 @@ def shift_markdown_report(results: Mapping[str, Any]) -> str:
     out.append(f"- held-out test sets: {len(p['test']['images'])} CamVid test images per set; {p['test']['per_set']}")
     out.append(f"- evaluation: {p['eval_pixels']}; {p['bins']} bins; void (label {p['ignore_label']}) ignored")
     out.append(f"- CIs: {p['bootstrap']}; * = CI excludes 0")
+    if p.get("sts"):
+        out.append(f"- sts: {p['sts']}")
     cache = results.get("cache", {})
     out.append(f"- predictions: {cache.get('predicted_images')} images predicted, {cache.get('reused_images')} read "
                f"from the cache `{cache.get('root')}`")
@@ -237,6 +279,14 @@ def shift_markdown_report(results: Mapping[str, Any]) -> str:
         out += ["NLL:", "", *summary_table(results, "nll"), ""]
         out += ["mIoU:", "", *summary_table(results, "miou"), ""]
         out += ["## Targets (issue 17)", "", *targets_table(results), ""]
+    sel = sts_selection_table(results)
+    if sel:
+        out += ["## sts: the ridge chosen by leave-one-family-out within the fit families", "",
+                "Mean pooled NLL on the inner held-out family's perturbed val copies, per candidate `l2`:", "", *sel, ""]
+    ad = adaptation_table(results)
+    if ad:
+        out += ["## Target adaptation: PseudoCal's correction factor c (output base / c)", "",
+                "`a → b`: PseudoCal's value a, floored to b (`min_correction`, on a clean-anchored base).", "", *ad, ""]
     est = estimator_table(results)
     if est:
         out += ["## Label-free ECE estimator under held-out families", "",
@@ -260,6 +310,6 @@ def write_shift_outputs(run: BenchRun) -> dict[str, Any]:
     return write_outputs(run, markdown=shift_markdown_report)
 
 
-__all__ = ["MRI_CI_COLUMNS", "MRI_TABLE_COLUMNS", "ci_table", "condition_table", "estimator_table", "fmt",
-           "lofo_sets", "mri_sections", "mri_targets_table", "shift_markdown_report", "summary_table", "targets_table",
-           "write_shift_outputs"]
+__all__ = ["MRI_CI_COLUMNS", "MRI_TABLE_COLUMNS", "adaptation_table", "ci_table", "condition_table",
+           "estimator_table", "fmt", "lofo_sets", "mri_sections", "mri_targets_table", "shift_markdown_report",
+           "sts_selection_table", "summary_table", "targets_table", "write_shift_outputs"]
