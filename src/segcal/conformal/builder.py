@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from segcal.conformal.counting import Thresholds, count_chunk, loss_row
+from segcal.conformal.counting import Thresholds, count_chunk, loss_rows
 from segcal.conformal.tables import LossTable, check_grid, check_risk, default_grid
 from segcal.errors import InputError
 
@@ -112,13 +112,11 @@ class LossTableBuilder:
             hist_y += y
             out += o
         k_lo, k_hi = self._range if self._range is not None else (0, 0)
-        for i, stem in enumerate(stems):
-            loss, size, nv = loss_row(self.risk, self.tau, k_lo, k_hi, self._th, hist_all[i], hist_y[i],
-                                  int(out[i, 0]), int(out[i, 1]))
-            self._rows.append(loss)
-            self._sizes.append(size)
-            self._valid.append(nv)
-            self.stems.append(str(stem))
+        losses, sizes = loss_rows(self.risk, self.tau, k_lo, k_hi, self._th, hist_all, hist_y, out[:, 0], out[:, 1])
+        self._rows.extend(losses)
+        self._sizes.extend(sizes)
+        self._valid.extend(int(v) for v in out[:, 0])
+        self.stems.extend(str(stem) for stem in stems)
         self._batch = {}
         self._n = 0
 

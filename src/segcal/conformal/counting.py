@@ -75,9 +75,11 @@ class Thresholds:
         return found
 
     def below(self, hist: np.ndarray) -> np.ndarray:
-        """Per threshold (grid order), the number of counted values strictly below it."""
-        out = np.empty(self.ts.size, dtype=np.int64)
-        out[self.order] = np.cumsum(hist)[: self.ts.size]
+        """Per threshold (grid order), the number of counted values strictly below it; ``hist`` of
+        shape ``(..., g + 1)`` gives ``(..., g)`` (one row per image)."""
+        hist = np.asarray(hist)
+        out = np.empty((*hist.shape[:-1], self.ts.size), dtype=np.int64)
+        out[..., self.order] = np.cumsum(hist, axis=-1)[..., : self.ts.size]
         return out
 
 
@@ -235,26 +237,30 @@ def count_chunk(q: np.ndarray, lab: np.ndarray, valid: np.ndarray, k_lo: int, k_
     kernel[th.one_step](q, lab, valid, k_lo, k_hi, th.ts, th.tsp, th.lut, th.common, lo, hi, hist_all, hist_y, out)
 
 
-def loss_row(risk: str, tau: float | None, k_lo: int, k_hi: int, th: Thresholds,
-         hist_all: np.ndarray, hist_y: np.ndarray, n_valid: int, n_in: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """One image's losses and sizes from its counts."""
-    g = th.ts.size
-    losses = np.zeros(g, dtype=np.float64)
-    sizes = np.zeros(g, dtype=np.float64)
-    if n_valid == 0:
-        return losses, sizes, 0
+def loss_rows(risk: str, tau: float | None, k_lo: int, k_hi: int, th: Thresholds, hist_all: np.ndarray,
+              hist_y: np.ndarray, n_valid: np.ndarray, n_in: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The losses and set sizes ``(n, g)`` of ``n`` images from their counts (``hist_* (n, g + 1)``,
+    ``n_valid``, ``n_in (n,)``); an image without a valid pixel gets zeros."""
+    n_valid = np.asarray(n_valid, dtype=np.int64)
+    n_in = np.asarray(n_in, dtype=np.int64)
+    nv = np.maximum(n_valid, 1)[:, None].astype(np.float64)
+    has = (n_valid > 0)[:, None]
     if risk == "fnr":
-        sizes[:] = (n_valid - th.below(hist_all)) / n_valid
-        if n_in:
-            losses[:] = th.below(hist_y) / n_in
-        return losses, sizes, n_valid
-    miss = th.below(hist_y) / n_valid
-    sizes[:] = ((k_hi - k_lo) * n_valid - th.below(hist_all)) / n_valid
-    if risk == "miscoverage":
-        losses[:] = miss
+        sizes = (n_valid[:, None] - th.below(hist_all)) / nv
+        losses = np.where((n_in > 0)[:, None], th.below(hist_y) / np.maximum(n_in, 1)[:, None], 0.0)
     else:
-        losses[:] = ((1.0 - miss) < float(tau)).astype(np.float64)  # type: ignore[arg-type]
-    return losses, sizes, n_valid
+        miss = th.below(hist_y) / nv
+        sizes = ((k_hi - k_lo) * n_valid[:, None] - th.below(hist_all)) / nv
+        losses = miss if risk == "miscoverage" else ((1.0 - miss) < float(tau)).astype(np.float64)  # type: ignore[arg-type]
+    return np.where(has, losses, 0.0), np.where(has, sizes, 0.0)
+
+
+def loss_row(risk: str, tau: float | None, k_lo: int, k_hi: int, th: Thresholds,
+             hist_all: np.ndarray, hist_y: np.ndarray, n_valid: int, n_in: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """One image's losses, sizes and valid-pixel count from its counts (:func:`loss_rows` of one row)."""
+    losses, sizes = loss_rows(risk, tau, k_lo, k_hi, th, np.asarray(hist_all)[None], np.asarray(hist_y)[None],
+                              np.array([n_valid]), np.array([n_in]))
+    return losses[0], sizes[0], int(n_valid)
 
 
 def engine_probabilities(logits: torch.Tensor) -> np.ndarray:
@@ -283,4 +289,4 @@ def engine_probabilities(logits: torch.Tensor) -> np.ndarray:
 
 
 
-__all__ = ["Thresholds", "count_chunk", "count_kernel", "engine_probabilities", "loss_row", "numpy_counts"]
+__all__ = ["Thresholds", "count_chunk", "count_kernel", "engine_probabilities", "loss_row", "loss_rows", "numpy_counts"]
