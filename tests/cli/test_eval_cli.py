@@ -108,3 +108,18 @@ def test_eval_nifti_volumes(tmp_path):
                  "--no-progress"]) == 0
     ref = reference_metrics(softmax(np.stack(vols)), np.stack(labs))
     assert json.loads(out.read_text())["ece"] == pytest.approx(ref["ece"], abs=1e-12)
+
+
+def test_per_class_iou_of_the_ignore_class_reads_na() -> None:
+    """The ignore class (never labelled, outside the mIoU) and a class without any pixel print ``n/a``,
+    not an IoU of 0 or nan; the other classes print their IoU."""
+    import numpy as np
+
+    from segcal.cli.eval_cmd import format_table
+
+    res = {"n_images": 1, "n_pixels": 10, "iou_per_class": np.array([0.5, np.nan, 0.0, 0.25])}
+    text = format_table(res, ignore_index=3)
+    line = next(t for t in text.splitlines() if t.startswith("per-class IoU"))
+    assert line.split()[2:] == ["0:0.5000", "1:n/a", "2:0.0000", "3:n/a"]
+    assert "class 3 is the ignore index" in text
+    assert "ignore index" not in format_table(res, ignore_index=255)

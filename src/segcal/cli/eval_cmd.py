@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_type_from_args
 from segcal.conformal import (
     ConformalResult,
@@ -42,8 +44,9 @@ from segcal.report.reliability import figure_bytes, reliability_diagram
 #: the file types of the figure and report outputs
 SUFFIXES = {"--plot": (".png", ".svg"), "--html": (".html", ".htm")}
 
-def format_table(results: dict[str, Any]) -> str:
-    """The printed summary of ``CalibrationMetrics.compute()``."""
+def format_table(results: dict[str, Any], ignore_index: int | None = None) -> str:
+    """The printed summary of ``CalibrationMetrics.compute()``; the IoU of the class ``ignore_index``
+    (never labelled, not in the mIoU) and of a class without a labelled or predicted pixel reads ``n/a``."""
     lines = [f"{'metric':<30} {'value':>10}", "-" * 41]
     lines += [f"{label:<30} {v:>10.5f}" for label, v in headline(results, SUMMARY)]
     failure = headline(results, FAILURE)
@@ -54,7 +57,10 @@ def format_table(results: dict[str, Any]) -> str:
     iou = results.get("iou_per_class")
     if iou is not None:
         lines.append("")
-        lines.append("per-class IoU:  " + "  ".join(f"{i}:{v:.4f}" for i, v in enumerate(iou)))
+        shown = ["n/a" if i == ignore_index or not np.isfinite(v) else f"{v:.4f}" for i, v in enumerate(iou)]
+        lines.append("per-class IoU:  " + "  ".join(f"{i}:{v}" for i, v in enumerate(shown)))
+        if ignore_index is not None and 0 <= ignore_index < len(iou):
+            lines.append(f"(class {ignore_index} is the ignore index: not a label, not in the mIoU)")
     return "\n".join(lines)
 
 
@@ -213,7 +219,7 @@ def report(args: argparse.Namespace, evaluation: FolderEvaluation) -> None:
     conformal = None
     if args.conformal_out and evaluation.conformal is not None:
         conformal = conformal_result(args, evaluation.conformal)
-    print(format_table(results))
+    print(format_table(results, args.ignore_index))
     summary = folder_summary(evaluation, config, results)
     outputs: list[tuple[str, bytes | str, str]] = []
     if conformal is not None:
