@@ -14,8 +14,9 @@ spawn runs every two-rank case in turn (a fresh port each), to keep the file's t
   (floats to 1e-6, the selected epoch exactly), the pseudo-labels of every round bitwise; rank 1
   prints nothing;
 * ``--resume`` on two ranks from a two-rank run's epoch 1 equals one process's full run;
-* bad input (an estimator for another class count; images of two sizes with ``--batch-size 2``):
-  exit code 2 on both ranks.
+* bad input (an estimator for another class count; images of two sizes with ``--batch-size 2``;
+  a model that cannot run an empty batch when a batch leaves a rank without an image): exit code
+  2 on both ranks.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from segcal.pipeline.distributed import shard_bounds, world
 
 C = 4
 MODEL = "tiny-adapt-dist"
+NOEMPTY = "tiny-adapt-noempty"
 TOL = 1e-6
 
 
@@ -64,8 +66,16 @@ class TinyBN(nn.Module):
         return self.head(self.encoder(x))
 
 
+class NoEmpty(TinyBN):
+    """TinyBN that loops over the images of a batch and stacks them: fails on an empty batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.stack(list(x.unbind(0))))
+
+
 def _register() -> None:
     register_model(MODEL, TinyBN, num_classes=C, overwrite=True)
+    register_model(NOEMPTY, NoEmpty, num_classes=C, overwrite=True)
 
 
 def _images(folder: Path, n: int, seed: int, odd: int | None = None) -> Path:
@@ -77,8 +87,8 @@ def _images(folder: Path, n: int, seed: int, odd: int | None = None) -> Path:
     return folder
 
 
-def _adapt_args(images: Path, method: str, batch: int, *extra: str) -> list[str]:
-    return ["adapt", "--model", MODEL, "--target", str(images), "--method", method, "--batch-size", str(batch),
+def _adapt_args(images: Path, method: str, batch: int, *extra: str, model: str = MODEL) -> list[str]:
+    return ["adapt", "--model", model, "--target", str(images), "--method", method, "--batch-size", str(batch),
             "--lr", "0.05", "--no-progress", *extra]
 
 
@@ -164,6 +174,7 @@ def _worker(rank: int, ports: list[int], root: str) -> None:
     cli("bad_estimator", [*_adapt_args(base / "three", "calsfda", 2, "--estimator", str(base / "est5.pt")),
                           "--out", str(base / "bad1")])
     cli("bad_sizes", [*_adapt_args(base / "mixed", "tent", 2), "--out", str(base / "bad2")])
+    cli("bad_empty", [*_adapt_args(base / "three", "tent", 2, model=NOEMPTY), "--out", str(base / "bad3")])
     torch.save(results, base / f"rank{rank}.pt")
 
 
@@ -184,7 +195,7 @@ def runs(tmp_path_factory):
             assert main([*full, "--rounds", "2", "--out", str(base / "one_resume")]) == 0
     finally:
         unregister_model(MODEL)
-    mp.spawn(_worker, args=([free_port() for _ in range(8)], str(base)), nprocs=2, join=True)
+    mp.spawn(_worker, args=([free_port() for _ in range(9)], str(base)), nprocs=2, join=True)
     return base, [torch.load(base / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -277,8 +288,13 @@ def test_resume_on_two_ranks_equals_one_full_run(runs):
 
 @pytest.mark.slow
 def test_bad_input_exits_2_on_every_rank(runs):
-    _, ranks = runs
+    base, ranks = runs
     assert [r["bad_estimator"]["code"] for r in ranks] == [2, 2]
     assert all("trained for 5 classes" in r["bad_estimator"]["stderr"] for r in ranks)
     assert [r["bad_sizes"]["code"] for r in ranks] == [2, 2]
     assert all("different sizes" in r["bad_sizes"]["stderr"] for r in ranks)
+    # 3 images in batches of 2: the batch of 1 leaves rank 1 without an image, and this model
+    # cannot run an empty batch: refused on both ranks before any training (not a hang)
+    assert [r["bad_empty"]["code"] for r in ranks] == [2, 2]
+    assert all("cannot run on an empty batch" in r["bad_empty"]["stderr"] for r in ranks)
+    assert not (base / "bad3" / "epoch_000.pt").exists()

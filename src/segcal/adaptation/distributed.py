@@ -51,7 +51,7 @@ from segcal.pipeline.distributed import (
     shard_weighted,
 )
 
-__all__ = ["Team", "batch_input", "gather_rows", "pool_confidences", "pooled_thresholds"]
+__all__ = ["Team", "batch_input", "check_empty_batches", "gather_rows", "pool_confidences", "pooled_thresholds"]
 
 T = TypeVar("T")
 CPU = torch.device("cpu")
@@ -166,6 +166,40 @@ def batch_input(
     if idx:
         return stack(inputs, idx, device)
     return torch.empty((0, *shapes[batch[0]][1:]), dtype=dtype, device=device)
+
+
+def check_empty_batches(
+    team: Team, module: nn.Module, lengths: Sequence[int], shape: tuple[int, ...], dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Refuse, on every rank, a model that cannot run on an empty batch when one will be needed.
+
+    A global batch of fewer images than ranks leaves some rank without a row, and that rank runs
+    the model on a ``(0, 3, H, W)`` batch to take part in the collectives; a model that fails on it
+    would leave the other ranks waiting. Checked once, in eval mode, before any training.
+
+    Raises
+    ------
+    InputError
+        The model fails on an empty batch (every rank raises it).
+    """
+    short = sorted({n for n in lengths if n < team.size})
+    if not team.distributed or not short:
+        return
+
+    def run() -> None:
+        module.eval()
+        try:
+            with torch.no_grad():
+                module(torch.empty((0, *shape[1:]), dtype=dtype, device=device))
+        except Exception as exc:  # any failure of the model's own code
+            raise InputError(
+                f"the model cannot run on an empty batch ({type(exc).__name__}: {str(exc).splitlines()[0]}); with "
+                f"{team.size} processes a batch of {short[0]} image(s) leaves a rank without one: choose --batch-size "
+                f"and the number of target images so that every batch holds at least {team.size}, or use fewer "
+                "processes") from exc
+
+    team.gather(run)
 
 
 def pool_confidences(

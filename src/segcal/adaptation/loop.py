@@ -67,7 +67,7 @@ from segcal.adaptation.checkpoints import (
     select_checkpoint,
     write_log,
 )
-from segcal.adaptation.distributed import Team, batch_input, gather_rows
+from segcal.adaptation.distributed import Team, batch_input, check_empty_batches, gather_rows
 from segcal.adaptation.estimates import EstimatorGlue
 from segcal.adaptation.losses import CalSFDALoss
 from segcal.adaptation.rounds import round_labels, sharded_step
@@ -308,6 +308,8 @@ def _run(
         if cfg.batch_size > 1 and len(sizes) > 1:  # one process would fail to stack a batch, later
             raise InputError(f"target images of different sizes {sizes[:3]} with batch_size={cfg.batch_size}; "
                              "use images of one size or a batch size of 1")
+        check_empty_batches(team, module, [len(b) for b in batches(range(n), cfg.batch_size)], shapes[0], dtype,
+                            device)
 
     # ---- state (fresh or resumed)
     log: dict[str, Any] = {"method": cfg.method, "model": model_name, "config": cfg_json, "images": stems,
