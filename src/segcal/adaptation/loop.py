@@ -445,14 +445,12 @@ def _run(
         path = out / f"epoch_{epoch:03d}.pt"
         select_checkpoint(cfg.method, log, out)
 
-        payload = {
+        header = {
             "format": CHECKPOINT_FORMAT, "method": cfg.method, "epoch": epoch, "round": rnd, "phase": phase,
             "estimated_ece": entry["estimated_ece"], "config": cfg_json,
-            "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-            "optimizer": opt.state_dict(), "rng": g.get_state(), "log": json.dumps(log),
         }
         # rank 0 writes; every rank waits for it (and stops if it failed)
-        team.main(functools.partial(_write_epoch, path, payload, out / LOG_NAME, log))
+        team.main(functools.partial(_write_epoch, path, header, module, opt, g, out / LOG_NAME, log))
         checkpoints.append(path)
         if entry["estimated_ece"] is not None:
             bar.set_postfix(est_ece=f"{entry['estimated_ece']:.4f}",
@@ -468,7 +466,13 @@ def _run(
     )
 
 
-def _write_epoch(path: Path, payload: dict[str, Any], log_path: Path, log: dict[str, Any]) -> None:
-    """Write an epoch's checkpoint, then the log (rank 0)."""
-    save_checkpoint(path, payload)
+def _write_epoch(
+    path: Path, header: dict[str, Any], module: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator,
+    log_path: Path, log: dict[str, Any],
+) -> None:
+    """Write an epoch's checkpoint (weights, optimizer, generator state, log so far), then the log."""
+    save_checkpoint(path, {
+        **header, "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "optimizer": opt.state_dict(), "rng": g.get_state(), "log": json.dumps(log),
+    })
     write_log(log_path, log)
