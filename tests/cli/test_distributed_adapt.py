@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ C = 4
 MODEL = "tiny-adapt-dist"
 NOEMPTY = "tiny-adapt-noempty"
 TOL = 1e-6
+HANG_S = 300
 
 
 class TinyBN(nn.Module):
@@ -195,7 +197,13 @@ def runs(tmp_path_factory):
             assert main([*full, "--rounds", "2", "--out", str(base / "one_resume")]) == 0
     finally:
         unregister_model(MODEL)
-    mp.spawn(_worker, args=([free_port() for _ in range(9)], str(base)), nprocs=2, join=True)
+    ctx = mp.spawn(_worker, args=([free_port() for _ in range(9)], str(base)), nprocs=2, join=False)
+    deadline = time.monotonic() + HANG_S
+    while not ctx.join(timeout=2):  # a worker's exception is raised here
+        if time.monotonic() > deadline:  # a hang fails the test instead of blocking the suite
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the two-rank adapt runs did not finish in {HANG_S} s")
     return base, [torch.load(base / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

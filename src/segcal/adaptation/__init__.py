@@ -9,6 +9,10 @@
 * :mod:`~segcal.adaptation.estimates` -- per-image ECE estimates of a model on target images;
 * :mod:`~segcal.adaptation.checkpoints` -- per-epoch checkpoints, the JSON log, checkpoint
   selection and loading an adapted model back;
+* :mod:`~segcal.adaptation.sync_bn`, :mod:`~segcal.adaptation.distributed`,
+  :mod:`~segcal.adaptation.rounds` -- the same run on several ``torchrun`` processes: BatchNorm
+  statistics over every rank, each rank's rows of a batch, the gathers and sums, the sharded
+  pseudo-labels of a round;
 * :mod:`~segcal.adaptation.source` -- source training with ``CE + alpha · class-level ECE``
   (§3.15(c)) and source checkpoint selection by ECE (§3.15(d)).
 

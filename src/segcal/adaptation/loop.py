@@ -33,6 +33,13 @@ from a checkpoint (the round's pseudo-labels are reloaded from ``pseudo_roundR.n
 **No target label is ever read**: target images come from a list of paths, an image folder, or a
 dataset alias such as ``camvid:train`` of which only the image folder is resolved.
 
+Under ``torchrun`` (an initialised default process group of several ranks) every rank runs
+:func:`adapt` with the same arguments and the result is the one-process run's: each global batch
+is split over the ranks, BatchNorm statistics (:mod:`~segcal.adaptation.sync_bn`), losses and
+gradients are summed over them, the per-image passes are sharded and gathered, and rank 0 writes
+(:mod:`~segcal.adaptation.distributed`, ``docs/adaptation.md`` "Under torchrun"). One process runs
+exactly the code of before.
+
 Estimators: an :class:`~segcal.estimation.ECEEstimator` trained on ``"logits"`` (then its class
 count must equal the model's, or ``class_mapping.num_target`` when a mapping is given: the
 estimator then sees the mapped logits while the model is adapted in its own label space), one
