@@ -15,9 +15,9 @@ from segcal.cli import main
 C = 4
 
 
-@pytest.mark.parametrize("n", [5, 1])
-def test_two_ranks_fit_and_eval_like_one_process(tmp_path, n) -> None:
-    rng = np.random.default_rng(10 + n)
+def _folder(tmp_path, n: int, seed: int, void: float = 0.0):
+    """``n`` float16 logit files (4 classes, 9+i x 11) and PNG labels, ``void`` of them 255."""
+    rng = np.random.default_rng(seed)
     pred, lab = tmp_path / "pred", tmp_path / "labels"
     pred.mkdir()
     lab.mkdir()
@@ -25,9 +25,15 @@ def test_two_ranks_fit_and_eval_like_one_process(tmp_path, n) -> None:
         shape = (9 + i, 11)
         z = (rng.normal(size=(C, *shape)) * 3).astype(np.float16)
         y = np.where(rng.random(shape) < 0.6, z.argmax(0), rng.integers(0, C, shape)).astype(np.uint8)
-        y[rng.random(shape) < 0.05] = 255
+        y[rng.random(shape) < void] = 255
         np.save(pred / f"img_{i:03d}.npy", z)
         Image.fromarray(y).save(lab / f"img_{i:03d}.png")
+    return pred, lab
+
+
+@pytest.mark.parametrize("n", [5, 1])
+def test_two_ranks_fit_and_eval_like_one_process(tmp_path, n) -> None:
+    pred, lab = _folder(tmp_path, n, 10 + n, void=0.05)
     common = ["--pred", str(pred), "--labels", str(lab), "--no-progress"]
     fit = ["conformal", "fit", *common, "--ignore-index", "255", "--risk", "miscoverage", "--alpha", "0.9"]
     assert main([*fit, "--out", str(tmp_path / "one.json")]) == 0
@@ -43,20 +49,6 @@ def test_two_ranks_fit_and_eval_like_one_process(tmp_path, n) -> None:
     assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
     assert ranks[1].stdout == ""
     assert (tmp_path / "e2.json").read_bytes() == (tmp_path / "e1.json").read_bytes()
-
-
-def _folder(tmp_path, n: int, seed: int):
-    rng = np.random.default_rng(seed)
-    pred, lab = tmp_path / "pred", tmp_path / "labels"
-    pred.mkdir()
-    lab.mkdir()
-    for i in range(n):
-        shape = (9 + i, 11)
-        z = (rng.normal(size=(C, *shape)) * 3).astype(np.float16)
-        y = np.where(rng.random(shape) < 0.6, z.argmax(0), rng.integers(0, C, shape)).astype(np.uint8)
-        np.save(pred / f"img_{i:03d}.npy", z)
-        Image.fromarray(y).save(lab / f"img_{i:03d}.png")
-    return pred, lab
 
 
 @pytest.mark.parametrize("n", [5, 1])
