@@ -573,3 +573,18 @@ def test_cli_quick_real_camvid(tmp_path, monkeypatch, capsys):
                str(tmp_path / "est11.pt"), "--out", str(tmp_path / "o2"), "--quick", "--max-images", "2",
                "--no-progress"])
     assert rc == 2 and "trained for 11 classes" in capsys.readouterr().err
+
+
+def test_images_of_two_sizes_with_batches_refused_before_training(tmp_path):
+    """One process, --batch-size > 1, images of two sizes: an InputError naming the sizes before
+    anything is written (it was a raw torch.cat error mid-epoch); batch size 1 runs."""
+    from segcal.errors import InputError
+
+    imgs = toy_images(3)
+    imgs[1] = np.zeros((20, 16, 3), dtype=np.uint8)
+    with pytest.raises(InputError, match=r"different sizes .*batch_size=2"):
+        run_toy(tmp_path, "tent", images=imgs, out_dir=tmp_path / "two")
+    assert not (tmp_path / "two" / "epoch_000.pt").exists()
+    res = adapt(toy_model(), imgs, ConfidenceBaseline("maxprob"), method="tent", lr=1e-2, num_classes=4,
+                out_dir=tmp_path / "one", progress=False, batch_size=1, rounds=1, epochs_per_round=1)
+    assert res.checkpoints

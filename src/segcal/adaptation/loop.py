@@ -317,6 +317,13 @@ def _run(
                              "use images of one size or a batch size of 1")
         check_empty_batches(team, module, [len(b) for b in batches(range(n), cfg.batch_size)], shapes[0], dtype,
                             device)
+    elif cfg.batch_size > 1 and len({r.shape[:2] for r in inputs.raw}) > 1:
+        # one process: refuse what would fail to stack a batch later (preprocessed shapes, looked at
+        # only when the raw sizes differ: a preprocess may resize)
+        sizes = sorted({tuple(inputs[i].shape[1:]) for i in range(n)})
+        if len(sizes) > 1:
+            raise InputError(f"target images of different sizes {sizes[:3]} with batch_size={cfg.batch_size}; "
+                             "use images of one size or a batch size of 1")
 
     # ---- state (fresh or resumed)
     log: dict[str, Any] = {"method": cfg.method, "model": model_name, "config": cfg_json, "images": stems,
