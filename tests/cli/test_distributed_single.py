@@ -4,6 +4,7 @@
   ``torchrun`` processes (``segcal adapt`` runs distributed: ``test_distributed_adapt.py``): exit code 2 on every rank with one line naming torchrun
   and WORLD_SIZE, nothing written. No process group is opened, so each rank is tested here
   in-process with torchrun's variables set (the same code runs on every rank).
+* ``segcal calibrators`` prints on rank 0 alone.
 * ``segcal export`` works: rank 0 writes the one file while the other rank waits; the exported
   program equals one process's; a refusal on rank 0 stops both ranks with exit code 2.
 """
@@ -50,6 +51,14 @@ def test_one_machine_commands_refuse_several_processes(tmp_path, monkeypatch, ca
     assert err.startswith(f"segcal {command}: error: torchrun: segcal {command} runs in one process")
     assert "WORLD_SIZE=2" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_calibrators_listing_is_printed_by_rank_0_alone(monkeypatch, capsys, rank):
+    _as_rank(monkeypatch, rank)
+    assert main(["calibrators"]) == 0
+    out = capsys.readouterr().out
+    assert ("temperature" in out) == (rank == 0), out[:200]
 
 
 def test_one_process_under_torchrun_is_not_refused(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """``segcal calibrators``: list the registered calibrators, their aliases and guarantees.
 
-The arguments (none) are declared in :mod:`segcal.cli.parsers.calibrators`.
+The arguments (none) are declared in :mod:`segcal.cli.parsers.calibrators`. Under ``torchrun``
+rank 0 alone prints (no process group is needed for a listing).
 """
 
 from __future__ import annotations
@@ -8,10 +9,13 @@ from __future__ import annotations
 import argparse
 
 from segcal.calibrators import available
+from segcal.pipeline.distributed import launched_rank
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print one row per registered calibrator."""
+    """Print one row per registered calibrator (rank 0 alone under torchrun)."""
+    if launched_rank() != 0:
+        return 0
     rows = available()
     yn = {True: "yes", False: "no"}
     header = ("name", "aliases", "TI", "AP", "OP", "section", "description")

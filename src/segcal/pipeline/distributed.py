@@ -78,6 +78,16 @@ def launched() -> bool:
     return bool(dist.is_torchelastic_launched()) or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def launched_rank() -> int:
+    """This process's rank in a launched job (``RANK``); 0 when not launched (no group is opened)."""
+    if not launched():
+        return 0
+    try:
+        return max(0, int(os.environ.get("RANK", "0")))
+    except ValueError:
+        return 0
+
+
 def launched_size() -> int:
     """The number of processes of a launched job (``WORLD_SIZE``); 1 when not launched."""
     if not launched():
@@ -259,6 +269,7 @@ __all__ = [
     "backend_for",
     "current",
     "launched",
+    "launched_rank",
     "launched_size",
     "on_each",
     "on_main",
