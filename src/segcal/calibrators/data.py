@@ -27,6 +27,7 @@ Every hook of a calibrator subclass that sees data (``_stats_fn``, ``_stage_loss
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from segcal.validation import (
     check_scores,
 )
 
-__all__ = ["Batch", "FitData", "FolderBatches", "check_image", "iter_row_chunks", "prepare_data", "split_val"]
+__all__ = ["Batch", "FitData", "FolderBatches", "check_finite_rows", "check_image", "iter_row_chunks", "prepare_data", "split_val"]
 
 
 @dataclass
@@ -165,18 +166,22 @@ class FitData:
             batches = [self.batches[i] for i in order]
         else:
             batches = self.iter_batches()
+        streamed = self.batches is None
         for b in batches:
             if b.valid is not None or b.n <= chunk_size:
                 yield b
-                continue
-            if gen is not None:
+            elif gen is not None:
                 perm = torch.randperm(b.n, generator=gen)
                 for s in range(0, b.n, chunk_size):
                     idx = perm[s : s + chunk_size]
                     yield Batch(b.x[idx], b.y[idx])
             else:
                 for s in range(0, b.n, chunk_size):
-                    yield Batch(b.x[s : s + chunk_size], b.y[s : s + chunk_size])
+                    x, y = b.x[s : s + chunk_size], b.y[s : s + chunk_size]
+                    if streamed and s + chunk_size >= b.n:  # a caller holding the last chunk
+                        x, y = x.clone(), y.clone()        # must not keep the file's rows alive
+                    yield Batch(x, y)
+            del b  # streamed: this file's rows are freed before the next file is read
 
     def iter_steps(self, batch_size: int, gen: torch.Generator | None = None,
                    images: int | None = None) -> Iterator[list[Batch]]:
@@ -293,6 +298,23 @@ def check_image(image: Any, scores: torch.Tensor, image_channels: int, name: str
     return img
 
 
+def check_finite_rows(rows: torch.Tensor, name: str) -> None:
+    """Raise (as :func:`segcal.validation.check_finite`) if ``rows`` holds NaN or infinite values.
+
+    The test is the minimum and maximum (``torch.aminmax`` propagates NaN), one pass without
+    temporaries: ~10 ms for a 19 x 1024 x 2048 float16 map, against 100-500 ms for
+    ``torch.isfinite`` on float16 (docs/scaling.md); a non-finite extreme runs the counting check.
+
+    Parameters
+    ----------
+    rows, name
+        Floating scores of any shape; what the message names (``logits``, ``val``).
+    """
+    lo, hi = torch.aminmax(rows) if rows.numel() else (0.0, 0.0)
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        check_finite(rows, name)
+
+
 def _prepare_batch(
     scores: Any,
     labels: Any,
@@ -329,10 +351,12 @@ def _prepare_batch(
     if mask is not None:
         valid &= check_mask(mask, expected)
     c = s.shape[1]
-    check_label_range(y, valid, c, "labels" if what == "logits" else f"{what} labels")
+    label_name = "labels" if what == "logits" else f"{what} labels"
+    if spatial:
+        check_label_range(y, valid, c, label_name)
     store_dtype = s.dtype if s.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     if spatial:
-        check_finite(s, what)
+        check_finite_rows(s, what)
         if input_type == "probs":
             check_probabilities(s, what, dim=1)
         ys = torch.where(valid, y, torch.zeros_like(y)).to(torch.int64)
@@ -346,12 +370,16 @@ def _prepare_batch(
                 out.append(Batch(s[i : i + 1].to(store_dtype), ys[i : i + 1], valid[i : i + 1],
                                   None if img is None else img[i : i + 1]))
         return out
+    keep = valid.reshape(-1).nonzero().squeeze(1)  # the valid pixels, in row-major order
     if s.ndim == 2:
-        rows = s[valid]
-        yy = y[valid]
+        rows = s[keep]
+    elif s.shape[0] == 1:  # one map (a folder's file): a 1-D index gather, no 3-D nonzero
+        rows = s[0].reshape(c, -1).t()[keep]  # (40-60 % faster, ~45 MiB less transient)
     else:
         rows = s.movedim(1, -1)[valid]
-        yy = y[valid]
+    yy = y.reshape(-1).index_select(0, keep)  # = y[valid], several times faster for uint8 maps
+    if yy.numel() and (int(yy.min()) < 0 or int(yy.max()) >= c):
+        check_label_range(y, valid, c, label_name)  # raises, naming the labels
     if subsample is not None and rows.shape[0] > 0:
         k = max(1, round(rows.shape[0] * subsample))
         idx = torch.randperm(rows.shape[0], generator=gen)[:k].sort().values
@@ -359,7 +387,7 @@ def _prepare_batch(
     if rows.shape[0] == 0:
         return None
     rows = rows.to(store_dtype).contiguous()
-    check_finite(rows, what)
+    check_finite_rows(rows, what)
     if input_type == "probs":
         check_probabilities(rows, what, dim=1)
     return [Batch(rows, yy.to(torch.int64))]
@@ -427,8 +455,9 @@ def prepare_data(
             nc = int(sc_shape_c) if nc is None else nc  # every later batch must have these classes
             if bar is not None:
                 bar.update(1)
-            for b in got or []:
-                yield b, int(sc_shape_c)
+            while got:  # handed over one by one: no reference to this file while the next is read
+                yield got.pop(0), int(sc_shape_c)
+            del item, sc, la, ma, im
 
     bar = None
     if progress:
@@ -452,6 +481,7 @@ def prepare_data(
                     kept = None  # too large: stream instead (keep counting)
                 else:
                     kept.append(b)
+            del b
     except Exception as exc:
         if fg is None:
             raise
@@ -493,6 +523,7 @@ def prepare_data(
         g = torch.Generator().manual_seed(int(seed) + 7919)  # same subsample every pass
         for b, _ in batches(nc, g):
             yield b
+            del b
 
     return FitData(nc, n, stream=stream, info={**info, "mode": "streaming"}, group=fg, layout=layout)
 

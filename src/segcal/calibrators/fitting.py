@@ -8,8 +8,9 @@ module holds the settings and the optimisation loops.
   mini-batch Adam over streamed batches otherwise. ``"lbfgs"`` on streamed data evaluates the exact
   full-batch objective by streaming (bounded memory, one read of the data per evaluation);
   ``"adam"`` on in-memory data takes mini-batches of ``batch_size`` pixels.
-* Full-batch objectives are evaluated chunk by chunk (``chunk_size`` rows) with a backward pass per
-  chunk, so memory is bounded by one chunk's autograd graph; non-linear objectives (soft Dice,
+* Full-batch objectives are evaluated chunk by chunk (at most ``chunk_size`` rows and
+  ``chunk_elements`` values: :meth:`FitSettings.chunk_rows`) with a backward pass per chunk, so
+  memory is bounded by one chunk's autograd graph, whatever the class count; non-linear objectives (soft Dice,
   differentiable ECE) are handled exactly through their additive statistics (see
   :mod:`segcal.calibrators.objectives`).
 * Early stopping on the validation NLL (``patience`` evaluations without an improvement larger
@@ -32,6 +33,7 @@ module holds the settings and the optimisation loops.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -421,6 +423,8 @@ def minimize(
     """
     t0 = time.perf_counter()
     params = [p for p in params if p.requires_grad]
+    # from here on ``chunk_size`` is the rows of one chunk: bounded by rows and by values
+    settings = dataclasses.replace(settings, chunk_size=settings.chunk_rows(train.num_classes))
     if active() is not None and (train.group is None or val_stats_fn is not None):
         raise ValueError("fit: this calibrator's fit (its own training data or target: selective scaling, "
                          "independent experts, ...) is not distributed yet; fit it in one process")

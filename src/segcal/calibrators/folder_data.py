@@ -71,3 +71,4 @@ class FolderBatches:
             scores, labels, itype = self.folder.read(it)
             image = None if self.image_dir is None else self.read_image(it.stem)[None]
             yield scores[None], labels[None], None, itype, image, str(it.path)
+            del scores, labels, image  # the file (a memory map) is released before the next read

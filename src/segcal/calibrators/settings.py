@@ -8,7 +8,15 @@ from typing import Any
 
 from segcal.calibrators.objectives import get_objective
 
-__all__ = ["FitSettings", "fit_config"]
+__all__ = ["CHUNK_ELEMENTS", "FitSettings", "fit_config"]
+
+#: The most values (rows x classes) in one chunk of a full-batch evaluation: 2^20, i.e. 4 MiB per
+#: float32 temporary of the chunk's forward and backward pass whatever the class count (55,188
+#: rows of 19 classes, 87,381 of 12). Measured on 19 x 1024 x 2048 float16 maps (docs/scaling.md):
+#: chunks of 2^20 rows x 19 classes made 80-160 MiB temporaries, most of a streamed fit's peak
+#: memory, and ran about 3x slower per value than chunks of 2^20 values (every temporary a fresh,
+#: page-faulted allocation, out of cache).
+CHUNK_ELEMENTS = 2**20
 
 
 @dataclass
@@ -16,9 +24,10 @@ class FitSettings:
     """Settings of one run of :func:`minimize` (the calibrator's fit keyword arguments).
 
     ``max_iter`` bounds L-BFGS iterations, ``max_steps`` Adam steps; ``batch_size`` is the pixels
-    per Adam step, ``chunk_size`` the rows per chunk of a full-batch evaluation; ``images_per_step``
-    the whole images per Adam step for spatial data (None: ``batch_size``). ``progress`` shows a
-    tqdm bar on stderr labelled ``progress_label``.
+    per Adam step, ``chunk_size`` the most rows per chunk of a full-batch evaluation and
+    ``chunk_elements`` the most values (rows x classes) per chunk (:meth:`chunk_rows`: the rows
+    used); ``images_per_step`` the whole images per Adam step for spatial data (None:
+    ``batch_size``). ``progress`` shows a tqdm bar on stderr labelled ``progress_label``.
     """
 
     optimizer: str
@@ -39,6 +48,23 @@ class FitSettings:
     images_per_step: int | None = None  # spatial data: whole images per Adam step (None: batch_size)
     progress: bool = False
     progress_label: str = "fit"
+    chunk_elements: int = CHUNK_ELEMENTS
+
+    def chunk_rows(self, num_classes: int) -> int:
+        """Rows per chunk of a full-batch evaluation on ``num_classes`` classes.
+
+        Parameters
+        ----------
+        num_classes
+            Values per row (the scores' class count).
+
+        Returns
+        -------
+        int
+            ``min(chunk_size, chunk_elements // num_classes)``, at least 1: the chunk is bounded
+            by its values, so 19 and 12 classes make temporaries of the same size.
+        """
+        return max(1, min(int(self.chunk_size), int(self.chunk_elements) // max(1, int(num_classes))))
 
     @classmethod
     def from_config(cls, config: dict[str, Any], **overrides: Any) -> FitSettings:
