@@ -84,20 +84,30 @@ def test_probabilities_given_as_logits_and_back():
     check_input_kind(p.half(), "probs", "preds")
 
 
-def test_check_finite_in_slices_finds_a_value_in_any_slice_and_counts_all():
-    """check_finite checks large tensors slice by slice (bounded memory): a non-finite value in the
-    last slice, or in a non-contiguous view, is still found and every one is counted."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_check_finite_finds_any_nan_or_inf_and_counts_all(dtype):
+    """check_finite (min / max test): a NaN or inf anywhere -- first or last element, alone or
+    with the other, in a non-contiguous view, a NaN beside +inf and -inf -- is found and every one
+    counted; finite, empty and integer input passes."""
     from segcal import validation as v
 
-    n = (1 << 23) + 5  # two slices of 2^22 and a short one
-    x = torch.zeros(n, dtype=torch.float16)
+    n = (1 << 23) + 5
+    x = torch.zeros(n, dtype=dtype)
     v.check_finite(x, "x")
+    for i, val in [(0, "nan"), (n - 1, "nan"), (n - 1, "inf"), (7, "-inf")]:
+        z = x.clone()
+        z[i] = float(val)
+        want = "1 NaN, 0 inf" if val == "nan" else "0 NaN, 1 inf"
+        with pytest.raises(InputError, match=rf"x: contains non-finite values \({want}\)"):
+            v.check_finite(z, "x")
     x[-1] = float("nan")
     x[3] = float("inf")
-    with pytest.raises(InputError, match=r"x: contains non-finite values \(1 NaN, 1 inf\)"):
+    x[4] = float("-inf")
+    with pytest.raises(InputError, match=r"x: contains non-finite values \(1 NaN, 2 inf\)"):
         v.check_finite(x, "x")
-    y = torch.zeros(19, 64, 64).movedim(0, -1)  # not contiguous
+    y = torch.zeros(19, 64, 64, dtype=dtype).movedim(0, -1)  # not contiguous
     y[5, 7, 3] = float("-inf")
     with pytest.raises(InputError, match="0 NaN, 1 inf"):
         v.check_finite(y, "y")
-    v.check_finite(torch.zeros(0), "empty")
+    v.check_finite(torch.zeros(0, dtype=dtype), "empty")
+    v.check_finite(torch.arange(10), "ints")

@@ -11,6 +11,7 @@ needed (numpy -> torch is zero-copy for supported dtypes).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Literal
 
@@ -153,23 +154,25 @@ def check_mask(mask: Any, expected_shape: tuple[int, ...], name: str = "mask", d
     return t
 
 
-#: elements per slice of :func:`check_finite` (torch's ``isfinite`` makes several full-size
-#: temporaries: on a 19 x 1024 x 2048 map, about 200 MiB at once)
-_FINITE_SLICE = 1 << 22
-
-
 def check_finite(chunk: torch.Tensor, name: str) -> None:
-    """Raise if ``chunk`` holds NaN or infinite values (checked in slices: bounded memory)."""
-    flat = chunk.reshape(-1) if chunk.is_contiguous() else chunk
-    if flat.ndim == 1 and flat.numel() > _FINITE_SLICE:
-        finite = all(bool(torch.isfinite(flat[i : i + _FINITE_SLICE]).all())
-                     for i in range(0, flat.numel(), _FINITE_SLICE))
-    else:
-        finite = bool(torch.isfinite(chunk).all())
-    if not finite:
-        n_nan = int(torch.isnan(chunk).sum())
-        n_inf = int(torch.isinf(chunk).sum())
-        raise InputError(f"{name}: contains non-finite values ({n_nan} NaN, {n_inf} inf)")
+    """Raise if ``chunk`` holds NaN or infinite values.
+
+    The test is the minimum and maximum of floating input (``torch.aminmax``: one pass, no
+    temporaries, NaN propagates): ~25 ms for a 19 x 1024 x 2048 float16 map against ~400 ms for
+    ``torch.isfinite`` (docs/scaling.md); only when an extreme is not finite are the NaN and inf
+    counted, for the message. Integer and boolean input is finite.
+    """
+    if chunk.numel() == 0 or not (chunk.is_floating_point() or chunk.is_complex()):
+        return
+    if chunk.is_floating_point():
+        lo, hi = torch.aminmax(chunk)
+        if math.isfinite(float(lo)) and math.isfinite(float(hi)):
+            return
+    elif bool(torch.isfinite(chunk).all()):
+        return
+    n_nan = int(torch.isnan(chunk).sum())
+    n_inf = int(torch.isinf(chunk).sum())
+    raise InputError(f"{name}: contains non-finite values ({n_nan} NaN, {n_inf} inf)")
 
 
 def check_label_range(
