@@ -51,6 +51,7 @@ from segcal.calibrators.data import (
 from segcal.calibrators.fitting import FitSettings, fit_config, fit_summary, minimize
 from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.persistence import check_finite_state, export_torchscript, save_calibrator
+from segcal.calibrators.settings import CHUNK_ELEMENTS
 from segcal.errors import InputError
 from segcal.validation import (
     as_tensor,
@@ -445,11 +446,10 @@ class Calibrator(nn.Module):
             raise NotFittedError(f"{type(self).__name__}: call fit() (or segcal.load) before use")
 
     def forward(self, logits: Any, image: Any = None) -> Any:
-        """Calibrated logits of the input's shape (numpy in -> numpy out; float32).
+        """Calibrated logits of the input's shape (numpy in -> numpy out; float32), chunk by chunk.
 
         ``image``: the input images ``(N, image_channels, *spatial)`` of ``logits``, required by
-        calibrators with an image branch (:attr:`uses_image`) and rejected by the others.
-        """
+        calibrators with an image branch (:attr:`uses_image`) and rejected by the others."""
         self._check_ready()
         if torch.compiler.is_compiling():  # torch.export: the map, without validation or chunks
             return self._apply_image_map(self._canonical(torch.as_tensor(logits), dim=1), image)
@@ -466,7 +466,7 @@ class Calibrator(nn.Module):
         elif image is not None:
             raise ValueError(f"image: given, but this {self.name} calibrator has no image branch")
         dev = self.device
-        chunk = self._fit_kw["chunk_size"]
+        chunk = max(1, min(self._fit_kw["chunk_size"], CHUNK_ELEMENTS // max(1, int(t.shape[1]))))
         if self.spatial:
             outs = []
             step = chunk if t.ndim == 2 else 1  # tables: chunks of isolated pixels
