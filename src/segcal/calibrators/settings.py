@@ -8,15 +8,38 @@ from typing import Any
 
 from segcal.calibrators.objectives import get_objective
 
-__all__ = ["CHUNK_ELEMENTS", "FitSettings", "fit_config"]
+__all__ = ["CHUNK_ELEMENTS", "FitSettings", "chunk_rows", "fit_config"]
 
 #: The most values (rows x classes) in one chunk of a full-batch evaluation: 2^20, i.e. 4 MiB per
 #: float32 temporary of the chunk's forward and backward pass whatever the class count (55,188
-#: rows of 19 classes, 87,381 of 12). Measured on 19 x 1024 x 2048 float16 maps (docs/scaling.md):
-#: chunks of 2^20 rows x 19 classes made 80-160 MiB temporaries, most of a streamed fit's peak
-#: memory, and ran about 3x slower per value than chunks of 2^20 values (every temporary a fresh,
-#: page-faulted allocation, out of cache).
+#: rows of 19 classes, 87,381 of 12). Measured on 19-class float16 rows (docs/scaling.md): chunks
+#: of 2^20 rows (20 Mi values) made 80-160 MiB temporaries, most of a streamed fit's peak memory
+#: (streamed TS on 19 x 1024 x 2048 maps: 1078 MiB; 701 / 754 / 855 MiB with 2^20 / 2^21 / 2^22
+#: values), and ran 2.3-2.7x slower per value than 2^20 values with one thread, or with two on
+#: idle cores. With two threads on cores shared with another job every chunk pays the threads'
+#: synchronisation, and 2^20 values were then 3.2x slower than 2^22 (and 3.7x 20 Mi values).
 CHUNK_ELEMENTS = 2**20
+
+
+def chunk_rows(chunk_size: int, num_classes: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk of ``num_classes`` values: at most ``chunk_size`` rows and ``chunk_elements``
+    values (the fit's full-batch chunks and :meth:`Calibrator.forward`'s).
+
+    Parameters
+    ----------
+    chunk_size
+        The most rows (the calibrator's ``chunk_size``).
+    num_classes
+        Values per row.
+    chunk_elements
+        The most values (rows x classes).
+
+    Returns
+    -------
+    int
+        ``min(chunk_size, chunk_elements // num_classes)``, at least 1.
+    """
+    return max(1, min(int(chunk_size), int(chunk_elements) // max(1, int(num_classes))))
 
 
 @dataclass
@@ -61,10 +84,10 @@ class FitSettings:
         Returns
         -------
         int
-            ``min(chunk_size, chunk_elements // num_classes)``, at least 1: the chunk is bounded
-            by its values, so 19 and 12 classes make temporaries of the same size.
+            :func:`chunk_rows` of these settings: the chunk is bounded by its values, so 19 and
+            12 classes make temporaries of the same size.
         """
-        return max(1, min(int(self.chunk_size), int(self.chunk_elements) // max(1, int(num_classes))))
+        return chunk_rows(self.chunk_size, num_classes, self.chunk_elements)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], **overrides: Any) -> FitSettings:
