@@ -51,7 +51,7 @@ from segcal.calibrators.data import (
 from segcal.calibrators.fitting import FitSettings, fit_config, fit_summary, minimize
 from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.persistence import check_finite_state, export_torchscript, save_calibrator
-from segcal.calibrators.settings import CHUNK_ELEMENTS
+from segcal.calibrators.settings import chunk_rows
 from segcal.errors import InputError
 from segcal.validation import (
     as_tensor,
@@ -466,7 +466,7 @@ class Calibrator(nn.Module):
         elif image is not None:
             raise ValueError(f"image: given, but this {self.name} calibrator has no image branch")
         dev = self.device
-        chunk = max(1, min(self._fit_kw["chunk_size"], CHUNK_ELEMENTS // max(1, int(t.shape[1]))))
+        chunk = chunk_rows(self._fit_kw["chunk_size"], int(t.shape[1]))
         if self.spatial:
             outs = []
             step = chunk if t.ndim == 2 else 1  # tables: chunks of isolated pixels
