@@ -78,24 +78,25 @@ def launched() -> bool:
     return bool(dist.is_torchelastic_launched()) or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def _launched_env(name: str, default: int) -> int:
+    """The integer ``name`` of a launched job's environment, at least ``default``; ``default``
+    when not launched or not an integer."""
+    if not launched():
+        return default
+    try:
+        return max(default, int(os.environ.get(name, str(default))))
+    except ValueError:
+        return default
+
+
 def launched_rank() -> int:
     """This process's rank in a launched job (``RANK``); 0 when not launched (no group is opened)."""
-    if not launched():
-        return 0
-    try:
-        return max(0, int(os.environ.get("RANK", "0")))
-    except ValueError:
-        return 0
+    return _launched_env("RANK", 0)
 
 
 def launched_size() -> int:
     """The number of processes of a launched job (``WORLD_SIZE``); 1 when not launched."""
-    if not launched():
-        return 1
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    return _launched_env("WORLD_SIZE", 1)
 
 
 def single_process(command: str, why: str) -> None:
