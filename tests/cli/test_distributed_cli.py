@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from folders import logit_folder
 from ranks import free_port, two_ranks
 from segcal.calibrators import create
 from segcal.calibrators import load as load_calibrator
@@ -28,21 +29,6 @@ from segcal.pipeline.distributed import world
 from segcal.pipeline.predict import predict_folder
 
 C = 4
-
-
-def _folder(tmp_path, n: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    pred, lab = tmp_path / "pred", tmp_path / "labels"
-    pred.mkdir()
-    lab.mkdir()
-    for i in range(n):
-        shape = (10 + i, 12)
-        z = (rng.normal(size=(C, *shape)) * 3).astype(np.float16)
-        y = np.where(rng.random(shape) < 0.6, z.argmax(0), rng.integers(0, C, shape)).astype(np.uint8)
-        y[rng.random(shape) < 0.05] = 255
-        np.save(pred / f"img_{i:03d}.npy", z)
-        Image.fromarray(y).save(lab / f"img_{i:03d}.png")
-    return pred, lab
 
 
 def _same_tree(a, b) -> None:
@@ -65,7 +51,7 @@ def _check_rank_outputs(ranks) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [5, 1])
 def test_apply_two_ranks_write_the_same_folder(tmp_path, n):
-    pred, lab = _folder(tmp_path, n)
+    pred, lab = logit_folder(tmp_path, n)
     cal = create("ts").fit(str(pred), str(lab), ignore_index=255)
     cal.save(tmp_path / "ts.pt")
     args = ["apply", "--pred", str(pred), "--calibrator", str(tmp_path / "ts.pt"), "--no-progress"]
@@ -80,7 +66,7 @@ def test_apply_two_ranks_write_the_same_folder(tmp_path, n):
 
 @pytest.mark.slow
 def test_apply_a_failing_rank_stops_both_and_leaves_the_folder_incomplete(tmp_path):
-    pred, _ = _folder(tmp_path, 5)
+    pred, _ = logit_folder(tmp_path, 5)
     create("ts").fit(str(pred), str(tmp_path / "labels"), ignore_index=255).save(tmp_path / "ts.pt")
     (pred / "img_004.npy").write_bytes(b"not a numpy file")  # in rank 1's block (img_003..004)
     ranks = two_ranks(["apply", "--pred", str(pred), "--calibrator", str(tmp_path / "ts.pt"),
@@ -93,7 +79,7 @@ def test_apply_a_failing_rank_stops_both_and_leaves_the_folder_incomplete(tmp_pa
 # --------------------------------------------------------------------------------- estimate
 @pytest.mark.slow
 def test_estimate_train_and_baseline_two_ranks_equal_one_process(tmp_path):
-    pred, lab = _folder(tmp_path, 5)
+    pred, lab = logit_folder(tmp_path, 5)
     train = ["estimate", "--train", "--pred", str(pred), "--labels", str(lab), "--ignore-index", "255",
              "--epochs", "5"]
     assert main([*train, "--out", str(tmp_path / "one.pt")]) == 0
@@ -119,7 +105,7 @@ def test_estimate_train_and_baseline_two_ranks_equal_one_process(tmp_path):
 # ------------------------------------------------------------------------------ pseudolabel
 @pytest.mark.slow
 def test_pseudolabel_two_ranks_equal_one_process(tmp_path):
-    pred, lab = _folder(tmp_path, 5)
+    pred, lab = logit_folder(tmp_path, 5)
     args = ["pseudolabel", "--pred", str(pred), "--labels", str(lab), "--label-ignore", "255",
             "--estimator", "maxprob", "--round", "1"]
     assert main([*args, "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")]) == 0
@@ -190,7 +176,7 @@ def test_predict_folder_two_ranks_write_the_same_folder(tmp_path, n):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ts", "cmsop"])
 def test_fit_two_ranks_equal_one_process(tmp_path, method):
-    pred, lab = _folder(tmp_path, 6)
+    pred, lab = logit_folder(tmp_path, 6)
     args = ["fit", "--pred", str(pred), "--labels", str(lab), "--ignore-index", "255", "--method", method,
             "--val-fraction", "0.34", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "one.pt"), "--json", str(tmp_path / "one.json")]) == 0

@@ -5,10 +5,9 @@ for byte; with unequal shards (3 + 2 images) and a rank without images (1 + 0)."
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from folders import logit_folder
 from ranks import two_ranks
 from segcal.cli import main
 
@@ -17,17 +16,7 @@ C = 4
 
 @pytest.mark.parametrize("n", [5, 1])
 def test_two_ranks_write_the_file_of_one_process(tmp_path, n) -> None:
-    rng = np.random.default_rng(n)
-    pred, lab = tmp_path / "pred", tmp_path / "labels"
-    pred.mkdir()
-    lab.mkdir()
-    for i in range(n):
-        shape = (10 + i, 12)
-        z = (rng.normal(size=(C, *shape)) * 3).astype(np.float16)
-        y = np.where(rng.random(shape) < 0.6, z.argmax(0), rng.integers(0, C, shape)).astype(np.uint8)
-        y[rng.random(shape) < 0.05] = 255
-        np.save(pred / f"img_{i:03d}.npy", z)
-        Image.fromarray(y).save(lab / f"img_{i:03d}.png")
+    pred, lab = logit_folder(tmp_path, n, n, num_classes=C)
     common = ["--pred", str(pred), "--labels", str(lab), "--ignore-index", "255", "--no-progress"]
     flags = ["--conformal-risk", "fnr", "--conformal-class", "1", "--conformal-alpha", "0.9"]  # feasible for n >= 1
     assert main(["eval", *common, *flags, "--conformal-out", str(tmp_path / "one.json")]) == 0

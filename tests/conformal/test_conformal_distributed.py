@@ -7,33 +7,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from folders import logit_folder
 from ranks import two_ranks
 from segcal.cli import main
 
 C = 4
 
 
-def _folder(tmp_path, n: int, seed: int, void: float = 0.0):
-    """``n`` float16 logit files (4 classes, 9+i x 11) and PNG labels, ``void`` of them 255."""
-    rng = np.random.default_rng(seed)
-    pred, lab = tmp_path / "pred", tmp_path / "labels"
-    pred.mkdir()
-    lab.mkdir()
-    for i in range(n):
-        shape = (9 + i, 11)
-        z = (rng.normal(size=(C, *shape)) * 3).astype(np.float16)
-        y = np.where(rng.random(shape) < 0.6, z.argmax(0), rng.integers(0, C, shape)).astype(np.uint8)
-        y[rng.random(shape) < void] = 255
-        np.save(pred / f"img_{i:03d}.npy", z)
-        Image.fromarray(y).save(lab / f"img_{i:03d}.png")
-    return pred, lab
-
-
 @pytest.mark.parametrize("n", [5, 1])
 def test_two_ranks_fit_and_eval_like_one_process(tmp_path, n) -> None:
-    pred, lab = _folder(tmp_path, n, 10 + n, void=0.05)
+    pred, lab = logit_folder(tmp_path, n, 10 + n, height=9, width=11)
     common = ["--pred", str(pred), "--labels", str(lab), "--no-progress"]
     fit = ["conformal", "fit", *common, "--ignore-index", "255", "--risk", "miscoverage", "--alpha", "0.9"]
     assert main([*fit, "--out", str(tmp_path / "one.json")]) == 0
@@ -56,7 +40,7 @@ def test_two_ranks_apply_like_one_process(tmp_path, n) -> None:
     """``conformal apply``: every rank writes its block of the files into rank 0's staged folder;
     the folder (files and manifest) equals one process's byte for byte (PNG), also when a rank has
     no file."""
-    pred, lab = _folder(tmp_path, 5, 20 + n)
+    pred, lab = logit_folder(tmp_path, 5, 20 + n, height=9, width=11, void=0.0)
     cr = tmp_path / "cr.json"
     assert main(["conformal", "fit", "--pred", str(pred), "--labels", str(lab), "--risk", "miscoverage",
                  "--alpha", "0.2", "--no-progress", "--out", str(cr)]) == 0
@@ -81,7 +65,7 @@ def test_two_ranks_apply_like_one_process(tmp_path, n) -> None:
 def test_two_ranks_apply_error_on_one_rank_leaves_nothing(tmp_path) -> None:
     """A bad file in rank 1's block: both ranks exit 2 with one line naming it, no output folder
     and no staging folder is left."""
-    pred, lab = _folder(tmp_path, 4, 31)
+    pred, lab = logit_folder(tmp_path, 4, 31, height=9, width=11, void=0.0)
     cr = tmp_path / "cr.json"
     assert main(["conformal", "fit", "--pred", str(pred), "--labels", str(lab), "--risk", "miscoverage",
                  "--alpha", "0.2", "--no-progress", "--out", str(cr)]) == 0
