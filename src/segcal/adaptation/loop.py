@@ -307,23 +307,22 @@ def _run(
                 yield module(stack(inputs, [i], device))[0].float().cpu()
 
     shapes: list[tuple[int, ...]] = []
+    sizes: list[tuple[int, ...]] = []
     dtype = torch.float32
     if team.distributed:  # every rank needs the shape of every batch (a rank may hold no row of one)
         shapes = gather_rows(team, lambda: [tuple(inputs[i].shape) for i in team.images(n)])
         dtype = inputs[0].dtype
         sizes = sorted({s[1:] for s in shapes})
-        if cfg.batch_size > 1 and len(sizes) > 1:  # one process would fail to stack a batch, later
-            raise InputError(f"target images of different sizes {sizes[:3]} with batch_size={cfg.batch_size}; "
-                             "use images of one size or a batch size of 1")
+    elif cfg.batch_size > 1 and len({r.shape[:2] for r in inputs.raw}) > 1:
+        # one process: the preprocessed shapes, looked at only when the raw sizes differ (a
+        # preprocess may resize)
+        sizes = sorted({tuple(inputs[i].shape[1:]) for i in range(n)})
+    if cfg.batch_size > 1 and len(sizes) > 1:  # refused now: stacking a batch would fail later
+        raise InputError(f"target images of different sizes {sizes[:3]} with batch_size={cfg.batch_size}; "
+                         "use images of one size or a batch size of 1")
+    if team.distributed:
         check_empty_batches(team, module, [len(b) for b in batches(range(n), cfg.batch_size)], shapes[0], dtype,
                             device)
-    elif cfg.batch_size > 1 and len({r.shape[:2] for r in inputs.raw}) > 1:
-        # one process: refuse what would fail to stack a batch later (preprocessed shapes, looked at
-        # only when the raw sizes differ: a preprocess may resize)
-        sizes = sorted({tuple(inputs[i].shape[1:]) for i in range(n)})
-        if len(sizes) > 1:
-            raise InputError(f"target images of different sizes {sizes[:3]} with batch_size={cfg.batch_size}; "
-                             "use images of one size or a batch size of 1")
 
     # ---- state (fresh or resumed)
     log: dict[str, Any] = {"method": cfg.method, "model": model_name, "config": cfg_json, "images": stems,
