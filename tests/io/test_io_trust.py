@@ -524,3 +524,18 @@ def test_fuzz_eval_cli_on_a_corrupted_folder(tmp_path, capsys, case):
     if rc == 2:
         assert err.startswith("segcal eval: error:") and "Traceback" not in err, err
         assert path.name in err, err
+
+
+def test_read_ahead_hints_existing_files_and_refuses_nothing_else(tmp_path):
+    """read_ahead (the streamed fit's look-ahead): True for a readable file where posix_fadvise
+    exists, False (no exception) for a missing file; the file is unchanged."""
+    import os
+
+    from segcal.io.files import read_ahead
+
+    f = tmp_path / "a.npy"
+    np.save(f, np.arange(10))
+    before = f.read_bytes()
+    assert read_ahead(f) is hasattr(os, "posix_fadvise")
+    assert f.read_bytes() == before
+    assert read_ahead(tmp_path / "missing.npy") is False

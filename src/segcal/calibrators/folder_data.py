@@ -9,42 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from segcal.io.files import check_stems_match
+from segcal.io.files import check_stems_match, read_ahead
 from segcal.io.images import image_files, load_image_tensor
 from segcal.io.predictions import PredictionFolder
 
-__all__ = ["FolderBatches", "read_ahead"]
-
-
-def read_ahead(path: str | os.PathLike) -> bool:
-    """Ask the kernel to start reading ``path`` into the page cache (``POSIX_FADV_WILLNEED``).
-
-    Parameters
-    ----------
-    path
-        A file about to be read (memory-mapped ``.npy`` files are read when their pages are
-        touched: without the hint, a folder that does not fit the page cache is read from disk
-        in the thread that computes).
-
-    Returns
-    -------
-    bool
-        Whether the hint was given (False where ``posix_fadvise`` is missing or fails: the file is
-        then read as before). The call returns at once; it holds no memory of the process.
-    """
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+__all__ = ["FolderBatches"]
 
 
 class FolderBatches:
@@ -100,7 +69,7 @@ class FolderBatches:
         prediction file's path last, so that a refused batch is named by its file.
 
         Before a file is handed over, the kernel is asked to read the next prediction file ahead
-        (:func:`read_ahead`), so that a streamed pass reads from disk while it computes."""
+        (:func:`segcal.io.files.read_ahead`), so that a streamed pass reads from disk while it computes."""
         for i, it in enumerate(self.items):
             if i + 1 < len(self.items):
                 read_ahead(self.items[i + 1].path)

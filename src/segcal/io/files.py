@@ -311,6 +311,37 @@ def check_stems_match(
     raise InputError("; ".join(msg))
 
 
+def read_ahead(path: str | os.PathLike) -> bool:
+    """Ask the kernel to start reading ``path`` into the page cache (``POSIX_FADV_WILLNEED``).
+
+    Parameters
+    ----------
+    path
+        A file about to be read (memory-mapped ``.npy`` files are read when their pages are
+        touched: without the hint, a folder that does not fit the page cache is read from disk
+        in the thread that computes).
+
+    Returns
+    -------
+    bool
+        Whether the hint was given (False where ``posix_fadvise`` is missing or fails: the file is
+        then read as before). The call returns at once; it holds no memory of the process.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 __all__ = [
     "TEMPORARY_FILE",
     "atomic_write",
@@ -319,6 +350,7 @@ __all__ = [
     "list_stems",
     "load_npy",
     "load_npz",
+    "read_ahead",
     "read_json",
     "split_suffix",
     "to_jsonable",
