@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from segcal.bench.shift_calibration import argmax_check, lofo_summary
+from segcal.bench.shift_calibration import lofo_summary
 from segcal.bench.shift_config import FamilyMix, ShiftCalConfig, check_config
 from segcal.bench.shift_estimator import agreement
+from segcal.bench.shift_fit import argmax_check
 from segcal.bench.spec import CAMVID_IGNORE, SHIFT_FAMILIES, SHIFT_ROW_DATA, SHIFT_ROWS
 from segcal.cli import main
 from segcal.cli.app import build_parser
@@ -198,7 +199,9 @@ def test_shift_calibration_quick_real(tmp_path):
     # in the folds (one family each)
     rec = next(f for f in res["fits"]["all:espnet-camvid"] if f["method"] == "sts_aug")
     assert rec["l2_selection"]["selected"] and rec["l2"] in rec["l2_selection"]["grid"]
-    assert rec["l2_selection"]["families"] == ["blur", "noise"]
+    assert rec["l2_selection"]["families"] == ["blur", "noise"] and rec["l2_selection"]["criterion"] == "worst"
+    assert rec["features"] in rec["l2_selection"]["feature_sets"] and len(rec["l2_selection"]["score"]) == 4
+    assert "## sts: the ridge and feature set chosen" in md
     rec = next(f for f in res["fits"]["no-noise"] if f["method"] == "sts_aug")
     assert not rec["l2_selection"]["selected"] and rec["l2"] == 0.0
     if HAVE_MRI:  # the MRI leave-one-shift-out rows (quick: 2 shifts, 4 calibration / 3 test cases)
@@ -249,16 +252,23 @@ def test_markdown_report_of_a_tiny_results_dict():
 
 
 def test_sts_selection_and_adaptation_tables():
-    sel = {"l2": 0.01, "grid": [0.0, 0.01], "families": ["a", "b"], "selected": True,
-           "mean_nll": {"0.0": 2.5, "0.01": 2.25}, "nll": {}}
+    sets = [["entropy"], ["entropy", "boundary_fraction"]]
+    sel = {"l2": 0.01, "features": sets[1], "grid": [0.0, 0.01], "feature_sets": sets, "families": ["a", "b"],
+           "selected": True, "criterion": "worst", "selected_on_seed": 0,
+           "score": {"0.0|entropy": 0.5, "0.01|entropy": 0.25, "0.0|entropy+boundary_fraction": -0.125,
+                     "0.01|entropy+boundary_fraction": -0.25}, "nll": {}}
+    none = {"l2": 0.0, "features": sets[0], "grid": [0.0, 0.01], "feature_sets": sets, "families": ["a"],
+            "selected": False, "why": "fewer than 2 families", "selected_on_seed": 0, "criterion": "worst"}
     res = {"fits": {"no-c": [{"method": "ts_aug", "seed": 0},
                              {"method": "sts_aug", "seed": 0, "l2": 0.01, "l2_selection": sel},
-                             {"method": "sts_aug", "seed": 1, "l2": 0.0, "l2_selection": {
-                                 "l2": 0.0, "grid": [0.0, 0.01], "families": ["a"], "selected": False,
-                                 "why": "fewer than 2 families"}}]},
+                             {"method": "sts_aug", "seed": 1, "l2": 0.01, "l2_selection": dict(sel)}],
+                    "no-d": [{"method": "sts_aug", "seed": 0, "l2": 0.0, "l2_selection": none}]},
            "conditions": {"c-3": {"adaptation": {"sts_aug_pc@0": {"correction": 1.0, "c_unclamped": 0.42},
                                                  "ts_aug_pc@0": {"correction": 0.8}}}}}
-    assert sts_selection_table(res)[2:] == ["| no-c | sts_aug | 0 | a, b | 2.5000 | 2.2500 | 0.01 |",
-                                            "| no-c | sts_aug | 1 | a | – | – | 0 (fewer than 2 families) |"]
+    table = sts_selection_table(res)
+    assert table[2:4] == [
+        "| no-c | sts_aug | 0, 1 | a, b | worst | 0.5000 | 0.2500 | -0.1250 | -0.2500 | l2=0.01 F2 |",
+        "| no-d | sts_aug | 0 | a | worst | – | – | – | – | l2=0 F1 (fewer than 2 families) |"]
+    assert table[-1] == "Feature sets: F1 = entropy; F2 = entropy, boundary_fraction."
     assert adaptation_table(res)[2] == "| c-3 | 0.42 → 1.00 | 0.80 |"
     assert sts_selection_table({"fits": {}}) == [] and adaptation_table({"conditions": {}}) == []

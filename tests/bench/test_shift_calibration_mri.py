@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from segcal.bench.protocol import ImageData, WholeVolumes
-from segcal.bench.shift_fit import Anchored, copies, is_clean
+from segcal.bench.shift_fit import Anchored, argmax_check, copies, is_clean
 from segcal.bench.shift_mri import (
     MriShiftConfig,
-    argmax_dice_check,
     check_mri_config,
     loso_summary,
     mixed_severity,
@@ -94,10 +93,11 @@ def test_dice_check_and_loso_summary_by_hand():
                                               "flip_rate": flip}}
     res = {"runs": {"u": run("uncalibrated", 0.02, 0.1, 0.8), "a": run("ts_clean", 0.01, 0.09, 0.8),
                     "b": run("sts_aug", 0.005, 0.08, 0.8)}}
-    assert argmax_dice_check(res, ["ts_clean", "sts_aug"])["sts_aug"]["argmax_kept"]
+    dice = ("dice_ant", "dice_post")
+    assert argmax_check(res, ["ts_clean", "sts_aug"], dice)["sts_aug"]["argmax_kept"]
     res["runs"]["b"] = run("sts_aug", 0.005, 0.08, 0.79)
     with pytest.raises(AssertionError, match="sts_aug"):
-        argmax_dice_check(res, ["sts_aug"])
+        argmax_check(res, ["sts_aug"], dice)
     ci = lambda d, sig: {"nll": {"diff": d, "significant": sig}}  # noqa: E731
     conds = {
         "gamma-3": {"held_out": "gamma", "summary": {"ts_clean": {"ece": 0.02, "nll": 0.2}, "sts_aug": {"ece": 0.008, "nll": 0.1}},

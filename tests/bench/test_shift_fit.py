@@ -1,5 +1,6 @@
-"""bench.shift_fit (issue 17): the ridge of the anchored sts chosen by leave-one-family-out within
-the fit set's families, never on the family held out of the fit set; pooled NLL of a calibrator."""
+"""bench.shift_fit (issue 17): the ridge and the feature set of the anchored sts chosen by
+leave-one-family-out within the fit set's families (never on the family held out of the fit set),
+once per fit set, by the worst inner family's NLL excess over clean TS; pooled NLL of a calibrator."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from segcal.bench.protocol import ImageData, WholeVolumes
 from segcal.bench.shift_config import ShiftCalConfig, check_config
 from segcal.bench.shift_fit import Anchored, copies, family_of, pooled_nll
 from segcal.calibrators import create
+from segcal.calibrators.shift_aware import DEFAULT_FEATURES, SPATIAL_FEATURES
 from segcal.errors import InputError
 
 torch.set_num_threads(1)
-GRID = (0.0, 0.1, 10.0)
+GRID = (0.0, 10.0)
 
 
 def _cases(n: int, scale: float, seed: int, prefix: str = "case") -> list[ImageData]:
@@ -36,10 +38,11 @@ class Spy:
 
     def __init__(self) -> None:
         self.base = WholeVolumes()
-        self.calls: list[tuple[list[str], list[str], float]] = []
+        self.calls: list[tuple[list[str], list[str], float, tuple[str, ...]]] = []
 
     def fit(self, cal, fit_imgs, sel_imgs, total, seed, ignore):
-        self.calls.append(([im.stem for im in fit_imgs], [im.stem for im in sel_imgs], float(cal.l2)))
+        self.calls.append(([im.stem for im in fit_imgs], [im.stem for im in sel_imgs], float(cal.l2),
+                           tuple(cal.features)))
         self.base.fit(cal, fit_imgs, sel_imgs, total, seed, ignore)
 
     def describe(self, cal, *args):
@@ -54,26 +57,68 @@ def _fit_set(families: tuple[str, ...]) -> tuple[list[ImageData], list[ImageData
     return fit, sel
 
 
-def test_l2_is_chosen_by_leave_one_family_out_within_the_fit_families():
+SETS = (DEFAULT_FEATURES, DEFAULT_FEATURES + SPATIAL_FEATURES)
+
+
+def _nll_at(t, imgs):
+    z = torch.from_numpy(np.stack([im.logits for im in imgs])) / t
+    return float(torch.nn.functional.cross_entropy(z, torch.from_numpy(np.stack([im.labels for im in imgs]))))
+
+
+@pytest.mark.parametrize("criterion", ["worst", "mean"])
+def test_candidates_are_chosen_by_leave_one_family_out_within_the_fit_families(criterion):
     fit, sel = _fit_set(("a", "b", "c"))
     spy = Spy()
     cal = create("sts", max_iter=30)
-    Anchored(spy, l2_grid=GRID).fit(cal, fit, sel, None, 0, None)
-    sel_info = cal.fit_info["l2_selection"]
-    assert sel_info["selected"] and sel_info["families"] == ["a", "b", "c"] and sel_info["grid"] == list(GRID)
-    # one inner fit per (candidate, family), then the refit of the chosen one on the whole set
-    assert len(spy.calls) == len(GRID) * 3 + 1
-    for (fit_stems, sel_stems, l2), (cand, g) in zip(spy.calls, [(v, g) for v in GRID for g in "abc"], strict=False):
-        assert l2 == cand
+    Anchored(spy, l2_grid=GRID, feature_sets=SETS, criterion=criterion).fit(cal, fit, sel, None, 0, None)
+    info = cal.fit_info["l2_selection"]
+    assert info["selected"] and info["families"] == ["a", "b", "c"] and info["grid"] == list(GRID)
+    assert info["criterion"] == criterion and info["feature_sets"] == [list(f) for f in SETS]
+    # one inner fit per (family, candidate), then the refit of the chosen one on the whole set
+    cands = [(v, f) for f in SETS for v in GRID]
+    assert len(spy.calls) == 3 * len(cands) + 1
+    for (fit_stems, sel_stems, l2, feats), (g, (cand, fs)) in zip(
+            spy.calls, [(g, c) for g in "abc" for c in cands], strict=False):
+        assert (l2, feats) == (cand, fs)
         assert not any(family_of(s) == g for s in fit_stems + sel_stems)  # g's copies never fitted on
         assert {family_of(s) for s in fit_stems} == {None} | (set("abc") - {g})
-    # the chosen value is the lowest mean NLL over the inner held-out families, and is the one used
-    means = {k: float(np.mean(list(v.values()))) for k, v in sel_info["nll"].items()}
-    assert means == pytest.approx(sel_info["mean_nll"])
-    assert repr(sel_info["l2"]) == min(means, key=means.get)
-    assert spy.calls[-1][2] == sel_info["l2"] == cal.l2 == cal.get_config()["l2"]
+    # the reference: clean TS, i.e. TS fitted on the clean images of the fit half (the anchor)
+    clean = [im for im in fit if "@" not in im.stem]
+    ts = create("ts").fit(torch.from_numpy(np.stack([im.logits for im in clean])),
+                          torch.from_numpy(np.stack([im.labels for im in clean])))
+    for g in "abc":
+        hold = [im for im in fit + sel if family_of(im.stem) == g]
+        assert info["reference_nll"][g] == pytest.approx(_nll_at(float(ts.temperature), hold), rel=2e-3)
+    # the score, recomputed from the per-family NLLs; the chosen candidate minimises it and is used
+    worst = {k: max(v[g] - info["reference_nll"][g] for g in "abc") for k, v in info["nll"].items()}
+    mean = {k: float(np.mean(list(v.values()))) for k, v in info["nll"].items()}
+    want = worst if criterion == "worst" else mean
+    assert info["score"] == pytest.approx(want)
+    assert info["chosen"] == min(want, key=want.get)
+    assert info["chosen"] == f"{info['l2']!r}|{'+'.join(info['features'])}"
+    assert spy.calls[-1][2:] == (info["l2"], tuple(info["features"])) == (cal.l2, cal.features)
+    assert cal.get_config()["l2"] == info["l2"] and cal.get_config()["features"] == info["features"]
     assert sorted(spy.calls[-1][0]) == sorted(im.stem for im in fit)
-    assert cal.anchored and Anchored(spy, l2_grid=GRID).describe(cal)["l2"] == cal.l2
+    rec = Anchored(spy, l2_grid=GRID).describe(cal)
+    assert cal.anchored and rec["l2"] == cal.l2 and rec["features"] == list(cal.features)
+
+
+def test_the_choice_is_made_once_per_fit_set_and_row():
+    fit, sel = _fit_set(("a", "b"))
+    spy = Spy()
+    strategy = Anchored(spy, l2_grid=(0.0, 10.0), feature_sets=SETS)
+    first = create("sts", max_iter=30, seed=0)
+    strategy.fit(first, fit, sel, None, 0, None)
+    n = len(spy.calls)
+    assert n == 2 * 4 + 1
+    second = create("sts", max_iter=30, seed=1)  # the next seed of the same row: no new inner fits
+    strategy.fit(second, sel, fit, None, 1, None)
+    assert len(spy.calls) == n + 1 and second.fit_info["l2_selection"] is first.fit_info["l2_selection"]
+    assert first.fit_info["l2_selection"]["selected_on_seed"] == 0
+    assert (second.l2, second.features) == (first.l2, first.features)
+    other = create("sts", max_iter=30, seed=0, anchor_margin=0.5)  # another row: its own selection
+    strategy.fit(other, fit, sel, None, 0, None)
+    assert len(spy.calls) == n + 1 + 2 * 4 + 1
 
 
 def test_no_selection_with_one_family_or_one_candidate():
@@ -108,8 +153,15 @@ def test_pooled_nll_matches_a_direct_computation():
 def test_config_defaults_and_checks():
     cfg = ShiftCalConfig()
     assert cfg.sts_anchor_range == "val+train" and cfg.sts_l2_grid == (0.0, 0.01, 0.1, 1.0)
+    assert cfg.sts_feature_sets == SETS and cfg.sts_selection == "worst"
     assert cfg.pc_min_correction == 1.0 and cfg.mri_seeds == (0, 1)
     assert ShiftCalConfig.quick_config().sts_anchor_range == "val+train"
     check_config(ShiftCalConfig(sts_anchor_range="val", mri=False))
     with pytest.raises(InputError, match="sts_l2_grid"):
         check_config(ShiftCalConfig(sts_l2_grid=(0.0, -1.0), mri=False))
+    with pytest.raises(InputError, match="sts_feature_sets"):
+        check_config(ShiftCalConfig(sts_feature_sets=(("entropy", "nope"),), mri=False))
+    with pytest.raises(InputError, match="sts_selection"):
+        check_config(ShiftCalConfig(sts_selection="best", mri=False))
+    with pytest.raises(ValueError, match="criterion"):
+        Anchored(Spy(), criterion="best")

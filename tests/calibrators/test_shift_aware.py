@@ -21,7 +21,12 @@ import segcal
 from segcal.calibrators import ShiftConditionedTemperature, check_calibrator, create
 from segcal.calibrators.data import Batch
 from segcal.calibrators.objectives import get_objective
-from segcal.calibrators.shift_aware import DEFAULT_FEATURES, FEATURES, image_statistics
+from segcal.calibrators.shift_aware import (
+    DEFAULT_FEATURES,
+    FEATURES,
+    SPATIAL_FEATURES,
+    image_statistics,
+)
 
 torch.set_num_threads(1)
 C = 4
@@ -62,7 +67,7 @@ def test_the_contract_holds_exactly_as_declared():
 
 def test_statistics_match_a_float64_numpy_reference():
     z = 2 * torch.randn(3, C, 5, 6, generator=torch.Generator().manual_seed(3))
-    got = image_statistics(z).double().numpy()
+    got = image_statistics(z, FEATURES[:5]).double().numpy()
     x = z.double().numpy()
     e = np.exp(x - x.max(1, keepdims=True))
     p = e / e.sum(1, keepdims=True)
@@ -75,9 +80,10 @@ def test_statistics_match_a_float64_numpy_reference():
         -np.log(x.std(1) + 1e-6).mean((1, 2)),
     ], 1)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
-    assert list(FEATURES) == ["uncertainty", "entropy", "low_conf_50", "low_conf_90", "logit_norm"]
+    assert list(FEATURES[:5]) == ["uncertainty", "entropy", "low_conf_50", "low_conf_90", "logit_norm"]
+    assert list(FEATURES[5:]) == list(SPATIAL_FEATURES)
     # translation invariant: a per-pixel constant changes nothing
-    np.testing.assert_allclose(image_statistics(z + 7 * torch.randn(3, 1, 5, 6)).numpy(), got, atol=2e-5)
+    np.testing.assert_allclose(image_statistics(z + 7 * torch.randn(3, 1, 5, 6), FEATURES[:5]).numpy(), got, atol=2e-5)
 
 
 def test_it_learns_the_shift_dependent_temperature(fitted):
@@ -108,7 +114,8 @@ def test_fitted_on_clean_images_only_it_is_ts():
         assert abs(nll(sts(z), y) - nll(ts(z), y)) < 0.01
 
 
-@pytest.mark.parametrize("kw", [{"knots": 3}, {"monotone": False}, {"features": ["entropy"]}])
+@pytest.mark.parametrize("kw", [{"knots": 3}, {"monotone": False}, {"features": ["entropy"]},
+                                {"features": [*DEFAULT_FEATURES, *SPATIAL_FEATURES]}])
 def test_variants_fit_and_keep_argmax(kw):
     z, y, t_opt = shifted_images(np.linspace(0, 1, 24), seed=5)
     cal = create("sts", **kw).fit(z, y)
@@ -342,3 +349,102 @@ def test_gathered_valid_pixels_give_the_full_map_loss():
         results.append((s.detach().clone(), cal.raw_weights.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- spatial statistics
+def _two_regions(h=40, w=60, band=None, noise=0.0, seed=0):
+    """Class 0 left, class 1 right (confident, max-prob ~0.98); ``band``: columns around the
+    boundary made uncertain (max-prob ~0.4); ``noise``: logit noise on every pixel."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.zeros(1, 3, h, w)
+    z[0, 0, :, : w // 2] = 5.0
+    z[0, 1, :, w // 2:] = 5.0
+    if band is not None:
+        z[0, :2, :, w // 2 - band: w // 2 + band] = 0.5 + z[0, :2, :, w // 2 - band: w // 2 + band] * 0.05
+    return z + noise * torch.randn(z.shape, generator=g)
+
+
+def _reference_interior(z):
+    """numpy: pixels farther (Chebyshev) than r from any pixel next to a change of the argmax."""
+    a = z.argmax(1).numpy()[0]
+    edge = np.zeros_like(a, dtype=bool)
+    dv, dh = a[1:] != a[:-1], a[:, 1:] != a[:, :-1]
+    edge[1:] |= dv
+    edge[:-1] |= dv
+    edge[:, 1:] |= dh
+    edge[:, :-1] |= dh
+    r = max(1, round(0.02 * min(a.shape)))
+    ii, jj = np.nonzero(edge)
+    out = np.ones_like(edge)
+    for i, j in zip(ii, jj, strict=True):
+        out[max(0, i - r): i + r + 1, max(0, j - r): j + r + 1] = False
+    return out
+
+
+def test_spatial_statistics_against_a_numpy_reference():
+    names = list(SPATIAL_FEATURES)
+    g = torch.Generator().manual_seed(4)
+    for z, step in ((_two_regions(band=3), 1), (_two_regions(noise=1.5, seed=1), 1),
+                    (2 * torch.randn(1, 3, 30, 50, generator=g), 1),
+                    (_two_regions(h=200, w=230, band=9, noise=0.5), 3)):  # shortest side 200: every 3rd pixel
+        zs = z[:, :, ::step, ::step]
+        inner = _reference_interior(zs)
+        maxp = torch.softmax(zs.double(), 1).amax(1).numpy()[0]
+        prior = 0.01 * maxp.size
+        want = []
+        for tau in (0.5, 0.9):
+            low = 1 / (1 + np.exp(-(tau - maxp) / 0.05))
+            want.append(((low * inner).sum() + prior * low.mean()) / (inner.sum() + prior))
+        want.append(1 - inner.mean())
+        np.testing.assert_allclose(image_statistics(z, names).double().numpy()[0], want, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(image_statistics(z + 3 * torch.randn(1, 1, *z.shape[2:]), names).numpy(),
+                                   image_statistics(z, names).numpy(), atol=2e-5)  # translation invariant
+
+
+def test_spatial_statistics_tell_boundary_uncertainty_from_uncertainty_everywhere():
+    blur_like = _two_regions(band=1)  # uncertain along the boundary only (within the band)
+    names = ["low_conf_50", "low_conf_90", *SPATIAL_FEATURES]
+    g50, g90, i50, i90, frac = image_statistics(blur_like, names)[0].tolist()
+    assert g50 > 0.02 and i50 < 0.1 * g50 and i90 < g90 - 0.02 and 0.05 < frac < 0.3
+    noisy = _two_regions(noise=2.0, seed=2)  # uncertain everywhere, fragmented prediction
+    h50, h90, j50, j90, frac2 = image_statistics(noisy, names)[0].tolist()
+    assert j50 > 0.5 * h50 and j90 > 0.5 * h90 and frac2 > 0.5 and j50 > 10 * i50
+    # no boundary: everything interior, the interior fractions are the whole-image ones
+    flat = torch.zeros(2, 3, 9, 11)
+    flat[:, 2] = torch.linspace(0.1, 4, 2)[:, None, None]
+    st = image_statistics(flat, ["low_conf_50", "low_conf_90", *SPATIAL_FEATURES])
+    torch.testing.assert_close(st[:, 2:4], st[:, :2])
+    assert st[:, 4].abs().max() == 0
+    # a pixel table: rows are isolated pixels (interior), a volume: the band along every axis
+    rows = torch.randn(7, 3)
+    st = image_statistics(rows, ["low_conf_50", "low_conf_90", *SPATIAL_FEATURES])
+    torch.testing.assert_close(st[:, 2:4], st[:, :2])
+    assert st[:, 4].abs().max() == 0
+    vol = torch.zeros(1, 2, 8, 9, 10)
+    vol[0, 0, :, :, :5] = 4.0
+    vol[0, 1, :, :, 5:] = 4.0
+    assert image_statistics(vol, ["boundary_fraction"])[0, 0] == pytest.approx(4 / 10)
+
+
+def test_spatial_statistics_follow_the_map_scale():
+    """Computed on the map subsampled to a shortest side <= 96: a 90 x 120 map and its 4x upsampled
+    copy (nearest; 360 x 480, as CamVid's full maps vs the bench's stride-4 fit maps) give the same values."""
+    z = _two_regions(h=90, w=120, band=5, noise=0.8, seed=3)
+    up = z.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    torch.testing.assert_close(image_statistics(up, SPATIAL_FEATURES), image_statistics(z, SPATIAL_FEATURES))
+    assert float(image_statistics(z, SPATIAL_FEATURES)[0, 2]) > 0.05
+
+
+def test_spatial_features_keep_the_contract_and_export(tmp_path):
+    feats = [*DEFAULT_FEATURES, *SPATIAL_FEATURES]
+    results = check_calibrator(create("sts", features=feats), exact=True, on_fail=None)
+    assert all(r.passed for r in results), [r.message for r in results if not r.passed]
+    z, y, _ = shifted_images(np.linspace(0, 1, 16), seed=21)
+    cal = create("sts", features=feats).fit(z, y)
+    cal.save(tmp_path / "s.pt")
+    back = segcal.load(tmp_path / "s.pt")
+    assert back.get_config()["features"] == feats
+    with torch.no_grad():
+        torch.testing.assert_close(back(z), cal(z))
+        script = cal.to_torchscript()
+        torch.testing.assert_close(script(z), cal(z))

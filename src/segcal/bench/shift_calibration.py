@@ -74,7 +74,7 @@ from segcal.bench.protocol import (
 from segcal.bench.results import BenchRun
 from segcal.bench.shift_config import FamilyMix, ShiftCalConfig, check_config, mri_config
 from segcal.bench.shift_estimator import estimate_all, estimator_data, fit_estimator
-from segcal.bench.shift_fit import Anchored, copies
+from segcal.bench.shift_fit import Anchored, argmax_check, copies
 from segcal.bench.shift_mri import run_mri_rows
 from segcal.bench.spec import (
     CAMVID_IGNORE,
@@ -109,7 +109,8 @@ def fit_group(data: Sequence[ImageData], rows: Sequence[str], cfg: ShiftCalConfi
     for group, imgs in (([r for r in rows if r not in whole], data), (whole, strided(data, cfg.spatial_stride))):
         if group:
             rng = None if range_images is None else strided(range_images, cfg.spatial_stride)
-            res = fit_rows(imgs, group, cfg.seeds, create=create, strategy=Anchored(WholeImages(), rng, cfg.sts_l2_grid),
+            strategy = Anchored(WholeImages(), rng, cfg.sts_l2_grid, cfg.sts_feature_sets, cfg.sts_selection)
+            res = fit_rows(imgs, group, cfg.seeds, create=create, strategy=strategy,
                            total=cfg.fit_pixels, ignore=CAMVID_IGNORE, log=log)
             out.cals.update(res.cals)
             out.fits += res.fits
@@ -168,21 +169,6 @@ def adapt_rows(cals: Mapping[tuple[str, int], Any], methods: Sequence[str], targ
                 out[(m, seed)] = adapt_to_target(cal, how="pseudocal", model=model, images=tgt,
                                                  source_images=src, max_images=None, seed=0,
                                                  min_correction=floor)
-    return out
-
-
-def argmax_check(res: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
-    """For every argmax-preserving row: flip rate 0 and the uncalibrated mIoU exactly, per seed."""
-    base = next(r for r in res["runs"].values() if r["method"] == "uncalibrated")["metrics"]
-    out: dict[str, Any] = {}
-    for m in methods:
-        if not row_properties(SHIFT_CALIBRATION, m)["argmax_preserving"]:
-            continue
-        runs = [r["metrics"] for r in res["runs"].values() if r["method"] == m]
-        ok = all(r["flip_rate"] == 0.0 and r["miou"] == base["miou"] for r in runs)
-        out[m] = {"argmax_kept": ok, "miou": [r["miou"] for r in runs], "uncalibrated_miou": base["miou"]}
-        if not ok:
-            raise AssertionError(f"{m} declares argmax preservation but changed the argmax: {out[m]}")
     return out
 
 
@@ -378,9 +364,11 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
             "bootstrap": f"paired over test images, {cfg.n_boot} replicates, seed {cfg.boot_seed}, 95 % percentile "
                          f"CI of method - {SHIFT_REFERENCE} (values = mean over seeds)",
             "sts": f"clean-anchored on the clean images of the fit half, clean range from {cfg.sts_anchor_range}; "
-                   f"ridge l2 per fit from {list(cfg.sts_l2_grid)} by leave-one-family-out within the fit set's "
-                   "families (pooled NLL on the inner held-out family's copies); PseudoCal's factor on it floored "
-                   f"at {cfg.pc_min_correction}",
+                   f"ridge l2 from {list(cfg.sts_l2_grid)} and features from "
+                   f"{[list(f) for f in cfg.sts_feature_sets]} chosen once per fit set (first seed's split) by "
+                   "leave-one-family-out within the fit set's families (criterion "
+                   f"{cfg.sts_selection!r}: pooled NLL on the inner held-out family's copies, worst excess over "
+                   f"clean TS or mean); PseudoCal's factor on it floored at {cfg.pc_min_correction}",
             "bins": cfg.n_bins, "ignore_label": CAMVID_IGNORE,
             "estimator_truth": "per-image top-label ECE, 15 bins, void excluded, every valid pixel "
                                "(segcal.estimation.ece_targets, kind='image')",
@@ -445,5 +433,5 @@ def lofo_summary(results: Mapping[str, Any], methods: Sequence[str]) -> dict[str
     return out
 
 
-__all__ = ["MemoModel", "adapt_rows", "argmax_check", "fit_group", "lofo_summary", "run_shift_calibration", "score",
+__all__ = ["MemoModel", "adapt_rows", "fit_group", "lofo_summary", "run_shift_calibration", "score",
            "strided"]

@@ -12,6 +12,7 @@ import numpy as np
 
 from segcal.bench.shift_mri import MRI_ROWS, MriShiftConfig, check_mri_config
 from segcal.bench.spec import MRI_SHIFTS, SHIFT_FAMILIES, SHIFT_REFERENCE, SHIFT_ROW_DATA
+from segcal.calibrators.shift_aware import DEFAULT_FEATURES, FEATURES, SPATIAL_FEATURES
 from segcal.errors import InputError
 from segcal.shift import corrupt, derive_seed
 
@@ -83,6 +84,13 @@ class ShiftCalConfig:
     #: leave-one-family-out within the fit set's families (segcal.bench.shift_fit.Anchored); one
     #: value: that value; empty: the calibrator's default (0)
     sts_l2_grid: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)
+    #: candidate feature sets of the anchored ``sts`` rows, chosen with ``l2`` by the same inner
+    #: selection (default: the whole-image statistics, and those plus the spatial ones); empty: the
+    #: calibrator's default
+    sts_feature_sets: tuple[tuple[str, ...], ...] = (DEFAULT_FEATURES, DEFAULT_FEATURES + SPATIAL_FEATURES)
+    #: how the inner selection scores a candidate over the inner held-out families: ``"worst"`` (the
+    #: largest NLL excess over clean TS; default since session 26) or ``"mean"`` (the mean NLL; session 25)
+    sts_selection: str = "worst"
     #: the MRI leave-one-shift-out rows (segcal.bench.shift_mri); their cache: ``<cache>/hippocampus``
     #: (default: the hippocampus bench's cache)
     mri: bool = True
@@ -109,13 +117,13 @@ class ShiftCalConfig:
 
     @classmethod
     def quick_config(cls, **kw: Any) -> ShiftCalConfig:
-        """CI size: 2 families, severity 3, 6 val / 4 test images, one seed, no model shift; MRI: 2 shifts,
-        4 calibration / 3 test cases."""
+        """CI size: 2 families, severity 3, 6 val / 4 test images, one seed, no model shift, ``sts``'s ridge
+        from ``(0, 0.1)`` (both feature sets); MRI: 2 shifts, 4 calibration / 3 test cases."""
         base = dict(families=("noise", "blur"), severities=(3,), seeds=(0,), fit_pixels=4_000, eval_fraction=0.25,
                     test_images=4, test_limit=4, val_limit=6, model_shift=False, n_boot=100, adapt_images=2,
                     methods=("ts_clean", "ts_aug", "cmsop_aug", "sts_aug", "ts_aug_pc"), quick=True,
                     mri_shifts=("gamma", "rician_noise"), mri_calib_limit=4, mri_test_limit=3, mri_fit_voxels=20_000,
-                    mri_seeds=(0,))
+                    mri_seeds=(0,), sts_l2_grid=(0.0, 0.1))
         base.update(kw)
         return cls(**base)
 
@@ -141,6 +149,12 @@ def check_config(cfg: ShiftCalConfig) -> None:
         raise InputError(f"sts_anchor_range: expected 'val' or 'val+train', got {cfg.sts_anchor_range!r}")
     if not all(isinstance(v, int | float) and np.isfinite(v) and v >= 0 for v in cfg.sts_l2_grid):
         raise InputError(f"sts_l2_grid: expected finite values >= 0, got {list(cfg.sts_l2_grid)}")
+    bad = [f for fs in cfg.sts_feature_sets for f in fs if f not in FEATURES]
+    if bad or any(not fs for fs in cfg.sts_feature_sets):
+        raise InputError(f"sts_feature_sets: expected non-empty sets of {', '.join(FEATURES)}, got "
+                         f"{[list(fs) for fs in cfg.sts_feature_sets]}")
+    if cfg.sts_selection not in ("worst", "mean"):
+        raise InputError(f"sts_selection: expected 'worst' or 'mean', got {cfg.sts_selection!r}")
     if cfg.mri:
         check_mri_config(mri_config(cfg))
 

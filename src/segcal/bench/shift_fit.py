@@ -1,16 +1,17 @@
-"""Fitting helpers shared by the CamVid and MRI parts of ``segcal bench --shift-calibration``.
+"""Fitting and checking helpers shared by the CamVid and MRI parts of ``segcal bench --shift-calibration``.
 
 Perturbed copies of fit-set images carry the stem ``<stem>@<tag>`` (:func:`copies`);
 :class:`Anchored` fits the shift-conditioned temperature (``sts``) clean-anchored on the clean
 images of each fit half (:meth:`segcal.calibrators.ShiftConditionedTemperature.fit`, ``anchor=``)
 and, with an ``l2_grid``, chooses the ridge of its weights by leave-one-family-out within the
-families of the fit set (``docs/shift_calibration.md``; ``../shared/methods.md`` §9.1).
+families of the fit set (``docs/shift_calibration.md``; ``../shared/methods.md`` §9.1);
+:func:`argmax_check` asserts that every argmax-preserving row kept the segmentation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ import torch
 
 import segcal.calibrators as sc
 from segcal.bench.protocol import ImageData
+from segcal.bench.spec import SHIFT_CALIBRATION, row_properties
+from segcal.metrics import CalibrationMetrics
 
 
 def copies(imgs: Sequence[ImageData], tag: str) -> list[ImageData]:
@@ -37,19 +40,35 @@ def family_of(stem: str) -> str | None:
 
 def pooled_nll(cal: Any, imgs: Sequence[ImageData], ignore: int | None) -> float:
     """Pooled NLL of a fitted calibrator over every valid pixel of ``imgs`` (their logit maps as
-    given, e.g. strided; the whole-image statistics are those of these maps)."""
-    total, count = 0.0, 0
+    given, e.g. strided; the whole-image statistics are those of these maps), by the metric engine
+    (:class:`segcal.metrics.CalibrationMetrics`, the NLL of every table)."""
+    num_classes = int(np.asarray(imgs[0].logits).shape[0])
+    engine = CalibrationMetrics(num_classes, ignore_index=ignore, per_image=False)
     with torch.no_grad():
         for im in imgs:
             z = torch.from_numpy(np.asarray(im.logits, dtype=np.float32))[None]
-            y = torch.from_numpy(np.asarray(im.labels, dtype=np.int64))
-            keep = torch.ones_like(y, dtype=torch.bool) if ignore is None else y != ignore
-            if not bool(keep.any()):
-                continue
-            logp = torch.log_softmax(torch.as_tensor(cal(z)).float()[0].movedim(0, -1)[keep], dim=-1)
-            total += float(-logp.gather(1, y[keep][:, None]).double().sum())
-            count += int(keep.sum())
-    return total / max(count, 1)
+            engine.update(torch.as_tensor(cal(z)).float(), torch.from_numpy(np.asarray(im.labels, dtype=np.int64))[None])
+    return float(engine.compute()["nll"])
+
+
+def argmax_check(res: Mapping[str, Any], methods: Sequence[str], metrics: Sequence[str] = ("miou",)) -> dict[str, Any]:
+    """For every argmax-preserving row of one evaluated condition: no flipped pixel (voxel) and each
+    of ``metrics`` (CamVid: ``miou``; MRI: ``dice_ant``, ``dice_post``) exactly the uncalibrated
+    value, in every seed; raises ``AssertionError`` otherwise. ``{row: {"argmax_kept", <metric>:
+    [per seed], "uncalibrated": {metric: value}}}``."""
+    base = next(r for r in res["runs"].values() if r["method"] == "uncalibrated")["metrics"]
+    out: dict[str, Any] = {}
+    for m in methods:
+        if not row_properties(SHIFT_CALIBRATION, m)["argmax_preserving"]:
+            continue
+        runs = [r["metrics"] for r in res["runs"].values() if r["method"] == m]
+        ok = all(r["flip_rate"] == 0.0 and all(r[k] == base[k] for k in metrics) for r in runs)
+        out[m] = {"argmax_kept": ok, **{k: [r[k] for r in runs] for k in metrics},
+                  "uncalibrated": {k: base[k] for k in metrics}}
+        if not ok:
+            raise AssertionError(f"{m} declares argmax preservation but changed the argmax or {'/'.join(metrics)}: "
+                                 f"{out[m]}")
+    return out
 
 
 class _Anchored:
@@ -84,19 +103,39 @@ class Anchored:
         More clean in-domain images whose statistics (never their labels) widen the clean range
         (``anchor_range=``; e.g. the training images). ``None``: the anchor images only.
     l2_grid
-        Candidate ridge penalties ``l2`` of the ``sts`` weights (``../shared/methods.md`` §9.1). With
-        two or more values and perturbed copies of at least two families in the fit set, ``l2`` is
-        chosen by **leave-one-family-out within the fit set's families** (:meth:`select_l2`): for
-        each family G, an ``sts`` per candidate is fitted (the same anchor, range and settings) on
-        the clean images and the copies of the other families, and scored by the pooled NLL on G's
-        copies; the candidate with the lowest mean NLL over the G is refitted on the whole set.
-        The test sets are never seen (the held-out family of the run is not in the fit set). Fewer
-        families, or one value: the first value (no selection). Empty: the calibrator's own ``l2``.
+        Candidate ridge penalties ``l2`` of the ``sts`` weights (``../shared/methods.md`` §9.1).
+        Empty: the calibrator's own ``l2``.
+    feature_sets
+        Candidate feature sets of ``sts`` (names of
+        :data:`~segcal.calibrators.shift_aware.FEATURES`). Empty: the calibrator's own.
+    criterion
+        How a candidate is scored over the inner held-out families G: ``"worst"`` (default) the
+        largest ``NLL(G) − NLL_0(G)``, ``NLL_0`` that of clean TS (the anchor temperature ``T_0``,
+        the same for every candidate), i.e. the candidate that is least worse than clean TS on
+        any family (the target "NLL under shift not worse than TS" asked of a family nobody
+        labelled); ``"mean"``: the mean ``NLL(G)`` (session 25).
+
+    With two or more candidates (``l2_grid`` × ``feature_sets``) and perturbed copies of at least
+    two families in the fit set, the candidate is chosen by **leave-one-family-out within the fit
+    set's families** (:meth:`select`): for each family G, an ``sts`` per candidate is fitted (the
+    same anchor, range and settings) on the clean images and the copies of the other families of
+    the fit half, early-stopped on the selection half without G, and scored on G's copies (both
+    halves) by the pooled NLL; the choice is made **once per fit set**, on the split of the first
+    seed the strategy fits, and used for every seed. The test sets are never seen (the run's
+    held-out family is not in the fit set). Fewer families or one candidate: the first of each
+    grid (no selection).
     """
 
     base: Any
     range_images: Sequence[ImageData] | None = None
     l2_grid: Sequence[float] = ()
+    feature_sets: Sequence[Sequence[str]] = ()
+    criterion: str = "worst"
+    _choice: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.criterion not in ("worst", "mean"):
+            raise ValueError(f"criterion: expected 'worst' or 'mean', got {self.criterion!r}")
 
     @property
     def info_keys(self) -> tuple[str, ...]:
@@ -113,44 +152,71 @@ class Anchored:
         extra = None if not self.range_images else [
             torch.from_numpy(np.asarray(im.logits, dtype=np.float32))[None] for im in self.range_images]
         choice = None
-        if self.l2_grid:
-            choice = self.select_l2(cal, fit_imgs, sel_imgs, total, seed, ignore, anchor, extra)
+        if self.l2_grid or self.feature_sets:  # once per fit set and row (its config but the seed)
+            row = repr(sorted((k, v) for k, v in cal.get_config().items() if k != "seed"))
+            if row not in self._choice:
+                self._choice[row] = {**self.select(cal, fit_imgs, sel_imgs, total, seed, ignore, anchor, extra),
+                                     "selected_on_seed": seed}
+            choice = self._choice[row]
             cal.l2 = float(choice["l2"])
+            cal.features = tuple(choice["features"])
         self.base.fit(_Anchored(cal, anchor, extra), fit_imgs, sel_imgs, total, seed, ignore)
         if choice is not None:
             cal.fit_info["l2_selection"] = choice
 
-    def select_l2(self, cal: Any, fit_imgs: Sequence[ImageData], sel_imgs: Sequence[ImageData],
-                  total: int | None, seed: int, ignore: int | None, anchor: Any, extra: Any) -> dict[str, Any]:
-        """``{"l2": chosen, "grid", "families", "nll": {l2: {family: NLL}}}`` (class docstring)."""
-        grid = [float(v) for v in self.l2_grid]
+    def select(self, cal: Any, fit_imgs: Sequence[ImageData], sel_imgs: Sequence[ImageData],
+               total: int | None, seed: int, ignore: int | None, anchor: Any, extra: Any) -> dict[str, Any]:
+        """``{"l2", "features", "grid", "feature_sets", "families", "criterion", "nll": {candidate:
+        {family: NLL}}, "reference_nll": {family: NLL_0}, "score": {candidate: score}}`` (class
+        docstring); a candidate is named ``"<l2>|<feature>+<feature>..."``."""
+        grid = [float(v) for v in self.l2_grid] or [float(cal.l2)]
+        sets = [tuple(f) for f in self.feature_sets] or [tuple(cal.features)]
         fams = sorted({f for im in [*fit_imgs, *sel_imgs] if (f := family_of(im.stem)) is not None})
-        if len(grid) < 2 or len(fams) < 2:
-            return {"l2": grid[0], "grid": grid, "families": fams,
-                    "selected": False, "why": "one candidate" if len(grid) < 2 else "fewer than 2 families"}
+        out: dict[str, Any] = {"grid": grid, "feature_sets": [list(f) for f in sets], "families": fams,
+                               "criterion": self.criterion}
+        if len(grid) * len(sets) < 2 or len(fams) < 2:
+            why = "one candidate" if len(grid) * len(sets) < 2 else "fewer than 2 families"
+            return {**out, "l2": grid[0], "features": list(sets[0]), "selected": False, "why": why}
         config = {**cal.get_config(), "anchored": False}
-        scores: dict[str, dict[str, float]] = {}
-        for l2 in grid:
-            scores[repr(l2)] = {}
-            for g in fams:
-                inner = type(cal)(**{**config, "l2": l2})
-                keep = [im for im in fit_imgs if family_of(im.stem) != g]
-                hold = [im for im in [*fit_imgs, *sel_imgs] if family_of(im.stem) == g]
-                self.base.fit(_Anchored(inner, anchor, extra), keep,
-                              [im for im in sel_imgs if family_of(im.stem) != g], total, seed, ignore)
-                scores[repr(l2)][g] = pooled_nll(inner.eval(), hold, ignore)
-        mean = {k: float(np.mean(list(v.values()))) for k, v in scores.items()}
-        best = min(grid, key=lambda v: (mean[repr(v)], v))
-        return {"l2": best, "grid": grid, "families": fams, "selected": True,
-                "mean_nll": mean, "nll": scores}
+        nll: dict[str, dict[str, float]] = {}
+        ref: dict[str, float] = {}
+        cands = {f"{l2!r}|{'+'.join(feats)}": (l2, feats) for feats in sets for l2 in grid}
+        for g in fams:
+            keep = [im for im in fit_imgs if family_of(im.stem) != g]
+            keep_sel = [im for im in sel_imgs if family_of(im.stem) != g]
+            hold = [im for im in [*fit_imgs, *sel_imgs] if family_of(im.stem) == g]
+            for name, (l2, feats) in cands.items():
+                inner = type(cal)(**{**config, "l2": l2, "features": list(feats)})
+                self.base.fit(_Anchored(inner, anchor, extra), keep, keep_sel, total, seed, ignore)
+                nll.setdefault(name, {})[g] = pooled_nll(inner.eval(), hold, ignore)
+                if g not in ref:  # clean TS: the anchor temperature (stage 1, the same for every candidate)
+                    ref[g] = pooled_nll(_Temperature(inner.fit_info["anchor_temperature"]), hold, ignore)
+        mean = {k: float(np.mean(list(v.values()))) for k, v in nll.items()}
+        worst = {k: max(v[g] - ref[g] for g in fams) for k, v in nll.items()}
+        key = worst if self.criterion == "worst" else mean
+        best = min(cands, key=lambda k: (key[k], mean[k], list(cands).index(k)))
+        return {**out, "l2": cands[best][0], "features": list(cands[best][1]), "selected": True,
+                "chosen": best, "score": key, "mean_nll": mean, "worst_vs_ts": worst, "nll": nll,
+                "reference_nll": ref}
 
     def describe(self, cal: Any, *args: Any) -> dict[str, Any]:
         rec = self.base.describe(cal, *args)
         info = getattr(cal, "fit_info", None) or {}
         if "l2_selection" in info:
             rec["l2"] = info["l2_selection"]["l2"]
+            rec["features"] = info["l2_selection"]["features"]
             rec["l2_selection"] = info["l2_selection"]
         return rec
 
 
-__all__ = ["Anchored", "copies", "family_of", "is_clean", "pooled_nll"]
+class _Temperature:
+    """``z / t``: clean TS at a given temperature, scored like a calibrator."""
+
+    def __init__(self, t: float) -> None:
+        self.t = float(t)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.t
+
+
+__all__ = ["Anchored", "argmax_check", "copies", "family_of", "is_clean", "pooled_nll"]

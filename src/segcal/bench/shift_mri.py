@@ -56,7 +56,7 @@ from segcal.bench.protocol import (
     fit_rows,
     whole_volume,
 )
-from segcal.bench.shift_fit import Anchored, copies
+from segcal.bench.shift_fit import Anchored, argmax_check, copies
 from segcal.bench.spec import (
     HIPPOCAMPUS,
     MODEL,
@@ -124,24 +124,6 @@ def mixed_severity(case: str, shift: str, seed: int) -> int:
     return int(np.random.default_rng(derive_seed(seed, f"{case}:{shift}")).integers(1, 6))
 
 
-def argmax_dice_check(res: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
-    """Every argmax-preserving row: no flipped voxel and both Dice values exactly the uncalibrated ones."""
-    base = next(r for r in res["runs"].values() if r["method"] == "uncalibrated")["metrics"]
-    out: dict[str, Any] = {}
-    for m in methods:
-        if not row_properties(SHIFT_CALIBRATION, m)["argmax_preserving"]:
-            continue
-        runs = [r["metrics"] for r in res["runs"].values() if r["method"] == m]
-        ok = all(r["flip_rate"] == 0.0 and r["dice_ant"] == base["dice_ant"] and r["dice_post"] == base["dice_post"]
-                 for r in runs)
-        out[m] = {"argmax_kept": ok, "dice_ant": [r["dice_ant"] for r in runs],
-                  "dice_post": [r["dice_post"] for r in runs],
-                  "uncalibrated_dice": [base["dice_ant"], base["dice_post"]]}
-        if not ok:
-            raise AssertionError(f"{m} declares argmax preservation but changed the argmax or Dice: {out[m]}")
-    return out
-
-
 def _fit(data: Sequence[ImageData], rows: Sequence[str], cfg: MriShiftConfig, log: Callable[[str], None]) -> FitResult:
     if not rows:
         return FitResult()
@@ -164,7 +146,7 @@ def _score(cases: Sequence[ImageData], cals: Mapping[tuple[str, int], Any], rows
     res["summary"] = summarize(res, present)
     res["bootstrap_vs_ts_clean"] = bootstrap_condition(res, present, n_boot=cfg.n_boot, seed=cfg.boot_seed,
                                                        metrics=MRI_CI_METRICS, reference=SHIFT_REFERENCE)
-    res["argmax_check"] = argmax_dice_check(res, present)
+    res["argmax_check"] = argmax_check(res, present, ("dice_ant", "dice_post"))
     res["cases"] = [c.stem for c in cases]
     return res
 
@@ -284,5 +266,5 @@ def loso_summary(conds: Mapping[str, Any], rows: Sequence[str]) -> dict[str, Any
     return out
 
 
-__all__ = ["MRI_CI_METRICS", "MRI_ROWS", "MriShiftConfig", "argmax_dice_check", "check_mri_config", "loso_summary",
+__all__ = ["MRI_CI_METRICS", "MRI_ROWS", "MriShiftConfig", "check_mri_config", "loso_summary",
            "mixed_severity", "run_mri_rows", "write_mixed"]

@@ -17,7 +17,18 @@ never the labels, so nothing extra is needed at test time -- and ``φ`` is a fix
   smoothed (``mean σ((τ − max-prob)/0.05)``; points of the confidence CDF, i.e. the information of
   its quantiles, but continuous in the logits and free of data-dependent sizes for export);
 * ``logit_norm``: ``−mean log std_c(z)`` (the spread of the logits across classes, a
-  translation-invariant logit-norm statistic: small logits, more uncertainty).
+  translation-invariant logit-norm statistic: small logits, more uncertainty);
+* spatial (where the low confidence lies), computed on the map subsampled to a shortest side of at
+  most 96 pixels (every ``s``-th pixel, ``s = ceil(side / 96)``: a strided map and its full map give
+  the same values; CamVid 360 x 480: ``s = 4``): a pixel is *interior* when no pixel within ``r`` of
+  it (the ``(2r+1)``-cube, ``r = max(1, round(0.02·shortest side))``) lies next to a change of the
+  predicted class; ``interior_low_conf_50`` / ``_90``: the smoothed ``low_conf`` fractions over the
+  interior pixels (with a pseudo-count of 1 % of the pixels at the whole-image fraction: an image
+  without interior gets that), ``boundary_fraction``: the share of non-interior pixels (a
+  fragmented prediction). Blur lowers the confidence mostly along the predicted class boundaries,
+  noise everywhere and it fragments the prediction; these tell the two apart where the whole-image
+  statistics cannot (``docs/shift_calibration.md``). A pixel table ``(M, C)`` has no neighbours:
+  every row is interior, ``boundary_fraction`` 0.
 
 Every feature is oriented so that larger means less confident; they are standardised with the
 mean / standard deviation over the training images (buffers, set at ``fit``). With
@@ -71,14 +82,52 @@ from segcal.calibrators.data import Batch, FitData, prepare_data, split_val
 from segcal.calibrators.registry import register
 from segcal.validation import as_tensor
 
-__all__ = ["DEFAULT_FEATURES", "FEATURES", "ShiftConditionedTemperature", "image_statistics"]
+__all__ = ["DEFAULT_FEATURES", "FEATURES", "SPATIAL_FEATURES", "ShiftConditionedTemperature", "image_statistics",
+           "interior_mask", "spatial_view"]
 
 #: the label-free per-image statistics, each oriented "larger = less confident"
-FEATURES: tuple[str, ...] = ("uncertainty", "entropy", "low_conf_50", "low_conf_90", "logit_norm")
+FEATURES: tuple[str, ...] = ("uncertainty", "entropy", "low_conf_50", "low_conf_90", "logit_norm",
+                             "interior_low_conf_50", "interior_low_conf_90", "boundary_fraction")
+#: the spatial statistics (where in the image the low confidence lies; module docstring)
+SPATIAL_FEATURES: tuple[str, ...] = ("interior_low_conf_50", "interior_low_conf_90", "boundary_fraction")
 #: the default features of ``sts``: the confidence statistics (``logit_norm`` is opt-in)
 DEFAULT_FEATURES: tuple[str, ...] = ("uncertainty", "entropy", "low_conf_50", "low_conf_90")
 _SOFT = 0.05  # width of the smoothed CDF steps
 _STD_FLOOR = 1e-6
+_BAND = 0.02  # the boundary band's half-width, as a fraction of the shortest spatial side
+_SIDE = 96  # the spatial statistics' map: subsampled to a shortest side of at most this (spatial_view)
+_PRIOR = 0.01  # the interior means' pseudo-count (a fraction of the pixels) at the whole-image mean
+
+
+def spatial_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` subsampled (every ``s``-th pixel along each spatial axis, from 0) to a shortest side of
+    at most :data:`_SIDE` pixels: the map the spatial statistics are computed on, so that a
+    strided fit map and the full map it came from give the same statistics (CamVid 360 x 480:
+    ``s = 4``, the bench's fit stride)."""
+    if x.ndim <= 2:
+        return x
+    s = max(1, math.ceil(min(int(v) for v in x.shape[2:]) / _SIDE))
+    return x if s == 1 else x[(slice(None), slice(None), *[slice(None, None, s)] * (x.ndim - 2))]
+
+
+def interior_mask(x: torch.Tensor) -> torch.Tensor:
+    """``(n, *spatial)`` bool of scores ``(n, C, *spatial)``: the pixels farther than ``r`` (in the
+    ``(2r+1)``-cube, ``r = max(1, round(0.02·shortest side))``) from a pixel next to a change of the
+    predicted class along a spatial axis; ``(M, C)``: all."""
+    a = x.argmax(dim=1)
+    if a.ndim == 1:
+        return torch.ones_like(a, dtype=torch.bool)
+    edge = torch.zeros_like(a, dtype=torch.bool)
+    for d in range(1, a.ndim):
+        n = a.shape[d]
+        if n < 2:
+            continue
+        diff = a.narrow(d, 1, n - 1) != a.narrow(d, 0, n - 1)
+        edge.narrow(d, 1, n - 1).logical_or_(diff)
+        edge.narrow(d, 0, n - 1).logical_or_(diff)
+    r = max(1, round(_BAND * min(int(v) for v in a.shape[1:])))
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[a.ndim - 2]
+    return pool(edge[:, None].float(), 2 * r + 1, 1, r)[:, 0] == 0
 
 
 def image_statistics(x: torch.Tensor, features: Sequence[str] = FEATURES) -> torch.Tensor:
@@ -98,6 +147,19 @@ def image_statistics(x: torch.Tensor, features: Sequence[str] = FEATURES) -> tor
     def mean(v: torch.Tensor) -> torch.Tensor:
         return v.mean(dim=dims) if dims else v
 
+    inner = small = None
+    if any(f in SPATIAL_FEATURES for f in features):
+        small = spatial_view(x)
+        inner = interior_mask(small)
+        small = F.softmax(small, dim=1).amax(dim=1)  # its max-prob
+
+    def interior_mean(v: torch.Tensor) -> torch.Tensor:  # shrunk to the whole-image mean by 1 % of the pixels
+        if not dims:
+            return v
+        w = inner.to(v.dtype)
+        prior = _PRIOR * v[0].numel()
+        return ((v * w).sum(dim=dims) + prior * v.mean(dim=dims)) / (w.sum(dim=dims) + prior)
+
     out = []
     for name in features:
         if name == "uncertainty":
@@ -110,6 +172,12 @@ def image_statistics(x: torch.Tensor, features: Sequence[str] = FEATURES) -> tor
             out.append(mean(torch.sigmoid((0.9 - maxp) / _SOFT)))
         elif name == "logit_norm":
             out.append(-mean(torch.log(x.std(dim=1, unbiased=False) + _STD_FLOOR)))
+        elif name == "interior_low_conf_50":
+            out.append(interior_mean(torch.sigmoid((0.5 - small) / _SOFT)))
+        elif name == "interior_low_conf_90":
+            out.append(interior_mean(torch.sigmoid((0.9 - small) / _SOFT)))
+        elif name == "boundary_fraction":
+            out.append(1.0 - mean(inner.to(small.dtype)))
         else:  # validated in the constructor
             raise ValueError(f"features: unknown {name!r}; available: {list(FEATURES)}")
     return torch.stack(out, dim=1)

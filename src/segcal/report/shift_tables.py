@@ -209,20 +209,43 @@ def estimator_table(results: Mapping[str, Any]) -> list[str]:
 
 
 def sts_selection_table(results: Mapping[str, Any]) -> list[str]:
-    """The ridge ``l2`` chosen for every anchored ``sts`` fit (fit set, seed), with the inner
-    leave-one-family-out mean NLL of each candidate (``–``: no selection, the reason given)."""
-    recs = [(grp, r) for grp, fits in (results.get("fits") or {}).items() for r in fits if "l2_selection" in r]
+    """The ridge ``l2`` and feature set chosen for the anchored ``sts`` row of every fit set (once per
+    fit set, shared by its seeds), with each candidate's inner leave-one-family-out score (the
+    criterion's value; ``–``: no selection, the reason given), and a legend of the feature sets."""
+    recs, seen = [], set()
+    for grp, fits in (results.get("fits") or {}).items():
+        for r in fits:
+            sel = r.get("l2_selection")
+            if sel is None or (grp, r["method"], _selection_id(sel)) in seen:
+                continue
+            seen.add((grp, r["method"], _selection_id(sel)))
+            recs.append((grp, r, sel))
     if not recs:
         return []
-    grid = recs[0][1]["l2_selection"]["grid"]
-    lines = _head(["fit set", "row", "seed", "inner families", *[f"NLL l2={g:g}" for g in grid], "chosen l2"])
-    for grp, r in recs:
-        sel = r["l2_selection"]
-        nll = sel.get("mean_nll") or {}
-        cells = [fmt(nll.get(repr(float(g)))) for g in grid] if sel["selected"] else ["–"] * len(grid)
-        chosen = f"{sel['l2']:g}" + ("" if sel["selected"] else f" ({sel['why']})")
-        lines.append(_row([grp, r["method"], str(r["seed"]), ", ".join(sel["families"]) or "–", *cells, chosen]))
+    grid, sets = recs[0][2]["grid"], recs[0][2].get("feature_sets") or [[]]
+    names = [(g, k) for k in range(len(sets)) for g in grid]
+    lines = _head(["fit set", "row", "seeds", "inner families", "criterion",
+                   *[f"l2={g:g} F{k + 1}" for g, k in names], "chosen"])
+    for grp, r, sel in recs:
+        score = sel.get("score") or sel.get("mean_nll") or {}
+        keys = [f"{float(g)!r}|{'+'.join(sets[k])}" if sets[k] else repr(float(g)) for g, k in names]
+        cells = [fmt(score.get(key)) for key in keys] if sel["selected"] else ["–"] * len(names)
+        k = next((i for i, f in enumerate(sets) if list(f) == list(sel.get("features") or [])), 0)
+        chosen = f"l2={sel['l2']:g} F{k + 1}" + ("" if sel["selected"] else f" ({sel['why']})")
+        seeds = ", ".join(str(x["seed"]) for x in results["fits"][grp]
+                          if x["method"] == r["method"] and _selection_id(x.get("l2_selection")) == _selection_id(sel))
+        lines.append(_row([grp, r["method"], seeds, ", ".join(sel["families"]) or "–",
+                           sel.get("criterion", "mean"), *cells, chosen]))
+    lines += ["", "Feature sets: " + "; ".join(f"F{k + 1} = {', '.join(f)}" for k, f in enumerate(sets)) + "."]
     return lines
+
+
+def _selection_id(sel: Mapping[str, Any] | None) -> str:
+    """One selection's identity in ``results.json`` (the seeds of a fit set share it)."""
+    if sel is None:
+        return ""
+    return repr((sel.get("selected_on_seed"), sel.get("l2"), sel.get("features"), sel.get("score"),
+                 sel.get("mean_nll"), sel.get("why")))
 
 
 def adaptation_table(results: Mapping[str, Any]) -> list[str]:
@@ -281,8 +304,9 @@ def shift_markdown_report(results: Mapping[str, Any]) -> str:
         out += ["## Targets (issue 17)", "", *targets_table(results), ""]
     sel = sts_selection_table(results)
     if sel:
-        out += ["## sts: the ridge chosen by leave-one-family-out within the fit families", "",
-                "Mean pooled NLL on the inner held-out family's perturbed val copies, per candidate `l2`:", "", *sel, ""]
+        out += ["## sts: the ridge and feature set chosen by leave-one-family-out within the fit families", "",
+                "Per candidate, the inner score on the inner held-out families' perturbed val copies ('worst': the "
+                "largest pooled-NLL excess over clean TS; 'mean': the mean pooled NLL); lowest wins:", "", *sel, ""]
     ad = adaptation_table(results)
     if ad:
         out += ["## Target adaptation: PseudoCal's correction factor c (output base / c)", "",
