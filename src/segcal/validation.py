@@ -205,13 +205,15 @@ def check_probabilities(chunk: torch.Tensor, name: str, dim: int = 0, atol: floa
         )
 
 
-def looks_like_probabilities(scores: Any, axis: int = 0, max_pixels: int = 1 << 16) -> bool:
-    """True when ``scores`` hold probabilities rather than logits.
+def score_kind(scores: Any, axis: int = 0, max_pixels: int = 1 << 16) -> str | None:
+    """What ``scores`` hold, from their values: ``"probs"``, ``"logits"``, or ``None`` (undecided).
 
     Probabilities: every value in ``[0, 1]`` and the values summing to one over the class axis
     ``axis``, within the storage dtype's rounding (the tolerance of :func:`check_probabilities`).
     Logits practically never pass both tests. Only the first ``max_pixels`` positions along the
-    flattened other axes are read, so a memory-mapped volume costs one small read.
+    flattened other axes are read, so a memory-mapped volume costs one small read. ``None``: the
+    positions read hold NaN or inf (the finite check names them), or the input is not a float
+    array with at least 2 classes.
 
     Parameters
     ----------
@@ -228,14 +230,21 @@ def looks_like_probabilities(scores: Any, axis: int = 0, max_pixels: int = 1 << 
     else:
         a = np.asarray(scores)
     if a.dtype.kind != "f" or a.ndim < 1 or a.size == 0 or a.shape[axis] < 2:
-        return False
+        return None
     c = a.shape[axis]
     rows = np.moveaxis(a, axis, 0).reshape(c, -1)[:, :max_pixels]
     atol = {np.dtype(np.float16): 1e-2, np.dtype(np.float32): 1e-4}.get(rows.dtype, 1e-6)
-    if not np.isfinite(rows).all() or rows.min() < 0 or rows.max() > 1 + atol:
-        return False
+    if not np.isfinite(rows).all():
+        return None
+    if rows.min() < 0 or rows.max() > 1 + atol:
+        return "logits"
     dev = np.abs(rows.sum(0, dtype=np.float64) - 1).max()
-    return bool(dev <= atol * max(1.0, c**0.5))
+    return "probs" if dev <= atol * max(1.0, c**0.5) else "logits"
+
+
+def looks_like_probabilities(scores: Any, axis: int = 0, max_pixels: int = 1 << 16) -> bool:
+    """True when ``scores`` hold probabilities rather than logits (:func:`score_kind` is ``"probs"``)."""
+    return score_kind(scores, axis, max_pixels) == "probs"
 
 
 #: what a message tells the user to pass, per input type (the API's keyword by default)

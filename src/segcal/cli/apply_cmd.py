@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
         result = calibrate_folder(cal, args.pred, out, output=args.output, dtype=args.dtype, images=args.images,
                                   input_type=input_type_from_args(args), device=rank_device(device, w),
                                   progress=not args.no_progress and w.is_main, names=CLI_FLAGS,
-                                  meta={"calibrator_file": str(args.calibrator)}, distributed=w.distributed)
+                                  meta={"calibrator_file": str(args.calibrator)}, distributed=w.distributed,
+                                  exclusive=True)
         if not w.is_main:
             return 0
     if result.float32_files:

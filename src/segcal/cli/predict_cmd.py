@@ -45,7 +45,7 @@ def _predict_volumes(args: argparse.Namespace, main: bool = True, distributed: b
     written = predict_volumes(
         loaded.module, args.images, args.out, model_name=UNET3D_MODEL_NAME,
         dtype=np.float16 if args.dtype == "float16" else np.float32, progress=not args.no_progress,
-        distributed=distributed,
+        distributed=distributed, exclusive=True,
     )
     if main:
         print(f"wrote {len(written)} volume prediction(s) of {UNET3D_MODEL_NAME} to {args.out} "
@@ -98,6 +98,7 @@ def _predict(args: argparse.Namespace, device: str, main: bool, distributed: boo
         overwrite=args.overwrite,
         transform=transform,
         distributed=distributed,
+        exclusive=True,
     )
     if not main:
         return 0

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from segcal.io.files import (
 )
 from segcal.io.nifti import is_nifti
 from segcal.io.nnunet import is_nnunet_prediction, read_nnunet_item
-from segcal.validation import channel_last_hint
+from segcal.validation import channel_last_hint, score_kind
 
 META_NAME = "segcal.json"
 FORMAT_NAME = "segcal-predictions"
@@ -121,21 +121,41 @@ def write_folder_meta(folder: str | os.PathLike, **meta: Any) -> None:
         json.dump(cur, fh, indent=2, sort_keys=True)
 
 
-def begin_folder(folder: str | os.PathLike, **meta: Any) -> Path:
+def begin_folder(folder: str | os.PathLike, *, writes: Iterable[str] | None = None, **meta: Any) -> Path:
     """Open ``folder`` for writing predictions: the manifest first, marked incomplete.
 
     Removes the temporary files an interrupted writer left (``.<name>.<random>.tmp``), then
     writes (merges) ``segcal.json`` with ``meta`` (``input_type``, ``num_classes``, ...) and
     ``"complete": false``. Call :func:`finish_folder` once every file is written.
 
+    Parameters
+    ----------
+    writes
+        The names of the prediction files the run will write (``segcal predict`` / ``apply``
+        pass them): a folder that already holds other ``.npy`` / ``.npz`` predictions is refused
+        before anything is written, since files left by an earlier run (another ``--limit``,
+        ``--corruption`` or input folder) would be read as one folder with this run's under a
+        manifest marked complete. ``None`` (the bench caches, which add the missing files to a
+        folder) checks nothing.
+
     Raises
     ------
     InputError
-        If ``folder`` exists and is not a folder.
+        If ``folder`` exists and is not a folder, or holds prediction files not in ``writes``.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"--out: {folder} exists and is not a folder; expected a folder to write into")
+    if writes is not None and folder.is_dir():
+        names = set(writes)
+        stale = [p.name for p in list_stems(folder, PREDICTION_SUFFIXES, "--out").values() if p.name not in names]
+        if stale:
+            shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+            raise InputError(
+                f"--out: {folder} already holds {len(stale)} prediction file(s) that this run does not write "
+                f"({shown}); they would be read as one folder with this run's files. Expected an empty "
+                "folder, or one holding only files this run rewrites: remove them or pass a new --out"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     clean_temporary_files(folder)
     write_folder_meta(folder, **meta, complete=False)
@@ -205,6 +225,7 @@ class PredictionFolder:
         if not self.items:
             raise InputError(f"pred: no prediction in {self.pred_dir} has a label in {self.label_dir}")
         self._input_type = input_type
+        self._first_kind: tuple[str | None] | None = None  # score_kind of items[0], once read
 
     def __len__(self) -> int:
         return len(self.items)
@@ -244,6 +265,33 @@ class PredictionFolder:
                 "\nThey are not the same voxel grid; expected the label of the predicted volume"
             )
 
+    def _check_same_kind(self, item: PredictionItem, scores: np.ndarray) -> None:
+        """Refuse a file that holds the other kind of scores (logits / probabilities) than the
+        folder's first file (:func:`segcal.validation.score_kind`, from a few values of each).
+
+        Whether the first file itself holds what the folder is read as is the callers' check
+        (``segcal.pipeline.evaluate.folder_input_type``, with the flag to pass); this one keeps
+        one probabilities file among logits (a folder merged from two tools) from being read
+        with the others' input type, a silently wrong calibration error.
+        """
+        first = self.items[0]
+        if item.path == first.path or (first.path.suffix == ".npz" and is_nnunet_prediction(first.path)):
+            return
+        kind = score_kind(scores)
+        if kind is None:  # NaN / inf: the finite check names them
+            return
+        if self._first_kind is None:
+            self._first_kind = (score_kind(read_prediction(first.path)[0]),)
+        expected = self._first_kind[0]
+        if expected is not None and kind != expected:
+            what = {"probs": "probabilities (every value in [0, 1], summing to one over the class axis)",
+                    "logits": "logits (values outside [0, 1] or not summing to one over the class axis)"}
+            raise InputError(
+                f"pred: {item.path.name} holds {what[kind]}, but {first.path.name}, the first file of "
+                f"{self.pred_dir}, holds {what[expected].split(' (')[0]}; expected every file of a prediction "
+                "folder to hold the same kind of scores: put each kind in a folder of its own"
+            )
+
     def read(self, item: PredictionItem) -> tuple[np.ndarray, np.ndarray | None, str]:
         """Read one item: ``(scores (C, *spatial), labels (*spatial) or None, input_type)``.
 
@@ -257,6 +305,7 @@ class PredictionFolder:
             probs, labels = read_nnunet_item(item.path, item.label_path, num_classes=nc)
             return probs, labels, self._input_type or "probs"
         scores, key = read_prediction(item.path)
+        self._check_same_kind(item, scores)
         labels = read_label(item.label_path) if item.label_path is not None else None
         if labels is not None and tuple(labels.shape) != tuple(scores.shape[1:]):
             hint = ""

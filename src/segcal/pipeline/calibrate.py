@@ -146,6 +146,7 @@ def calibrate_folder(
     names: Mapping[str, str] | None = None,
     meta: Mapping[str, Any] | None = None,
     distributed: bool = False,
+    exclusive: bool = False,
 ) -> CalibratedFolder:
     """Calibrate every prediction of ``pred`` and write it to ``out`` in the same format.
 
@@ -176,6 +177,10 @@ def calibrate_folder(
         rank 0 marks the folder complete after every rank has finished; a failure on any rank
         stops every rank (:func:`segcal.pipeline.distributed.agree`) and leaves the folder
         incomplete. Every rank returns the whole folder's result (files in the sorted order).
+    exclusive
+        Refuse an ``out`` that already holds prediction files this call does not write (left by
+        an earlier run, they would be read as one folder with this run's): ``segcal apply``.
+        The default adds to the folder.
     """
     if output not in (None, "logits", "probs"):
         raise InputError(f"output: expected 'logits' or 'probs', got {output!r}")
@@ -205,7 +210,9 @@ def calibrate_folder(
     begin = dict(input_type=output,
                  num_classes=None if calibrator.num_classes is None else int(calibrator.num_classes),
                  calibrator=calibrator.name, source=str(pred), dtype=dtype or "as input", **dict(meta or {}))
-    out = on_main(lambda: begin_folder(out, **begin)) if distributed else begin_folder(out, **begin)
+    writes = [it.path.name for it in folder.items] if exclusive else None
+    out = on_main(lambda: begin_folder(out, writes=writes, **begin)) if distributed else begin_folder(
+        out, writes=writes, **begin)
     items = shard(folder.items, w.rank, w.size) if distributed else folder.items
 
     def work() -> CalibratedFolder:

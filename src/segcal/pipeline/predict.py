@@ -96,6 +96,7 @@ def predict_folder(
     dtype: str = "float16",
     overwrite: bool = False,
     distributed: bool = False,
+    exclusive: bool = False,
 ) -> PredictResult:
     """Predict logits for every image of ``images`` into the prediction folder ``out``.
 
@@ -124,6 +125,11 @@ def predict_folder(
         Storage dtype of the logits: ``"float16"`` (default) or ``"float32"``.
     overwrite
         Allow writing into a folder whose ``segcal.json`` names a different model / class count.
+    exclusive
+        Refuse an ``out`` that already holds prediction files of images this call does not
+        predict (left by a run with another ``--limit``, ``--corruption`` or image folder, they
+        would be read as one folder with this run's): ``segcal predict``. The default (the bench
+        caches) adds the missing images to the folder.
     distributed
         Share the images among the ranks of the initialised process group (``torchrun``): rank 0
         checks and opens the folder (manifest marked incomplete) while the others wait, each rank
@@ -183,6 +189,7 @@ def predict_folder(
                 )
         begin_folder(
             out_dir,
+            writes=[f"{it.stem}.npy" for it in items] if exclusive else None,
             input_type="logits",
             num_classes=lm.num_classes,
             class_names=list(lm.class_names),
@@ -321,6 +328,7 @@ def predict_volumes(
     dtype: type = np.float16,
     progress: bool = False,
     distributed: bool = False,
+    exclusive: bool = False,
 ) -> list[Path]:
     """Predict every volume of ``images`` (a folder, one file, or a list) into ``out_dir``.
 
@@ -334,6 +342,8 @@ def predict_volumes(
     (shape, affine, source) are gathered in rank order and rank 0 finalises the manifest after
     every rank finished (:func:`segcal.pipeline.distributed.on_each` / ``on_main``); a failure on
     any rank stops every rank and leaves the manifest incomplete. A rank without volumes works.
+    ``exclusive=True`` (``segcal predict``) refuses an ``out_dir`` that already holds predictions of
+    other volumes (see :func:`predict_folder`).
     """
     if model is None:
         model = load_unet3d_hippocampus()
@@ -351,7 +361,8 @@ def predict_volumes(
     def open_folder() -> None:
         cases.update(read_folder_meta(out).get("cases", {}) if out.is_dir() else {})
         meta = {"input_type": "logits", "axis_order": AXIS_ORDER, "model": model_name}
-        begin_folder(out, **meta, num_classes=len(HIPPOCAMPUS_CLASSES),
+        begin_folder(out, **meta, writes=[f"{s}.npy" for s in stems] if exclusive else None,
+                     num_classes=len(HIPPOCAMPUS_CLASSES),
                      class_names=list(HIPPOCAMPUS_CLASSES), cases=cases)
 
     pairs = list(zip(files, stems, strict=True))
