@@ -27,6 +27,7 @@ from segcal.conformal import (
     fit_threshold,
     folder_loss_table,
 )
+from segcal.conformal.bounds import check_level
 from segcal.conformal.writers import (
     MANIFEST,
     SetWriter,
@@ -54,6 +55,14 @@ def fit(args: argparse.Namespace) -> int:
         raise InputError("--class: --risk fnr needs the class whose mask is controlled (--class K)")
     if args.risk == "coverage" and args.tau is None:
         raise InputError("--tau: --risk coverage needs the coverage level (--tau 0.9)")
+    # the levels are checked before any file is read (fit_threshold checks them again, after the table)
+    check_level(args.alpha, "--alpha")
+    if args.delta is not None:
+        check_level(args.delta, "--delta")
+    if args.risk == "fnr" and args.class_index < 0:
+        raise InputError(f"--class: expected a class index >= 0, found {args.class_index}")
+    if args.risk == "coverage" and not 0.0 < args.tau <= 1.0:
+        raise InputError(f"--tau: --risk coverage needs a coverage level in (0, 1], found {args.tau!r}")
     with world() as w:
         table = shared_table(args, w, args.risk, default_grid(args.grid_size), args.class_index, args.tau,
                              args.ignore_index)

@@ -39,7 +39,7 @@ from segcal.estimation import (
     logit_features,
 )
 from segcal.estimation.features import iter_feature_maps
-from segcal.io import PredictionFolder, atomic_write
+from segcal.io import PredictionFolder, atomic_write, to_jsonable
 from segcal.pipeline.distributed import on_each, on_main, shard, world
 from segcal.validation import check_class_count, check_finite
 
@@ -101,7 +101,7 @@ def _estimate(args: argparse.Namespace) -> int:
         payload = {"estimator": name, "per_image": per_image, "mean": float(vals.mean()),
                    "std": float(vals.std()), "n_images": len(per_image)}
         with atomic_write(args.json, "w") as fh:
-            json.dump(payload, fh, indent=2)
+            json.dump(to_jsonable(payload), fh, indent=2, allow_nan=False)
     return 0
 
 

@@ -48,7 +48,7 @@ from segcal.errors import InputError
 from segcal.estimation import load_estimator
 from segcal.estimation.target_adaptive import adapt_to_target
 from segcal.io import PredictionFolder
-from segcal.io.files import atomic_write
+from segcal.io.files import atomic_write, to_jsonable
 from segcal.metrics import CalibrationMetrics
 from segcal.models import UNET3D_MODEL_NAME, create_model
 from segcal.pipeline.distributed import (
@@ -152,8 +152,10 @@ def _summary(args: argparse.Namespace, cal: Calibrator, before: CalibrationMetri
         print(f"  {label:24s} {float(b):10.4f} {float(a):10.4f}")
     if args.json:
         with atomic_write(args.json, "w") as fh:
-            json.dump({"method": cal.name, "fit_info": cal.fit_info, "metrics": summary,
-                       "evaluated_on": where}, fh, indent=2, default=str)
+            # to_jsonable: NaN / inf (a fit history's first training loss, a metric of a class
+            # never present) become null, never the invalid JSON token NaN
+            json.dump(to_jsonable({"method": cal.name, "fit_info": cal.fit_info, "metrics": summary,
+                                   "evaluated_on": where}, unknown="str"), fh, indent=2, allow_nan=False)
 
 
 def _check_mode(args: argparse.Namespace) -> None:

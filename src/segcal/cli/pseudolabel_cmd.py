@@ -41,7 +41,7 @@ from segcal.estimation import (
 )
 from segcal.estimation.features import iter_feature_maps
 from segcal.estimation.pseudolabels import pseudo_label_precision
-from segcal.io import PredictionFolder, atomic_write, read_label
+from segcal.io import PredictionFolder, atomic_write, read_label, to_jsonable
 from segcal.pipeline.distributed import on_each, shard, world
 from segcal.validation import check_class_count, check_finite
 
@@ -166,7 +166,7 @@ def _run(args: argparse.Namespace, out: Path, folder: PredictionFolder, mine: li
                   f"{report['maxprob_precision']:.4f} (threshold {t:.4f})")
     if args.json and main:
         with atomic_write(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+            json.dump(to_jsonable(report), fh, indent=2, allow_nan=False)
     return 0
 
 
