@@ -136,7 +136,22 @@ def test_streamed_and_in_memory_fits_of_a_folder_are_equal(tmp_path):
     assert mem.fit_info["mode"] == "in-memory" and st.fit_info["mode"] == "streaming"
     assert st.temperature == mem.temperature  # the same chunks in the same order: bitwise
     ref = sc.create("ts", optimizer="lbfgs", chunk_size=700).fit(z, y.astype(np.int64), ignore_index=255)
-    assert abs(ref.temperature - st.temperature) < 1e-6  # one (N, C, H, W) batch: other chunks
+    # one (N, C, H, W) batch: other chunks and other sums, so float noise, which the flat float32
+    # NLL amplifies at L-BFGS's stop (measured: 4.5e-5 in T at bitwise equal float32 NLL values);
+    # both are the float64 optimum (golden-section search) to the float32 objective's resolution
+    zz = torch.from_numpy(z.astype(np.float64)).permute(0, 2, 3, 1).reshape(-1, 19)
+    yy = torch.from_numpy(y.astype(np.int64)).reshape(-1)
+    zz, yy = zz[yy != 255], yy[yy != 255]
+
+    def nll(t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(zz / t, yy))
+
+    lo, hi = 0.05, 5.0
+    for _ in range(120):
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
+    for t in (ref.temperature, st.temperature):
+        assert abs(t - lo) < 2e-4 * lo and nll(t) - nll(lo) < 1e-7
 
 
 def test_streamed_fit_still_refuses_non_finite_logits_and_bad_labels(tmp_path):

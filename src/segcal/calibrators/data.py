@@ -100,11 +100,16 @@ class FitData:
     batches: list[Batch] | None = None  # in memory
     stream: Callable[[], Iterator[Batch]] | None = None  # streaming
     info: dict[str, Any] = field(default_factory=dict)
-    cached: tuple[int, list[Batch]] | None = None  # (chunk_size, chunks with .pre): see precompute
+    cached: tuple[int, list[tuple[int, Batch]]] | None = None  # (chunk_size, (batch, chunk)): precompute
     #: distributed fit (:func:`segcal.calibrators.collective.sharded`): the group, and the valid
     #: pixels of every batch of every rank (``layout[r][i]``); ``n`` is then the global count
     group: FitGroup | None = None
     layout: list[list[int]] | None = None
+
+    @property
+    def first_batch(self) -> int:
+        """The index of this rank's first batch among the batches of all ranks (0 in one process)."""
+        return 0 if self.layout is None or self.group is None else sum(map(len, self.layout[: self.group.rank]))
 
     @property
     def local_n(self) -> int:
@@ -134,16 +139,16 @@ class FitData:
         self.cached = None
         if self.batches is None:
             return 0
-        out: list[Batch] = []
+        out: list[tuple[int, Batch]] = []
         used = 0
-        for b in self.iter_chunks(chunk_size):
+        for i, b in self.iter_file_chunks(chunk_size):
             pre = fn(b)
             if pre is None:
                 return 0
             used += sum(t.numel() * t.element_size() for t in pre if isinstance(t, torch.Tensor))
             if used > budget:
                 return 0
-            out.append(Batch(b.x, b.y, b.valid, b.image, pre))
+            out.append((i, Batch(b.x, b.y, b.valid, b.image, pre)))
         self.cached = (chunk_size, out)
         return used
 
@@ -154,33 +159,45 @@ class FitData:
             assert self.stream is not None
             yield from self.stream()
 
-    def iter_chunks(self, chunk_size: int, gen: torch.Generator | None = None) -> Iterator[Batch]:
-        """Batches split into row chunks of at most ``chunk_size`` (shuffled when ``gen``)."""
-        if gen is None and self.cached is not None and self.cached[0] == chunk_size:
+    def iter_file_chunks(self, chunk_size: int) -> Iterator[tuple[int, Batch]]:
+        """``(batch index, chunk)`` of :meth:`iter_chunks` without shuffling; every batch (a folder's
+        file, the unit of sharding) yields >= 1 chunk (the full-batch sums group chunks by batch)."""
+        if self.cached is not None and self.cached[0] == chunk_size:
             yield from self.cached[1]
             return
-        batches: Iterable[Batch]
-        if gen is not None and self.batches is not None:
+        for i, b in enumerate(self.iter_batches()):
+            for c in self._split(b, chunk_size, None):
+                yield i, c
+            b = c = None  # streamed: this file's rows are freed before the next file is read
+
+    def iter_chunks(self, chunk_size: int, gen: torch.Generator | None = None) -> Iterator[Batch]:
+        """Batches split into row chunks of at most ``chunk_size`` (shuffled when ``gen``)."""
+        if gen is None:
+            yield from (c for _, c in self.iter_file_chunks(chunk_size))
+            return
+        batches: Iterable[Batch] = self.iter_batches()  # streamed: in order, pixels shuffled
+        if self.batches is not None:
             order = torch.randperm(len(self.batches), generator=gen).tolist()
             batches = [self.batches[i] for i in order]
-        else:
-            batches = self.iter_batches()
-        streamed = self.batches is None
         for b in batches:
-            if b.valid is not None or b.n <= chunk_size:
-                yield b
-            elif gen is not None:
-                perm = torch.randperm(b.n, generator=gen)
-                for s in range(0, b.n, chunk_size):
-                    idx = perm[s : s + chunk_size]
-                    yield Batch(b.x[idx], b.y[idx])
-            else:
-                for s in range(0, b.n, chunk_size):
-                    x, y = b.x[s : s + chunk_size], b.y[s : s + chunk_size]
-                    if streamed and s + chunk_size >= b.n:  # a caller holding the last chunk
-                        x, y = x.clone(), y.clone()        # must not keep the file's rows alive
-                    yield Batch(x, y)
+            yield from self._split(b, chunk_size, gen)
             del b  # streamed: this file's rows are freed before the next file is read
+
+    def _split(self, b: Batch, chunk_size: int, gen: torch.Generator | None) -> Iterator[Batch]:
+        """One batch in row chunks of at most ``chunk_size`` (its pixels shuffled when ``gen``)."""
+        if b.valid is not None or b.n <= chunk_size:
+            yield b
+        elif gen is not None:
+            perm = torch.randperm(b.n, generator=gen)
+            for s in range(0, b.n, chunk_size):
+                idx = perm[s : s + chunk_size]
+                yield Batch(b.x[idx], b.y[idx])
+        else:
+            for s in range(0, b.n, chunk_size):
+                x, y = b.x[s : s + chunk_size], b.y[s : s + chunk_size]
+                if self.batches is None and s + chunk_size >= b.n:  # a caller holding the last
+                    x, y = x.clone(), y.clone()  # chunk must not keep the file's rows alive
+                yield Batch(x, y)
 
     def iter_steps(self, batch_size: int, gen: torch.Generator | None = None,
                    images: int | None = None) -> Iterator[list[Batch]]:

@@ -12,7 +12,10 @@ module holds the settings and the optimisation loops.
   ``chunk_elements`` values: :meth:`FitSettings.chunk_rows`) with a backward pass per chunk, so
   memory is bounded by one chunk's autograd graph, whatever the class count; non-linear objectives (soft Dice,
   differentiable ECE) are handled exactly through their additive statistics (see
-  :mod:`segcal.calibrators.objectives`).
+  :mod:`segcal.calibrators.objectives`). The chunks of one batch (a folder's file) are added in
+  order into the batch's gradient, and the batches in one fixed pairwise tree
+  (:class:`~segcal.calibrators.collective.FileSums`): ``O(log batches)`` gradient vectors alive,
+  and the same additions in one process as on N.
 * Early stopping on the validation NLL (``patience`` evaluations without an improvement larger
   than ``min_delta``), ``ReduceLROnPlateau`` (Adam, ``lr_patience``), and the iterate with the best
   monitored value (validation NLL, else training loss) is restored at the end. With
@@ -25,7 +28,8 @@ module holds the settings and the optimisation loops.
 * ``progress=True`` shows a tqdm bar over the optimiser steps on stderr (the training loss and,
   with validation data, the monitored validation value in the postfix).
 * Distributed (data prepared inside :func:`segcal.calibrators.collective.sharded`, so
-  ``FitData.group`` is set): every full-batch value, statistic and gradient is all-reduced, Adam
+  ``FitData.group`` is set): every full-batch value, statistic and gradient is summed over the
+  ranks in that tree (bitwise the single-process sums), Adam
   replays the single-process step sequence over the shards, the stop / convergence decisions
   are rank 0's, and the final parameters are broadcast from rank 0 (see
   :mod:`segcal.calibrators.collective`).
@@ -34,22 +38,23 @@ module holds the settings and the optimisation loops.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from segcal.calibrators.collective import (
+    FileSums,
     FitGroup,
     active,
     all_sum,
     broadcast_tensors,
     decide,
-    ordered_sum,
 )
 from segcal.calibrators.data import Batch, FitData
 from segcal.calibrators.objectives import NLL
@@ -114,18 +119,37 @@ def check_finite_loss(v: torch.Tensor | float, what: str) -> None:
 
 
 def evaluate(stats_fn: StatsFn, data: FitData, objective: Any, chunk: int) -> float:
-    """Objective value on all the data, without gradients."""
+    """Objective value on all the data, without gradients (statistics summed as in
+    :func:`value_and_grad`)."""
     with torch.no_grad():
-        if data.group is not None:  # the sum over every rank's chunks, in the single-process order
-            total = ordered_sum(data.group, [stats_fn(b, objective) for b in data.iter_chunks(chunk)],
-                                stats_fn(data.empty_batch(), objective))
-            return float(objective.finalize(total, data.n))
-        total = None
-        for b in data.iter_chunks(chunk):
-            s = stats_fn(b, objective)
-            total = s if total is None else total + s
-        assert total is not None
-        return float(objective.finalize(total, data.n))
+        (total,) = _over_files(data, chunk, lambda: [stats_fn(data.empty_batch(), objective)],
+                               lambda chunks: [_stats_sum(stats_fn, chunks, objective)])
+    return float(objective.finalize(total, data.n))
+
+
+def _over_files(data: FitData, chunk: int, like: Callable[[], list[torch.Tensor]],
+                per_file: Callable[[Iterator[Batch]], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """``per_file(chunks of one batch)`` summed over every batch of every rank, on every rank.
+
+    The batches (the files of a folder: the unit of sharding) are the leaves of one fixed
+    pairwise tree over the batches of all ranks (:class:`~segcal.calibrators.collective.FileSums`),
+    in one process as on N: so N processes are bitwise one process, and a rank holds
+    ``O(log batches)`` partial sums of ``like()``'s shapes, whatever the number of chunks.
+    """
+    sums = FileSums(data.first_batch)
+    for _, group in itertools.groupby(data.iter_file_chunks(chunk), key=lambda t: t[0]):
+        sums.add(per_file(b for _, b in group))
+    return sums.total(data.group, like)
+
+
+def _stats_sum(stats_fn: StatsFn, chunks: Iterator[Batch], objective: Any) -> torch.Tensor:
+    """The statistics of one batch: its chunks' added in order (``acc = acc + s``)."""
+    acc = None
+    for b in chunks:
+        s = stats_fn(b, objective).detach()
+        acc = s if acc is None else acc + s
+    assert acc is not None
+    return acc
 
 
 def value_and_grad(
@@ -136,56 +160,51 @@ def value_and_grad(
     chunk: int,
     regularizer: Callable[[], torch.Tensor | None],
 ) -> torch.Tensor:
-    """Exact full-batch objective + regulariser, gradients accumulated chunk by chunk."""
+    """Exact full-batch objective + regulariser.
+
+    The gradient of every batch (file) is accumulated chunk by chunk by ``backward`` (memory:
+    one chunk's autograd graph and one gradient); the batches' gradients and values are then
+    summed in the fixed pairwise tree of :func:`_over_files`, the same in one process and on N
+    (bitwise), holding ``O(log batches) x parameters`` values per rank. Non-linear objectives:
+    the same sums of the additive statistics first, then of the chunks' ``(stats * dv/dstats)``.
+    """
     for p in params:
         p.grad = None
-    fg = data.group
-    if objective.linear and fg is not None:
-        gparts, vparts = [], []
-        for b in data.iter_chunks(chunk):
-            s = stats_fn(b, objective) / data.n
-            gparts.append(_chunk_grad(params, s))
-            vparts.append(torch.tensor([float(s.detach())], dtype=torch.float64))
-        _set_grads(params, ordered_sum(fg, gparts, _flat_zeros(params)))
-        value = torch.tensor(float(ordered_sum(fg, vparts, torch.zeros(1, dtype=torch.float64))))
-    elif objective.linear:
-        total = 0.0
-        for b in data.iter_chunks(chunk):
-            s = stats_fn(b, objective) / data.n
-            s.backward()
-            total += float(s.detach())
-        value = torch.tensor(total)
+    if objective.linear:
+        def per_file(chunks: Iterator[Batch]) -> list[torch.Tensor]:
+            total = 0.0
+            for b in chunks:
+                s = stats_fn(b, objective) / data.n
+                s.backward()
+                total += float(s.detach())
+            return [_take_grads(params), torch.tensor([total], dtype=torch.float64)]
+
+        flat, v64 = _over_files(data, chunk, lambda: [_flat_zeros(params), torch.zeros(1, dtype=torch.float64)], per_file)
+        value = torch.tensor(float(v64))
     else:
         with torch.no_grad():
-            acc = None
-            if fg is not None:  # the global statistics, then the same gradient on every rank
-                acc = ordered_sum(fg, [stats_fn(b, objective) for b in data.iter_chunks(chunk)],
-                                  stats_fn(data.empty_batch(), objective))
-            for b in ([] if fg is not None else data.iter_chunks(chunk)):
-                s = stats_fn(b, objective)
-                acc = s if acc is None else acc + s
-        assert acc is not None
+            (acc,) = _over_files(data, chunk, lambda: [stats_fn(data.empty_batch(), objective)],
+                                 lambda chunks: [_stats_sum(stats_fn, chunks, objective)])
         acc = acc.detach().requires_grad_(True)
         v = objective.finalize(acc, data.n)
         (g,) = torch.autograd.grad(v, acc)
-        gparts = []
-        for b in data.iter_chunks(chunk):
-            s = stats_fn(b, objective)
-            if s.requires_grad and fg is not None:
-                gparts.append(_chunk_grad(params, (s * g).sum()))
-            elif s.requires_grad:
-                (s * g).sum().backward()
-        if fg is not None:
-            _set_grads(params, ordered_sum(fg, gparts, _flat_zeros(params)))
+
+        def grad_file(chunks: Iterator[Batch]) -> list[torch.Tensor]:
+            for b in chunks:
+                s = stats_fn(b, objective)
+                if s.requires_grad:
+                    (s * g).sum().backward()
+            return [_take_grads(params)]
+
+        (flat,) = _over_files(data, chunk, lambda: [_flat_zeros(params)], grad_file)
         value = v.detach()
+    _set_grads(params, flat)
     reg = regularizer()
     if reg is not None and reg.requires_grad:
         reg.backward()
         value = value + reg.detach()
     for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        elif not bool(torch.isfinite(p.grad).all()):
+        if not bool(torch.isfinite(p.grad).all()):  # type: ignore[arg-type]
             raise ValueError("fit: non-finite gradients; check the inputs or lower lr")
     check_finite_loss(value, "training loss")
     return value
@@ -195,11 +214,8 @@ def _flat_zeros(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.cat([torch.zeros_like(p).reshape(-1) for p in params]) if params else torch.zeros(0)
 
 
-def _chunk_grad(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-    """The gradient of one chunk's ``loss``, flattened (zeros for parameters it does not reach)."""
-    for p in params:
-        p.grad = None
-    loss.backward()
+def _take_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The accumulated gradients, flattened (zeros for parameters not reached); ``grad`` reset."""
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     for p in params:
         p.grad = None
