@@ -28,6 +28,15 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 
+def native_byte_order(arr: np.ndarray) -> np.ndarray:
+    """``arr`` in the machine's byte order: a big-endian array (``>f4``: a ``.npy`` written on or for
+    another platform, a NIfTI file stored big-endian) is converted (one copy; a memory map is then
+    read into memory), since torch cannot hold it; a native array is returned as it is."""
+    if arr.dtype.isnative or arr.dtype.byteorder == "|":
+        return arr
+    return arr.astype(arr.dtype.newbyteorder("="))
+
+
 def as_tensor(x: Any, name: str, device: torch.device | str | None = None) -> torch.Tensor:
     """Convert ``x`` (numpy array, torch tensor, or nested sequence) to a tensor without copying.
 
@@ -44,7 +53,7 @@ def as_tensor(x: Any, name: str, device: torch.device | str | None = None) -> to
         t = x
     elif isinstance(x, np.ndarray):
         if x.dtype == np.float16 or x.dtype.kind in "fiub":
-            arr = x
+            arr = native_byte_order(x)
             if not arr.flags.c_contiguous and not arr.flags.f_contiguous:
                 arr = np.ascontiguousarray(arr)
             if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:

@@ -30,6 +30,7 @@ from typing import IO, Any
 import numpy as np
 
 from segcal.errors import InputError
+from segcal.validation import native_byte_order
 
 #: the temporary files of :func:`atomic_write`: ``.<final name>.<random>.tmp``
 TEMPORARY_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
@@ -152,7 +153,7 @@ def load_npy(path: str | os.PathLike, *, what: str = "array", mmap: bool = False
                 f"array of shape {shape} ({need} bytes); expected the complete file"
             )
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        return native_byte_order(np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False))
     except NPY_ERRORS as exc:
         raise InputError(f"{what}: cannot read {path} ({exc}); expected {expected}") from exc
 
@@ -185,7 +186,7 @@ def load_npz(
             if not present:
                 names = " or ".join(repr(k) for k in keys)
                 raise InputError(f"{what}: {path.name} has no {names} array (keys: {z.files}){hint}")
-            return np.asarray(z[present[0]]), present[0]
+            return native_byte_order(np.asarray(z[present[0]])), present[0]
     except InputError:
         raise
     except NPY_ERRORS as exc:

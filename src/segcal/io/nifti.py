@@ -17,6 +17,7 @@ import numpy as np
 
 from segcal.errors import InputError, missing_dependency
 from segcal.io.files import split_suffix
+from segcal.validation import native_byte_order
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -120,7 +121,7 @@ def load_nifti(
             arr = np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated or corrupt voxel data
         raise InputError(f"{what}: cannot read NIfTI file {path}: {exc}") from exc
-    arr = np.asarray(arr).reshape(shape)
+    arr = native_byte_order(np.asarray(arr)).reshape(shape)
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
     return arr, np.asarray(img.affine, dtype=np.float64)
