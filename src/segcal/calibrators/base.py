@@ -40,26 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcal.calibrators import registry
-from segcal.calibrators.data import (
-    Batch,
-    FitData,
-    check_image,
-    iter_row_chunks,
-    prepare_data,
-    split_val,
-)
+from segcal.calibrators.chunked_forward import calibrated_logits
+from segcal.calibrators.data import Batch, FitData, check_image, prepare_data, split_val
 from segcal.calibrators.fitting import FitSettings, fit_config, fit_summary, minimize
 from segcal.calibrators.objectives import get_objective
 from segcal.calibrators.persistence import check_finite_state, export_torchscript, save_calibrator
-from segcal.calibrators.settings import chunk_rows
 from segcal.errors import InputError
-from segcal.validation import (
-    as_tensor,
-    check_finite,
-    check_input_type,
-    check_probabilities,
-    check_scores,
-)
+from segcal.validation import as_tensor, check_input_type, check_scores
 
 PROB_FLOOR = 1e-12
 
@@ -158,13 +145,9 @@ class Calibrator(nn.Module):
         )
         self._device_hint = torch.device(device) if device is not None else torch.device("cpu")
         self.num_classes: int | None = None
-        self._fixed_classes = num_classes is not None
         self.is_fitted = False
         self.fit_info: dict[str, Any] = {}
-        if num_classes is not None:
-            if int(num_classes) < 2:
-                raise ValueError(f"num_classes: expected at least 2, got {num_classes}")
-            self._build_params(int(num_classes))
+        self._fix_classes(num_classes)
 
     # ----------------------------------------------------------------- subclass API
     def _build(self, num_classes: int) -> None:  # pragma: no cover - abstract
@@ -220,6 +203,22 @@ class Calibrator(nn.Module):
         return None
 
     # ----------------------------------------------------------------- helpers
+    def _fix_classes(self, num_classes: int | None) -> None:
+        """Fix the class count and build the parameters (``None``: inferred at ``fit``); every
+        constructor ends with it, after the attributes ``_build`` reads."""
+        self._fixed_classes = num_classes is not None
+        if num_classes is not None:
+            if int(num_classes) < 2:
+                raise ValueError(f"num_classes: expected at least 2, got {num_classes}")
+            self._build_params(int(num_classes))
+
+    def _declare_from(self, base: Calibrator) -> None:
+        """Declare the properties of ``base`` (a calibrator wrapping a base keeps what it keeps)."""
+        self.translation_invariant = bool(base.translation_invariant)
+        self.argmax_preserving = bool(base.argmax_preserving)
+        self.order_preserving = bool(base.order_preserving)
+        self.spatial = bool(base.spatial)
+
     def _build_params(self, num_classes: int) -> None:
         self.num_classes = int(num_classes)
         self._build(self.num_classes)
@@ -465,34 +464,7 @@ class Calibrator(nn.Module):
             img = check_image(image, t, int(self.image_channels_needed), "image")  # type: ignore[arg-type]
         elif image is not None:
             raise ValueError(f"image: given, but this {self.name} calibrator has no image branch")
-        dev = self.device
-        chunk = chunk_rows(self._fit_kw["chunk_size"], int(t.shape[1]))
-        if self.spatial:
-            outs = []
-            step = chunk if t.ndim == 2 else 1  # tables: chunks of isolated pixels
-            for n in range(0, t.shape[0], step):
-                x = t[n : n + step].to(dev)
-                check_finite(x, "logits")
-                if self.input_type == "probs":
-                    check_probabilities(x, "logits", dim=1)
-                im = None if img is None else img[n : n + step].to(dev, torch.float32)
-                outs.append(self._apply_image_map(self._canonical(x, dim=1), im).to(t.device))
-            out = torch.cat(outs, 0)
-        else:
-            shape = t.shape
-            out = torch.empty(
-                (shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64))) if t.ndim > 2 else shape,
-                dtype=torch.float32,
-                device=t.device,
-            )
-            for idx, rows in iter_row_chunks(t, chunk):
-                rows = rows.to(dev)
-                check_finite(rows, "logits")
-                if self.input_type == "probs":
-                    check_probabilities(rows, "logits", dim=1)
-                res = self._map(self._canonical(rows)).to(t.device)
-                out[idx] = res if t.ndim == 2 else res.t()
-            out = out.reshape(shape)
+        out = calibrated_logits(self, t, img)
         return out.detach().numpy() if is_np else out
 
     def predict_proba(self, logits: Any, image: Any = None) -> Any:

@@ -50,7 +50,7 @@ from segcal.validation import (
     check_scores,
 )
 
-__all__ = ["Batch", "FitData", "FolderBatches", "check_image", "iter_row_chunks", "prepare_data", "split_val"]
+__all__ = ["Batch", "FitData", "FolderBatches", "check_image", "prepare_data", "split_val"]
 
 
 @dataclass
@@ -533,16 +533,3 @@ def split_val(val: Any) -> tuple[Any, Any, Any]:
     if isinstance(val, tuple) and len(val) in (2, 3) and _is_array(val[0]):
         return val[0], val[1], val[2] if len(val) == 3 else None
     return val, None, None
-
-
-def iter_row_chunks(t: torch.Tensor, chunk: int) -> Iterator[tuple[Any, torch.Tensor]]:
-    """``(index, rows)`` of ``(M, C)`` / ``(N, C, *spatial)`` scores in chunks of at most ``chunk``
-    ``(P, C)`` rows; ``index`` addresses the chunk's output in an ``(M, C)`` / ``(N, C, S)`` array."""
-    if t.ndim == 2:
-        for s in range(0, t.shape[0], chunk):
-            yield (slice(s, s + chunk),), t[s : s + chunk]
-    else:
-        flat = t.reshape(t.shape[0], t.shape[1], -1)
-        for n in range(flat.shape[0]):
-            for s in range(0, flat.shape[2], chunk):
-                yield (n, slice(None), slice(s, s + chunk)), flat[n, :, s : s + chunk].t()

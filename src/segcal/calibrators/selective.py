@@ -192,18 +192,11 @@ class SelectiveScaling(Calibrator):
         self.selector_weight_decay = float(selector_weight_decay)
         self.selector_patience = selector_patience
         self.selection_bins = int(selection_bins)
-        if base_obj is not None:  # declared from the base
-            self.translation_invariant = bool(base_obj.translation_invariant)
-            self.argmax_preserving = bool(base_obj.argmax_preserving)
-            self.order_preserving = bool(base_obj.order_preserving)
-            self.spatial = bool(base_obj.spatial)
+        if base_obj is not None:
+            self._declare_from(base_obj)
         self._training_selector = False
         self._rows_are_base = False
-        if num_classes is not None:
-            if int(num_classes) < 2:
-                raise ValueError(f"num_classes: expected at least 2, got {num_classes}")
-            self._fixed_classes = True
-            self._build_params(int(num_classes))
+        self._fix_classes(num_classes)
 
     def _extra_config(self) -> dict[str, Any]:
         return {

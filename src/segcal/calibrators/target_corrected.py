@@ -66,15 +66,8 @@ class TargetCorrected(Calibrator):
         self.base = base_obj
         self.base_config = cfg
         self.init_correction = float(init_correction)
-        self.translation_invariant = bool(base_obj.translation_invariant)
-        self.argmax_preserving = bool(base_obj.argmax_preserving)
-        self.order_preserving = bool(base_obj.order_preserving)
-        self.spatial = bool(base_obj.spatial)
-        if num_classes is not None:
-            if int(num_classes) < 2:
-                raise ValueError(f"num_classes: expected at least 2, got {num_classes}")
-            self._fixed_classes = True
-            self._build_params(int(num_classes))
+        self._declare_from(base_obj)
+        self._fix_classes(num_classes)
 
     def _extra_config(self) -> dict[str, Any]:
         return {"base": self.base.name, "base_config": dict(self.base_config),
