@@ -23,6 +23,17 @@
 * ``segcal fit --json`` wrote ``NaN`` (the fit history's first training loss), which is not
   JSON: strict parsers (JavaScript, ``jq``) refuse the file. Now null, as every other output.
 
+* ``segcal fit`` on a folder whose logits are NaN at ignored pixels (which ``eval`` accepts:
+  the metrics leave them out) saved the calibrator, then failed in the before/after evaluation
+  (a calibrator is applied to every pixel) with exit code 2 and an unnamed file: an output left
+  behind by a failed command. Now the calibrator is saved after the evaluation, and the message
+  names the file and says what to store there.
+
+* ``segcal conformal apply`` / ``eval`` with a threshold fitted on predictions of another class
+  count (another model): the files were written with a guarantee that does not hold for them,
+  exit 0. The result now records the class count (``meta.num_classes``, also from ``eval
+  --conformal-out``), and both commands refuse another one; older result files are read as before.
+
 Every expected figure below is recomputed with NumPy in the test (``metric_reference``).
 """
 
@@ -267,3 +278,43 @@ def test_every_json_output_is_strict_json(tmp_path, capsys):
     got = {k: _strict(p) for k, p in out.items()}
     assert got["eval"]["iou_per_class"][4] is None or got["eval"]["iou_per_class"][4] == 0.0
     assert got["fit"]["fit_info"]["stages"][0]["history"][0]["train"] is None
+
+
+def test_fit_that_fails_in_its_evaluation_leaves_no_calibrator(tmp_path, capsys):
+    pred, lab, _, y = write_folder(tmp_path, ["logits"] * 3, void=True)
+    for i in range(3):
+        z = np.load(pred / f"s{i}.npy")
+        z[:, y[i] == 255] = np.nan  # only where the label is void
+        np.save(pred / f"s{i}.npy", z)
+    assert run(capsys, "eval", "--pred", pred, "--labels", lab, "--ignore-index", 255, "-q")[0] == 0
+    cal = tmp_path / "c.pt"
+    rc, _, err = run(capsys, "fit", "--pred", pred, "--labels", lab, "--ignore-index", 255, "-q",
+                     "--method", "ts", "--out", cal)
+    assert rc == 2 and "s2.npy" in err and "nan_to_num" in err and err.count("\n") == 1, err
+    assert not cal.exists()
+
+
+def test_conformal_threshold_of_another_class_count_is_refused(tmp_path, capsys):
+    pred, lab, _, _ = write_folder(tmp_path / "four", ["logits"] * 6, void=True)
+    res = tmp_path / "r.json"
+    via_eval = tmp_path / "r2.json"
+    assert run(capsys, "conformal", "fit", "--pred", pred, "--labels", lab, "--ignore-index", 255, "-q",
+               "--alpha", "0.5", "--out", res)[0] == 0
+    assert run(capsys, "eval", "--pred", pred, "--labels", lab, "--ignore-index", 255, "-q",
+               "--conformal-alpha", "0.5", "--conformal-out", via_eval)[0] == 0
+    assert json.loads(res.read_text())["meta"]["num_classes"] == 4
+    assert json.loads(via_eval.read_text())["meta"]["num_classes"] == 4
+    five, lab5, _, _ = write_folder(tmp_path / "five", ["logits"] * 3, c=5, void=True)
+    for r in (res, via_eval):
+        out = tmp_path / "sets"
+        rc, _, err = run(capsys, "conformal", "apply", "--result", r, "--pred", five, "--out", out, "-q")
+        assert rc == 2 and "4 classes" in err and "s0.npy has 5" in err and not out.exists(), err
+        rc, _, err = run(capsys, "conformal", "eval", "--result", r, "--pred", five, "--labels", lab5, "-q")
+        assert rc == 2 and "4 classes" in err, err
+    # the same class count is applied; a result written before the count was recorded too
+    assert run(capsys, "conformal", "apply", "--result", res, "--pred", pred, "--out", tmp_path / "ok", "-q")[0] == 0
+    old = json.loads(res.read_text())
+    del old["meta"]["num_classes"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert run(capsys, "conformal", "apply", "--result", tmp_path / "old.json", "--pred", five,
+               "--out", tmp_path / "old_sets", "-q")[0] == 0

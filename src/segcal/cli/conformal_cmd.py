@@ -67,10 +67,12 @@ def fit(args: argparse.Namespace) -> int:
         table = shared_table(args, w, args.risk, default_grid(args.grid_size), args.class_index, args.tau,
                              args.ignore_index)
 
+        num_classes = folder_classes(PredictionFolder(args.pred, input_type=input_type_from_args(args)))
+
         def finish() -> None:
             result = fit_threshold(table, args.alpha, delta=args.delta,
                                    meta={"pred": str(args.pred), "labels": str(args.labels),
-                                         "calibrator_file": args.calibrator})
+                                         "calibrator_file": args.calibrator, "num_classes": num_classes})
             result.save(out)
             print(f"lambda = {result.lam:.6g} (threshold 1 - lambda = {1 - result.lam:.6g}), method "
                   f"{result.method}, {result.n_images} calibration images")
@@ -80,6 +82,22 @@ def fit(args: argparse.Namespace) -> int:
 
         on_main(finish)
     return 0
+
+
+def folder_classes(folder: PredictionFolder) -> int:
+    """The class count of a prediction folder (its first file's; the readers check the others)."""
+    return int(folder.read(folder.items[0])[0].shape[0])
+
+
+def check_result_classes(res: ConformalResult, num_classes: int, where: str, path: Any) -> None:
+    """Refuse predictions of another class count than the ones the threshold was fitted on (the
+    ``num_classes`` its ``meta`` records; files written before it was recorded are not checked):
+    the guarantee written into every output file holds only for the model it was calibrated on."""
+    want = res.meta.get("num_classes")
+    if isinstance(want, int) and not isinstance(want, bool) and want != num_classes:
+        raise InputError(f"--result {path}: the threshold was fitted on predictions of {want} classes, but "
+                         f"{where} has {num_classes}; expected predictions of the model it was fitted on "
+                         "(its guarantee holds only for those)")
 
 
 def shared_table(args: argparse.Namespace, w: World, risk: str, grid: Any, class_index: int | None,
@@ -109,6 +127,8 @@ def evaluate(args: argparse.Namespace) -> int:
         check_out_path(args.json, {"--pred": args.pred, "--labels": args.labels, "--result": args.result},
                        kind="file", flag="--json")
     ignore = args.ignore_index if args.ignore_index is not None else res.ignore_index
+    first = PredictionFolder(args.pred, input_type=input_type_from_args(args))
+    check_result_classes(res, folder_classes(first), first.items[0].path.name, args.result)
     with world() as w:
         table = shared_table(args, w, res.risk, [res.lam], res.class_index, res.tau, ignore)
         on_main(lambda: report_eval(args, res, table))
@@ -150,6 +170,7 @@ def apply(args: argparse.Namespace) -> int:
                 items = shard(folder.items, w.rank, w.size)
                 for item in files_bar(items, "conformal apply", args, show=w.is_main):
                     scores, _, kind = folder.read(item)
+                    check_result_classes(res, int(scores.shape[0]), item.path.name, args.result)
                     sets = apply_sets(res, as_probabilities(scores, kind, cal, f"pred: {item.stem}"))
                     writer.write(item.stem, sets, item.path)
                 return writer.files, writer.num_masks

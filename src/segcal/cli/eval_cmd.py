@@ -147,12 +147,14 @@ def conformal_builder(args: argparse.Namespace) -> LossTableBuilder | None:
                             tau=args.conformal_tau, ignore_index=args.ignore_index)
 
 
-def conformal_result(args: argparse.Namespace, table: LossTable) -> ConformalResult:
+def conformal_result(args: argparse.Namespace, table: LossTable, num_classes: int) -> ConformalResult:
     """The threshold of ``--conformal-*`` on the pass's loss table: what ``segcal conformal fit``
-    fits and saves on the same folder (same table, same settings, same provenance)."""
+    fits and saves on the same folder (same table, same settings, same provenance, the class count
+    that ``conformal eval`` / ``apply`` check)."""
     try:
         return fit_threshold(table, args.conformal_alpha, delta=args.conformal_delta,
-                             meta={"pred": str(args.pred), "labels": str(args.labels), "calibrator_file": None})
+                             meta={"pred": str(args.pred), "labels": str(args.labels), "calibrator_file": None,
+                                   "num_classes": int(num_classes)})
     except InputError as exc:
         raise InputError(f"--conformal-alpha {args.conformal_alpha}: {exc}") from exc
 
@@ -236,7 +238,7 @@ def report(args: argparse.Namespace, evaluation: FolderEvaluation) -> None:
     results = metrics.compute()
     conformal = None
     if args.conformal_out and evaluation.conformal is not None:
-        conformal = conformal_result(args, evaluation.conformal)
+        conformal = conformal_result(args, evaluation.conformal, metrics.num_classes)
     print(format_table(results, args.ignore_index))
     summary = folder_summary(evaluation, config, results)
     outputs: list[tuple[str, bytes | str, str]] = []

@@ -301,16 +301,16 @@ def _fit_pred(args: argparse.Namespace, device: Any, w: World) -> int:
         cal.fit_info["images"] = {"folder": str(args.images),
                                   "preprocessing": "RGB/255, ImageNet mean/std; .npy as is"}
     cal = _adapt_to_target(args, cal, source=args.pred)
-    on_main(lambda: cal.save(args.out))  # rank 0 writes; every rank stops if that fails
-    if w.is_main:
-        _print_fit_info(cal.fit_info, args.out)
     eval_stems = val_stems or fit_stems
     evaluation = evaluate_folder(folder, calibrator=cal, stems=eval_stems, images=args.images,
                                  ignore_index=args.ignore_index, n_bins=15, names=CLI_FLAGS,
                                  device=device, distributed=w.distributed)
     assert evaluation.calibrated is not None
+    # saved once the before/after evaluation has run: a file it refuses leaves no --out behind
+    on_main(lambda: cal.save(args.out))  # rank 0 writes; every rank stops if that fails
     where = "validation" if val_stems else "fit (no validation images)"
     if w.is_main:
+        _print_fit_info(cal.fit_info, args.out)
         _summary(args, cal, evaluation.metrics, evaluation.calibrated, where, len(eval_stems))
     return 0
 
@@ -388,15 +388,14 @@ def _fit_model(args: argparse.Namespace, items: list[Any], inputs: dict[str, Any
     cal.fit_info["model"] = {"name": args.model, "checkpoint": args.checkpoint, "images": str(args.images),
                              "labels": str(inputs["--labels"])}
     cal = _adapt_to_target(args, cal, model=loaded.logits, source_images=inputs["--images"])
-    on_main(lambda: cal.save(args.out))  # rank 0 writes; every rank stops if that fails
-    if w.is_main:
-        _print_fit_info(cal.fit_info, args.out)
     eval_stems = val_stems or fit_stems
     before, after = evaluate_model(loaded.module, loader(eval_stems), cal, num_classes=loaded.num_classes,
                                    ignore_index=args.ignore_index, device=device, preprocess=prep,
                                    distributed=w.distributed)
     assert after is not None
+    on_main(lambda: cal.save(args.out))  # after the evaluation, as in _fit_pred
     where = "validation" if val_stems else "fit (no validation images)"
     if w.is_main:
+        _print_fit_info(cal.fit_info, args.out)
         _summary(args, cal, before, after, where, len(eval_stems))
     return 0

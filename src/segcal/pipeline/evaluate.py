@@ -349,13 +349,20 @@ class _Accumulator:
         if tables is not None:
             tables.end([item.stem])
         if calibrator is not None and self.after is not None:
-            with torch.no_grad():
-                xc = x.to(calibrator.device)
-                if self.images is not None:
-                    img = torch.from_numpy(self.batches.read_image(item.stem))[None].to(calibrator.device)
-                    z = calibrator(xc, image=img)
-                else:
-                    z = calibrator(xc)
+            try:
+                with torch.no_grad():
+                    xc = x.to(calibrator.device)
+                    if self.images is not None:
+                        img = torch.from_numpy(self.batches.read_image(item.stem))[None].to(calibrator.device)
+                        z = calibrator(xc, image=img)
+                    else:
+                        z = calibrator(xc)
+            except InputError as exc:
+                hint = ""
+                if not bool(torch.isfinite(x).all()):  # NaN / inf the metrics left out (ignored pixels)
+                    hint = ("; the metrics leave ignored pixels out, but a calibrator is applied to every "
+                            "pixel (as segcal apply does): store finite values there (e.g. numpy.nan_to_num)")
+                raise InputError(f"pred: {item.path.name}: {exc} (calibrator {calibrator.name}){hint}") from exc
             self.after.update(z.to(self.settings["device"]), y)
 
 
