@@ -34,6 +34,13 @@
   exit 0. The result now records the class count (``meta.num_classes``, also from ``eval
   --conformal-out``), and both commands refuse another one; older result files are read as before.
 
+* Binary label maps stored as a 1-bit PNG (Pillow mode ``"1"``, accepted by the PNG reader) or
+  a boolean ``.npy``: refused as "target: expected integer class labels, got bool", naming the
+  prediction file. Now read as classes 0 / 1, the figures those of the same uint8 labels.
+
+* A prediction saved with its batch axis, ``(1, C, H, W)``: the shape error now says so
+  (``save x[0]``).
+
 Every expected figure below is recomputed with NumPy in the test (``metric_reference``).
 """
 
@@ -318,3 +325,30 @@ def test_conformal_threshold_of_another_class_count_is_refused(tmp_path, capsys)
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert run(capsys, "conformal", "apply", "--result", tmp_path / "old.json", "--pred", five,
                "--out", tmp_path / "old_sets", "-q")[0] == 0
+
+
+@pytest.mark.parametrize("store", ["png1", "bool_npy"])
+def test_binary_label_maps_are_read_as_classes_0_and_1(tmp_path, capsys, store):
+    pred, lab, _, y = write_folder(tmp_path / "u8", ["logits"] * 3, c=2)
+    other = tmp_path / store
+    other.mkdir()
+    for i in range(3):
+        if store == "png1":
+            Image.fromarray(y[i] > 0).convert("1").save(other / f"s{i}.png")
+        else:
+            np.save(other / f"s{i}.npy", y[i] > 0)
+    got = {}
+    for name, labels in (("u8", lab), (store, other)):
+        js = tmp_path / f"{name}.json"
+        rc, _, err = run(capsys, "eval", "--pred", pred, "--labels", labels, "-q", "--json", js)
+        assert rc == 0, err
+        got[name] = _strict(js)
+    for key in ("ece", "nll", "brier", "miou", "n_pixels", "confusion_matrix"):
+        assert got[store][key] == got["u8"][key], key
+
+
+def test_a_prediction_saved_with_its_batch_axis_gets_a_hint(tmp_path, capsys):
+    pred, lab, _, _ = write_folder(tmp_path, ["logits"] * 2)
+    np.save(pred / "s1.npy", np.load(pred / "s1.npy")[None])
+    rc, _, err = run(capsys, "eval", "--pred", pred, "--labels", lab, "-q")
+    assert rc == 2 and "s1.npy" in err and "x[0]" in err and err.count("\n") == 1, err

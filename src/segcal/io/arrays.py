@@ -69,6 +69,8 @@ def _as_signed(arr: np.ndarray, name: str) -> np.ndarray:
         return arr.astype(np.int64)
     if arr.dtype.kind not in "iub":
         raise InputError(f"labels: {name} has dtype {arr.dtype}, expected integers")
+    if arr.dtype.kind == "b":  # a 1-bit PNG or a boolean .npy mask: classes 0 and 1
+        return arr.astype(np.uint8)
     if arr.dtype == np.uint16:
         return arr.astype(np.int32)
     if arr.dtype.kind == "u" and arr.dtype.itemsize >= 4:
@@ -82,7 +84,8 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     """Read a label map (``.png``, ``.npy``, ``.nii``/``.nii.gz``) as an integer array.
 
     Float label files holding exact integers (some NIfTI label maps) are cast to int64; uint16
-    (16-bit PNG) to int32 and uint32/uint64 to int64, so every label map fits a torch tensor.
+    (16-bit PNG) to int32 and uint32/uint64 to int64, boolean maps (a 1-bit PNG, a bool ``.npy``)
+    to uint8 classes 0 / 1, so every label map fits a torch tensor.
 
     Raises
     ------

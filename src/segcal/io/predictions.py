@@ -311,6 +311,9 @@ class PredictionFolder:
             hint = ""
             if tuple(scores.shape[:-1]) == tuple(labels.shape):
                 hint = channel_last_hint(tuple(scores.shape), 0, expected=int(scores.shape[-1]))
+            elif scores.shape[0] == 1 and tuple(scores.shape[2:]) == tuple(labels.shape):
+                hint = (f"; the shape {tuple(scores.shape)} looks like a batch of one, (1, C, *spatial): "
+                        "segcal reads one (C, *spatial) array per file; save x[0]")
             raise InputError(
                 f"labels: {item.label_path.name} has shape {tuple(labels.shape)} but prediction "
                 f"{item.path.name} has spatial shape {tuple(scores.shape[1:])}{hint}"
