@@ -226,6 +226,7 @@ class PredictionFolder:
             raise InputError(f"pred: no prediction in {self.pred_dir} has a label in {self.label_dir}")
         self._input_type = input_type
         self._first_kind: tuple[str | None] | None = None  # score_kind of items[0], once read
+        self._same_kind: set[Path] = set()  # files found to hold the first file's kind (a fit re-reads them)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -275,9 +276,10 @@ class PredictionFolder:
         with the others' input type, a silently wrong calibration error.
         """
         first = self.items[0]
-        if item.path == first.path or (first.path.suffix == ".npz" and is_nnunet_prediction(first.path)):
+        if item.path in self._same_kind or item.path == first.path or (
+                first.path.suffix == ".npz" and is_nnunet_prediction(first.path)):
             return
-        kind = score_kind(scores)
+        kind = score_kind(scores)  # ~20 ms on a 19 x 1024 x 2048 float16 memory map, once per file
         if kind is None:  # NaN / inf: the finite check names them
             return
         if self._first_kind is None:
@@ -291,6 +293,8 @@ class PredictionFolder:
                 f"{self.pred_dir}, holds {what[expected].split(' (')[0]}; expected every file of a prediction "
                 "folder to hold the same kind of scores: put each kind in a folder of its own"
             )
+        if expected is not None:
+            self._same_kind.add(item.path)
 
     def read(self, item: PredictionItem) -> tuple[np.ndarray, np.ndarray | None, str]:
         """Read one item: ``(scores (C, *spatial), labels (*spatial) or None, input_type)``.

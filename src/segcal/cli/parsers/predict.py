@@ -30,7 +30,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                    help="storage dtype of the logits")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a folder that holds another model's predictions")
+                   help="write into a folder that holds another model's predictions of the same images "
+                   "(an --out holding files of images this run does not predict is always refused)")
     add_progress_arg(p)
     p.add_argument("--list-models", action="store_true", help="list the registered models")
     p.add_argument("--checkpoint", help="predict with the weights of a segcal adapt checkpoint (epoch_XXX.pt) "
