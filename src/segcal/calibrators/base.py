@@ -43,7 +43,7 @@ from segcal.calibrators import registry
 from segcal.calibrators.chunked_forward import calibrated_logits
 from segcal.calibrators.data import Batch, FitData, check_image, prepare_data, split_val
 from segcal.calibrators.fitting import FitSettings, fit_config, fit_summary, minimize
-from segcal.calibrators.objectives import get_objective
+from segcal.calibrators.objectives import NLL, get_objective
 from segcal.calibrators.persistence import check_finite_state, export_torchscript, save_calibrator
 from segcal.errors import InputError
 from segcal.validation import as_tensor, check_input_type, check_scores
@@ -173,6 +173,11 @@ class Calibrator(nn.Module):
     def _regularizer(self) -> torch.Tensor | None:
         return None
 
+    def _row_temperature(self) -> torch.Tensor | None:
+        """The scalar ``t`` when ``_map(rows)`` is ``rows / t`` (TS), else None: the NLL of
+        pointwise chunks is then fitted in closed form (:meth:`~segcal.calibrators.objectives.NLL.scaled_stats`)."""
+        return None
+
     def _extra_config(self) -> dict[str, Any]:
         """Subclass constructor arguments (plain Python values)."""
         return {}
@@ -298,9 +303,11 @@ class Calibrator(nn.Module):
         if batch.pre is not None:
             return objective.stats(self._map_features(batch.pre), batch.y.to(dev))
         if batch.valid is None:
-            rows = batch.x.to(dev, non_blocking=True)
-            logits = self._map(self._canonical(rows))
-            return objective.stats(logits, batch.y.to(dev))
+            rows = self._canonical(batch.x.to(dev, non_blocking=True))
+            t = self._row_temperature() if isinstance(objective, NLL) else None
+            if t is not None:  # map z / t: the NLL and its gradient in closed form
+                return objective.scaled_stats(rows, t, batch.y.to(dev))
+            return objective.stats(self._map(rows), batch.y.to(dev))
         x = batch.x.to(dev)
         img = None if batch.image is None else batch.image.to(dev, torch.float32)
         logits = self._apply_image_map(self._canonical(x, dim=1), img)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from segcal.losses import ece_from_stats, smooth_confidence, soft_binned_ece_stats
 
-__all__ = ["OBJECTIVES", "Objective", "get_objective"]
+__all__ = ["NLL", "OBJECTIVES", "Objective", "ScaledNLL", "get_objective"]
 
 
 class Objective:
@@ -48,6 +48,35 @@ class NLL(Objective):
 
     def stats(self, logits, labels):
         return F.cross_entropy(logits, labels, reduction="sum")
+
+    def scaled_stats(self, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``stats(z / t, labels)`` for a scalar temperature ``t`` (a per-row scaling calibrator:
+        TS), with the closed-form gradient in ``t`` only (:class:`ScaledNLL`; ``z`` is data)."""
+        return ScaledNLL.apply(z, t, labels)
+
+
+class ScaledNLL(torch.autograd.Function):
+    """``Σ_i [logsumexp(z_i / t) − z_{i,y_i} / t]`` and its derivative in ``t`` (methods.md §3.1).
+
+    ``d/dt = Σ_i (z_{i,y_i} − Σ_k q_ik z_ik) / t²`` with ``q = S(z / t)``: one log-softmax
+    forward and two reductions backward instead of autograd's division, log-softmax, NLL and
+    their backward passes (each a parallel region over the chunk). No gradient reaches ``z``.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logq = F.log_softmax(z / t, dim=1)
+        ctx.save_for_backward(z, t, labels, logq)
+        return F.nll_loss(logq, labels, reduction="sum")  # = cross_entropy(z / t): the same value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:  # type: ignore[override]
+        z, t, labels, logq = ctx.saved_tensors
+        # per row first (z_iy - E_q z_i: centred), then over rows in float64: two separate sums
+        # over the chunk would cancel in float32 near the optimum
+        d = z.gather(1, labels[:, None]).squeeze(1) - (logq.exp() * z).sum(1)
+        return None, grad * d.sum(dtype=torch.float64).to(t.dtype) / (t * t), None
 
 
 class Brier(Objective):
