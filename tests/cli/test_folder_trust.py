@@ -41,6 +41,10 @@
 * A prediction saved with its batch axis, ``(1, C, H, W)``: the shape error now says so
   (``save x[0]``).
 
+* A NIfTI label volume stored ``(X, Y, Z, 1)``: its header was read as ``(X, Y, Z)`` (the
+  geometry checks) but its voxels as 4D, so ``eval`` refused it as another shape. Now read as the
+  volume it holds.
+
 Every expected figure below is recomputed with NumPy in the test (``metric_reference``).
 """
 
@@ -352,3 +356,22 @@ def test_a_prediction_saved_with_its_batch_axis_gets_a_hint(tmp_path, capsys):
     np.save(pred / "s1.npy", np.load(pred / "s1.npy")[None])
     rc, _, err = run(capsys, "eval", "--pred", pred, "--labels", lab, "-q")
     assert rc == 2 and "s1.npy" in err and "x[0]" in err and err.count("\n") == 1, err
+
+
+def test_a_4d_nifti_label_with_one_time_point_is_read_as_its_volume(tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(3)
+    pred, lab = tmp_path / "pred", tmp_path / "labels"
+    pred.mkdir()
+    lab.mkdir()
+    z = rng.normal(size=(3, 4, 5, 6)).astype(np.float32)
+    y = rng.integers(0, 3, size=(4, 5, 6)).astype(np.uint8)
+    np.save(pred / "v.npy", z)
+    nib.save(nib.Nifti1Image(y[..., None], np.eye(4)), lab / "v.nii.gz")
+    js = tmp_path / "m.json"
+    rc, _, err = run(capsys, "eval", "--pred", pred, "--labels", lab, "-q", "--json", js)
+    assert rc == 0, err
+    ref = reference_metrics(softmax(z[None].astype(np.float64)), y[None], n_bins=15)
+    got = _strict(js)
+    for key in ("ece", "nll", "brier", "miou"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-6), key

@@ -100,6 +100,8 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
         arr = load_npy(path, what="labels")
     elif name.endswith(NIFTI_SUFFIXES):
         arr, _ = load_nifti(path, ndim=None, what="labels")
+        if arr.ndim == 4 and arr.shape[3] == 1:  # (X, Y, Z, 1): the volume it holds, as label_geometry reads it
+            arr = arr[..., 0]
     else:
         raise InputError(f"labels: unsupported label file {name}; expected .png, .npy, .nii or .nii.gz")
     return _as_signed(arr, name)
