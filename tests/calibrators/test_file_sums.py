@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import warnings
 from typing import Any
 
 import numpy as np
@@ -93,7 +92,7 @@ def _files() -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _run(files: list, objective: str) -> dict[str, Any]:
     """value_and_grad of matrix scaling (perturbed, seeded) on ``files``, counting the live
-    gradient-sized vectors (1-D float32 of ``N_PARAMS`` values) at every 6th chunk."""
+    gradient-sized vectors (1-D float32 of ``N_PARAMS`` values) at every 12th chunk."""
     cal = sc.create("ms", num_classes=C)
     cal._build_params(C)
     with torch.no_grad():
@@ -106,11 +105,9 @@ def _run(files: list, objective: str) -> dict[str, Any]:
 
     def stats(b: Batch, obj: Any) -> torch.Tensor:
         seen["calls"] += 1
-        if seen["calls"] % 6 == 0:
-            with warnings.catch_warnings():  # isinstance() on every object touches deprecated names
-                warnings.simplefilter("ignore")
-                alive = sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.ndim == 1
-                            and o.numel() == N_PARAMS and o.dtype == torch.float32)
+        if seen["calls"] % 12 == 0:
+            alive = sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.ndim == 1
+                        and o.numel() == N_PARAMS and o.dtype == torch.float32)
             seen["peak"] = max(seen["peak"], alive)
         return cal._stats_fn(b, obj)
 
