@@ -28,7 +28,8 @@ never the labels, so nothing extra is needed at test time -- and ``φ`` is a fix
   fragmented prediction). Blur lowers the confidence mostly along the predicted class boundaries,
   noise everywhere and it fragments the prediction; these tell the two apart where the whole-image
   statistics cannot (``docs/shift_calibration.md``). A pixel table ``(M, C)`` has no neighbours:
-  every row is interior, ``boundary_fraction`` 0.
+  every row is interior, ``boundary_fraction`` 0. :meth:`to_torchscript` traces them at one map
+  size (the band and the subsampling of that size).
 
 Every feature is oriented so that larger means less confident; they are standardised with the
 mean / standard deviation over the training images (buffers, set at ``fit``). With
@@ -213,8 +214,9 @@ class ShiftConditionedTemperature(Calibrator):
         ``(t_min, t_max)``: ``log T`` is clamped to this range (default ``(0.05, 50)``).
     l2
         Ridge penalty ``l2 · Σ w²`` on the weights (added to the mean loss; default 0).
-        ``segcal bench --shift-calibration`` chooses it per fit from a small grid by
-        leave-one-family-out within the training families (:class:`segcal.bench.shift_fit.Anchored`).
+        ``segcal bench --shift-calibration`` chooses it (and the feature set) once per fit set from
+        a small grid by leave-one-family-out within the training families
+        (:class:`segcal.bench.shift_fit.Anchored`).
     spatial_dims
         2 or 3 (only used to trace :meth:`to_torchscript`; the map itself takes any rank);
         ``None`` = from the fit data.

@@ -236,7 +236,8 @@ def sts_selection_table(results: Mapping[str, Any]) -> list[str]:
                           if x["method"] == r["method"] and _selection_id(x.get("l2_selection")) == _selection_id(sel))
         lines.append(_row([grp, r["method"], seeds, ", ".join(sel["families"]) or "–",
                            sel.get("criterion", "mean"), *cells, chosen]))
-    lines += ["", "Feature sets: " + "; ".join(f"F{k + 1} = {', '.join(f)}" for k, f in enumerate(sets)) + "."]
+    if any(sets):
+        lines += ["", "Feature sets: " + "; ".join(f"F{k + 1} = {', '.join(f)}" for k, f in enumerate(sets)) + "."]
     return lines
 
 
