@@ -54,7 +54,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -67,6 +66,7 @@ from segcal.io.predictions import read_folder_meta
 from segcal.models import register_model, unregister_model
 from segcal.pipeline.predict import predict_folder
 from segcal.validation import looks_like_probabilities, score_kind
+from tiny_models import PixelConv
 
 
 def write_folder(root, kinds, c=4, shape=(5, 6), seed=0, dtype=np.float32, void=False):
@@ -201,22 +201,13 @@ def test_apply_refuses_an_out_holding_files_of_another_run_and_redoes_its_own(tm
     assert sorted(p.name for p in stray.iterdir()) == ["zzz.npy"]
 
 
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 3, 1)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
 def test_predict_refuses_an_out_holding_images_it_does_not_predict(tmp_path, capsys):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     rng = np.random.default_rng(0)
     for stem in "abc":
         Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).save(imgs / f"{stem}.png")
-    register_model("tiny-stale", _Tiny, num_classes=3, class_names=["r", "g", "b"], ignore_index=255,
+    register_model("tiny-stale", PixelConv, num_classes=3, class_names=["r", "g", "b"], ignore_index=255,
                    description="test model")
     try:
         out = tmp_path / "out"

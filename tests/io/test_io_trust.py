@@ -27,6 +27,7 @@ from segcal.io.nnunet import read_nnunet_prediction, read_properties
 from segcal.io.predictions import read_folder_meta, write_folder_meta
 from segcal.models import register_model, unregister_model
 from segcal.pipeline.predict import predict_folder
+from tiny_models import PixelConv
 
 nib = pytest.importorskip("nibabel")
 
@@ -189,19 +190,10 @@ def test_manifest_holding_a_list_or_invalid_json_names_the_file(tmp_path):
 
 
 # ------------------------------------------------------------------------- folder integrity
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 3, 1)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)
-    register_model("tiny-io-trust", _Tiny, num_classes=3, description="test model")
+    register_model("tiny-io-trust", PixelConv, num_classes=3, description="test model")
     yield "tiny-io-trust"
     unregister_model("tiny-io-trust")
 
