@@ -152,8 +152,8 @@ def test_pooled_nll_matches_a_direct_computation():
 
 def test_config_defaults_and_checks():
     cfg = ShiftCalConfig()
-    assert cfg.sts_anchor_range == "val+train" and cfg.sts_l2_grid == (0.0, 0.01, 0.1, 1.0)
-    assert cfg.sts_feature_sets == SETS and cfg.sts_selection == "worst"
+    assert cfg.sts_anchor_range == "val+train" and cfg.sts_l2_grid == (0.0, 0.01, 0.1)
+    assert cfg.sts_feature_sets == SETS and cfg.sts_selection == "mean"
     assert cfg.pc_min_correction == 1.0 and cfg.mri_seeds == (0, 1)
     assert ShiftCalConfig.quick_config().sts_anchor_range == "val+train"
     check_config(ShiftCalConfig(sts_anchor_range="val", mri=False))

@@ -80,17 +80,19 @@ class ShiftCalConfig:
     #: the fit half and the statistics of the model's CamVid train images, labels unused) or ``"val"``
     #: (the clean val images only; the setting of the first cold run, docs/shift_calibration.md)
     sts_anchor_range: str = "val+train"
-    #: the ridge ``l2`` of the anchored ``sts`` rows' weights: chosen per fit (seed) from this grid by
-    #: leave-one-family-out within the fit set's families (segcal.bench.shift_fit.Anchored); one
-    #: value: that value; empty: the calibrator's default (0)
-    sts_l2_grid: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)
+    #: the ridge ``l2`` of the anchored ``sts`` rows' weights: chosen once per fit set from this grid
+    #: by leave-one-family-out within the fit set's families (segcal.bench.shift_fit.Anchored); one
+    #: value: that value; empty: the calibrator's default (0). Session 27 dropped session 25's ``1``
+    #: (the worst candidate in all 12 of session 25's inner selections, fit-set data only) for run time
+    sts_l2_grid: tuple[float, ...] = (0.0, 0.01, 0.1)
     #: candidate feature sets of the anchored ``sts`` rows, chosen with ``l2`` by the same inner
     #: selection (default: the whole-image statistics, and those plus the spatial ones); empty: the
     #: calibrator's default
     sts_feature_sets: tuple[tuple[str, ...], ...] = (DEFAULT_FEATURES, DEFAULT_FEATURES + SPATIAL_FEATURES)
-    #: how the inner selection scores a candidate over the inner held-out families: ``"worst"`` (the
-    #: largest NLL excess over clean TS; default since session 26) or ``"mean"`` (the mean NLL; session 25)
-    sts_selection: str = "worst"
+    #: how the inner selection scores a candidate over the inner held-out families: ``"mean"`` (the
+    #: mean NLL; session 25's rule, the default again since session 27, docs/shift_calibration.md) or
+    #: ``"worst"`` (the largest NLL excess over clean TS; session 26's default)
+    sts_selection: str = "mean"
     #: the MRI leave-one-shift-out rows (segcal.bench.shift_mri); their cache: ``<cache>/hippocampus``
     #: (default: the hippocampus bench's cache)
     mri: bool = True

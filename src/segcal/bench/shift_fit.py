@@ -109,11 +109,10 @@ class Anchored:
         Candidate feature sets of ``sts`` (names of
         :data:`~segcal.calibrators.shift_aware.FEATURES`). Empty: the calibrator's own.
     criterion
-        How a candidate is scored over the inner held-out families G: ``"worst"`` (default) the
-        largest ``NLL(G) − NLL_0(G)``, ``NLL_0`` that of clean TS (the anchor temperature ``T_0``,
-        the same for every candidate), i.e. the candidate that is least worse than clean TS on
-        any family (the target "NLL under shift not worse than TS" asked of a family nobody
-        labelled); ``"mean"``: the mean ``NLL(G)`` (session 25).
+        How a candidate is scored over the inner held-out families G: ``"mean"`` (default;
+        sessions 25 and 27) the mean ``NLL(G)``; ``"worst"`` (session 26) the largest
+        ``NLL(G) − NLL_0(G)``, ``NLL_0`` that of clean TS (the anchor temperature ``T_0``, the same
+        for every candidate), i.e. the candidate that is least worse than clean TS on any family.
 
     With two or more candidates (``l2_grid`` × ``feature_sets``) and perturbed copies of at least
     two families in the fit set, the candidate is chosen by **leave-one-family-out within the fit
@@ -130,7 +129,7 @@ class Anchored:
     range_images: Sequence[ImageData] | None = None
     l2_grid: Sequence[float] = ()
     feature_sets: Sequence[Sequence[str]] = ()
-    criterion: str = "worst"
+    criterion: str = "mean"
     _choice: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
