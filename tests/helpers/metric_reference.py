@@ -122,6 +122,11 @@ def reference_metrics(
     out["dice_per_class"] = dice
     out["miou"] = float(np.nanmean(iou[average_classes]))
     out["mdice"] = float(np.nanmean(dice[average_classes]))
+    out["class_level_ece_per_class"] = np.array(cl, dtype=np.float64)
+    if ignore_index is not None and 0 <= ignore_index < C and ignore_index not in average_classes:
+        for key in ("iou_per_class", "dice_per_class", "classwise_ece_per_class", "class_level_ece_per_class"):
+            out[key] = out[key].astype(np.float64)  # the ignore channel is never a label: no per-class value
+            out[key][ignore_index] = np.nan
     return out
 
 

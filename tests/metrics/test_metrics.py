@@ -186,7 +186,20 @@ def test_ignore_channel_is_left_out_of_class_means():
     logits, labels = make_data(seed=4, c=4, ignore=3)
     ours = calibration_metrics(logits, labels, ignore_index=3)
     assert ours["miou"] == pytest.approx(np.nanmean(ours["iou_per_class"][:3]))
-    assert np.isfinite(ours["iou_per_class"][3]) or True
+    # the ignore channel has no per-class value (it was the computed 0.0, while the table said n/a)
+    # and the mean of every per-class list's finite entries is its class mean
+    means = {"iou_per_class": "miou", "dice_per_class": "mdice", "classwise_ece_per_class": "classwise_ece",
+             "class_level_ece_per_class": "class_level_ece"}
+    for key, mean in means.items():
+        assert np.isnan(ours[key][3]) and np.isfinite(ours[key][:3]).all(), key
+        assert np.nanmean(ours[key]) == pytest.approx(ours[mean], abs=1e-12), key
+    assert np.isnan(ours["image_iou_per_class"][:, 3]).all() and np.isnan(ours["image_dice_per_class"][:, 3]).all()
+    ref = reference_metrics(softmax(logits.astype(np.float64)), labels, ignore_index=3)
+    for key in means:
+        np.testing.assert_allclose(ours[key], ref[key], atol=1e-9, rtol=0, err_msg=key)
+    # an ignore channel averaged on purpose keeps its computed values
+    kept = calibration_metrics(logits, labels, ignore_index=3, average_classes=[0, 1, 2, 3])
+    assert np.isfinite(kept["iou_per_class"]).all()
 
 
 def test_all_ignored_image_is_handled():

@@ -70,6 +70,13 @@ convention of :func:`segcal.metrics.binning.bin_index` (confidence 1.0 in the la
 
 Averaged classes: ``range(C)`` minus ``ignore_index`` when the ignore index is a channel index
 (e.g. CamVid's 12-output ESPNet with void = 11), unless ``average_classes`` is given.
+
+The ignore channel (``ignore_index`` a channel index, not among the averaged classes) is never a
+label, so its per-class entries (``iou_per_class``, ``dice_per_class``, ``classwise_ece_per_class``,
+``class_level_ece_per_class``, the columns of ``image_iou_per_class`` / ``image_dice_per_class``)
+are NaN (``null`` in JSON, ``n/a`` / ``–`` in the table and report): the mean of the finite
+entries of each list is its class mean (``miou``, ``mdice``, ``classwise_ece``; ``class_level_ece``
+counts a class without labelled pixels as 0, its entry 0 too).
 """
 
 from __future__ import annotations
@@ -278,7 +285,26 @@ def compute_from_state(state: Mapping[str, Any], config: Mapping[str, Any] | Non
             out["image_dice_per_class"] = np.where(den > 0, 2 * tpi / np.maximum(den, 1), np.nan)
             out["image_iou_per_class"] = np.where(den - tpi > 0, tpi / np.maximum(den - tpi, 1), np.nan)
         out.update(image_failure(ib, ic, avg))
+    _blank_ignore_channel(out, cfg.get("ignore_index"), avg, cm.shape[0])
     return out
+
+
+#: the per-class entries (last axis = classes) that are NaN for the ignore channel
+PER_CLASS_KEYS = ("iou_per_class", "dice_per_class", "classwise_ece_per_class", "class_level_ece_per_class",
+                  "image_iou_per_class", "image_dice_per_class")
+
+
+def _blank_ignore_channel(out: dict[str, Any], ignore_index: Any, avg: np.ndarray, num_classes: int) -> None:
+    """NaN in every per-class entry of the ignore channel (an ``ignore_index`` that is a channel
+    index and not averaged): a class that is never labelled has no IoU, Dice or class ECE, and
+    its computed 0 would change the mean of the list (the module docstring)."""
+    if ignore_index is None or not 0 <= int(ignore_index) < num_classes or int(ignore_index) in set(avg.tolist()):
+        return
+    for key in PER_CLASS_KEYS:
+        if key in out:
+            values = np.array(out[key], dtype=np.float64)
+            values[..., int(ignore_index)] = np.nan
+            out[key] = values
 
 
 __all__ = ["bin_errors", "compute_from_state", "ece_from_bins", "mce_from_bins"]
