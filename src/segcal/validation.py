@@ -184,6 +184,52 @@ def check_finite(chunk: torch.Tensor, name: str) -> None:
     raise InputError(f"{name}: contains non-finite values ({n_nan} NaN, {n_inf} inf)")
 
 
+#: the reason a file with NaN / inf at ignored pixels only is refused where a calibrator runs
+EVERY_PIXEL_HINT = ("the metrics leave ignored pixels out, but a calibrator is applied to every pixel (as segcal "
+                    "apply does): store finite values there (e.g. numpy.nan_to_num)")
+
+
+def finite_where_valid(scores: torch.Tensor, valid: Any, name: str, fill: float) -> torch.Tensor:
+    """``scores`` ``(C, *spatial)`` checked finite at the ``valid`` positions only.
+
+    The rule of every number computed from scores and labels without a calibrator (the metrics,
+    the conformal loss tables): a pixel whose label is the ignore index never enters a number, so
+    NaN / inf there are accepted (``docs/metrics.md``). Where every value is finite, ``scores``
+    itself is returned (one ``aminmax`` pass); otherwise a copy whose non-valid positions hold
+    ``fill`` (e.g. 0 for logits, ``1 / C`` for probabilities), so that nothing computed over the
+    whole array meets a NaN.
+
+    Parameters
+    ----------
+    scores
+        Scores with the class axis first.
+    valid
+        Boolean array or tensor of the spatial shape: True where the label is not ignored.
+    name
+        The file or argument named in the error.
+    fill
+        The value stored at the non-valid positions of the copy.
+
+    Raises
+    ------
+    InputError
+        If a valid position holds NaN or inf (:func:`check_finite`'s message).
+    """
+    try:
+        check_finite(scores, name)
+        return scores
+    except InputError:
+        pass
+    mask = torch.as_tensor(np.asarray(valid, dtype=bool) if not isinstance(valid, torch.Tensor) else valid,
+                           device=scores.device).to(torch.bool)
+    if tuple(mask.shape) != tuple(scores.shape[1:]):
+        check_finite(scores, name)  # no valid positions to go by: every value must be finite
+    check_finite(scores[:, mask], name)
+    out = scores.clone()
+    out[:, ~mask] = fill
+    return out
+
+
 def check_label_range(
     labels: torch.Tensor, valid: torch.Tensor, num_classes: int, name: str = "target"
 ) -> None:

@@ -6,6 +6,14 @@ arguments, each case failing on the code before its fix.
   not the ``miou`` beside it. Now NaN (``null``) wherever the table says ``n/a``, in the JSON, the
   HTML report and the API (:func:`segcal.metrics.scores.compute_from_state`).
 
+* ``segcal conformal fit`` / ``eval`` refused logits that are NaN at ignored pixels, which
+  ``segcal eval --conformal-out`` accepts and turns into what is documented as the same result
+  file. One rule now (:func:`segcal.validation.finite_where_valid`): numbers computed from the
+  scores and labels without a calibrator (eval, eval --conformal-out, conformal fit / eval)
+  accept NaN / inf where the label is ignored, as the metrics always did; where a calibrator
+  runs (fit, apply, conformal --calibrator) or there are no labels (estimate, pseudolabel,
+  conformal apply) every value must be finite, and the message says why.
+
 Every expected figure is recomputed with NumPy in the test (``metric_reference``).
 """
 
@@ -80,3 +88,79 @@ def test_eval_outputs_leave_the_ignore_channel_out_of_every_per_class_list(tmp_p
     # the report's void row shows no IoU / Dice / class ECE
     void_row = re.search(rf"<tr class='void'><td>{c - 1}</td>(.*?)</tr>", page.read_text()).group(1)
     assert re.findall(r"<td>([^<]*)</td>", void_row)[-4:] == ["–"] * 4
+
+
+def nan_at_ignored_folder(root, n=8, c=3, shape=(5, 6), seed=1, dtype=np.float32):
+    """Logits that are NaN (and +inf) exactly where the label is 255; returns folders, logits, labels."""
+    rng = np.random.default_rng(seed)
+    pred, lab = root / "pred", root / "labels"
+    pred.mkdir(parents=True)
+    lab.mkdir()
+    zs, ys = [], []
+    for i in range(n):
+        z = (2 * rng.normal(size=(c, *shape))).astype(dtype)
+        y = rng.integers(0, c, shape).astype(np.uint8)
+        y[0, : 1 + i % 3] = 255
+        z[:, y == 255] = np.nan
+        z[0, y == 255] = np.inf
+        np.save(pred / f"s{i}.npy", z)
+        np.save(lab / f"s{i}.npy", y)
+        zs.append(z)
+        ys.append(y)
+    return pred, lab, np.stack(zs), np.stack(ys)
+
+
+def reference_miscoverage(z, y, lam, ignore=255):
+    """Per-image miscoverage of the sets {k : softmax_k >= 1 - lam} over the valid pixels (NumPy)."""
+    losses = []
+    for zi, yi in zip(z, y, strict=True):
+        v = yi != ignore
+        p = softmax(zi[:, v][None].astype(np.float64))[0]
+        covered = p[yi[v], np.arange(v.sum())] >= 1.0 - lam
+        losses.append(1.0 - covered.mean())
+    return np.array(losses)
+
+
+def test_conformal_fit_and_eval_accept_nan_at_ignored_pixels_as_eval_conformal_out_does(tmp_path, capsys):
+    pred, lab, z, y = nan_at_ignored_folder(tmp_path)
+    via_fit, via_eval, test_json = tmp_path / "fit.json", tmp_path / "eval.json", tmp_path / "t.json"
+    rc, _, err = run(capsys, "conformal", "fit", "--pred", pred, "--labels", lab, "--ignore-index", 255, "-q",
+                     "--alpha", "0.3", "--out", via_fit)
+    assert rc == 0, err  # was exit 2: 'pred: s0: contains non-finite values'
+    rc, _, err = run(capsys, "eval", "--pred", pred, "--labels", lab, "--ignore-index", 255, "-q",
+                     "--conformal-alpha", "0.3", "--conformal-out", via_eval)
+    assert rc == 0, err
+    a, b = strict(via_fit), strict(via_eval)
+    for key in ("lambda", "calibration_risk", "mean_size", "n_images", "method"):
+        assert a[key] == b[key], key
+    # the threshold is the one the finite valid pixels give (NumPy reference of the loss at lambda)
+    lam = a["lambda"]
+    assert a["calibration_risk"] == pytest.approx(reference_miscoverage(z, y, lam).mean(), abs=1e-12)
+    rc, _, err = run(capsys, "conformal", "eval", "--result", via_fit, "--pred", pred, "--labels", lab, "-q",
+                     "--json", test_json)
+    assert rc == 0, err
+    assert strict(test_json)["realised_risk"] == pytest.approx(reference_miscoverage(z, y, lam).mean(), abs=1e-12)
+
+
+def test_nan_at_labelled_pixels_or_under_a_calibrator_is_refused_naming_the_file(tmp_path, capsys):
+    pred, lab, z, y = nan_at_ignored_folder(tmp_path, n=4)
+    cal = tmp_path / "c.pt"
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for i in range(4):
+        np.save(clean / f"s{i}.npy", np.nan_to_num(z[i], nan=0.0, posinf=0.0))
+    assert run(capsys, "fit", "--pred", clean, "--labels", lab, "--ignore-index", 255, "-q", "--method", "ts",
+               "--out", cal)[0] == 0
+    out = tmp_path / "r.json"
+    rc, _, err = run(capsys, "conformal", "fit", "--pred", pred, "--labels", lab, "--ignore-index", 255, "-q",
+                     "--alpha", "0.3", "--calibrator", cal, "--out", out)
+    assert rc == 2 and "s0" in err and "nan_to_num" in err and err.count("\n") == 1, err
+    assert not out.exists()
+    bad = np.load(pred / "s2.npy")
+    bad[1, 4, 5] = np.nan  # a labelled pixel
+    np.save(pred / "s2.npy", bad)
+    for argv in (["conformal", "fit", "--alpha", "0.3", "--out", out],
+                 ["eval", "--conformal-alpha", "0.3", "--conformal-out", out]):
+        rc, _, err = run(capsys, *argv, "--pred", pred, "--labels", lab, "--ignore-index", 255, "-q")
+        assert rc == 2 and "s2" in err and "non-finite" in err and err.count("\n") == 1, (argv[0], err)
+        assert not out.exists()

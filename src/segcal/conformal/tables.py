@@ -50,7 +50,13 @@ from segcal.conformal.counting import (
 from segcal.errors import InputError
 from segcal.io import PredictionFolder
 from segcal.metrics.chunks import DEFAULT_CHUNK_PIXELS
-from segcal.validation import as_tensor, check_finite, check_probabilities
+from segcal.validation import (
+    EVERY_PIXEL_HINT,
+    as_tensor,
+    check_finite,
+    check_probabilities,
+    finite_where_valid,
+)
 
 #: torch dtypes whose tensors convert to numpy without a copy
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32,
@@ -278,12 +284,25 @@ def as_probabilities(scores: Any, input_type: str, calibrator: Calibrator | None
     return _probabilities(scores, input_type, calibrator, name).astype(np.float64, copy=False)
 
 
-def _probabilities(scores: Any, input_type: str, calibrator: Calibrator | None, name: str) -> np.ndarray:
+def _probabilities(scores: Any, input_type: str, calibrator: Calibrator | None, name: str,
+                   valid: np.ndarray | None = None) -> np.ndarray:
     """:func:`as_probabilities` in the dtype they were computed in (float32 or float64; widening them
-    changes no comparison, so the tables take them as they are)."""
+    changes no comparison, so the tables take them as they are).
+
+    ``valid`` (the positions whose label is not ignored, with labels): without a calibrator, NaN /
+    inf are accepted where it is False, as by the metrics (they enter no loss and no size;
+    :func:`segcal.validation.finite_where_valid`); a calibrator is applied to every pixel, so its
+    input must be finite everywhere (the message says so)."""
     t = as_tensor(scores, name)
     if t.ndim < 2:
         raise InputError(f"{name}: expected scores (C, *spatial), found shape {tuple(t.shape)}")
+    if valid is not None and calibrator is None:
+        t = finite_where_valid(t, valid, name, 0.0 if input_type == "logits" else 1.0 / t.shape[0])
+    elif valid is not None:
+        try:
+            check_finite(t, name)
+        except InputError as exc:
+            raise InputError(f"{exc} (calibrator {calibrator.name}); {EVERY_PIXEL_HINT}") from exc
     with torch.no_grad():
         if calibrator is None and input_type == "logits":
             # one float64 sum finds a NaN or an infinity (a sum of finite float16 / float32 values
@@ -353,7 +372,8 @@ def loss_table(
         Memory ``O(n_images × len(grid))``, independent of the image size.
     """
     check_risk(risk, class_index, tau)
-    probs = ((stem, _probabilities(x, input_type, calibrator, f"scores[{stem}]"), y) for stem, x, y in _items(images))
+    probs = ((stem, _probabilities(x, input_type, calibrator, f"scores[{stem}]", _valid(x, y, ignore_index)), y)
+             for stem, x, y in _items(images))
     return _build(probs, risk, default_grid() if grid is None else check_grid(grid), class_index, tau,
                   ignore_index)
 
@@ -419,13 +439,24 @@ def folder_loss_table(
     items = [it for it in folder.items if want is None or it.stem in want]
     files = tqdm(items, total=len(items), desc="conformal", unit="file", leave=False,
                  disable=None if progress else True, file=sys.stderr)  # None: no bar off a terminal
-    probs = ((it.stem, _probabilities(x, kind, calibrator, f"pred: {it.stem}"), _need_label(it.stem, y))
-             for it in files for x, y, kind in (folder.read(it),))
+    probs = ((it.stem, _probabilities(x, kind, calibrator, f"pred: {it.stem}", _valid(x, y, ignore_index)),
+              _need_label(it.stem, y)) for it in files for x, y, kind in (folder.read(it),))
     try:
         return _build(probs, risk, default_grid() if grid is None else check_grid(grid), class_index, tau,
                       ignore_index)
     finally:
         files.close()
+
+
+def _valid(scores: Any, labels: Any, ignore_index: int | None) -> np.ndarray | None:
+    """The positions of ``scores`` whose label is not ``ignore_index`` (None without an ignore index
+    or labels of another shape: then every value is checked, and the shape is refused later)."""
+    if ignore_index is None or labels is None:
+        return None
+    lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if tuple(lab.shape) != tuple(np.shape(scores)[1:]):
+        return None
+    return lab != ignore_index
 
 
 def _need_label(stem: str, labels: np.ndarray | None) -> np.ndarray:

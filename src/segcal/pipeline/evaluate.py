@@ -39,7 +39,13 @@ from segcal.errors import InputError
 from segcal.io import PredictionFolder, PredictionItem, read_label
 from segcal.metrics import CalibrationMetrics
 from segcal.pipeline.distributed import agree, current, shard
-from segcal.validation import API_FLAGS, as_tensor, channel_last_hint, check_input_kind
+from segcal.validation import (
+    API_FLAGS,
+    EVERY_PIXEL_HINT,
+    as_tensor,
+    channel_last_hint,
+    check_input_kind,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -360,8 +366,7 @@ class _Accumulator:
             except InputError as exc:
                 hint = ""
                 if not bool(torch.isfinite(x).all()):  # NaN / inf the metrics left out (ignored pixels)
-                    hint = ("; the metrics leave ignored pixels out, but a calibrator is applied to every "
-                            "pixel (as segcal apply does): store finite values there (e.g. numpy.nan_to_num)")
+                    hint = f"; {EVERY_PIXEL_HINT}"
                 raise InputError(f"pred: {item.path.name}: {exc} (calibrator {calibrator.name}){hint}") from exc
             self.after.update(z.to(self.settings["device"]), y)
 
