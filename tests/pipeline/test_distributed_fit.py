@@ -4,7 +4,9 @@ Each rank passes ``Calibrator.fit`` its contiguous shard of the images inside
 ``segcal.calibrators.collective.sharded()``; the fitted parameters of both ranks must equal the
 single-process fit on all the images to 1e-6, with unequal shards and with a rank that holds no
 training (or no validation) image, for full-batch L-BFGS in memory and mini-batch Adam (streamed
-and in memory), linear (NLL) and non-linear (soft Dice) objectives.
+and in memory), linear (NLL) and non-linear (soft Dice) objectives; and from a folder of ``.npy``
+files whose shapes' bound of bytes passes the memory budget (``sources.nbytes_bound``: streamed
+without keeping anything, or -- the data under the budget -- read again and fitted in memory).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 import torch.multiprocessing as mp
 
 from ranks import free_port
-from segcal.calibrators import create
+from segcal.calibrators import FolderBatches, create
 from segcal.calibrators.collective import RankError, sharded
+from segcal.io import PredictionFolder
 from segcal.pipeline.distributed import world
 
 C = 4
@@ -53,6 +56,34 @@ def _images(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def _write_folder(root: str) -> None:
+    """The 5 training images of :func:`_images` as a prediction folder (float16 ``.npy``) with
+    ``.npy`` labels (stems ``im0`` .. ``im4``, in order)."""
+    os.makedirs(f"{root}/pred")
+    os.makedirs(f"{root}/lab")
+    for i, (z, y) in enumerate(_images(5, 0)):
+        np.save(f"{root}/pred/im{i}.npy", z[0].astype(np.float16))
+        np.save(f"{root}/lab/im{i}.npy", np.where(y[0] == 255, 255, y[0]).astype(np.uint8))
+
+
+def _folder_fits(root: str, lo: int, hi: int, n_fit: int) -> dict:
+    """TS (L-BFGS) on images ``lo:hi`` of the folder, at a budget under the data ("streamed") and
+    one between the data's bytes and their bound ("read_again"; computed from all ``n_fit``
+    images, so the same on every rank and in one process)."""
+    folder = PredictionFolder(f"{root}/pred", f"{root}/lab")
+    everything = _images(5, 0)[:n_fit]
+    pixels = sum(int(y.size) for _, y in everything)
+    valid = sum(int((y != 255).sum()) for _, y in everything)
+    row = C * 2 + 8  # float16 scores and an int64 label
+    budgets = {"folder_streamed": 1000, "folder_read_again": (valid + pixels) * row // 2}
+    out = {}
+    for name, budget in budgets.items():
+        cal = create("ts", optimizer="lbfgs", memory_budget=budget, num_classes=C, seed=5)
+        cal.fit(FolderBatches(folder, folder.stems[lo:hi]), ignore_index=255)
+        out[name] = _record(cal)
+    return out
+
+
 def _fit(method: str, kw: dict, train: list, val: list | None):
     cal = create(method, num_classes=C, seed=5, **kw)
     return cal.fit(train, ignore_index=255, val=val)
@@ -62,11 +93,11 @@ def _record(cal) -> dict:
     info = cal.fit_info
     return {"state": {k: v.detach().clone() for k, v in cal.state_dict().items()},
             "n_pixels": info["n_pixels"], "n_val_pixels": info["n_val_pixels"], "mode": info["mode"],
-            "optimizer": info["optimizer"], "steps": [s["steps"] for s in info["stages"]],
+            "read_again": info.get("read_again"), "optimizer": info["optimizer"], "steps": [s["steps"] for s in info["stages"]],
             "stopped": [s["stopped_early"] for s in info["stages"]]}
 
 
-def _worker(rank: int, port: int, layout: str, out: str) -> None:
+def _worker(rank: int, port: int, layout: str, out: str, root: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -78,6 +109,7 @@ def _worker(rank: int, port: int, layout: str, out: str) -> None:
         for name, method, kw, with_val in CASES:
             cal = _fit(method, kw, train_all[t0:t1], val_all[v0:v1] if with_val else None)
             results[name] = _record(cal)
+        results.update(_folder_fits(root, t0, t1, 4 if layout == "empty_rank" else 5))
         try:  # subsampling would depend on the sharding: refused on every rank, before any collective
             create("ts", subsample=0.5).fit(train_all[t0:t1], ignore_index=255)
         except ValueError as exc:
@@ -98,15 +130,25 @@ def _worker(rank: int, port: int, layout: str, out: str) -> None:
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
-def _reference() -> dict:
+FOLDER_CASES = ("folder_streamed", "folder_read_again")
+
+
+def _reference(root: str) -> dict:
     train, val = _images(5, 0), _images(2, 1)
-    return {name: _record(_fit(method, kw, train[:5], val if with_val else None))
-            for name, method, kw, with_val in CASES}
+    return {**{name: _record(_fit(method, kw, train[:5], val if with_val else None))
+               for name, method, kw, with_val in CASES}, **_folder_fits(root, 0, 5, 5)}
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return _reference()
+def folder_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("folder"))
+    _write_folder(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(folder_root):
+    return _reference(folder_root)
 
 
 def _check(got: dict, want: dict, name: str, n_train: int) -> None:
@@ -120,20 +162,25 @@ def _check(got: dict, want: dict, name: str, n_train: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_two_ranks_fit_equals_one_process(tmp_path, reference, layout):
+def test_two_ranks_fit_equals_one_process(tmp_path, reference, folder_root, layout):
     n_fit = 4 if layout == "empty_rank" else 5
     want = reference if n_fit == 5 else None
     if want is None:  # 4 training images (the fifth is nobody's): the reference on the same 4
         train, val = _images(5, 0)[:4], _images(2, 1)
         want = {name: _record(_fit(method, kw, train, val if with_val else None))
                 for name, method, kw, with_val in CASES}
-    mp.spawn(_worker, args=(free_port(), layout, str(tmp_path)), nprocs=2, join=True)
+        want.update(_folder_fits(folder_root, 0, 4, 4))
+    mp.spawn(_worker, args=(free_port(), layout, str(tmp_path), folder_root), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for name, *_ in CASES:
+    for name in [c[0] for c in CASES] + list(FOLDER_CASES):
         for r in range(2):
             _check(ranks[r][name], want[name], f"{layout} rank {r} {name}", n_fit)
     assert want["ts_adam_streamed"]["mode"] == "streaming" and want["dc_adam_memory"]["mode"] == "in-memory"
     assert want["ts_adam_streamed"]["optimizer"] == "adam"
+    assert want["folder_streamed"]["mode"] == "streaming" and want["folder_read_again"]["mode"] == "in-memory"
+    assert want["folder_read_again"]["read_again"]  # one process: the bound passed, the data did not
+    if layout == "empty_rank":  # rank 0 holds all 4 images: it reads again, rank 1 takes part
+        assert ranks[0]["folder_read_again"]["read_again"] and not ranks[1]["folder_read_again"]["read_again"]
     for r in range(2):
         assert "subsample: not supported by a distributed fit" in ranks[r]["subsample_error"]
         assert "not distributed yet" in ranks[r]["refused histogram_binning"]

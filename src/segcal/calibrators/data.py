@@ -20,6 +20,14 @@ the memory) and up-cast to float32 chunk by chunk. If the gathered rows fit ``me
 bytes the data stay in memory; otherwise the source is re-read at every pass (streaming; needs a
 re-iterable source). Spatial calibrators (``Calibrator.spatial``) get whole images instead.
 
+The decision needs the count of valid pixels, i.e. one reading pass. Where the source tells its
+shapes without being read (an array, a folder of ``.npy`` files: :class:`~segcal.calibrators.sources.Source`),
+their upper bound of the bytes (:func:`~segcal.calibrators.sources.nbytes_bound`, every pixel
+valid) decides first: within the budget, the counting pass keeps what it reads (as without a
+bound); above it, the counting pass keeps nothing, so a streamed fit never holds the budget, and
+in the rare case where the ignored pixels bring the data under the budget the source is read once
+more to keep them. Either way the data end in memory exactly when their bytes fit the budget.
+
 Every hook of a calibrator subclass that sees data (``_stats_fn``, ``_stage_loss``'s function,
 ``_post_fit``) receives :class:`Batch` objects, from :meth:`FitData.iter_chunks` /
 :meth:`FitData.iter_steps`. The optimisation loops are in :mod:`segcal.calibrators.fitting`.
@@ -27,19 +35,17 @@ Every hook of a calibrator subclass that sees data (``_stats_fn``, ``_stage_loss
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from segcal.calibrators.collective import FitGroup, active, agree
 from segcal.calibrators.folder_data import FolderBatches
+from segcal.calibrators.sources import is_array, nbytes_bound, normalise_source, unpack_batch
 from segcal.errors import InputError
-from segcal.io.predictions import PredictionFolder
 from segcal.validation import (
     as_tensor,
     check_finite,
@@ -221,80 +227,6 @@ class FitData:
 # ----------------------------------------------------------------------------- data preparation
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, torch.Tensor | np.ndarray)
-
-
-def _normalise_source(data: Any, labels: Any, mask: Any, what: str,
-                      images: Any = None) -> tuple[Callable[[], Iterator], bool]:
-    """Return (factory of an iterator of batches (tuples or mappings, see :func:`_unpack`),
-    reiterable)."""
-    img_name = "images" if what == "logits" else f"{what} images"
-    if isinstance(data, str | os.PathLike):
-        if labels is None:
-            raise ValueError(f"{what}: fitting from a prediction folder needs the label folder")
-        data = PredictionFolder(data, labels)
-        labels = None
-    if isinstance(data, PredictionFolder):
-        if images is not None and not isinstance(images, str | os.PathLike):
-            raise ValueError(f"{img_name}: with a prediction folder, pass the image folder (a path)")
-        data = FolderBatches(data, images=images)
-        images = None
-    if _is_array(data):
-        if labels is None:
-            raise ValueError(f"labels: required to fit (got None for {what})")
-        if images is not None and not _is_array(images):
-            raise ValueError(f"{img_name}: expected an (N, C_img, *spatial) tensor/array with "
-                             f"in-memory {what}, got {type(images).__name__}")
-        return (lambda: iter([(data, labels, mask, None, images)])), True
-    if labels is not None or mask is not None:
-        raise ValueError(
-            f"labels/mask: pass them inside the batches when {what} is an iterable of batches"
-        )
-    if images is not None:
-        raise ValueError(
-            f"{img_name}: pass each image inside its batch (a mapping with an 'image' entry) when "
-            f"{what} is an iterable of batches, or an image folder to FolderBatches"
-        )
-    if callable(data) and not isinstance(data, FolderBatches):
-        return (lambda: iter(data())), True
-    if isinstance(data, list | tuple | FolderBatches):
-        return (lambda: iter(data)), True
-    if isinstance(data, Iterable):
-        return (lambda: iter(data)), False
-    raise TypeError(
-        f"{what}: expected a tensor/array, an iterable of (scores, labels[, mask]) batches, "
-        f"a PredictionFolder or a folder path, got {type(data).__name__}"
-    )
-
-
-def _unpack(item: Any, what: str) -> tuple[Any, Any, Any, str | None, Any, str | None]:
-    """``(scores, labels, mask, input_type, image, source file)`` of one batch.
-
-    A batch is ``(scores, labels)``, ``(scores, labels, mask)`` (internally also
-    ``(..., input_type[, image[, source file]])``) or a mapping with keys ``scores`` (or
-    ``logits``), ``labels`` and optionally ``mask``, ``image``, ``input_type``.
-    """
-    if isinstance(item, Mapping):
-        unknown = set(item) - {"scores", "logits", "labels", "mask", "image", "input_type"}
-        if unknown or ("scores" in item) == ("logits" in item) or "labels" not in item:
-            raise TypeError(
-                f"{what}: a batch mapping needs 'scores' (or 'logits') and 'labels', optionally "
-                f"'mask', 'image', 'input_type'; got keys {sorted(item)}"
-            )
-        scores = item["scores"] if "scores" in item else item["logits"]
-        return scores, item["labels"], item.get("mask"), item.get("input_type"), item.get("image"), None
-    if not isinstance(item, list | tuple) or len(item) not in (2, 3, 4, 5, 6):
-        raise TypeError(f"{what}: each batch must be (scores, labels), (scores, labels, mask) or a "
-                        "mapping {'scores', 'labels', 'mask', 'image'}")
-    scores, labels = item[0], item[1]
-    mask = item[2] if len(item) > 2 else None
-    itype = item[3] if len(item) > 3 else None
-    image = item[4] if len(item) > 4 else None
-    source = item[5] if len(item) > 5 else None
-    return scores, labels, mask, itype, image, source
-
-
 def check_image(image: Any, scores: torch.Tensor, image_channels: int, name: str) -> torch.Tensor:
     """Validate the input image of a logit map: ``(N, image_channels, *spatial)`` with the scores'
     ``N`` and spatial size, finite; returned as a float tensor (float16 kept, else float32)."""
@@ -413,6 +345,9 @@ def prepare_data(
 
     ``image_channels`` (calibrators with an image branch; requires ``spatial``) makes the input
     image of every logit map mandatory (``images`` or inside the batches); ``None`` rejects images.
+    The returned ``info`` has ``nbytes`` (the gathered bytes), ``nbytes_bound`` (the shapes'
+    bound, or None), ``read_again`` (whether the source was read a second time to keep it) and
+    ``mode`` (``"in-memory"`` or ``"streaming"``).
     """
     if subsample is not None and not (0 < float(subsample) <= 1):
         raise ValueError(f"subsample: expected a fraction in (0, 1], got {subsample}")
@@ -425,8 +360,10 @@ def prepare_data(
     if fg is not None and subsample is not None:
         raise ValueError("subsample: not supported by a distributed fit (the pixels kept would "
                          "depend on the sharding); fit on all pixels, or in one process")
-    factory, reiterable = _normalise_source(data, labels, mask, what, images)
-    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    source = normalise_source(data, labels, mask, what, images)
+    # an upper bound of the bytes kept, from the shapes alone: far above the budget, the
+    # counting pass keeps nothing (else it would hold up to the budget for nothing)
+    bound = None if source.shapes is None else nbytes_bound(source.shapes, subsample=None if spatial else subsample)
     kw = dict(
         input_type=input_type,
         ignore_index=ignore_index,
@@ -436,9 +373,10 @@ def prepare_data(
         image_channels=image_channels,
     )
 
-    def batches(nc: int | None, g: torch.Generator, bar: Any = None) -> Iterator[tuple[Batch, int]]:
-        for item in factory():
-            sc, la, ma, itype, im, source = _unpack(item, what)
+    def batches(nc: int | None, bar: Any = None) -> Iterator[tuple[Batch, int]]:
+        g = torch.Generator().manual_seed(int(seed) + 7919)  # the same subsample at every read
+        for item in source.factory():
+            sc, la, ma, itype, im, file = unpack_batch(item, what)
             if itype is not None and itype != input_type:
                 raise ValueError(
                     f"{what}: the prediction folder holds {itype} but the calibrator has "
@@ -448,9 +386,9 @@ def prepare_data(
             try:
                 got = _prepare_batch(sc, la, ma, num_classes=nc, gen=g, image=im, **kw)  # type: ignore[arg-type]
             except ValueError as exc:
-                if source is None:
+                if file is None:
                     raise
-                raise InputError(f"{source}: {exc}") from None  # a folder's batch: name its file
+                raise InputError(f"{file}: {exc}") from None  # a folder's batch: name its file
             nc = int(sc_shape_c) if nc is None else nc  # every later batch must have these classes
             if bar is not None:
                 bar.update(1)
@@ -461,7 +399,7 @@ def prepare_data(
     bar = None
     if progress:
         bar = tqdm(desc=f"reading {what}", unit="file", leave=False)
-    kept: list[Batch] | None = []
+    kept: list[Batch] | None = [] if bound is None or bound <= memory_budget else None
     nbytes = 0
     n = 0
     nc = num_classes
@@ -469,13 +407,13 @@ def prepare_data(
     sizes: list[int] = []
     failure: BaseException | None = None
     try:
-        for b, c in batches(nc, gen, bar):
+        for b, c in batches(nc, bar):
             nc = c if nc is None else nc
             n += b.n
             n_batches += 1
             sizes.append(b.n)
+            nbytes += b.nbytes
             if kept is not None:
-                nbytes += b.nbytes
                 if nbytes > memory_budget:
                     kept = None  # too large: stream instead (keep counting)
                 else:
@@ -489,8 +427,9 @@ def prepare_data(
         if bar is not None:
             bar.close()
     layout = None
+    reread = kept is None and nbytes <= memory_budget  # the bound was passed, the data were not
     if fg is not None:
-        infos = agree(failure, (n, nbytes, nc, n_batches, sizes), fg.group)
+        infos = agree(failure, (n, nbytes, nc, n_batches, sizes, kept is None), fg.group)
         layout = [info[4] for info in infos]
         n, nbytes, n_batches = (sum(info[k] for info in infos) for k in (0, 1, 3))
         seen = [(r, info[2]) for r, info in enumerate(infos) if info[2] is not None]
@@ -499,19 +438,29 @@ def prepare_data(
                 raise ValueError(f"{what}: rank {r} read {c} classes, rank {seen[0][0]} read {seen[0][1]}; "
                                  f"expected {seen[0][1]} classes on every rank")
         nc = seen[0][1] if seen else nc
+        reread = kept is None and nbytes <= memory_budget  # the decision on the whole data, every rank
         if nbytes > memory_budget:
-            kept = None  # the decision of one process on the whole data, on every rank
-        elif kept is None:
-            kept = []
+            kept = None
+        if nbytes <= memory_budget and any(info[5] for info in infos):  # some rank reads again
+            failure = None
+            if reread:
+                try:
+                    kept = [b for b, _ in batches(nc)]
+                except Exception as exc:
+                    failure = exc
+            agree(failure, None, fg.group)  # a rank failing to read again stops every rank
+    elif reread:
+        kept = [b for b, _ in batches(nc)]
     if n == 0 or nc is None:
         raise ValueError(
             f"{what}: no valid pixels to fit on (empty input, or every pixel is masked or equals "
             "ignore_index)"
         )
-    info = {"n_pixels": n, "n_batches": n_batches, "nbytes": nbytes}
+    info = {"n_pixels": n, "n_batches": n_batches, "nbytes": nbytes, "nbytes_bound": bound,
+            "read_again": reread}
     if kept is not None:
         return FitData(nc, n, batches=kept, info={**info, "mode": "in-memory"}, group=fg, layout=layout)
-    if not reiterable:
+    if not source.reiterable:
         raise ValueError(
             f"{what}: the data exceed memory_budget={memory_budget:.3g} bytes and the source can only "
             "be read once; pass a list of batches, a callable returning an iterator, or a "
@@ -519,8 +468,7 @@ def prepare_data(
         )
 
     def stream() -> Iterator[Batch]:
-        g = torch.Generator().manual_seed(int(seed) + 7919)  # same subsample every pass
-        for b, _ in batches(nc, g):
+        for b, _ in batches(nc):
             yield b
             del b
 
@@ -530,6 +478,6 @@ def prepare_data(
 def split_val(val: Any) -> tuple[Any, Any, Any]:
     """``(data, labels, mask)`` of ``fit``'s ``val``: an in-memory tuple ``(scores, labels[, mask])``,
     or any streamed source (labels and mask inside it)."""
-    if isinstance(val, tuple) and len(val) in (2, 3) and _is_array(val[0]):
+    if isinstance(val, tuple) and len(val) in (2, 3) and is_array(val[0]):
         return val[0], val[1], val[2] if len(val) == 3 else None
     return val, None, None

@@ -514,7 +514,9 @@ def fit_summary(records: list[dict[str, Any]], train: FitData, val: FitData | No
                 ignore_index: int | None, config: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """A calibrator's ``fit_info``: the objective, ``ignore_index``, ``subsample`` and ``seed`` of
     ``config``, the stage ``records`` of :func:`minimize` (optimizer, mode and pixel counts of the
-    last one) and the ``extra`` of the ``_post_fit`` hook."""
+    last one), whether the training data were read a second time to be kept in memory
+    (``read_again``: :func:`segcal.calibrators.data.prepare_data`) and the ``extra`` of the
+    ``_post_fit`` hook."""
     if active() is not None and extra:
         raise ValueError("fit: this calibrator's post-fit step (binning, a hyper-parameter search, ...) "
                          "works on one rank's data and is not distributed yet; fit it in one process")
@@ -529,5 +531,6 @@ def fit_summary(records: list[dict[str, Any]], train: FitData, val: FitData | No
         "seed": config["seed"],
         "stages": records,
         **{k: last[k] for k in ("optimizer", "mode", "n_pixels", "n_val_pixels")},
+        "read_again": bool(train.info.get("read_again")),
         **extra,
     }
