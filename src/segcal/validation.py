@@ -230,6 +230,41 @@ def finite_where_valid(scores: torch.Tensor, valid: Any, name: str, fill: float)
     return out
 
 
+def ignore_index_note(ignore_index: int | None, dtype: Any) -> str | None:
+    """Why ``ignore_index`` can mark no pixel of labels stored as ``dtype`` (None when it can).
+
+    An ignore index outside the range of the labels' integer dtype (300 or -1 for uint8 PNG
+    labels) can equal no label, so nothing is ignored: almost certainly a mistake (255 with labels
+    0..11 is the usual, legitimate case: inside the range). Float and unknown dtypes: None.
+    """
+    if ignore_index is None:
+        return None
+    dt = np.dtype(dtype)
+    if dt.kind not in "iu":
+        return None
+    info = np.iinfo(dt)
+    if info.min <= int(ignore_index) <= info.max:
+        return None
+    return (f"outside the range {info.min}..{info.max} of the labels' dtype {dt.name}: no label can equal it, "
+            "so no pixel is ignored")
+
+
+def valid_labels(labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """``labels != ignore_index`` as a boolean tensor, exact for every ignore index.
+
+    ``uint8_tensor != 256`` in torch compares with the index wrapped to the tensor's dtype (256 ->
+    0, -1 -> 255), so class 0 (or 255) would be ignored; an ignore index outside the dtype's range
+    matches no label (:func:`ignore_index_note`).
+    """
+    if ignore_index is None:
+        return torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    if not labels.is_floating_point() and labels.dtype != torch.bool:
+        info = torch.iinfo(labels.dtype)
+        if not info.min <= int(ignore_index) <= info.max:
+            return torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    return labels != ignore_index
+
+
 def check_label_range(
     labels: torch.Tensor, valid: torch.Tensor, num_classes: int, name: str = "target"
 ) -> None:

@@ -14,6 +14,14 @@ arguments, each case failing on the code before its fix.
   runs (fit, apply, conformal --calibrator) or there are no labels (estimate, pseudolabel,
   conformal apply) every value must be finite, and the message says why.
 
+* ``--ignore-index`` outside what the labels can hold (300 or -1 for uint8 PNG labels) was
+  accepted silently; in ``segcal fit`` it was worse, a wrong calibrator with exit 0: the fit
+  compared ``uint8 labels != 256`` in torch, which wraps 256 to 0, so every class-0 pixel was
+  left out of the fit. Now a one-line warning on stderr names the flag, the value and the
+  dtype's range, and the command runs with nothing ignored (what the value means for those
+  labels); 255 with labels 0..11 gives no warning. ``validation.valid_labels`` is the exact
+  comparison for the library.
+
 Every expected figure is recomputed with NumPy in the test (``metric_reference``).
 """
 
@@ -24,9 +32,12 @@ import re
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from metric_reference import reference_metrics, softmax
 from segcal.cli import main
+from segcal.validation import ignore_index_note, valid_labels
 
 
 def run(capsys, *argv):
@@ -143,7 +154,7 @@ def test_conformal_fit_and_eval_accept_nan_at_ignored_pixels_as_eval_conformal_o
 
 
 def test_nan_at_labelled_pixels_or_under_a_calibrator_is_refused_naming_the_file(tmp_path, capsys):
-    pred, lab, z, y = nan_at_ignored_folder(tmp_path, n=4)
+    pred, lab, z, _ = nan_at_ignored_folder(tmp_path, n=4)
     cal = tmp_path / "c.pt"
     clean = tmp_path / "clean"
     clean.mkdir()
@@ -164,3 +175,63 @@ def test_nan_at_labelled_pixels_or_under_a_calibrator_is_refused_naming_the_file
         rc, _, err = run(capsys, *argv, "--pred", pred, "--labels", lab, "--ignore-index", 255, "-q")
         assert rc == 2 and "s2" in err and "non-finite" in err and err.count("\n") == 1, (argv[0], err)
         assert not out.exists()
+
+
+def png_label_folder(root, n=3, c=3, shape=(6, 8), seed=2):
+    """Logits and uint8 PNG labels 0..c-1 (class 0 frequent: a wrapped ignore index 256 drops it)."""
+    rng = np.random.default_rng(seed)
+    pred, lab = root / "pred", root / "labels"
+    pred.mkdir(parents=True)
+    lab.mkdir()
+    for i in range(n):
+        z = (3 * rng.normal(size=(c, *shape))).astype(np.float32)
+        y = np.where(rng.random(shape) < 0.7, z.argmax(0), 0).astype(np.uint8)
+        np.save(pred / f"s{i}.npy", z)
+        Image.fromarray(y).save(lab / f"s{i}.png")
+    return pred, lab
+
+
+@pytest.mark.parametrize("value", [256, 300, -1])
+def test_an_ignore_index_the_labels_cannot_hold_is_named_and_changes_nothing(tmp_path, capsys, value):
+    pred, lab = png_label_folder(tmp_path)
+    got = {}
+    for name, flags in (("none", []), ("given", ["--ignore-index", value])):
+        js, cal, fit_js = tmp_path / f"{name}.json", tmp_path / f"{name}.pt", tmp_path / f"{name}-fit.json"
+        rc, _, err = run(capsys, "eval", "--pred", pred, "--labels", lab, "-q", "--json", js, *flags)
+        assert rc == 0, err
+        warned = [line for line in err.splitlines() if "warning" in line]
+        if name == "given":
+            assert len(warned) == 1 and f"--ignore-index {value}" in warned[0] and "0..255" in warned[0]
+            assert "uint8" in warned[0] and "s0.png" in warned[0], err
+        else:
+            assert not warned
+        rc, _, err = run(capsys, "fit", "--pred", pred, "--labels", lab, "-q", "--method", "ts", "--out", cal,
+                         "--json", fit_js, *flags)
+        assert rc == 0, err
+        got[name] = (strict(js), torch.load(cal, weights_only=True), strict(fit_js))
+    (ev_a, cal_a, _), (ev_b, cal_b, _) = got["none"], got["given"]
+    for key in ("ece", "nll", "n_pixels", "miou"):
+        assert ev_a[key] == ev_b[key], key
+    # the fitted temperature is the one of every pixel (was: class 0 left out with 256)
+    ta = [v for k, v in cal_a["state_dict"].items() if "temperature" in k or "log_t" in k or "raw_t" in k]
+    tb = [v for k, v in cal_b["state_dict"].items() if "temperature" in k or "log_t" in k or "raw_t" in k]
+    assert ta and all(torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
+
+
+def test_the_usual_ignore_index_255_with_few_classes_gives_no_warning(tmp_path, capsys):
+    pred, lab = png_label_folder(tmp_path)
+    rc, _, err = run(capsys, "eval", "--pred", pred, "--labels", lab, "-q", "--ignore-index", 255)
+    assert rc == 0 and "warning" not in err, err
+
+
+def test_valid_labels_compares_exactly_for_every_dtype():
+    y = torch.tensor([0, 44, 255], dtype=torch.uint8)
+    assert bool((y != 256)[0]) is False  # torch wraps 256 to 0: what valid_labels avoids
+    for ii in (256, 300, -1, -256):
+        assert valid_labels(y, ii).all(), ii
+        assert valid_labels(y.to(torch.int64), ii).all(), ii
+        assert ignore_index_note(ii, np.uint8) is not None and "0..255" in ignore_index_note(ii, np.uint8)
+    assert valid_labels(y, 255).tolist() == [True, True, False]
+    assert valid_labels(torch.tensor([-1, 3]), -1).tolist() == [False, True]
+    assert ignore_index_note(255, np.uint8) is None and ignore_index_note(-1, np.int64) is None
+    assert ignore_index_note(70000, np.uint16) is not None and ignore_index_note(None, np.uint8) is None

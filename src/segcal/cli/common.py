@@ -8,6 +8,7 @@ declarations these helpers read are in :mod:`segcal.cli.options`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,12 +18,41 @@ import torch
 from tqdm.auto import tqdm
 
 from segcal.errors import InputError
-from segcal.validation import check_input_kind
+from segcal.io.arrays import find_label_files, label_dtype
+from segcal.validation import check_input_kind, ignore_index_note
 
 #: what a message tells a command-line user to pass (the library's messages take this mapping as
 #: ``flags`` / ``names``; ``{value}`` is filled in by the message)
 CLI_FLAGS = {"probs": "--probabilities (or --input-type probs)", "logits": "--input-type logits",
              "ignore_index": "--ignore-index {value}"}
+
+
+def checked_ignore_index(value: int | None, labels: str | Path | None, flag: str = "--ignore-index") -> int | None:
+    """``value`` of ``flag``, or None (after a one-line warning on stderr) when it lies outside the
+    range of the labels' dtype (the first label file of ``labels``, a folder or a file, read from
+    its header): no label can equal it, so nothing is ignored, as the command then runs
+    (:func:`segcal.validation.ignore_index_note`; 255 with uint8 labels 0..11 is in the range).
+    Unreadable or missing labels are left to the command, which names them."""
+    if value is None or labels is None:
+        return value
+    path = Path(labels)
+    try:
+        if path.is_dir():
+            files = find_label_files(path)
+            if not files:
+                return value
+            path = files[sorted(files)[0]]
+        elif not path.is_file():
+            return value
+        note = ignore_index_note(value, label_dtype(path))
+    except (InputError, OSError):
+        return value
+    if note is None:
+        return value
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(f"segcal: warning: {flag} {value}: {note} (first label file {path.name}); pass the label value "
+              f"of void pixels (e.g. 255) or leave {flag} out", file=sys.stderr)
+    return None
 
 
 def device_from_arg(arg: str) -> torch.device:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from segcal.calibrators import Calibrator, load
-from segcal.cli.common import check_out_path, files_bar, input_type_from_args
+from segcal.cli.common import check_out_path, checked_ignore_index, files_bar, input_type_from_args
 from segcal.conformal import (
     ConformalResult,
     LossTable,
@@ -63,6 +63,7 @@ def fit(args: argparse.Namespace) -> int:
         raise InputError(f"--class: expected a class index >= 0, found {args.class_index}")
     if args.risk == "coverage" and not 0.0 < args.tau <= 1.0:
         raise InputError(f"--tau: --risk coverage needs a coverage level in (0, 1], found {args.tau!r}")
+    args.ignore_index = checked_ignore_index(args.ignore_index, args.labels)
     with world() as w:
         table = shared_table(args, w, args.risk, default_grid(args.grid_size), args.class_index, args.tau,
                              args.ignore_index)
@@ -126,7 +127,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.json:
         check_out_path(args.json, {"--pred": args.pred, "--labels": args.labels, "--result": args.result},
                        kind="file", flag="--json")
-    ignore = args.ignore_index if args.ignore_index is not None else res.ignore_index
+    ignore = checked_ignore_index(args.ignore_index if args.ignore_index is not None else res.ignore_index,
+                                  args.labels)
     first = PredictionFolder(args.pred, input_type=input_type_from_args(args))
     check_result_classes(res, folder_classes(first), first.items[0].path.name, args.result)
     with world() as w:

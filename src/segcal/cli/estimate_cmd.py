@@ -29,7 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcal.cli.common import check_out_path, check_scores_kind, files_bar, input_type_from_args
+from segcal.cli.common import (
+    check_out_path,
+    check_scores_kind,
+    checked_ignore_index,
+    files_bar,
+    input_type_from_args,
+)
 from segcal.errors import InputError
 from segcal.estimation import (
     ConfidenceBaseline,
@@ -133,6 +139,7 @@ def _train(args: argparse.Namespace) -> int:
         raise InputError("--train needs --labels DIR and --out FILE")
     check_out_path(args.out, {"--pred": args.pred, "--labels": args.labels, "--features": args.features},
                    kind="file")
+    args.ignore_index = checked_ignore_index(args.ignore_index, args.labels)
     folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
     with world() as w:
         items = shard(folder.items, w.rank, w.size) if w.distributed else folder.items

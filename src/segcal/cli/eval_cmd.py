@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_type_from_args
+from segcal.cli.common import (
+    CLI_FLAGS,
+    check_out_path,
+    checked_ignore_index,
+    device_from_arg,
+    input_type_from_args,
+)
 from segcal.conformal import (
     ConformalResult,
     LossTable,
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--fine-bins: expected an integer from --bins ({args.bins}) to {1 << 24}, got "
                          f"{args.fine_bins}")
     inputs = {"--pred": args.pred, "--labels": args.labels}
+    args.ignore_index = checked_ignore_index(args.ignore_index, args.labels)
     builder = conformal_builder(args)
     for flag in ("--json", "--save-state", "--plot", "--html", "--conformal-out"):
         out = getattr(args, flag[2:].replace("-", "_"))

@@ -42,7 +42,13 @@ import numpy as np
 from segcal.adaptation import load_adapted
 from segcal.calibrators import Calibrator, FolderBatches, create, resolve
 from segcal.calibrators.collective import RankError, sharded
-from segcal.cli.common import CLI_FLAGS, check_out_path, device_from_arg, input_type_from_args
+from segcal.cli.common import (
+    CLI_FLAGS,
+    check_out_path,
+    checked_ignore_index,
+    device_from_arg,
+    input_type_from_args,
+)
 from segcal.datasets import check_label_values, load_label
 from segcal.errors import InputError
 from segcal.estimation import load_estimator
@@ -252,6 +258,7 @@ def _run_pred(args: argparse.Namespace) -> int:
     check_out_path(args.out, inputs, kind="file", flag="--out")
     if args.json:
         check_out_path(args.json, {**inputs, "--out": args.out}, kind="file", flag="--json")
+    args.ignore_index = checked_ignore_index(args.ignore_index, args.labels)
     with world(device_from_arg(args.device)) as w:
         return _fit_pred(args, rank_device(device_from_arg(args.device), w), w)
 
@@ -333,6 +340,7 @@ def _run_model(args: argparse.Namespace) -> int:
     inputs = {"--images": items[0].image_path.parent, "--labels": items[0].label_path.parent,  # type: ignore[union-attr]
               "--checkpoint": args.checkpoint}
     check_out_path(args.out, inputs, kind="file", flag="--out")
+    args.ignore_index = checked_ignore_index(args.ignore_index, items[0].label_path)
     if args.json:
         check_out_path(args.json, {**inputs, "--out": args.out}, kind="file", flag="--json")
     with world(device_from_arg(args.device)) as w:

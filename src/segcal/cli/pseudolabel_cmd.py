@@ -27,7 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segcal.cli.common import check_out_path, check_scores_kind, files_bar, input_type_from_args
+from segcal.cli.common import (
+    check_out_path,
+    check_scores_kind,
+    checked_ignore_index,
+    files_bar,
+    input_type_from_args,
+)
 from segcal.errors import InputError
 from segcal.estimation import (
     BASELINES,
@@ -76,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_out_path(args.out, inputs)
     if args.json:
         check_out_path(args.json, inputs, kind="file", flag="--json")
+    args.label_ignore = checked_ignore_index(args.label_ignore, args.labels, "--label-ignore")
     prop, local = proportion_schedule(args.round)
     prop = args.prop if args.prop is not None else prop
     local = args.local_prop if args.local_prop is not None else local

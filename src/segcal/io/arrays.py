@@ -23,8 +23,8 @@ import numpy as np
 
 from segcal.errors import InputError
 from segcal.io.files import atomic_write, list_stems, load_npy, load_npz
-from segcal.io.images import read_png_label
-from segcal.io.nifti import NIFTI_SUFFIXES, load_nifti, nifti_header
+from segcal.io.images import png_label_dtype, read_png_label
+from segcal.io.nifti import NIFTI_SUFFIXES, load_nifti, nifti_dtype, nifti_header
 
 PREDICTION_SUFFIXES = (".npy", ".npz")
 LABEL_SUFFIXES = (*NIFTI_SUFFIXES, ".png", ".npy")
@@ -118,6 +118,22 @@ def label_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...] | None, np.
     return None, None
 
 
+def label_dtype(path: str | os.PathLike) -> np.dtype:
+    """The dtype a label file stores its values in, from its header (PNG mode, ``.npy`` header,
+    NIfTI header; a 1-bit PNG or a boolean ``.npy`` is uint8, as :func:`read_label` reads it):
+    what the values of an ignore index must fit (:func:`segcal.validation.ignore_index_note`)."""
+    p = Path(path)
+    if p.name.lower().endswith(".png"):
+        return png_label_dtype(p)
+    if p.name.endswith(".npy"):
+        dtype = load_npy(p, what="labels", mmap=True).dtype
+    elif p.name.endswith(NIFTI_SUFFIXES):
+        dtype = nifti_dtype(p, what="labels")
+    else:
+        raise InputError(f"labels: unsupported label file {p.name}; expected .png, .npy, .nii or .nii.gz")
+    return np.dtype(np.uint8) if dtype.kind == "b" else np.dtype(dtype).newbyteorder("=")
+
+
 def write_prediction(
     path: str | os.PathLike, array: Any, *, key: str | None = None, dtype: Any = np.float16
 ) -> Path:
@@ -164,6 +180,7 @@ __all__ = [
     "PREDICTION_KEYS",
     "PREDICTION_SUFFIXES",
     "find_label_files",
+    "label_dtype",
     "label_geometry",
     "read_label",
     "read_prediction",

@@ -103,6 +103,31 @@ def read_png_label(path: str | os.PathLike) -> np.ndarray:
     return _decode(Path(path), "label map", None)
 
 
+#: the dtype a PNG label map of each Pillow mode is stored in (a 1-bit map is read as uint8 0 / 1)
+PNG_LABEL_DTYPES = {"1": np.dtype(np.uint8), "L": np.dtype(np.uint8), "P": np.dtype(np.uint8),
+                    "I": np.dtype(np.int32), "I;16": np.dtype(np.uint16), "I;16B": np.dtype(np.uint16),
+                    "I;16L": np.dtype(np.uint16)}
+
+
+def png_label_dtype(path: str | os.PathLike) -> np.dtype:
+    """The dtype of a PNG label map's values, from its header (no pixel is decoded).
+
+    Raises
+    ------
+    InputError
+        If Pillow cannot read the header or the image is not a single-channel label map.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except DECODE_ERRORS as exc:
+        raise InputError(f"cannot read label map {path}: {exc}") from exc
+    if mode not in PNG_LABEL_DTYPES:
+        raise InputError(f"labels: {path.name} is a {mode} image; expected a single-channel label map")
+    return PNG_LABEL_DTYPES[mode]
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(width, height)`` of an image or ``.npy`` label map, reading the header only."""
     path = Path(path)

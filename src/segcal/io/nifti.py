@@ -85,6 +85,11 @@ def nifti_header(
     return shape, np.asarray(img.affine, dtype=np.float64)
 
 
+def nifti_dtype(path: str | os.PathLike, *, what: str = "label") -> np.dtype:
+    """The dtype of a NIfTI file's stored voxels, from its header (the voxels are not read)."""
+    return np.dtype(_open(Path(path), what).get_data_dtype()).newbyteorder("=")
+
+
 def load_nifti(
     path: str | os.PathLike,
     *,
@@ -127,4 +132,4 @@ def load_nifti(
     return arr, np.asarray(img.affine, dtype=np.float64)
 
 
-__all__ = ["NIFTI_SUFFIXES", "is_nifti", "load_nifti", "nibabel", "nifti_header", "nifti_stem"]
+__all__ = ["NIFTI_SUFFIXES", "is_nifti", "load_nifti", "nibabel", "nifti_dtype", "nifti_header", "nifti_stem"]
