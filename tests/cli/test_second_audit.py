@@ -22,6 +22,12 @@ arguments, each case failing on the code before its fix.
   labels); 255 with labels 0..11 gives no warning. ``validation.valid_labels`` is the exact
   comparison for the library.
 
+* The class count of a folder's first file was found in two ways (``conformal`` through
+  ``PredictionFolder.read``, which decodes the first label too; ``eval --class-names`` by its own
+  ``read_prediction``), and ``conformal fit`` opened the folder again after its loss table for
+  it. Now :attr:`segcal.io.PredictionFolder.num_classes` (the first file's header) and the table's
+  own count (``LossTable.num_classes``).
+
 Every expected figure is recomputed with NumPy in the test (``metric_reference``).
 """
 
@@ -37,6 +43,7 @@ from PIL import Image
 
 from metric_reference import reference_metrics, softmax
 from segcal.cli import main
+from segcal.io import PredictionFolder
 from segcal.validation import ignore_index_note, valid_labels
 
 
@@ -235,3 +242,25 @@ def test_valid_labels_compares_exactly_for_every_dtype():
     assert valid_labels(torch.tensor([-1, 3]), -1).tolist() == [False, True]
     assert ignore_index_note(255, np.uint8) is None and ignore_index_note(-1, np.int64) is None
     assert ignore_index_note(70000, np.uint16) is not None and ignore_index_note(None, np.uint8) is None
+
+
+def test_conformal_fit_reads_each_file_once_and_records_the_tables_class_count(tmp_path, capsys, monkeypatch):
+    pred, lab, _, _ = void_channel_folder(tmp_path, n=4, c=5)
+    reads = []
+    real = PredictionFolder.read
+
+    def counted(self, item):
+        reads.append(item.stem)
+        return real(self, item)
+
+    monkeypatch.setattr(PredictionFolder, "read", counted)
+    out = tmp_path / "r.json"
+    rc, _, err = run(capsys, "conformal", "fit", "--pred", pred, "--labels", lab, "--ignore-index", 4, "-q",
+                     "--alpha", "0.5", "--out", out)
+    assert rc == 0, err
+    assert sorted(reads) == ["s0", "s1", "s2", "s3"]  # was s0 twice: the class count re-read it
+    assert strict(out)["meta"]["num_classes"] == 5
+    reads.clear()
+    rc, _, err = run(capsys, "eval", "--pred", pred, "--labels", lab, "-q", "--class-names", "a,b,c,d")
+    assert rc == 2 and "4 names given" in err and "s0.npy holds 5 classes" in err, err
+    assert reads == []  # the check reads the header only, before the evaluation

@@ -68,12 +68,10 @@ def fit(args: argparse.Namespace) -> int:
         table = shared_table(args, w, args.risk, default_grid(args.grid_size), args.class_index, args.tau,
                              args.ignore_index)
 
-        num_classes = folder_classes(PredictionFolder(args.pred, input_type=input_type_from_args(args)))
-
         def finish() -> None:
             result = fit_threshold(table, args.alpha, delta=args.delta,
                                    meta={"pred": str(args.pred), "labels": str(args.labels),
-                                         "calibrator_file": args.calibrator, "num_classes": num_classes})
+                                         "calibrator_file": args.calibrator, "num_classes": table.num_classes})
             result.save(out)
             print(f"lambda = {result.lam:.6g} (threshold 1 - lambda = {1 - result.lam:.6g}), method "
                   f"{result.method}, {result.n_images} calibration images")
@@ -83,11 +81,6 @@ def fit(args: argparse.Namespace) -> int:
 
         on_main(finish)
     return 0
-
-
-def folder_classes(folder: PredictionFolder) -> int:
-    """The class count of a prediction folder (its first file's; the readers check the others)."""
-    return int(folder.read(folder.items[0])[0].shape[0])
 
 
 def check_result_classes(res: ConformalResult, num_classes: int, where: str, path: Any) -> None:
@@ -108,18 +101,24 @@ def shared_table(args: argparse.Namespace, w: World, risk: str, grid: Any, class
     folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
     mine = shard(folder.stems, w.rank, w.size)
 
-    def part() -> tuple[list[str], Any, Any, Any] | None:
+    def part() -> tuple[list[str], Any, Any, Any, int | None] | None:
         if not mine:  # a rank without images takes part all the same
             return None
         t = folder_loss_table(folder, risk=risk, grid=grid, class_index=class_index, tau=tau,
                               ignore_index=ignore_index, calibrator=_calibrator(args),
                               progress=not args.no_progress and w.is_main, stems=mine)
-        return t.stems, t.losses, t.sizes, t.n_valid
+        return t.stems, t.losses, t.sizes, t.n_valid, t.num_classes
 
     parts = [p for p in on_each(part) if p is not None]
+    counts = [(p[4], p[0][0]) for p in parts]
+    for c, stem in counts[1:]:  # each rank's table checked its own files against its first one
+        if c != counts[0][0]:
+            raise InputError(f"--pred: {stem} has {c} classes, but {counts[0][1]} has {counts[0][0]}; expected "
+                             "every file of the folder to have the same class count")
     return LossTable(risk, np.asarray(grid, dtype=np.float64), np.concatenate([p[1] for p in parts]),
                      np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]),
-                     [s for p in parts for s in p[0]], class_index, None if tau is None else float(tau), ignore_index)
+                     [s for p in parts for s in p[0]], class_index, None if tau is None else float(tau), ignore_index,
+                     num_classes=counts[0][0])
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -130,7 +129,7 @@ def evaluate(args: argparse.Namespace) -> int:
     ignore = checked_ignore_index(args.ignore_index if args.ignore_index is not None else res.ignore_index,
                                   args.labels)
     first = PredictionFolder(args.pred, input_type=input_type_from_args(args))
-    check_result_classes(res, folder_classes(first), first.items[0].path.name, args.result)
+    check_result_classes(res, first.num_classes, first.items[0].path.name, args.result)
     with world() as w:
         table = shared_table(args, w, res.risk, [res.lam], res.class_index, res.tau, ignore)
         on_main(lambda: report_eval(args, res, table))

@@ -34,9 +34,8 @@ from segcal.conformal import (
 from segcal.conformal.bounds import check_level
 from segcal.datasets.camvid import CAMVID_CLASSES
 from segcal.errors import InputError, missing_dependency
-from segcal.io.arrays import PREDICTION_SUFFIXES, read_prediction
-from segcal.io.files import atomic_write, list_stems
-from segcal.io.predictions import read_folder_meta
+from segcal.io.files import atomic_write
+from segcal.io.predictions import PredictionFolder, read_folder_meta
 from segcal.pipeline.distributed import rank_device, world
 from segcal.pipeline.evaluate import FolderEvaluation, evaluate_folder
 from segcal.report.folder_report import (
@@ -195,19 +194,17 @@ def class_names(args: argparse.Namespace) -> list[str] | None:
 
 def check_class_names(args: argparse.Namespace) -> None:
     """Refuse ``--class-names`` whose count is not the predictions' class count (read from the
-    first prediction file's header), before the evaluation: the report would put the names on the
-    wrong classes (``camvid``'s 12 names on a 4-class folder) or leave some classes unnamed."""
+    first prediction file's header, :attr:`PredictionFolder.num_classes`), before the evaluation:
+    the report would put the names on the wrong classes (``camvid``'s 12 names on a 4-class folder)
+    or leave some classes unnamed."""
     names = class_names(args) if getattr(args, "class_names", None) else None
     if names is None:
         return
-    files = list_stems(args.pred, PREDICTION_SUFFIXES, "--pred")
-    if not files:
-        return  # the evaluation says that the folder holds no prediction
-    first = next(iter(files.values()))
-    c = int(read_prediction(first)[0].shape[0])
+    folder = PredictionFolder(args.pred)  # refuses a folder without predictions, naming it
+    c = folder.num_classes
     if len(names) != c:
-        raise InputError(f"--class-names: {len(names)} names given, but {first.name} holds {c} classes; "
-                         f"expected one name per class ({c}, by class index)")
+        raise InputError(f"--class-names: {len(names)} names given, but {folder.items[0].path.name} holds {c} "
+                         f"classes; expected one name per class ({c}, by class index)")
 
 
 def manifest_class_names(pred: str) -> list[str] | None:

@@ -53,9 +53,11 @@ class LossTableBuilder:
         self._sizes: list[np.ndarray] = []
         self._valid: list[int] = []
         self.stems: list[str] = []
+        self.num_classes: int | None = None  # fixed by check_num_classes
 
     def check_num_classes(self, num_classes: int, flag: str = "class_index") -> None:
         """Fix the class count (before the first chunk); refuses a class index outside it, naming ``flag``."""
+        self.num_classes = int(num_classes)
         if self.risk == "fnr":
             k = int(self.class_index)  # type: ignore[arg-type]
             if not 0 <= k < num_classes:
@@ -132,7 +134,7 @@ class LossTableBuilder:
         if not stems:
             raise InputError("images: no image given; expected at least one (scores, labels) pair")
         return LossTable(self.risk, self.grid, losses, sizes, valid, list(stems), self.class_index, self.tau,
-                         self.ignore_index)
+                         self.ignore_index, num_classes=self.num_classes)
 
 
 __all__ = ["LossTableBuilder"]

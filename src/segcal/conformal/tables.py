@@ -251,6 +251,8 @@ class LossTable:
         The risk's settings.
     bound
         The loss bound B of §9.3 (1 for every risk here).
+    num_classes
+        The class count of the scores the rows were computed from (None when not known).
     """
 
     risk: str
@@ -263,6 +265,7 @@ class LossTable:
     tau: float | None = None
     ignore_index: int | None = None
     bound: float = 1.0
+    num_classes: int | None = None
 
     @property
     def n_images(self) -> int:
@@ -274,7 +277,7 @@ class LossTable:
         idx = np.asarray(rows, dtype=np.int64)
         return LossTable(self.risk, self.grid, self.losses[idx], self.sizes[idx], self.n_valid[idx],
                          [self.stems[i] for i in idx] if self.stems else [], self.class_index,
-                         self.tau, self.ignore_index, self.bound)
+                         self.tau, self.ignore_index, self.bound, self.num_classes)
 
 
 def as_probabilities(scores: Any, input_type: str, calibrator: Calibrator | None, name: str) -> np.ndarray:
@@ -402,7 +405,7 @@ def _build(images: Iterable[tuple[str, np.ndarray, Any]], risk: str, g: np.ndarr
     if not rows:
         raise InputError("images: no image given; expected at least one (scores, labels) pair")
     return LossTable(risk, g, np.stack(rows), np.stack(sizes), np.asarray(valid, dtype=np.int64), stems,
-                     class_index, None if tau is None else float(tau), ignore_index)
+                     class_index, None if tau is None else float(tau), ignore_index, num_classes=num_classes)
 
 
 def folder_loss_table(

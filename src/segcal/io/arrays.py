@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from segcal.errors import InputError
-from segcal.io.files import atomic_write, list_stems, load_npy, load_npz
+from segcal.io.files import atomic_write, list_stems, load_npy, load_npz, npz_header
 from segcal.io.images import png_label_dtype, read_png_label
 from segcal.io.nifti import NIFTI_SUFFIXES, load_nifti, nifti_dtype, nifti_header
 
@@ -58,6 +58,31 @@ def read_prediction(path: str | os.PathLike) -> tuple[np.ndarray, str | None]:
     if arr.ndim < 2:
         raise InputError(f"pred: {path.name} has shape {arr.shape}, expected (C, *spatial)")
     return arr, key
+
+
+def prediction_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """The ``(C, *spatial)`` shape of a prediction file (``.npy``, ``.npz``, an nnU-Net case's
+    ``probabilities``, whose class axis is first too) from its header, no value read: the one
+    way to learn a folder's class count before reading it.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_prediction`: an unreadable file, no float array, fewer than 2 axes.
+    """
+    path = Path(path)
+    if path.suffix == ".npy":
+        arr = load_npy(path, what="pred", mmap=True)
+        shape, dtype = tuple(arr.shape), arr.dtype
+    elif path.suffix == ".npz":
+        shape, dtype, _ = npz_header(path, PREDICTION_KEYS, what="pred")
+    else:
+        raise InputError(f"pred: unsupported prediction file {path.name}; expected .npy or .npz")
+    if dtype.kind != "f":
+        raise InputError(f"pred: {path.name} holds {dtype}, expected floating logits or probabilities")
+    if len(shape) < 2:
+        raise InputError(f"pred: {path.name} has shape {shape}, expected (C, *spatial)")
+    return shape
 
 
 def _as_signed(arr: np.ndarray, name: str) -> np.ndarray:
@@ -182,6 +207,7 @@ __all__ = [
     "find_label_files",
     "label_dtype",
     "label_geometry",
+    "prediction_shape",
     "read_label",
     "read_prediction",
     "write_prediction",

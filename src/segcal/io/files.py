@@ -193,6 +193,47 @@ def load_npz(
         raise InputError(f"{what}: cannot read {path} ({type(exc).__name__}: {exc}); expected {expected}") from exc
 
 
+def npz_header(
+    path: str | os.PathLike, keys: tuple[str, ...], *, what: str = "array", hint: str = ""
+) -> tuple[tuple[int, ...], np.dtype, str]:
+    """``(shape, dtype, key)`` of the first of ``keys`` in a ``.npz`` archive, from the member's
+    ``.npy`` header (the first bytes of the member are inflated, never its data).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file is missing.
+    InputError
+        As :func:`load_npz`: an empty or corrupt archive, none of ``keys`` in it, an object member.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} not found")
+    expected = "a NumPy .npz archive (numpy.savez)"
+    if path.stat().st_size == 0:
+        raise InputError(f"{what}: {path} is empty (0 bytes); expected {expected}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+            present = [k for k in keys if k in names]
+            if not present:
+                found = " or ".join(repr(k) for k in keys)
+                raise InputError(f"{what}: {path.name} has no {found} array (keys: {sorted(names)}){hint}")
+            with zf.open(names[present[0]]) as fh:
+                header = _npy_header(fh)  # type: ignore[arg-type]
+    except InputError:
+        raise
+    except NPY_ERRORS as exc:
+        raise InputError(f"{what}: cannot read {path} ({type(exc).__name__}: {exc}); expected {expected}") from exc
+    if header is None:  # a version-3 header: numpy reads it
+        arr, key = load_npz(path, keys, what=what, hint=hint)
+        return tuple(arr.shape), arr.dtype, key
+    shape, dtype = header
+    if dtype.hasobject:
+        raise InputError(f"{what}: {path} holds Python objects ({dtype}); expected a numeric array")
+    return shape, dtype, present[0]
+
+
 def clean_temporary_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files a killed :func:`atomic_write` left in ``folder``; return them.
 
@@ -351,6 +392,7 @@ __all__ = [
     "list_stems",
     "load_npy",
     "load_npz",
+    "npz_header",
     "read_ahead",
     "read_json",
     "split_suffix",

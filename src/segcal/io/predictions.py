@@ -40,6 +40,7 @@ from segcal.io.arrays import (
     PREDICTION_SUFFIXES,
     find_label_files,
     label_geometry,
+    prediction_shape,
     read_label,
     read_prediction,
     write_prediction,
@@ -230,6 +231,13 @@ class PredictionFolder:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def num_classes(self) -> int:
+        """The class count of the folder: its first file's class axis, read from the file's header
+        (:func:`segcal.io.arrays.prediction_shape`; ``.npy``, ``.npz`` and nnU-Net cases alike, no
+        label read); the readers check every other file against it."""
+        return int(prediction_shape(self.items[0].path)[0])
 
     @property
     def stems(self) -> list[str]:
