@@ -74,7 +74,7 @@ from segcal.bench.protocol import (
 from segcal.bench.results import BenchRun
 from segcal.bench.shift_config import FamilyMix, ShiftCalConfig, check_config, mri_config
 from segcal.bench.shift_estimator import estimate_all, estimator_data, fit_estimator
-from segcal.bench.shift_fit import Anchored, argmax_check, copies
+from segcal.bench.shift_fit import SELECTION_RULES, Anchored, argmax_check, copies
 from segcal.bench.shift_mri import run_mri_rows
 from segcal.bench.spec import (
     CAMVID_IGNORE,
@@ -367,8 +367,8 @@ def _run(cfg: ShiftCalConfig) -> BenchRun:
                    f"ridge l2 from {list(cfg.sts_l2_grid)} and features from "
                    f"{[list(f) for f in cfg.sts_feature_sets]} chosen once per fit set (first seed's split) by "
                    "leave-one-family-out within the fit set's families (criterion "
-                   f"{cfg.sts_selection!r}: pooled NLL on the inner held-out family's copies, worst excess over "
-                   f"clean TS or mean); PseudoCal's factor on it floored at {cfg.pc_min_correction}",
+                   f"{cfg.sts_selection!r}: {SELECTION_RULES[cfg.sts_selection]}); PseudoCal's factor on it "
+                   f"floored at {cfg.pc_min_correction}",
             "bins": cfg.n_bins, "ignore_label": CAMVID_IGNORE,
             "estimator_truth": "per-image top-label ECE, 15 bins, void excluded, every valid pixel "
                                "(segcal.estimation.ece_targets, kind='image')",

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from segcal.bench.shift_fit import SELECTION_RULES
 from segcal.bench.shift_mri import MRI_ROWS, MriShiftConfig, check_mri_config
 from segcal.bench.spec import MRI_SHIFTS, SHIFT_FAMILIES, SHIFT_REFERENCE, SHIFT_ROW_DATA
 from segcal.calibrators.shift_aware import DEFAULT_FEATURES, FEATURES, SPATIAL_FEATURES
@@ -155,8 +156,8 @@ def check_config(cfg: ShiftCalConfig) -> None:
     if bad or any(not fs for fs in cfg.sts_feature_sets):
         raise InputError(f"sts_feature_sets: expected non-empty sets of {', '.join(FEATURES)}, got "
                          f"{[list(fs) for fs in cfg.sts_feature_sets]}")
-    if cfg.sts_selection not in ("worst", "mean"):
-        raise InputError(f"sts_selection: expected 'worst' or 'mean', got {cfg.sts_selection!r}")
+    if cfg.sts_selection not in SELECTION_RULES:
+        raise InputError(f"sts_selection: expected one of {sorted(SELECTION_RULES)}, got {cfg.sts_selection!r}")
     if cfg.mri:
         check_mri_config(mri_config(cfg))
 

@@ -88,6 +88,13 @@ class _Anchored:
         return self._cal.fit(*args, anchor=self._anchor, **kw)
 
 
+#: the inner selection's criteria (:class:`Anchored`), each with what it scores
+SELECTION_RULES: dict[str, str] = {
+    "mean": "the mean pooled NLL over the inner held-out families' copies",
+    "worst": "the largest pooled-NLL excess over clean TS over the inner held-out families' copies",
+}
+
+
 @dataclass
 class Anchored:
     """A fit strategy for clean-anchored ``sts``: the base strategy's fit, with the clean images of
@@ -133,8 +140,8 @@ class Anchored:
     _choice: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.criterion not in ("worst", "mean"):
-            raise ValueError(f"criterion: expected 'worst' or 'mean', got {self.criterion!r}")
+        if self.criterion not in SELECTION_RULES:
+            raise ValueError(f"criterion: expected one of {sorted(SELECTION_RULES)}, got {self.criterion!r}")
 
     @property
     def info_keys(self) -> tuple[str, ...]:
@@ -218,4 +225,4 @@ class _Temperature:
         return z / self.t
 
 
-__all__ = ["Anchored", "argmax_check", "copies", "family_of", "is_clean", "pooled_nll"]
+__all__ = ["SELECTION_RULES", "Anchored", "argmax_check", "copies", "family_of", "is_clean", "pooled_nll"]
