@@ -54,6 +54,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -95,6 +96,30 @@ def run(capsys, *argv):
     return rc, cap.out, cap.err
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread for this module: a fit on these tiny folders took 1.1 s with two threads
+    and 0.12 s with one on the loaded 2-core machine (load 2.5; torch parallelises the fit's small
+    ops and waits for the second thread). The figures do not depend on the thread count
+    (metrics/test_metrics.py::test_statistics_do_not_depend_on_torch_threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """``(pred, labels, calibrator)``: TS fitted once by ``segcal fit`` on three logit files
+    (``write_folder``'s seed 0), shared by the tests that only apply it."""
+    root = tmp_path_factory.mktemp("fitted")
+    pred, lab, _, _ = write_folder(root, ["logits"] * 3)
+    cal = root / "c.pt"
+    rc = main([str(a) for a in ("fit", "--pred", pred, "--labels", lab, "-q", "--method", "ts", "--out", cal)])
+    assert rc == 0 and cal.is_file()
+    return pred, lab, cal
+
+
 def test_score_kind_decides_from_values_and_leaves_non_finite_undecided():
     z = np.random.default_rng(1).normal(size=(5, 4, 3))
     p = softmax(z[None])[0]
@@ -126,10 +151,8 @@ def test_a_folder_mixing_logits_and_probabilities_is_refused_naming_the_file(tmp
     assert not js.exists() and not cal.exists() and not (tmp_path / "r.json").exists()
 
 
-def test_apply_refuses_a_mixed_folder_and_leaves_it_marked_incomplete(tmp_path, capsys):
-    good, glab, _, _ = write_folder(tmp_path / "fit", ["logits"] * 3)
-    cal = tmp_path / "c.pt"
-    assert run(capsys, "fit", "--pred", good, "--labels", glab, "-q", "--method", "ts", "--out", cal)[0] == 0
+def test_apply_refuses_a_mixed_folder_and_leaves_it_marked_incomplete(tmp_path, capsys, fitted):
+    _, _, cal = fitted
     pred, _, _, _ = write_folder(tmp_path / "mixed", ["logits", "probs", "logits"])
     out = tmp_path / "out"
     rc, _, err = run(capsys, "apply", "--calibrator", cal, "--pred", pred, "--out", out, "-q")
@@ -175,10 +198,8 @@ def _snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_apply_refuses_an_out_holding_files_of_another_run_and_redoes_its_own(tmp_path, capsys):
-    pred, lab, _, _ = write_folder(tmp_path / "a", ["logits"] * 3)
-    cal = tmp_path / "c.pt"
-    assert run(capsys, "fit", "--pred", pred, "--labels", lab, "-q", "--method", "ts", "--out", cal)[0] == 0
+def test_apply_refuses_an_out_holding_files_of_another_run_and_redoes_its_own(tmp_path, capsys, fitted):
+    pred, _, cal = fitted
     out = tmp_path / "out"
     assert run(capsys, "apply", "--calibrator", cal, "--pred", pred, "--out", out, "-q")[0] == 0
     # the same run again into the same --out (how an interrupted run is redone): accepted
