@@ -28,6 +28,10 @@ arguments, each case failing on the code before its fix.
   it. Now :attr:`segcal.io.PredictionFolder.num_classes` (the first file's header) and the table's
   own count (``LossTable.num_classes``).
 
+* ``segcal export --example-shape`` that the network cannot take (another input channel count,
+  a 3D shape for a 2D model): torch's RuntimeError from the export's tracing, as a traceback
+  (exit 1). Now refused before the export, naming the flag and the model's error.
+
 Every expected figure is recomputed with NumPy in the test (``metric_reference``).
 """
 
@@ -42,9 +46,12 @@ import torch
 from PIL import Image
 
 from metric_reference import reference_metrics, softmax
+from segcal.calibrators import create
 from segcal.cli import main
 from segcal.io import PredictionFolder
+from segcal.models import register_model, unregister_model
 from segcal.validation import ignore_index_note, valid_labels
+from tiny_models import PixelConv
 
 
 def run(capsys, *argv):
@@ -264,3 +271,19 @@ def test_conformal_fit_reads_each_file_once_and_records_the_tables_class_count(t
     rc, _, err = run(capsys, "eval", "--pred", pred, "--labels", lab, "-q", "--class-names", "a,b,c,d")
     assert rc == 2 and "4 names given" in err and "s0.npy holds 5 classes" in err, err
     assert reads == []  # the check reads the header only, before the evaluation
+
+
+@pytest.mark.parametrize("shape, found", [("2,1,16,16", "channels"), ("2,3,4,16,16", "input")])
+def test_export_refuses_an_example_shape_the_model_cannot_take(tmp_path, capsys, shape, found):
+    g = torch.Generator().manual_seed(0)
+    cal = tmp_path / "ts.pt"
+    create("ts").fit(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 3, (2, 8, 8), generator=g)).save(cal)
+    register_model("tiny-export", PixelConv, num_classes=3)
+    try:
+        out = tmp_path / "m.pt2"
+        rc, _, err = run(capsys, "export", "--model", "tiny-export", "--calibrator", cal, "--out", out,
+                         "--example-shape", shape)
+    finally:
+        unregister_model("tiny-export")
+    assert rc == 2 and err.startswith("segcal export: error: --example-shape") and found in err, err
+    assert "Traceback" not in err and err.count("\n") == 1 and not out.exists()

@@ -41,6 +41,20 @@ def example_shape(text: str | None, model: str) -> tuple[int, ...]:
     return shape
 
 
+def check_example(module: CalibratedModel, example: torch.Tensor, args: argparse.Namespace) -> None:
+    """Run the module once on the example input (eager, no gradient) before exporting it: an
+    ``--example-shape`` the network cannot take (another channel count, a 3D shape for a 2D model)
+    is refused naming the flag, where the export's tracing raised torch's error as a traceback."""
+    try:
+        with torch.no_grad():
+            module(example)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"--example-shape {','.join(map(str, example.shape))}: {args.model} cannot run on an input of "
+                         f"this shape ({first}); expected the model's preprocessed input (N, C_in, *spatial), "
+                         f"e.g. {','.join(map(str, example_shape(None, args.model)))}") from exc
+
+
 def _export(module: CalibratedModel, out: Path, example: torch.Tensor, dynamic: bool | str) -> None:
     if out.suffix == ".onnx":
         module.to_onnx(out, example, dynamic)
@@ -80,6 +94,7 @@ def _run(args: argparse.Namespace) -> int:
                          f"{args.model} predicts {loaded.num_classes}")
     module = CalibratedModel(loaded.module, cal, output=args.output)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    check_example(module, example, args)
     dynamic = DYNAMIC.get(args.dynamic, True)
     try:
         _export(module, out, example, dynamic)
