@@ -32,6 +32,13 @@ arguments, each case failing on the code before its fix.
   a 3D shape for a 2D model): torch's RuntimeError from the export's tracing, as a traceback
   (exit 1). Now refused before the export, naming the flag and the model's error.
 
+* Flags accepted and ignored: ``segcal estimate`` without ``--train`` took the training flags
+  (``--labels``, ``--bins``, ``--ignore-index``, ``--epochs`` ...) and printed the same estimates
+  as without them; ``--train`` took ``--json`` / ``--baseline`` and wrote nothing there;
+  ``--features`` with a baseline or a logit estimator, and ``pseudolabel --label-ignore`` without
+  ``--labels`` / ``--features`` without an estimator, were not read. Each is now refused naming
+  the flag, before any file is read or written.
+
 Every expected figure is recomputed with NumPy in the test (``metric_reference``).
 """
 
@@ -287,3 +294,33 @@ def test_export_refuses_an_example_shape_the_model_cannot_take(tmp_path, capsys,
         unregister_model("tiny-export")
     assert rc == 2 and err.startswith("segcal export: error: --example-shape") and found in err, err
     assert "Traceback" not in err and err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--labels", "{lab}"], "--labels"), (["--bins", "5"], "--bins"), (["--ignore-index", "255"], "--ignore-index"),
+    (["--epochs", "3"], "--epochs"), (["--target", "class_level"], "--target"),
+    (["--features", "{lab}"], "--features"),
+])
+def test_estimate_refuses_flags_it_would_not_read(tmp_path, capsys, flags, named):
+    pred, lab = png_label_folder(tmp_path)
+    flags = [f.format(lab=lab) for f in flags]
+    js = tmp_path / "e.json"
+    rc, out, err = run(capsys, "estimate", "--pred", pred, "--baseline", "maxprob", "-q", "--json", js, *flags)
+    assert rc == 2 and err.split("error: ", 1)[1].startswith(named) and err.count("\n") == 1, err
+    assert out == "" and not js.exists()
+
+
+def test_estimate_train_refuses_json_and_pseudolabel_refuses_unread_flags(tmp_path, capsys):
+    pred, lab = png_label_folder(tmp_path)
+    est, js = tmp_path / "est.pt", tmp_path / "t.json"
+    rc, _, err = run(capsys, "estimate", "--train", "--pred", pred, "--labels", lab, "--out", est, "--epochs", "1",
+                     "--json", js, "-q")
+    assert rc == 2 and "--json: not used by --train" in err and not est.exists() and not js.exists(), err
+    for flags, named in ((["--label-ignore", "255"], "--label-ignore"), (["--features", lab], "--features")):
+        out = tmp_path / "pl"
+        rc, _, err = run(capsys, "pseudolabel", "--pred", pred, "--out", out, "-q", *flags)
+        assert rc == 2 and err.split("error: ", 1)[1].startswith(named), err
+        assert not out.exists()
+    # what they are for still works
+    assert run(capsys, "pseudolabel", "--pred", pred, "--out", tmp_path / "ok", "-q", "--labels", lab,
+               "--label-ignore", 255)[0] == 0

@@ -68,8 +68,31 @@ def _features(folder: str | None, stems: list[str]) -> Iterator[torch.Tensor] | 
     return iter_feature_maps(folder, stems)
 
 
+#: the training flags (``--train`` only) and their defaults: one given without --train is refused
+TRAIN_ONLY = {"labels": None, "out": None, "target": "image", "ignore_index": None, "bins": 10, "epochs": 300,
+              "lr": 1e-3, "seed": 0}
+#: the estimation flags that --train does not read
+ESTIMATE_ONLY = ("estimator", "baseline", "json")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag that the chosen action would not read (accepted and ignored before: ``--labels``
+    or ``--bins`` given to an estimation, ``--baseline`` or ``--json`` to ``--train``)."""
+    if args.train:
+        given = [f"--{k}" for k in ESTIMATE_ONLY if getattr(args, k, None) is not None]
+        if given:
+            raise InputError(f"{given[0]}: not used by --train (which fits an estimator and saves it to --out); "
+                             f"leave {', '.join(given)} out, or estimate without --train")
+        return
+    given = [f"--{k.replace('_', '-')}" for k, default in TRAIN_ONLY.items() if getattr(args, k, default) != default]
+    if given:
+        raise InputError(f"{given[0]}: a training flag, read only with --train; pass --train to fit an estimator, "
+                         f"or leave {', '.join(given)} out")
+
+
 def run(args: argparse.Namespace) -> int:
     """Estimate (default) or, with ``--train``, fit an estimator."""
+    check_flags(args)
     return _train(args) if args.train else _estimate(args)
 
 
@@ -83,6 +106,10 @@ def _estimate(args: argparse.Namespace) -> int:
     kind = getattr(est, "input_kind", "scores")
     if kind == "features" and args.features is None:
         raise InputError(f"--estimator {args.estimator} was trained on features: pass --features DIR")
+    if kind != "features" and args.features is not None:
+        raise InputError(f"--features: {'--baseline ' + args.baseline if args.baseline else '--estimator ' + str(args.estimator)}"
+                         " reads the predictions, not features; leave --features out (or pass an estimator "
+                         "trained on features)")
     folder = PredictionFolder(args.pred, input_type=input_type_from_args(args))
     with world() as w:
         items = shard(folder.items, w.rank, w.size) if w.distributed else folder.items

@@ -82,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     out = check_out_path(args.out, inputs)
     if args.json:
         check_out_path(args.json, inputs, kind="file", flag="--json")
+    if args.label_ignore is not None and args.labels is None:
+        raise InputError("--label-ignore: the ignore value of --labels, given without --labels; pass --labels DIR "
+                         "(the true labels, for the precision report) or leave --label-ignore out")
     args.label_ignore = checked_ignore_index(args.label_ignore, args.labels, "--label-ignore")
     prop, local = proportion_schedule(args.round)
     prop = args.prop if args.prop is not None else prop
@@ -95,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, out: Path, folder: PredictionFolder, mine: list[Any], prop: float,
          local: float, main: bool) -> int:
     """The command on this rank's images ``mine`` (all of them in one process)."""
+    if args.features is not None and not args.estimator:
+        raise InputError("--features: read only by an --estimator trained on features, and no --estimator is "
+                         "given; leave --features out (or pass such an estimator)")
     first, itype = _read(folder, folder.items[0])
     n_classes = int(first.shape[0])
     ece = None
@@ -103,6 +109,9 @@ def _run(args: argparse.Namespace, out: Path, folder: PredictionFolder, mine: li
         kind = getattr(est, "input_kind", "scores")
         if kind == "features" and args.features is None:
             raise InputError(f"--estimator {args.estimator} was trained on features: pass --features DIR")
+        if kind != "features" and args.features is not None:
+            raise InputError(f"--features: --estimator {args.estimator} reads the predictions, not features; leave "
+                             "--features out (or pass an estimator trained on features)")
 
         def estimate() -> list[float]:
             feats = iter_feature_maps(args.features, [it.stem for it in mine]) if kind == "features" else None
