@@ -37,7 +37,9 @@ arguments, each case failing on the code before its fix.
   as without them; ``--train`` took ``--json`` / ``--baseline`` and wrote nothing there;
   ``--features`` with a baseline or a logit estimator, and ``pseudolabel --label-ignore`` without
   ``--labels`` / ``--features`` without an estimator, were not read. Each is now refused naming
-  the flag, before any file is read or written.
+  the flag, before any file is read or written. ``segcal adapt`` took ``--severity`` without
+  ``--corruption`` and ``--rounds`` / ``--epochs`` with ``--quick`` (which sets its own), and
+  ``--max-images 0`` / a negative ``--eta``: refused too.
 
 Every expected figure is recomputed with NumPy in the test (``metric_reference``).
 """
@@ -324,3 +326,19 @@ def test_estimate_train_refuses_json_and_pseudolabel_refuses_unread_flags(tmp_pa
     # what they are for still works
     assert run(capsys, "pseudolabel", "--pred", pred, "--out", tmp_path / "ok", "-q", "--labels", lab,
                "--label-ignore", 255)[0] == 0
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--severity", "5"], "--severity"), (["--quick", "--rounds", "5"], "--rounds"),
+    (["--quick", "--epochs", "7"], "--epochs"), (["--max-images", "0"], "--max-images"),
+    (["--eta", "-1"], "--eta"), (["--eta", "nan"], "--eta"),
+])
+def test_adapt_refuses_flags_it_would_not_honour(tmp_path, capsys, flags, named):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(imgs / "a.png")
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, "adapt", "--model", "espnet-camvid", "--target", imgs, "--estimator", "maxprob",
+                     "--out", out, *flags)
+    assert rc == 2 and err.split("error: ", 1)[1].startswith(named) and err.count("\n") == 1, err
+    assert not out.exists()

@@ -19,6 +19,7 @@ writes the checkpoints and the log and prints.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -38,8 +39,28 @@ def _mapping(name: str | None) -> ClassMapping | None:
     return ClassMapping(CITYSCAPES_TO_CAMVID, 20)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse values the run would not honour (accepted and ignored, or misread, before): ``--severity``
+    without ``--corruption``, ``--rounds`` / ``--epochs`` with ``--quick`` (which sets one round of
+    two epochs), ``--max-images`` below 1, a negative or non-finite ``--eta``."""
+    if args.corruption is None and args.severity != 3:
+        raise InputError(f"--severity {args.severity}: given without --corruption (the severity of a synthetic "
+                         "corruption of the target images); pass --corruption NAME or leave --severity out")
+    if args.quick:
+        given = [flag for flag, value, default in (("--rounds", args.rounds, 3), ("--epochs", args.epochs, 2))
+                 if value != default]
+        if given:
+            raise InputError(f"{given[0]}: --quick runs one round of 2 epochs on 4 images; leave {', '.join(given)} "
+                             "out or drop --quick")
+    if args.max_images is not None and args.max_images < 1:
+        raise InputError(f"--max-images: expected at least 1, got {args.max_images}")
+    if not math.isfinite(args.eta) or args.eta < 0:
+        raise InputError(f"--eta: expected a weight >= 0 for the entropy term, got {args.eta}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Adapt, then print one row per epoch and the selected checkpoint (rank 0 under torchrun)."""
+    check_flags(args)
     if args.method not in METHODS:
         raise InputError(f"--method: unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.method == "calsfda" and args.estimator is None:
