@@ -41,6 +41,11 @@ arguments, each case failing on the code before its fix.
   ``--corruption`` and ``--rounds`` / ``--epochs`` with ``--quick`` (which sets its own), and
   ``--max-images 0`` / a negative ``--eta``: refused too.
 
+* ``segcal conformal fit --risk fnr --class K`` (or ``eval --conformal-risk fnr``) with K the
+  ``--ignore-index`` (CamVid's void 11): no pixel of K is ever valid, so every loss was 0 and the
+  fit wrote a recall "guarantee" for the empty mask, exit 0. Refused now, naming the flag (and in
+  the library, ``conformal.tables.check_risk``).
+
 Every expected figure is recomputed with NumPy in the test (``metric_reference``).
 """
 
@@ -57,6 +62,8 @@ from PIL import Image
 from metric_reference import reference_metrics, softmax
 from segcal.calibrators import create
 from segcal.cli import main
+from segcal.conformal import LossTableBuilder, loss_table
+from segcal.errors import InputError
 from segcal.io import PredictionFolder
 from segcal.models import register_model, unregister_model
 from segcal.validation import ignore_index_note, valid_labels
@@ -342,3 +349,22 @@ def test_adapt_refuses_flags_it_would_not_honour(tmp_path, capsys, flags, named)
                      "--out", out, *flags)
     assert rc == 2 and err.split("error: ", 1)[1].startswith(named) and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_an_fnr_class_that_is_the_ignore_index_is_refused(tmp_path, capsys):
+    pred, lab, z, y = void_channel_folder(tmp_path, n=4, c=4)
+    out = tmp_path / "r.json"
+    for argv, named in ((["conformal", "fit", "--risk", "fnr", "--class", 3, "--alpha", "0.2", "--out", out],
+                         "--class 3"),
+                        (["eval", "--conformal-risk", "fnr", "--conformal-class", 3, "--conformal-alpha", "0.2",
+                          "--conformal-out", out], "--conformal-class 3")):
+        rc, _, err = run(capsys, *argv, "--pred", pred, "--labels", lab, "--ignore-index", 3, "-q")
+        assert rc == 2 and err.split("error: ", 1)[1].startswith(named) and "ignore-index" in err, err
+        assert not out.exists()
+    with pytest.raises(InputError, match="class 3 is the ignore_index"):
+        loss_table(zip(z, y, strict=True), "fnr", class_index=3, ignore_index=3, input_type="logits")
+    with pytest.raises(InputError, match="class 3 is the ignore_index"):
+        LossTableBuilder("fnr", class_index=3, ignore_index=3)
+    # a labelled class is controlled as before
+    assert run(capsys, "conformal", "fit", "--risk", "fnr", "--class", 1, "--alpha", "0.3", "--out", out,
+               "--pred", pred, "--labels", lab, "--ignore-index", 3, "-q")[0] == 0

@@ -64,6 +64,9 @@ def fit(args: argparse.Namespace) -> int:
     if args.risk == "coverage" and not 0.0 < args.tau <= 1.0:
         raise InputError(f"--tau: --risk coverage needs a coverage level in (0, 1], found {args.tau!r}")
     args.ignore_index = checked_ignore_index(args.ignore_index, args.labels)
+    if args.risk == "fnr" and args.ignore_index is not None and args.class_index == args.ignore_index:
+        raise InputError(f"--class {args.class_index}: is the --ignore-index: its pixels are left out of every loss, "
+                         "so its false-negative rate is 0 for any mask; pass a labelled class")
     with world() as w:
         table = shared_table(args, w, args.risk, default_grid(args.grid_size), args.class_index, args.tau,
                              args.ignore_index)

@@ -141,6 +141,9 @@ def conformal_builder(args: argparse.Namespace) -> LossTableBuilder | None:
                          "(--conformal-class K)")
     if risk == "fnr" and args.conformal_class < 0:
         raise InputError(f"--conformal-class: expected a class index >= 0, found {args.conformal_class}")
+    if risk == "fnr" and args.ignore_index is not None and args.conformal_class == args.ignore_index:
+        raise InputError(f"--conformal-class {args.conformal_class}: is the --ignore-index: its pixels are left out "
+                         "of every loss, so its false-negative rate is 0 for any mask; pass a labelled class")
     if risk == "coverage":
         tau = args.conformal_tau
         if tau is None or not 0.0 < tau <= 1.0:

@@ -40,7 +40,7 @@ class LossTableBuilder:
 
     def __init__(self, risk: str = "miscoverage", *, grid: Any = None, class_index: int | None = None,
                  tau: float | None = None, ignore_index: int | None = None) -> None:
-        check_risk(risk, class_index, tau)
+        check_risk(risk, class_index, tau, ignore_index)
         self.risk, self.class_index, self.ignore_index = risk, class_index, ignore_index
         self.tau = None if tau is None else float(tau)
         self.grid = default_grid() if grid is None else check_grid(grid)

@@ -88,12 +88,17 @@ def check_grid(grid: Any) -> np.ndarray:
     return g
 
 
-def check_risk(risk: str, class_index: int | None, tau: float | None) -> None:
-    """Refuse an unknown risk or a missing / superfluous ``class_index`` / ``tau``."""
+def check_risk(risk: str, class_index: int | None, tau: float | None, ignore_index: int | None = None) -> None:
+    """Refuse an unknown risk or a missing / superfluous ``class_index`` / ``tau``, and an ``"fnr"``
+    class that is the ``ignore_index``: its pixels are never valid, so every loss is 0 and the
+    "guarantee" would hold for any mask, the empty one included."""
     if risk not in RISKS:
         raise InputError(f"risk: {risk!r} is not one of {', '.join(RISKS)}")
     if risk == "fnr" and class_index is None:
         raise InputError("class_index: risk 'fnr' needs the class whose mask is controlled (class_index=K)")
+    if risk == "fnr" and ignore_index is not None and int(class_index) == int(ignore_index):  # type: ignore[arg-type]
+        raise InputError(f"class_index: class {class_index} is the ignore_index: its pixels are left out of every "
+                         "loss, so its false-negative rate is 0 for any mask; expected a labelled class")
     if risk == "coverage" and (tau is None or not 0.0 < float(tau) <= 1.0):
         raise InputError(f"tau: risk 'coverage' needs a coverage level tau in (0, 1], found {tau!r}")
 
@@ -374,7 +379,7 @@ def loss_table(
     LossTable
         Memory ``O(n_images × len(grid))``, independent of the image size.
     """
-    check_risk(risk, class_index, tau)
+    check_risk(risk, class_index, tau, ignore_index)
     probs = ((stem, _probabilities(x, input_type, calibrator, f"scores[{stem}]", _valid(x, y, ignore_index)), y)
              for stem, x, y in _items(images))
     return _build(probs, risk, default_grid() if grid is None else check_grid(grid), class_index, tau,
@@ -437,7 +442,7 @@ def folder_loss_table(
         if labels is None:
             raise InputError("labels: a conformal loss table needs a label folder")
         folder = PredictionFolder(pred, labels, input_type=input_type)
-    check_risk(risk, class_index, tau)
+    check_risk(risk, class_index, tau, ignore_index)
     want = None if stems is None else set(stems)
     items = [it for it in folder.items if want is None or it.stem in want]
     files = tqdm(items, total=len(items), desc="conformal", unit="file", leave=False,
