@@ -34,7 +34,7 @@ def save(path_stem, arr, fmt):
     return path
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=st.lists(st.integers(1, 6), min_size=2, max_size=4),
        dtype=st.sampled_from(["<f2", "<f4", ">f4", "<f8"]), fmt=st.sampled_from(FORMATS),
        cut=st.one_of(st.none(), st.floats(0.0, 1.0)), flip=st.one_of(st.none(), st.integers(0, 10**6)))
@@ -101,3 +101,49 @@ def test_a_prediction_header_of_integers_or_one_axis_is_refused(tmp_path):
         prediction_shape(tmp_path / "v.npz")
     with pytest.raises(InputError, match=r"k\.npz has no 'logits' or 'probabilities'"):
         prediction_shape(tmp_path / "k.npz")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["png-L", "png-I;16", "png-1", "npy-u1", "npy-i2", "npy-i8", "npy-bool", "nii-u1",
+                             "nii-i2"]), flip=st.one_of(st.none(), st.integers(0, 10**6)))
+def test_fuzz_label_dtype_is_the_stored_dtype_or_an_input_error(tmp_path_factory, kind, flip):
+    """:func:`segcal.io.arrays.label_dtype` (the range an ``--ignore-index`` is checked against) from
+    the header only: the dtype ``read_label`` reads (a 1-bit map / bool as uint8), or an InputError
+    naming the file for a damaged one."""
+    from PIL import Image
+
+    from segcal.io.arrays import label_dtype, read_label
+
+    root = tmp_path_factory.mktemp("lab")
+    y = (np.arange(48).reshape(6, 8) % 3).astype(np.uint8)
+    fmt, spec = kind.split("-", 1)
+    if fmt == "png":
+        path = root / "y.png"
+        img = {"L": Image.fromarray(y), "I;16": Image.fromarray(y.astype(np.uint16)),
+               "1": Image.fromarray(y > 0).convert("1")}[spec]
+        img.save(path)
+        want = np.dtype(np.uint16) if spec == "I;16" else np.dtype(np.uint8)
+    elif fmt == "npy":
+        path = root / "y.npy"
+        dtype = np.dtype(bool) if spec == "bool" else np.dtype(spec)
+        np.save(path, y.astype(dtype))
+        want = np.dtype(np.uint8) if spec == "bool" else dtype
+    else:
+        nib = pytest.importorskip("nibabel")
+        path = root / "y.nii.gz"
+        nib.save(nib.Nifti1Image(y[..., None].astype(spec), np.eye(4)), str(path))
+        want = np.dtype(spec)
+    if flip is None:
+        assert label_dtype(path) == want
+        stored = read_label(path).dtype
+        assert stored == want or (want == np.uint16 and stored == np.int32)  # read_label widens uint16
+        return
+    data = bytearray(path.read_bytes())
+    data[flip % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+    try:
+        got = label_dtype(path)
+    except InputError as exc:
+        assert path.name in str(exc)
+    else:  # a damaged file whose header still reads: some dtype (the values are checked on read)
+        assert isinstance(got, np.dtype)
