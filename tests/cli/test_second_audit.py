@@ -39,7 +39,10 @@ arguments, each case failing on the code before its fix.
   ``--labels`` / ``--features`` without an estimator, were not read. Each is now refused naming
   the flag, before any file is read or written. ``segcal adapt`` took ``--severity`` without
   ``--corruption`` and ``--rounds`` / ``--epochs`` with ``--quick`` (which sets its own), and
-  ``--max-images 0`` / a negative ``--eta``: refused too.
+  ``--max-images 0`` / a negative ``--eta``: refused too. ``segcal pseudolabel`` with an
+  ``--ignore-value`` among the classes or a ``--local-prop`` outside [0, 1] exited 2 but left an
+  empty ``--out`` behind, naming ``ignore_value`` / ``local_prop``: now refused before anything
+  is read or created, naming the flag.
 
 * ``segcal conformal fit --risk fnr --class K`` (or ``eval --conformal-risk fnr``) with K the
   ``--ignore-index`` (CamVid's void 11): no pixel of K is ever valid, so every loss was 0 and the
@@ -368,3 +371,16 @@ def test_an_fnr_class_that_is_the_ignore_index_is_refused(tmp_path, capsys):
     # a labelled class is controlled as before
     assert run(capsys, "conformal", "fit", "--risk", "fnr", "--class", 1, "--alpha", "0.3", "--out", out,
                "--pred", pred, "--labels", lab, "--ignore-index", 3, "-q")[0] == 0
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--ignore-value", "1"], "--ignore-value 1"), (["--ignore-value", "70000"], "--ignore-value"),
+    (["--local-prop", "-1"], "--local-prop"), (["--prop", "nan"], "--prop"), (["--prop", "0"], "--prop"),
+    (["--subsample", "0"], "--subsample"), (["--round", "100"], "--round"), (["--round", "-1"], "--round"),
+])
+def test_pseudolabel_refuses_bad_settings_before_creating_its_out(tmp_path, capsys, flags, named):
+    pred, _ = png_label_folder(tmp_path)
+    out = tmp_path / "pl"
+    rc, _, err = run(capsys, "pseudolabel", "--pred", pred, "--out", out, "-q", *flags)
+    assert rc == 2 and err.split("error: ", 1)[1].startswith(named) and err.count("\n") == 1, err
+    assert not out.exists()  # was an empty folder left behind (--ignore-value 1, --local-prop -1)

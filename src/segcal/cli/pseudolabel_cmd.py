@@ -86,9 +86,21 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--label-ignore: the ignore value of --labels, given without --labels; pass --labels DIR "
                          "(the true labels, for the precision report) or leave --label-ignore out")
     args.label_ignore = checked_ignore_index(args.label_ignore, args.labels, "--label-ignore")
-    prop, local = proportion_schedule(args.round)
+    try:
+        prop, local = proportion_schedule(args.round)
+    except InputError as exc:
+        raise InputError(f"--{exc}") from exc  # "round ...": the flag
     prop = args.prop if args.prop is not None else prop
     local = args.local_prop if args.local_prop is not None else local
+    # checked here, naming the flags, before any file is read or --out created (an empty --out was left)
+    if not 0 < prop <= 1:
+        raise InputError(f"--prop: expected a proportion in (0, 1], got {prop}")
+    if not 0 <= local <= 1:
+        raise InputError(f"--local-prop: expected a proportion in [0, 1], got {local}")
+    if args.subsample < 1:
+        raise InputError(f"--subsample: expected >= 1, got {args.subsample}")
+    if not 0 <= args.ignore_value <= 65535:
+        raise InputError(f"--ignore-value: expected a label value in 0..65535, got {args.ignore_value}")
     folder = PredictionFolder(args.pred, args.labels, input_type=input_type_from_args(args))
     with world() as w:
         mine = shard(folder.items, w.rank, w.size) if w.distributed else folder.items
@@ -103,6 +115,9 @@ def _run(args: argparse.Namespace, out: Path, folder: PredictionFolder, mine: li
                          "given; leave --features out (or pass such an estimator)")
     first, itype = _read(folder, folder.items[0])
     n_classes = int(first.shape[0])
+    if args.ignore_value < n_classes:
+        raise InputError(f"--ignore-value {args.ignore_value}: is a class of the predictions ({n_classes} classes, "
+                         f"0..{n_classes - 1}); expected a value >= {n_classes} for the unselected pixels (e.g. 255)")
     ece = None
     if args.estimator:
         est = load_estimator(args.estimator)
