@@ -11,6 +11,7 @@ without keeping anything, or -- the data under the budget -- read again and fitt
 
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch.multiprocessing as mp
 from ranks import free_port
 from segcal.calibrators import FolderBatches, create
 from segcal.calibrators.collective import RankError, sharded
+from segcal.calibrators.data import Batch
 from segcal.io import PredictionFolder
 from segcal.pipeline.distributed import world
 
@@ -67,20 +69,35 @@ def _write_folder(root: str) -> None:
 
 
 def _folder_fits(root: str, lo: int, hi: int, n_fit: int) -> dict:
-    """TS (L-BFGS) on images ``lo:hi`` of the folder, at a budget under the data ("streamed") and
-    one between the data's bytes and their bound ("read_again"; computed from all ``n_fit``
-    images, so the same on every rank and in one process)."""
+    """TS (L-BFGS) on images ``lo:hi`` of the folder, at a budget under the data ("streamed"), one
+    at the bound of the "unequal" layout's larger shard but under the data ("shards_fit"), and one between the data's
+    bytes and their bound ("read_again"); computed from all ``n_fit`` images, so the same on every
+    rank and in one process. ``alive``: the :class:`Batch` objects alive at each file read of the
+    "shards_fit" fit (the counting pass must keep none: the whole data's bound passes the budget)."""
     folder = PredictionFolder(f"{root}/pred", f"{root}/lab")
     everything = _images(5, 0)[:n_fit]
     pixels = sum(int(y.size) for _, y in everything)
     valid = sum(int((y != 255).sum()) for _, y in everything)
     row = C * 2 + 8  # float16 scores and an int64 label
-    budgets = {"folder_streamed": 1000, "folder_read_again": (valid + pixels) * row // 2}
-    out = {}
+    shard = sum(int(y.size) for _, y in everything[:3]) * row  # the bound of the largest 3 + 2 shard
+    assert shard < valid * row
+    budgets = {"folder_streamed": 1000, "folder_shards_fit": shard,
+               "folder_read_again": (valid + pixels) * row // 2}
+    out: dict = {}
+    alive: list[int] = []
+    inner = folder.read
+
+    def spy(item):
+        gc.collect()
+        alive.append(sum(1 for o in gc.get_objects() if type(o) is Batch))
+        return inner(item)
+
     for name, budget in budgets.items():
+        folder.read = spy if name == "folder_shards_fit" else inner
         cal = create("ts", optimizer="lbfgs", memory_budget=budget, num_classes=C, seed=5)
         cal.fit(FolderBatches(folder, folder.stems[lo:hi]), ignore_index=255)
         out[name] = _record(cal)
+    out["alive"] = alive[: hi - lo]  # the counting pass
     return out
 
 
@@ -130,7 +147,7 @@ def _worker(rank: int, port: int, layout: str, out: str, root: str) -> None:
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
-FOLDER_CASES = ("folder_streamed", "folder_read_again")
+FOLDER_CASES = ("folder_streamed", "folder_shards_fit", "folder_read_again")
 
 
 def _reference(root: str) -> dict:
@@ -149,6 +166,13 @@ def folder_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def reference(folder_root):
     return _reference(folder_root)
+
+
+def _autograd_ts(train: list, val: list | None) -> dict:
+    """The ``ts_lbfgs`` case through autograd's gradient of ``z / t`` instead of TS's fused NLL."""
+    cal = create("ts", num_classes=C, seed=5, optimizer="lbfgs")
+    cal._row_temperature = lambda: None
+    return _record(cal.fit(train, ignore_index=255, val=val))
 
 
 def _check(got: dict, want: dict, name: str, n_train: int) -> None:
@@ -175,12 +199,19 @@ def test_two_ranks_fit_equals_one_process(tmp_path, reference, folder_root, layo
     for name in [c[0] for c in CASES] + list(FOLDER_CASES):
         for r in range(2):
             _check(ranks[r][name], want[name], f"{layout} rank {r} {name}", n_fit)
+    plain = _autograd_ts(_images(5, 0)[:n_fit], _images(2, 1))  # the fused TS loss on 2 ranks = autograd's
+    for r in range(2):
+        torch.testing.assert_close(ranks[r]["ts_lbfgs"]["state"]["raw_t"], plain["state"]["raw_t"], rtol=1e-6, atol=0)
     assert want["ts_adam_streamed"]["mode"] == "streaming" and want["dc_adam_memory"]["mode"] == "in-memory"
     assert want["ts_adam_streamed"]["optimizer"] == "adam"
     assert want["folder_streamed"]["mode"] == "streaming" and want["folder_read_again"]["mode"] == "in-memory"
+    assert want["folder_shards_fit"]["mode"] == "streaming"
     assert want["folder_read_again"]["read_again"]  # one process: the bound passed, the data did not
-    if layout == "empty_rank":  # rank 0 holds all 4 images: it reads again, rank 1 takes part
-        assert ranks[0]["folder_read_again"]["read_again"] and not ranks[1]["folder_read_again"]["read_again"]
+    for r in range(2):  # the whole data's bound decides on every rank: a rank's shard would fit
+        assert ranks[r]["folder_read_again"]["read_again"], r
+        alive = ranks[r]["alive"]
+        assert len(alive) == ((3, 2) if layout == "unequal" else (4, 0))[r]
+        assert alive == alive[:1] * len(alive), (r, alive)  # nothing kept while counting
     for r in range(2):
         assert "subsample: not supported by a distributed fit" in ranks[r]["subsample_error"]
         assert "not distributed yet" in ranks[r]["refused histogram_binning"]

@@ -23,7 +23,7 @@ re-iterable source). Spatial calibrators (``Calibrator.spatial``) get whole imag
 The decision needs the count of valid pixels, i.e. one reading pass. Where the source tells its
 shapes without being read (an array, a folder of ``.npy`` files: :class:`~segcal.calibrators.sources.Source`),
 their upper bound of the bytes (:func:`~segcal.calibrators.sources.nbytes_bound`, every pixel
-valid) decides first: within the budget, the counting pass keeps what it reads (as without a
+valid; in a distributed fit the sum of every rank's, the decision being the whole data's) decides first: within the budget, the counting pass keeps what it reads (as without a
 bound); above it, the counting pass keeps nothing, so a streamed fit never holds the budget, and
 in the rare case where the ignored pixels bring the data under the budget the source is read once
 more to keep them. Either way the data end in memory exactly when their bytes fit the budget.
@@ -364,6 +364,9 @@ def prepare_data(
     # an upper bound of the bytes kept, from the shapes alone: far above the budget, the
     # counting pass keeps nothing (else it would hold up to the budget for nothing)
     bound = None if source.shapes is None else nbytes_bound(source.shapes, subsample=None if spatial else subsample)
+    if fg is not None:  # the whole data's bound (one small gather): a shard under the budget is no reason to keep
+        bounds = agree(None, bound, fg.group)
+        bound = None if any(b is None for b in bounds) else sum(bounds)
     kw = dict(
         input_type=input_type,
         ignore_index=ignore_index,
