@@ -42,7 +42,9 @@ arguments, each case failing on the code before its fix.
   ``--max-images 0`` / a negative ``--eta``: refused too. ``segcal pseudolabel`` with an
   ``--ignore-value`` among the classes or a ``--local-prop`` outside [0, 1] exited 2 but left an
   empty ``--out`` behind, naming ``ignore_value`` / ``local_prop``: now refused before anything
-  is read or created, naming the flag.
+  is read or created, naming the flag. ``segcal fit --pred`` took the model-run flags
+  ``--batch-size`` / ``--perturb-seed`` / ``--data-root`` and, without a target, ``--target-method``
+  / ``--target-max-images``, and read none of them: refused too.
 
 * ``segcal conformal fit --risk fnr --class K`` (or ``eval --conformal-risk fnr``) with K the
   ``--ignore-index`` (CamVid's void 11): no pixel of K is ever valid, so every loss was 0 and the
@@ -384,3 +386,16 @@ def test_pseudolabel_refuses_bad_settings_before_creating_its_out(tmp_path, caps
     rc, _, err = run(capsys, "pseudolabel", "--pred", pred, "--out", out, "-q", *flags)
     assert rc == 2 and err.split("error: ", 1)[1].startswith(named) and err.count("\n") == 1, err
     assert not out.exists()  # was an empty folder left behind (--ignore-value 1, --local-prop -1)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--batch-size", "8"], "--batch-size"), (["--perturb-seed", "3"], "--perturb-seed"),
+    (["--data-root", "."], "--data-root"), (["--target-method", "ece-estimate"], "--target-method"),
+    (["--target-max-images", "5"], "--target-max-images"),
+])
+def test_fit_from_predictions_refuses_flags_it_would_not_read(tmp_path, capsys, flags, named):
+    pred, lab = png_label_folder(tmp_path)
+    cal = tmp_path / "c.pt"
+    rc, _, err = run(capsys, "fit", "--pred", pred, "--labels", lab, "-q", "--method", "ts", "--out", cal, *flags)
+    assert rc == 2 and err.split("error: ", 1)[1].startswith(named) and err.count("\n") == 1, err
+    assert not cal.exists()

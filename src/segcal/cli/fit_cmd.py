@@ -174,8 +174,10 @@ def _check_mode(args: argparse.Namespace) -> None:
                          "registered model, with --images)")
     if args.pred is not None:
         for flag, val in (("--perturb", args.perturb), ("--perturb-sample", args.perturb_sample),
-                          ("--checkpoint", args.checkpoint)):
-            if val is not None:
+                          ("--checkpoint", args.checkpoint), ("--data-root", args.data_root),
+                          ("--batch-size", None if args.batch_size == 4 else args.batch_size),
+                          ("--perturb-seed", None if args.perturb_seed == 0 else args.perturb_seed)):
+            if val is not None:  # read only when the model runs (accepted and ignored with --pred before)
                 raise InputError(f"{flag}: goes with --model (running the model on the images); with "
                                  "--pred, pass prediction folders of perturbed images as --extra-pred")
         if args.labels is None:
@@ -192,6 +194,11 @@ def _check_target(args: argparse.Namespace) -> None:
     if args.target_estimator is not None and args.target_method != "ece-estimate":
         raise InputError("--target-estimator: goes with --target-method ece-estimate")
     if args.target_pred is None and args.target_images is None:
+        for flag, given in (("--target-method", args.target_method != "pseudocal"),
+                            ("--target-max-images", args.target_max_images != 64)):
+            if given:  # accepted and ignored before
+                raise InputError(f"{flag}: goes with --target-pred DIR (or --target-images DIR with --model), "
+                                 "the unlabelled target domain; pass one or leave it out")
         return
     if args.target_method == "ece-estimate":
         if args.target_estimator is None:
