@@ -23,9 +23,18 @@ Variants:
   256 MiB (``--stream-budget-mb``), so mini-batch Adam (1 image per step, ``max_steps`` 100)
   with bounded memory once the data exceed the budget.
 
+``--fused-ratio N`` (instead of the table): the TS fit's fused NLL (``objectives.ScaledNLL``: the
+loss and its closed-form ``t``-gradient, what ``TemperatureScaling._row_temperature`` routes the
+NLL chunks to) against the autograd path through ``z / t`` (the same calibrator with
+``_row_temperature`` returning None), in one process on the same data, alternately, best of
+``N`` each: in memory (float16 rows, full-batch L-BFGS) and streamed from the folder (L-BFGS,
+``--stream-budget-mb``, which must be under the data for the streamed rows); the temperatures of both paths are printed with their relative
+difference.
+
 Usage::
 
     python benchmarks/fit_speed.py            # full scale (slow on a small CPU)
+    python benchmarks/fit_speed.py --fused-ratio 5 --images 4   # fused vs autograd TS loss
     python benchmarks/fit_speed.py --small    # 4 x 19 x 64 x 128, a quick check
     python benchmarks/fit_speed.py --height 128 --width 256 --methods ts,vs,dc,cmsop
 """
@@ -142,6 +151,43 @@ def worker(lib: str, method: str, folder: Path) -> dict:
             "fit_mem_mb": peak - before, "nll": nll, **extra}
 
 
+def fused_ratio(folder: Path, repeats: int, budget_mb: float) -> dict:
+    """Best-of-``repeats`` seconds of the TS fit with the fused NLL and with autograd through the
+    map, alternately in this process, in memory and streamed; and both temperatures."""
+    import segcal.calibrators as sc
+    from segcal.io import PredictionFolder
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    pf = PredictionFolder(folder / "pred", folder / "labels")
+    x = torch.stack([torch.from_numpy(np.load(it.path)) for it in pf.items])  # float16, as stored
+    y = torch.stack([torch.from_numpy(np.load(it.label_path).astype(np.int64)) for it in pf.items])
+    sources = {"in-memory": (lambda: (x, y), 2.0 * 2**30),
+               "streaming": (lambda: (sc.FolderBatches(pf), None), budget_mb * 2**20)}
+    out: dict = {}
+    for mode, (src, budget) in sources.items():
+        secs: dict[str, list[float]] = {"fused": [], "autograd": []}
+        temps: dict[str, float] = {}
+        for _ in range(repeats):
+            for path in ("fused", "autograd"):
+                cal = sc.create("ts", optimizer="lbfgs", memory_budget=budget)
+                if path == "autograd":
+                    cal._row_temperature = lambda: None  # the map z / t, autograd's gradient
+                data, labels = src()
+                t0 = time.perf_counter()
+                cal.fit(data, labels)
+                secs[path].append(time.perf_counter() - t0)
+                assert cal.fit_info["mode"] == mode, cal.fit_info["mode"]
+                temps[path] = cal.temperature
+        best = {k: min(v) for k, v in secs.items()}
+        out[mode] = {"best_s": best, "all_s": secs, "ratio_autograd_over_fused": best["autograd"] / best["fused"],
+                     "temperature": temps,
+                     "rel_diff": abs(temps["fused"] - temps["autograd"]) / temps["autograd"]}
+        print(f"{mode:10s} fused {best['fused']:.3f} s, autograd {best['autograd']:.3f} s (best of {repeats}): "
+              f"autograd / fused = {out[mode]['ratio_autograd_over_fused']:.2f}; T fused {temps['fused']:.9f}, "
+              f"autograd {temps['autograd']:.9f} (rel. diff {out[mode]['rel_diff']:.2e})", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="4 x 19 x 64 x 128 quick run")
@@ -159,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead of fiducio's default 200 Adam iterations (too slow for some methods at full "
                     "scale), time fiducio with N1 and with N2 iterations and extrapolate linearly to 200: "
                     "full-batch Adam costs one pass over the data per iteration, so t(n) = a + b·n")
+    ap.add_argument("--fused-ratio", type=int, default=None, metavar="N",
+                    help="time the TS fit with the fused NLL vs autograd through z / t (best of N each, "
+                    "one process, in memory and streamed) instead of the table")
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "METHOD", "DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -177,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         npx = a.images * a.height * a.width
         print(f"workload: {a.images} x {a.classes} x {a.height} x {a.width} = {npx:.3g} pixels "
               f"(generated in {time.perf_counter() - t0:.1f}s)", flush=True)
+        if a.fused_ratio:
+            res = fused_ratio(Path(tmp), a.fused_ratio, a.stream_budget_mb)
+            if a.json:
+                Path(a.json).write_text(json.dumps({"args": vars(a), "fused_ratio": res}, indent=2))
+            return 0
         print(f"{'method':7s} {'library':14s} {'optimizer':24s} {'fit s':>8s} {'peak RSS MiB':>13s} "
               f"{'fit mem MiB':>12s} {'NLL':>8s}", flush=True)
         fid_iters = [int(v) for v in a.fiducio_iters.split(",")] if a.fiducio_iters else [None]

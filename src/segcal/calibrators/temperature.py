@@ -99,3 +99,9 @@ class TemperatureScaling(Calibrator):
 
     def _map(self, rows: torch.Tensor) -> torch.Tensor:
         return rows / self._t()
+
+    def _row_temperature(self) -> torch.Tensor | None:
+        """``T``: :meth:`_map` is ``rows / T``, so the NLL of a chunk is fitted through
+        :class:`~segcal.calibrators.objectives.ScaledNLL` (the loss and its closed-form gradient
+        in ``T``; autograd carries it on to ``raw_t``)."""
+        return self._t()
