@@ -92,7 +92,11 @@ def _files() -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _run(files: list, objective: str) -> dict[str, Any]:
     """value_and_grad of matrix scaling (perturbed, seeded) on ``files``, counting the live
-    gradient-sized vectors (1-D float32 of ``N_PARAMS`` values) at every 12th chunk."""
+    gradient-sized vectors (1-D float32 of ``N_PARAMS`` values) at every 6th chunk.
+
+    The objects alive before the run are frozen (``gc.freeze``), so that a count walks only what
+    the run created -- every gradient vector it could keep -- and not the whole test session's
+    heap (the walk of a full pytest process dominated this test's time)."""
     cal = sc.create("ms", num_classes=C)
     cal._build_params(C)
     with torch.no_grad():
@@ -105,13 +109,18 @@ def _run(files: list, objective: str) -> dict[str, Any]:
 
     def stats(b: Batch, obj: Any) -> torch.Tensor:
         seen["calls"] += 1
-        if seen["calls"] % 12 == 0:
+        if seen["calls"] % 6 == 0:
             alive = sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.ndim == 1
                         and o.numel() == N_PARAMS and o.dtype == torch.float32)
             seen["peak"] = max(seen["peak"], alive)
         return cal._stats_fn(b, obj)
 
-    value = value_and_grad(stats, params, data, get_objective(objective), CHUNK, lambda: None)
+    gc.collect()
+    gc.freeze()
+    try:
+        value = value_and_grad(stats, params, data, get_objective(objective), CHUNK, lambda: None)
+    finally:
+        gc.unfreeze()
     return {"value": value.detach().clone(), "grads": [p.grad.detach().clone() for p in params], **seen,
             "state": {k: v.detach().clone() for k, v in cal.state_dict().items()}}
 
@@ -142,8 +151,8 @@ def test_two_ranks_hold_log_files_gradients_and_equal_one_process_bitwise(tmp_pa
             assert torch.equal(got["value"], one[obj]["value"]), (obj, r)
             assert all(torch.equal(a, b) for a, b in zip(got["grads"], one[obj]["grads"], strict=True)), (obj, r)
             # chunk gradients were kept until the previous rank's sum came: ~chunks of them
-            assert got["peak"] <= 4, (obj, r, got["peak"])
-        assert one[obj]["peak"] <= 4
+            assert 1 <= got["peak"] <= 4, (obj, r, got["peak"])  # >= 1: the count sees the run's vectors
+        assert 1 <= one[obj]["peak"] <= 4
     # an independent float64 reference: the mean NLL of W z + b over every valid pixel
     st = one["nll"]["state"]
     z = torch.cat([torch.from_numpy(x).double().movedim(1, -1).reshape(-1, C) for x, _ in files])

@@ -41,7 +41,10 @@ def make_folder(root: Path, void: float, seed: int = 0) -> Path:
 
 class Spy:
     """A folder whose ``read`` counts the files read and the :class:`Batch` objects alive (exact
-    type, after a collection) when each file is read: what the counting pass is holding."""
+    type, after a collection) when each file is read: what the counting pass is holding.
+
+    :meth:`prepare` freezes the objects alive before it (``gc.freeze``), so that a count walks
+    only what the preparation created, not the whole test session's heap."""
 
     def __init__(self, root: Path) -> None:
         self.folder = PredictionFolder(root / "pred", root / "lab")
@@ -59,6 +62,14 @@ class Spy:
 
     def batches(self) -> sc.FolderBatches:
         return sc.FolderBatches(self.folder)
+
+    def prepare(self, budget: float) -> Any:
+        gc.collect()
+        gc.freeze()
+        try:
+            return prepare(self.batches(), budget)
+        finally:
+            gc.unfreeze()
 
 
 def prepare(src: Any, budget: float, **kw: Any):
@@ -101,19 +112,19 @@ def test_bound_is_the_bytes_when_every_pixel_counts(tmp_path):
 
 
 def test_over_the_bound_nothing_is_kept_and_the_fit_is_the_kept_one(dense):
-    big = prepare(Spy(dense).batches(), 2**30)
+    big = prepare(sc.FolderBatches(PredictionFolder(dense / "pred", dense / "lab")), 2**30)
     assert big.info["mode"] == "in-memory" and not big.info["read_again"]
     nbytes, bound = big.nbytes, big.info["nbytes_bound"]
     assert nbytes < bound
     budget = nbytes - 1  # the data just do not fit: the old counting pass kept N - 1 files
     spy = Spy(dense)
-    data = prepare(spy.batches(), budget)
+    data = spy.prepare(budget)
     assert data.info["mode"] == "streaming" and data.batches is None and not data.info["read_again"]
     assert spy.reads == N  # one counting pass
     base = spy.alive[0]
     assert spy.alive == [base] * N, spy.alive  # no batch kept while counting
     kept = Spy(dense)
-    prepare(kept.batches(), 2**30)
+    kept.prepare(2**30)
     assert kept.alive == [kept.alive[0] + i for i in range(N)]  # within the budget: kept as before
     t_stream = fit_ts(sc.FolderBatches(PredictionFolder(dense / "pred", dense / "lab")), budget)
     t_mem = fit_ts(sc.FolderBatches(PredictionFolder(dense / "pred", dense / "lab")), 2**30)
@@ -129,7 +140,7 @@ def test_bound_over_budget_data_within_read_again_in_memory(sparse):
     assert nbytes < bound / 3  # 80 % void
     budget = (nbytes + bound) // 2
     spy = Spy(sparse)
-    data = prepare(spy.batches(), budget)
+    data = spy.prepare(budget)
     assert data.info["mode"] == "in-memory" and data.info["read_again"]
     assert spy.reads == 2 * N and spy.alive[:N] == [spy.alive[0]] * N  # counted keeping nothing, then read
     assert data.nbytes == nbytes and data.n == ref.n
