@@ -49,7 +49,8 @@ arguments, each case failing on the code before its fix.
 * ``segcal conformal fit --risk fnr --class K`` (or ``eval --conformal-risk fnr``) with K the
   ``--ignore-index`` (CamVid's void 11): no pixel of K is ever valid, so every loss was 0 and the
   fit wrote a recall "guarantee" for the empty mask, exit 0. Refused now, naming the flag (and in
-  the library, ``conformal.tables.check_risk``).
+  the library, ``conformal.tables.check_risk``). ``conformal eval --ignore-index`` other than the
+  fit's measured another loss than the guarantee's beside its alpha, silently: now a warning.
 
 Every expected figure is recomputed with NumPy in the test (``metric_reference``).
 """
@@ -399,3 +400,14 @@ def test_fit_from_predictions_refuses_flags_it_would_not_read(tmp_path, capsys, 
     rc, _, err = run(capsys, "fit", "--pred", pred, "--labels", lab, "-q", "--method", "ts", "--out", cal, *flags)
     assert rc == 2 and err.split("error: ", 1)[1].startswith(named) and err.count("\n") == 1, err
     assert not cal.exists()
+
+
+def test_conformal_eval_with_another_ignore_index_than_the_fit_warns(tmp_path, capsys):
+    pred, lab, _, _ = void_channel_folder(tmp_path, n=4, c=4)
+    res = tmp_path / "r.json"
+    assert run(capsys, "conformal", "fit", "--pred", pred, "--labels", lab, "--ignore-index", 3, "-q",
+               "--alpha", "0.4", "--out", res)[0] == 0
+    for flags, warned in (([], False), (["--ignore-index", 3], False), (["--ignore-index", 0], True)):
+        rc, _, err = run(capsys, "conformal", "eval", "--result", res, "--pred", pred, "--labels", lab, "-q", *flags)
+        assert rc == 0, err
+        assert ("warning: --ignore-index 0: the threshold was fitted with ignore index 3" in err) is warned, err

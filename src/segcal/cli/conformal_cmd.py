@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -129,6 +131,11 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.json:
         check_out_path(args.json, {"--pred": args.pred, "--labels": args.labels, "--result": args.result},
                        kind="file", flag="--json")
+    if args.ignore_index is not None and args.ignore_index != res.ignore_index and os.environ.get("RANK", "0") == "0":
+        print(f"segcal: warning: --ignore-index {args.ignore_index}: the threshold was fitted with ignore index "
+              f"{res.ignore_index} ({args.result}); its guarantee is about the loss of those valid pixels, so the "
+              "realised risk measured here is of another loss (leave --ignore-index out to use the fit's)",
+              file=sys.stderr)
     ignore = checked_ignore_index(args.ignore_index if args.ignore_index is not None else res.ignore_index,
                                   args.labels)
     first = PredictionFolder(args.pred, input_type=input_type_from_args(args))
