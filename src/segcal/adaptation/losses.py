@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcal.errors import InputError
+from segcal.validation import valid_labels
 
 __all__ = [
     "BatchShare",
@@ -72,7 +73,7 @@ def class_weights(thresholds: Any) -> torch.Tensor:
 
 
 def _valid(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return target != ignore_index
+    return valid_labels(target, ignore_index)
 
 
 def reverse_ce(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = IGNORE) -> torch.Tensor:

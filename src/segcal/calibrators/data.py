@@ -54,6 +54,7 @@ from segcal.validation import (
     check_mask,
     check_probabilities,
     check_scores,
+    valid_labels,
 )
 
 __all__ = ["Batch", "FitData", "FolderBatches", "check_image", "prepare_data", "split_val"]
@@ -278,7 +279,7 @@ def _prepare_batch(
                          "(build it with use_image=True to use images)")
     expected = (s.shape[0], *s.shape[2:])
     y = check_labels(labels, "labels" if what == "logits" else f"{what} labels", expected_shape=expected)
-    valid = torch.ones(expected, dtype=torch.bool) if ignore_index is None else y != ignore_index
+    valid = valid_labels(y, ignore_index)
     if mask is not None:
         valid &= check_mask(mask, expected)
     c = s.shape[1]

@@ -28,7 +28,7 @@ from segcal.calibrators.data import Batch, FitData
 from segcal.calibrators.registry import create, register
 from segcal.metrics.binning import bin_index
 from segcal.metrics.scores import ece_from_bins
-from segcal.validation import check_labels, check_scores
+from segcal.validation import check_labels, check_scores, valid_labels
 
 __all__ = ["MispredictionSelector", "SelectiveScaling", "ece_vs_selector_accuracy"]
 
@@ -491,7 +491,7 @@ def ece_vs_selector_accuracy(
             z = base(z)
         z = z.movedim(1, -1).reshape(-1, z.shape[1]) if z.ndim > 2 else z
         y = y.reshape(-1)
-        valid = torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
+        valid = valid_labels(y, ignore_index)
         z, y = z[valid], y[valid]
         if z.shape[0] == 0:
             raise ValueError("labels: no valid pixels")
