@@ -158,6 +158,27 @@ def load_npy(path: str | os.PathLike, *, what: str = "array", mmap: bool = False
         raise InputError(f"{what}: cannot read {path} ({exc}); expected {expected}") from exc
 
 
+NPZ_EXPECTED = "a NumPy .npz archive (numpy.savez)"
+
+
+def npz_path(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path, checked to be a non-empty file (the start of every ``.npz`` read).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file is missing.
+    InputError
+        If it is empty (0 bytes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} not found")
+    if path.stat().st_size == 0:
+        raise InputError(f"{what}: {path} is empty (0 bytes); expected {NPZ_EXPECTED}")
+    return path
+
+
 def load_npz(
     path: str | os.PathLike, keys: tuple[str, ...], *, what: str = "array", hint: str = ""
 ) -> tuple[np.ndarray, str]:
@@ -171,12 +192,8 @@ def load_npz(
         Zero-byte, truncated or corrupt archive (bad zip, bad CRC, bad compressed data), none of
         ``keys`` in it (``hint`` is appended), or a pickled member.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} not found")
-    expected = "a NumPy .npz archive (numpy.savez)"
-    if path.stat().st_size == 0:
-        raise InputError(f"{what}: {path} is empty (0 bytes); expected {expected}")
+    path = npz_path(path, what)
+    expected = NPZ_EXPECTED
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
@@ -206,12 +223,8 @@ def npz_header(
     InputError
         As :func:`load_npz`: an empty or corrupt archive, none of ``keys`` in it, an object member.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} not found")
-    expected = "a NumPy .npz archive (numpy.savez)"
-    if path.stat().st_size == 0:
-        raise InputError(f"{what}: {path} is empty (0 bytes); expected {expected}")
+    path = npz_path(path, what)
+    expected = NPZ_EXPECTED
     try:
         with zipfile.ZipFile(path) as zf:
             names = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
