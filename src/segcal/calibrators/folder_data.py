@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from segcal.errors import InputError
-from segcal.io.files import check_stems_match, load_npy, read_ahead
+from segcal.io.arrays import prediction_header
+from segcal.io.files import check_stems_match, read_ahead
 from segcal.io.images import image_files, load_image_tensor
 from segcal.io.predictions import PredictionFolder
 
@@ -63,12 +64,10 @@ class FolderBatches:
 
     def batch_shapes(self) -> list[tuple[tuple[int, ...], np.dtype]] | None:
         """``(shape, dtype)`` of every batch :meth:`__iter__` yields (``(1, C, *spatial)``), from the
-        ``.npy`` headers (each file memory-mapped, its values not read, as
-        :func:`segcal.io.images.image_size` reads a label's), for
-        :func:`segcal.calibrators.sources.nbytes_bound`.
+        ``.npy`` headers (:func:`segcal.io.arrays.prediction_header`, the readers' header read; no
+        value read), for :func:`segcal.calibrators.sources.nbytes_bound`.
 
-        None when a file's shape cannot be had that cheaply (an ``.npz`` prediction is compressed,
-        an nnU-Net one is transposed on reading), when input images travel with the scores (their
+        None for a folder with ``.npz`` predictions (their bound is not taken yet), when input images travel with the scores (their
         bytes are not bounded here), or when a header cannot be read: the reading pass then names
         the file (on every rank of a distributed fit, through its agreement), not this one.
         """
@@ -77,11 +76,10 @@ class FolderBatches:
         out = []
         for it in self.items:
             try:
-                arr = load_npy(it.path, what="pred", mmap=True)
+                shape, dtype = prediction_header(it.path)
             except (InputError, OSError):
                 return None
-            out.append(((1, *(int(s) for s in arr.shape)), arr.dtype))
-            del arr
+            out.append(((1, *shape), dtype))
         return out
 
     def read_image(self, stem: str) -> np.ndarray:

@@ -60,10 +60,10 @@ def read_prediction(path: str | os.PathLike) -> tuple[np.ndarray, str | None]:
     return arr, key
 
 
-def prediction_shape(path: str | os.PathLike) -> tuple[int, ...]:
-    """The ``(C, *spatial)`` shape of a prediction file (``.npy``, ``.npz``, an nnU-Net case's
-    ``probabilities``, whose class axis is first too) from its header, no value read: the one
-    way to learn a folder's class count before reading it.
+def prediction_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` of a prediction file (``.npy``, ``.npz``, an nnU-Net case's
+    ``probabilities``, whose class axis is first too) from its header, no value read: the shape is
+    ``(C, *spatial)``.
 
     Raises
     ------
@@ -73,7 +73,8 @@ def prediction_shape(path: str | os.PathLike) -> tuple[int, ...]:
     path = Path(path)
     if path.suffix == ".npy":
         arr = load_npy(path, what="pred", mmap=True)
-        shape, dtype = tuple(arr.shape), arr.dtype
+        shape, dtype = tuple(int(s) for s in arr.shape), arr.dtype
+        del arr
     elif path.suffix == ".npz":
         shape, dtype, _ = npz_header(path, PREDICTION_KEYS, what="pred")
     else:
@@ -82,7 +83,13 @@ def prediction_shape(path: str | os.PathLike) -> tuple[int, ...]:
         raise InputError(f"pred: {path.name} holds {dtype}, expected floating logits or probabilities")
     if len(shape) < 2:
         raise InputError(f"pred: {path.name} has shape {shape}, expected (C, *spatial)")
-    return shape
+    return shape, dtype
+
+
+def prediction_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """The ``(C, *spatial)`` shape of a prediction file from its header
+    (:func:`prediction_header`): the one way to learn a folder's class count before reading it."""
+    return prediction_header(path)[0]
 
 
 def _as_signed(arr: np.ndarray, name: str) -> np.ndarray:
@@ -207,6 +214,7 @@ __all__ = [
     "find_label_files",
     "label_dtype",
     "label_geometry",
+    "prediction_header",
     "prediction_shape",
     "read_label",
     "read_prediction",
