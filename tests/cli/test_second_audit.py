@@ -88,24 +88,30 @@ def strict(path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+def save_folder(root, zs, ys):
+    """``root/pred/s<i>.npy`` (scores ``zs[i]``) and ``root/labels/s<i>.npy`` (``ys[i]``); returns both folders."""
+    pred, lab = root / "pred", root / "labels"
+    pred.mkdir(parents=True)
+    lab.mkdir()
+    for i, (z, y) in enumerate(zip(zs, ys, strict=True)):
+        np.save(pred / f"s{i}.npy", z)
+        np.save(lab / f"s{i}.npy", y)
+    return pred, lab
+
+
 def void_channel_folder(root, n=3, c=4, shape=(6, 7), seed=0):
     """``n`` logit files of ``c`` channels whose last channel is void (its label value is the ignore
     index, ``c - 1``, as CamVid's 12-output ESPNet with void = 11); returns folders, logits, labels."""
     rng = np.random.default_rng(seed)
-    pred, lab = root / "pred", root / "labels"
-    pred.mkdir(parents=True)
-    lab.mkdir()
     zs, ys = [], []
-    for i in range(n):
+    for _ in range(n):
         z = (2 * rng.normal(size=(c, *shape))).astype(np.float32)
         z[c - 1, :2] += 4  # the void channel is predicted somewhere: its computed IoU is 0, not NaN
         y = np.where(rng.random(shape) < 0.6, z.argmax(0), rng.integers(0, c, shape)).astype(np.uint8)
         y[-1] = c - 1
-        np.save(pred / f"s{i}.npy", z)
-        np.save(lab / f"s{i}.npy", y)
         zs.append(z)
         ys.append(y)
-    return pred, lab, np.stack(zs), np.stack(ys)
+    return (*save_folder(root, zs, ys), np.stack(zs), np.stack(ys))
 
 
 def test_eval_outputs_leave_the_ignore_channel_out_of_every_per_class_list(tmp_path, capsys):
@@ -140,9 +146,6 @@ def test_eval_outputs_leave_the_ignore_channel_out_of_every_per_class_list(tmp_p
 def nan_at_ignored_folder(root, n=8, c=3, shape=(5, 6), seed=1, dtype=np.float32):
     """Logits that are NaN (and +inf) exactly where the label is 255; returns folders, logits, labels."""
     rng = np.random.default_rng(seed)
-    pred, lab = root / "pred", root / "labels"
-    pred.mkdir(parents=True)
-    lab.mkdir()
     zs, ys = [], []
     for i in range(n):
         z = (2 * rng.normal(size=(c, *shape))).astype(dtype)
@@ -150,11 +153,9 @@ def nan_at_ignored_folder(root, n=8, c=3, shape=(5, 6), seed=1, dtype=np.float32
         y[0, : 1 + i % 3] = 255
         z[:, y == 255] = np.nan
         z[0, y == 255] = np.inf
-        np.save(pred / f"s{i}.npy", z)
-        np.save(lab / f"s{i}.npy", y)
         zs.append(z)
         ys.append(y)
-    return pred, lab, np.stack(zs), np.stack(ys)
+    return (*save_folder(root, zs, ys), np.stack(zs), np.stack(ys))
 
 
 def reference_miscoverage(z, y, lam, ignore=255):
