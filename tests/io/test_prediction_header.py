@@ -23,6 +23,17 @@ from segcal.io.arrays import prediction_shape
 FORMATS = ("npy", "npz-logits", "npz-probabilities", "npz-compressed")
 
 
+def damage(path, cut, flip):
+    """Cut ``path`` to the fraction ``cut`` of its bytes and invert the byte ``flip`` (mod its
+    length); None: that damage not done."""
+    data = bytearray(path.read_bytes())
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    if flip is not None and data:
+        data[flip % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def save(path_stem, arr, fmt):
     if fmt == "npy":
         path = path_stem.with_suffix(".npy")
@@ -42,12 +53,7 @@ def test_fuzz_prediction_shape_is_numpys_or_an_input_error(tmp_path_factory, sha
     root = tmp_path_factory.mktemp("hdr")
     arr = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
     path = save(root / "s0", arr, fmt)
-    data = bytearray(path.read_bytes())
-    if cut is not None:
-        data = data[: int(cut * len(data))]
-    if flip is not None and data:
-        data[flip % len(data)] ^= 0xFF
-    path.write_bytes(bytes(data))
+    damage(path, cut, flip)
     try:
         got = prediction_shape(path)
     except InputError as exc:
@@ -138,9 +144,7 @@ def test_fuzz_label_dtype_is_the_stored_dtype_or_an_input_error(tmp_path_factory
         stored = read_label(path).dtype
         assert stored == want or (want == np.uint16 and stored == np.int32)  # read_label widens uint16
         return
-    data = bytearray(path.read_bytes())
-    data[flip % len(data)] ^= 0xFF
-    path.write_bytes(bytes(data))
+    damage(path, None, flip)
     try:
         got = label_dtype(path)
     except InputError as exc:
